@@ -10,7 +10,10 @@ message. Nothing here touches a socket: bytes go in, messages come out (as h11 d
 from __future__ import annotations
 
 import dataclasses
+import enum
 import struct
+import types
+import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -26,6 +29,7 @@ T = TypeVar("T")
 
 _REGISTRY: dict[str, type[Any]] = {}
 _FIELDS: dict[type[Any], tuple[str, ...]] = {}
+_HINTS: dict[type[Any], dict[str, Any]] = {}
 
 
 def message(cls: type[T]) -> type[T]:
@@ -69,19 +73,100 @@ def _ext_hook(code: int, data: bytes) -> Any:
     fields = _FIELDS[cls]
     if not isinstance(values, list) or len(values) != len(fields):
         raise ProtocolError(f"{name}: expected {len(fields)} fields")
+    hints = _hints(cls)
     try:
-        return cls(*_retuple(values, cls))
+        args = [_conform(v, hints.get(f, Any)) for f, v in zip(fields, values, strict=True)]
+    except ProtocolError as exc:
+        raise ProtocolError(f"{name}: {exc}") from exc
+    try:
+        return cls(*args)
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"{name}: {exc}") from exc
 
 
-def _retuple(values: list[Any], cls: type[Any]) -> list[Any]:
-    """msgpack returns lists; fields declared as tuples get tuples back (hashable, frozen)."""
-    out = []
-    for f, v in zip(dataclasses.fields(cls), values, strict=True):
-        ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-        out.append(tuple(v) if isinstance(v, list) and ann.startswith("tuple") else v)
-    return out
+def _hints(cls: type[Any]) -> dict[str, Any]:
+    """Resolved field annotations of a message class (cached once they resolve).
+
+    Resolved lazily because a message may name another one defined later in its module.
+    An annotation that cannot be resolved yet is treated as ``Any`` for this decode.
+    """
+    hints = _HINTS.get(cls)
+    if hints is None:
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception:
+            return {}
+        _HINTS[cls] = hints
+    return hints
+
+
+def _conform(value: Any, hint: Any) -> Any:
+    """Check a decoded value against a field annotation; lists become declared tuples.
+
+    msgpack knows no tuples and the dataclass constructor checks no types, so without this
+    a peer could put a string where an int belongs and the error would surface far away.
+    Annotations this does not understand are accepted as they are.
+    """
+    if hint is Any:
+        return value
+    if hint is None or hint is type(None):
+        if value is None:
+            return None
+        raise ProtocolError(f"expected None, got {type(value).__name__}")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        for arg in args:
+            try:
+                return _conform(value, arg)
+            except ProtocolError:
+                continue
+        raise ProtocolError(f"{type(value).__name__} matches none of {hint}")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ProtocolError(f"{value!r} is not one of {args}")
+    if origin in (tuple, list, dict):
+        return _conform_container(value, origin, args)
+    if isinstance(hint, type):
+        return _conform_scalar(value, hint)
+    return value
+
+
+def _conform_scalar(value: Any, hint: type[Any]) -> Any:
+    if issubclass(hint, enum.Enum):
+        try:
+            return hint(value)
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from exc
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool):
+        raise ProtocolError("expected int, got bool")
+    if hint in (tuple, list) and isinstance(value, list | tuple):
+        return hint(value)
+    if not isinstance(value, hint):
+        raise ProtocolError(f"expected {hint.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _conform_container(value: Any, origin: type[Any], args: tuple[Any, ...]) -> Any:
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"expected dict, got {type(value).__name__}")
+        if not args:
+            return value
+        return {_conform(k, args[0]): _conform(v, args[1]) for k, v in value.items()}
+    if not isinstance(value, list | tuple):
+        raise ProtocolError(f"expected {origin.__name__}, got {type(value).__name__}")
+    if origin is list:
+        return [_conform(v, args[0]) for v in value] if args else list(value)
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_conform(v, args[0]) for v in value)
+    if args == ((),):  # tuple[()]
+        args = ()
+    if args and len(args) != len(value):
+        raise ProtocolError(f"expected {len(args)} items, got {len(value)}")
+    return tuple(_conform(v, a) for v, a in zip(value, args, strict=True)) if args else tuple(value)
 
 
 def encode(msg: Any) -> bytes:

@@ -1,0 +1,5 @@
+import sys
+
+from dunix.cli import main
+
+sys.exit(main())

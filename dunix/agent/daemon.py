@@ -1,0 +1,219 @@
+"""The node agent: one trio nursery hosting membership, load sampling and the control API.
+
+Services, all in one nursery:
+
+* the TLS listener, where peer agents deliver gossip and remote clients send requests;
+* the local control socket, where clients on this host are known by SO_PEERCRED;
+* the protocol loop, which ticks the sans-IO ``Membership`` at its deadlines and carries
+  out the actions it returns (sends through ``PeerLinks``, events to watchers);
+* the load sampler, which feeds the local load into the gossip;
+* optional multicast discovery, for a first contact without ``--join``.
+
+SIGTERM or SIGINT make the agent announce that it leaves, give the announcement a moment
+to go out, and exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import time
+from typing import Any
+
+import trio
+
+from dunix.agent.config import AgentConfig
+from dunix.agent.control import ControlService
+from dunix.agent.peers import PeerLinks
+from dunix.loadbalance import (
+    Member,
+    MemberEvent,
+    Membership,
+    MembershipConfig,
+    NodeLoad,
+    Send,
+    derive_node_id,
+)
+from dunix.loadbalance.sampler import LoadSampler
+from dunix.migrate.cpufeatures import read_cpu_features
+from dunix.wire import Channel, TLSIdentity, serve_tls, serve_unix
+from dunix.wire.control import NodeEvent, NodeInfo
+
+log = logging.getLogger("dunix.agent")
+
+LEAVE_GRACE = 0.3  # seconds to let the leave announcement go out before exiting
+
+
+class Agent:
+    """One node's daemon. ``run()`` serves until cancelled or signalled."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.identity = TLSIdentity.load(config.tls_dir, config.name, "node")
+        self.features = read_cpu_features().restricted_to(config.cpu_flags)
+        self.sampler = LoadSampler()
+        self.procs = 0  # managed processes on this node (jobs arrive with `dunix run`)
+        self.membership = Membership(
+            config.name,
+            config.address,
+            derive_node_id(config.name),
+            MembershipConfig(**config.membership),
+            random.Random(),
+            load=self._load_record(),
+            incarnation=int(time.time()),
+        )
+        self._watchers: set[trio.MemorySendChannel[NodeEvent]] = set()
+        self._wake = trio.Event()
+        self._links: PeerLinks | None = None
+        self.control = ControlService(self)
+
+    # -- views used by the control service --------------------------------------------
+
+    @property
+    def node_id(self) -> int:
+        return self.membership.node_id  # type: ignore[no-any-return]
+
+    def wall(self, monotonic: float) -> float:
+        """A trio-clock instant as wall-clock time (for people and JSON)."""
+        return time.time() - (trio.current_time() - monotonic)
+
+    def node_info(self, member: Member) -> NodeInfo:
+        load: NodeLoad = member.load
+        return NodeInfo(
+            name=member.name,
+            address=member.address,
+            node_id=member.node_id,
+            state=member.state,
+            incarnation=member.incarnation,
+            load=load.load1,
+            load_now=load.load_now,
+            cpus=load.cpus,
+            mem_free=load.mem_free,
+            cpu_level=load.cpu_level,
+            cpu_flags=load.cpu_flags,
+            procs=load.procs,
+            since=self.wall(member.state_since),
+        )
+
+    def nodes(self) -> list[NodeInfo]:
+        return sorted(
+            (self.node_info(m) for m in self.membership.members()), key=lambda n: n.name
+        )
+
+    def subscribe(
+        self,
+    ) -> tuple[trio.MemorySendChannel[NodeEvent], trio.MemoryReceiveChannel[NodeEvent]]:
+        """A feed of membership events; pass the send end to :meth:`unsubscribe`."""
+        send, receive = trio.open_memory_channel[NodeEvent](1024)
+        self._watchers.add(send)
+        return send, receive
+
+    def unsubscribe(self, send: trio.MemorySendChannel[NodeEvent]) -> None:
+        self._watchers.discard(send)
+
+    # -- protocol loop ------------------------------------------------------------------
+
+    def _load_record(self, sample: Any = None) -> NodeLoad:
+        sample = sample or self.sampler.sample(time.monotonic())
+        return NodeLoad(
+            load1=round(sample.load1, 3),
+            load_now=round(sample.load_now, 3),
+            cpus=sample.cpus,
+            mem_free=sample.mem_free,
+            procs=self.procs,
+            cpu_level=self.features.level,
+            cpu_flags=self.features.flags,
+        )
+
+    def _apply(self, actions: list[Any]) -> None:
+        assert self._links is not None
+        for action in actions:
+            if isinstance(action, Send):
+                self._links.send(action.to, action.msg)
+            elif isinstance(action, MemberEvent):
+                self._publish(action)
+
+    def _publish(self, event: MemberEvent) -> None:
+        member = event.member
+        log.info("member %s (%s) is now %s", member.name, member.address, event.kind)
+        if event.kind in ("dead", "left") and self._links is not None:
+            self._links.forget(member.address)
+        record = NodeEvent(event.kind, self.node_info(member), time.time())
+        for send in list(self._watchers):
+            try:
+                send.send_nowait(record)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                self._watchers.discard(send)  # a watcher that cannot keep up is dropped
+
+    def receive_gossip(self, sender: str, msg: Any) -> None:
+        self._apply(self.membership.receive(sender, msg, trio.current_time()))
+        self._wake.set()
+
+    async def _protocol_loop(self) -> None:
+        self._apply(self.membership.join(list(self.config.join), trio.current_time()))
+        while True:
+            deadline = min(self.membership.next_deadline(), trio.current_time() + 0.05)
+            with trio.move_on_at(deadline):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            self._apply(self.membership.tick(trio.current_time()))
+
+    async def _sample_loop(self) -> None:
+        while True:
+            sample = await trio.to_thread.run_sync(self.sampler.sample, time.monotonic())
+            self.membership.set_local_load(self._load_record(sample))
+            await trio.sleep(self.config.sample_interval)
+
+    # -- inbound ------------------------------------------------------------------------
+
+    async def _on_tls(self, channel: Channel) -> None:
+        if channel.peer_role == "node":
+            async for msg in channel:
+                self.receive_gossip(channel.peer_address, msg)
+        else:
+            await self.control.serve(channel)
+
+    async def _signals(self, cancel: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for signum in sigs:
+                if signum == signal.SIGHUP:
+                    continue
+                log.info("signal %d: leaving the cluster", signum)
+                self._apply(self.membership.leave(trio.current_time()))
+                await trio.sleep(LEAVE_GRACE)
+                cancel.cancel()
+                return
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        cfg.control.parent.mkdir(parents=True, exist_ok=True)
+        async with trio.open_nursery() as nursery:
+            self._links = PeerLinks(
+                nursery,
+                self.identity,
+                cfg.address,
+                queue_size=cfg.peer_queue,
+                connect_timeout=cfg.connect_timeout,
+            )
+            await nursery.start(serve_tls, cfg.listen, self.identity, self._on_tls)
+            await nursery.start(serve_unix, str(cfg.control), self.control.serve)
+            nursery.start_soon(self._sample_loop)
+            nursery.start_soon(self._protocol_loop)
+            nursery.start_soon(self._signals, nursery.cancel_scope)
+            if cfg.discover:
+                from dunix.agent.discovery import Discovery
+
+                nursery.start_soon(Discovery(self).run)
+            log.info(
+                "agent %s (node id %d, pid %d) serving on %s, control %s",
+                cfg.name,
+                self.node_id,
+                os.getpid(),
+                cfg.listen,
+                cfg.control,
+            )
+            task_status.started()
+        self._links.close()
+        log.info("agent %s stopped", cfg.name)

@@ -1,0 +1,265 @@
+"""The `dunix` command: a thin argparse front end over dunix.client and dunix.cluster.
+
+Exit codes: 0 success, 1 a dunix error, 2 bad usage or configuration, 3 no such
+node/process, 69 no agent reachable, 77 not allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from dunix.errors import DunixError
+
+EPILOG_NODES = """examples:
+  $ dunix nodes
+  $ dunix nodes --json | jq '.[] | select(.state == "alive") | .name'
+"""
+EPILOG_CLUSTER = """examples:
+  $ sudo dunix cluster up -n 4 --cpu-quota 0.5
+  $ dunix cluster status --json
+  $ sudo dunix cluster down
+"""
+EPILOG_AGENT = """examples:
+  $ dunix agent --listen 192.0.2.7:7946 --join 192.0.2.1:7946
+  $ dunix agent --config /etc/dunix/dunix.toml --discover
+"""
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("which agent")
+    g.add_argument("--control", type=Path, help="control socket (default: this host's agent)")
+    g.add_argument("--connect", metavar="HOST:PORT", help="a remote agent, over mutual TLS")
+    g.add_argument("--tls-dir", type=Path, help="folder with ca.pem and the client certificate")
+    g.add_argument("--client-name", default="admin", help="client certificate name")
+
+
+async def _client(args: argparse.Namespace) -> Any:
+    from dunix.client import Client
+
+    return await Client.connect(
+        args.control, address=args.connect, tls_dir=args.tls_dir, client_name=args.client_name
+    )
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "K", "M", "G", "T"):
+        if size < 1024 or unit == "T":
+            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1024
+    raise AssertionError
+
+
+def _node_json(node: Any) -> dict[str, Any]:
+    return asdict(node)
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    async def main() -> list[Any]:
+        async with await _client(args) as client:
+            return list(await client.nodes())
+
+    nodes = trio.run(main)
+    if args.json:
+        print(json.dumps([_node_json(n) for n in nodes], indent=2))
+        return 0
+    rows = [("NODE", "ADDRESS", "STATE", "LOAD", "NOW", "CPUS", "MEM FREE", "CPU", "PROCS")]
+    for n in nodes:
+        rows.append(
+            (
+                n.name,
+                n.address,
+                n.state,
+                f"{n.load:.2f}",
+                f"{n.load_now:.2f}",
+                f"{n.cpus:g}",
+                _human_bytes(n.mem_free),
+                f"v{n.cpu_level}",
+                str(n.procs),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    async def main() -> None:
+        async with await _client(args) as client:
+            if args.initial:
+                for node in await client.nodes():
+                    print(json.dumps({"event": "present", "time": node.since, **_node_json(node)}))
+            sys.stdout.flush()
+            async for ev in client.watch():
+                print(json.dumps({"event": ev.kind, "time": ev.time, **_node_json(ev.node)}))
+                sys.stdout.flush()
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from dunix.agent import run_agent
+    from dunix.agent.config import load_config
+
+    overrides = {
+        "name": args.name,
+        "listen": args.listen,
+        "advertise": args.advertise,
+        "join": args.join or None,
+        "control": args.control,
+        "tls_dir": args.tls_dir,
+        "state_dir": args.state_dir,
+        "discover": True if args.discover else None,
+    }
+    config = load_config(args.config, overrides)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    run_agent(config)
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from dunix.wire import keygen
+
+    keygen(args.dir, nodes=args.node, clients=args.client or ["admin"])
+    print(f"certificates in {args.dir}")
+    return 0
+
+
+def cmd_cluster_up(args: argparse.Namespace) -> int:
+    from dunix import cluster
+
+    hosts = cluster.up(args.n, args.cpu_quota)
+    for h in hosts:
+        print(f"{h.name}  {h.address}  netns {h.netns}  agent pid {h.agent_pid}")
+    return 0
+
+
+def cmd_cluster_down(args: argparse.Namespace) -> int:
+    from dunix import cluster
+
+    cluster.down()
+    return 0
+
+
+def cmd_cluster_status(args: argparse.Namespace) -> int:
+    from dunix import cluster
+
+    hosts = cluster.status()
+    if args.json:
+        print(json.dumps([cluster.host_json(h) for h in hosts], indent=2))
+    elif not hosts:
+        print("no local cluster")
+    else:
+        for h in hosts:
+            state = "running" if h.agent_pid else "agent down"
+            print(f"{h.name}  {h.address}  netns {h.netns}  agent pid {h.agent_pid}  {state}")
+    return 0
+
+
+def cmd_cluster_start_agent(args: argparse.Namespace) -> int:
+    from dunix import cluster
+
+    h = cluster.start_agent(args.name)
+    print(f"{h.name}: agent pid {h.agent_pid}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dunix",
+        description="Run a cluster of Linux hosts as one machine.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser("nodes", help="list members, their state and load", epilog=EPILOG_NODES,
+                       formatter_class=fmt)  # fmt: skip
+    p.add_argument("--json", action="store_true", help="a JSON list of objects")
+    _client_args(p)
+    p.set_defaults(func=cmd_nodes)
+
+    p = sub.add_parser(
+        "watch",
+        help="JSON lines as hosts join, become suspect, die, leave",
+        epilog="examples:\n  $ dunix watch\n  $ dunix watch --initial | grep '\"dead\"'\n",
+        formatter_class=fmt,
+    )
+    p.add_argument("--initial", action="store_true", help="first print every current member")
+    _client_args(p)
+    p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("agent", help="run the node agent", epilog=EPILOG_AGENT,
+                       formatter_class=fmt)  # fmt: skip
+    p.add_argument("--config", type=Path, help="TOML file (see dunix.agent.config)")
+    p.add_argument("--name", help="node name (default: host name)")
+    p.add_argument("--listen", help="HOST:PORT for peers and remote clients")
+    p.add_argument("--advertise", help="HOST:PORT peers should use, if not --listen")
+    p.add_argument("--join", action="append", metavar="HOST:PORT", help="any member")
+    p.add_argument("--control", type=Path, help="local control socket path")
+    p.add_argument("--tls-dir", type=Path, help="folder with ca.pem, NAME.pem, NAME.key")
+    p.add_argument("--state-dir", type=Path, help="folder for the agent's own files")
+    p.add_argument("--discover", action="store_true", help="find peers by UDP multicast")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_agent)
+
+    p = sub.add_parser(
+        "keygen",
+        help="make a cluster CA and node/client certificates",
+        epilog="examples:\n  $ dunix keygen --dir /etc/dunix/tls --node n1 --node n2 --client admin\n",
+        formatter_class=fmt,
+    )
+    p.add_argument("--dir", type=Path, required=True)
+    p.add_argument("--node", action="append", default=[], help="a node name (repeat)")
+    p.add_argument("--client", action="append", help="a client name (repeat; default admin)")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("cluster", help="a local simulated cluster", epilog=EPILOG_CLUSTER,
+                       formatter_class=fmt)  # fmt: skip
+    csub = p.add_subparsers(dest="cluster_verb", required=True, metavar="ACTION")
+    c = csub.add_parser("up", help="bring up N simulated hosts, each running an agent")
+    c.add_argument("-n", type=int, default=3, help="number of hosts (default 3)")
+    c.add_argument("--cpu-quota", type=float, help="CPUs per host, e.g. 0.5")
+    c.set_defaults(func=cmd_cluster_up)
+    c = csub.add_parser("down", help="remove every host, link, cgroup and mount")
+    c.set_defaults(func=cmd_cluster_down)
+    c = csub.add_parser("status", help="the simulated hosts and their agents")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_cluster_status)
+    c = csub.add_parser("start-agent", help="(re)start the agent of one host")
+    c.add_argument("name")
+    c.set_defaults(func=cmd_cluster_start_agent)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except DunixError as exc:
+        print(f"dunix: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

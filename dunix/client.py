@@ -1,0 +1,119 @@
+"""The public client API: what the CLI, scripts and tests use to talk to an agent.
+
+A client on a host talks to its agent over the local control socket (the kernel tells the
+agent who it is). A client elsewhere connects by TCP with a client certificate of the
+cluster CA (``dunix keygen --client NAME``).
+
+    >>> async with await Client.connect() as client:
+    ...     for node in await client.nodes():
+    ...         print(node.name, node.state, node.load)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from dunix.agent.config import DEFAULT_CONTROL
+from dunix.errors import PeerUnreachable, ProtocolError
+from dunix.wire import Channel, ErrorReply, TLSIdentity, open_channel, open_unix_channel
+from dunix.wire.control import (
+    AgentInfo,
+    AgentInfoRequest,
+    NodeEvent,
+    NodeInfo,
+    NodesReply,
+    NodesRequest,
+    WatchRequest,
+)
+
+CLUSTER_HOSTS = Path("/run/dunix/hosts")
+
+
+def control_sockets() -> list[Path]:
+    """Candidate control sockets, best first: $DUNIX_CONTROL, this host's, the local cluster's."""
+    env = os.environ.get("DUNIX_CONTROL")
+    if env:
+        return [Path(env)]
+    found = [DEFAULT_CONTROL] if DEFAULT_CONTROL.exists() else []
+    found += sorted(CLUSTER_HOSTS.glob("*/control.sock"))
+    return found
+
+
+class Client:
+    """One connection to one agent. Requests are answered in order."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    @classmethod
+    async def connect(
+        cls,
+        control: Path | None = None,
+        *,
+        address: str | None = None,
+        tls_dir: Path | None = None,
+        client_name: str = "admin",
+        timeout: float = 5.0,
+    ) -> Client:
+        """Connect to ``address`` with a client certificate, or to a local control socket."""
+        if address is not None:
+            if tls_dir is None:
+                raise PeerUnreachable("a TCP connection needs --tls-dir with a client certificate")
+            identity = TLSIdentity.load(tls_dir, client_name, "client")
+            return cls(await open_channel(address, identity, timeout=timeout))
+        candidates = [control] if control is not None else control_sockets()
+        if not candidates:
+            raise PeerUnreachable(
+                "no dunix agent here: no control socket (start one with `dunix agent` "
+                "or `dunix cluster up`, or set DUNIX_CONTROL)"
+            )
+        last: Exception | None = None
+        for path in candidates:
+            try:
+                return cls(await open_unix_channel(str(path), timeout=timeout))
+            except PeerUnreachable as exc:
+                last = exc
+        raise PeerUnreachable(f"no agent answers on {', '.join(map(str, candidates))}: {last}")
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.channel.aclose()
+
+    async def _request(self, request: Any, reply_type: type[Any]) -> Any:
+        await self.channel.send(request)
+        reply = await self.channel.receive()
+        if isinstance(reply, ErrorReply):
+            raise reply.to_exc()
+        if not isinstance(reply, reply_type):
+            raise ProtocolError(f"expected {reply_type.__name__}, got {type(reply).__name__}")
+        return reply
+
+    async def nodes(self) -> list[NodeInfo]:
+        reply: NodesReply = await self._request(NodesRequest(), NodesReply)
+        return list(reply.nodes)
+
+    async def agent_info(self) -> AgentInfo:
+        info: AgentInfo = await self._request(AgentInfoRequest(), AgentInfo)
+        return info
+
+    async def watch(self) -> AsyncIterator[NodeEvent]:
+        """Membership events as they happen, until the caller stops iterating."""
+        await self.channel.send(WatchRequest())
+        while True:
+            event = await self.channel.receive()
+            if isinstance(event, ErrorReply):
+                raise event.to_exc()
+            if not isinstance(event, NodeEvent):
+                raise ProtocolError(f"expected NodeEvent, got {type(event).__name__}")
+            yield event

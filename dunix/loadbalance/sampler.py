@@ -1,0 +1,148 @@
+"""Load sampling for the local node: run-queue load normalised by the node's CPU quota.
+
+The kernel's load average (``/proc/loadavg``) is global: every container and every
+simulated host on one machine sees the same number, so it cannot tell a busy host from an
+idle one. Instead the sampler counts the runnable threads of the node's own cgroup
+(cgroup v1 ``tasks`` of the cpu hierarchy, v2 ``cgroup.threads``) and keeps a 1-minute
+exponential average of that count as the kernel does (kernel/sched/loadavg.c: EXP_1 is
+exp(-5 s/60 s) per 5-second tick). Both are divided by the quota in CPUs
+(``cpu.cfs_quota_us / cpu.cfs_period_us`` or ``cpu.max``), so 1.0 means "fully busy"
+whatever the node's size. A node in the root cgroup (a real host) uses the system's own
+``os.getloadavg()`` and CPU count instead.
+
+CFS-throttled threads stay in state R, so a CPU-bound loop under a 0.5-CPU quota counts
+as one runnable thread and a normalised load of 2.0.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+@dataclass(frozen=True)
+class CgroupView:
+    """Where this node's cgroup files are, and its CPU quota in CPUs."""
+
+    threads_file: Path | None  # None: not in a dunix cgroup, use the system's numbers
+    cpus: float
+
+
+def _quota_v1(cpu_dir: Path) -> float | None:
+    try:
+        quota = int((cpu_dir / "cpu.cfs_quota_us").read_text())
+        period = int((cpu_dir / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def _quota_v2(cg_dir: Path) -> float | None:
+    try:
+        quota, period = (cg_dir / "cpu.max").read_text().split()
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else int(quota) / int(period)
+
+
+def find_cgroup(proc_cgroup: Path = Path("/proc/self/cgroup")) -> CgroupView:
+    """Locate the calling process's CPU cgroup (v1 ``cpu`` controller or the v2 group)."""
+    system_cpus = float(os.cpu_count() or 1)
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return CgroupView(None, system_cpus)
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "cpu" in controllers.split(","):
+            if path == "/":
+                return CgroupView(None, system_cpus)
+            cpu_dir = CGROUP_ROOT / "cpu" / path.lstrip("/")
+            quota = _quota_v1(cpu_dir)
+            return CgroupView(cpu_dir / "tasks", min(quota or system_cpus, system_cpus))
+    for line in lines:
+        hier, controllers, path = line.split(":", 2)
+        if hier == "0" and controllers == "":
+            if path == "/":
+                return CgroupView(None, system_cpus)
+            cg_dir = CGROUP_ROOT / path.lstrip("/")
+            quota = _quota_v2(cg_dir)
+            return CgroupView(cg_dir / "cgroup.threads", min(quota or system_cpus, system_cpus))
+    return CgroupView(None, system_cpus)
+
+
+def count_runnable(threads_file: Path, exclude: set[int]) -> int:
+    """Threads of the cgroup in state R, not counting ``exclude`` (the sampler itself)."""
+    try:
+        tids = threads_file.read_text().split()
+    except OSError:
+        return 0
+    running = 0
+    for tid in tids:
+        if int(tid) in exclude:
+            continue
+        try:
+            stat = Path(f"/proc/{tid}/stat").read_text()
+        except OSError:
+            continue  # exited between the two reads
+        # the state follows the parenthesised command, which may itself hold ") "
+        if stat[stat.rindex(")") + 2] == "R":
+            running += 1
+    return running
+
+
+@dataclass(frozen=True)
+class LoadSample:
+    load1: float  # 1-minute average run-queue length / cpus
+    load_now: float  # instantaneous run-queue length / cpus
+    cpus: float
+    mem_free: int  # bytes
+
+
+class LoadSampler:
+    """Keeps the 1-minute average between calls; call :meth:`sample` every few seconds."""
+
+    def __init__(self, view: CgroupView | None = None, window: float = 60.0) -> None:
+        self.view = view or find_cgroup()
+        self.window = window
+        self._avg: float | None = None
+        self._last: float | None = None
+        self._self_tids = {int(t) for t in os.listdir("/proc/self/task")}
+
+    def runnable(self) -> int:
+        if self.view.threads_file is None:
+            return max(0, len(_system_runnable()) - 1)
+        self._self_tids = {int(t) for t in os.listdir("/proc/self/task")}
+        return count_runnable(self.view.threads_file, self._self_tids)
+
+    def sample(self, now: float) -> LoadSample:
+        cpus = self.view.cpus
+        mem_free = int(psutil.virtual_memory().available)
+        if self.view.threads_file is None:
+            running = float(self.runnable())
+            load1 = os.getloadavg()[0]
+        else:
+            running = float(self.runnable())
+            if self._avg is None or self._last is None:
+                self._avg = running
+            else:
+                decay = math.exp(-max(0.0, now - self._last) / self.window)
+                self._avg = self._avg * decay + running * (1.0 - decay)
+            load1 = self._avg
+        self._last = now
+        return LoadSample(load1 / cpus, running / cpus, cpus, mem_free)
+
+
+def _system_runnable() -> list[int]:
+    """Pids of runnable processes machine-wide (for a node that is a whole real host)."""
+    out = []
+    for proc in psutil.process_iter(["status"]):
+        if proc.info["status"] == psutil.STATUS_RUNNING:
+            out.append(proc.pid)
+    return out

@@ -147,6 +147,11 @@ class Agent:
             except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                 self._watchers.discard(send)  # a watcher that cannot keep up is dropped
 
+    def join(self, seeds: list[str]) -> None:
+        """Join (again) through ``seeds``, e.g. a peer found by discovery."""
+        self._apply(self.membership.join(seeds, trio.current_time()))
+        self._wake.set()
+
     def receive_gossip(self, sender: str, msg: Any) -> None:
         self._apply(self.membership.receive(sender, msg, trio.current_time()))
         self._wake.set()

@@ -1,0 +1,195 @@
+"""Per-host CPU quota cgroups, for cgroup v1 and v2.
+
+The mode is chosen once, here: v2 when ``/sys/fs/cgroup`` is itself a cgroup2 mount
+(``cgroup.controllers`` exists there), otherwise v1 with the ``cpu`` hierarchy and, when it
+is mounted separately, the ``cpuacct`` one (so the host's usage is accounted on its own).
+Every host gets ``<hierarchy>/dunix/NAME``.
+
+v1: ``cpu.cfs_period_us`` / ``cpu.cfs_quota_us`` (-1 = no limit);
+v2: ``cpu.max`` = "QUOTA PERIOD" or "max PERIOD", with ``+cpu`` enabled in the parents'
+``cgroup.subtree_control`` (Documentation/admin-guide/cgroup-v2.rst, "CPU").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import time
+from pathlib import Path
+
+from dunix.errors import ClusterError
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+GROUP = "dunix"
+PERIOD_US = 100_000
+#: the kernel's lower bound for cfs_quota_us (kernel/sched/core.c, min_cfs_quota_period)
+MIN_QUOTA_US = 1_000
+
+
+def detect_mode() -> str:
+    """ "v2" or "v1"; raises ClusterError when no usable cpu controller is mounted."""
+    if (CGROUP_ROOT / "cgroup.controllers").exists():
+        return "v2"
+    if (CGROUP_ROOT / "cpu" / "cpu.cfs_quota_us").exists():
+        return "v1"
+    raise ClusterError("no cgroup cpu controller found under /sys/fs/cgroup (v1 cpu or v2)")
+
+
+def hierarchies(mode: str) -> list[Path]:
+    """The roots a host cgroup is created under, in creation order."""
+    if mode == "v2":
+        return [CGROUP_ROOT]
+    roots = [CGROUP_ROOT / "cpu"]
+    acct = CGROUP_ROOT / "cpuacct"
+    # "cpu,cpuacct" co-mounted shows up as symlinks to one directory: count it once.
+    if acct.is_dir() and acct.resolve() != roots[0].resolve():
+        roots.append(acct)
+    return roots
+
+
+def host_paths(mode: str, name: str) -> list[Path]:
+    return [root / GROUP / name for root in hierarchies(mode)]
+
+
+def quota_us(cpu_quota: float | None) -> int | None:
+    """The quota in microseconds per PERIOD_US, or None for no limit."""
+    if cpu_quota is None:
+        return None
+    if cpu_quota <= 0:
+        raise ClusterError(f"cpu quota must be positive, got {cpu_quota}")
+    return max(MIN_QUOTA_US, round(cpu_quota * PERIOD_US))
+
+
+def _write(path: Path, value: str) -> None:
+    try:
+        path.write_text(value)
+    except OSError as e:
+        raise ClusterError(f"cannot write {value!r} to {path}: {e}") from e
+
+
+def create(mode: str, name: str, cpu_quota: float | None) -> list[Path]:
+    """Make the host's cgroup(s) and set the quota; returns their paths."""
+    paths = host_paths(mode, name)
+    quota = quota_us(cpu_quota)
+    for path in paths:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ClusterError(f"cannot create cgroup {path}: {e}") from e
+        if mode == "v2":
+            _enable_cpu_v2(path)
+            _write(path / "cpu.max", f"{quota if quota is not None else 'max'} {PERIOD_US}")
+        elif (path / "cpu.cfs_quota_us").exists():
+            _write(path / "cpu.cfs_period_us", str(PERIOD_US))
+            _write(path / "cpu.cfs_quota_us", str(quota if quota is not None else -1))
+    return paths
+
+
+def _enable_cpu_v2(path: Path) -> None:
+    """Enable the cpu controller from the root down to ``path``'s parent."""
+    parent = path.parent
+    chain: list[Path] = []
+    while parent != CGROUP_ROOT.parent and CGROUP_ROOT in (parent, *parent.parents):
+        chain.append(parent)
+        parent = parent.parent
+    for cg in reversed(chain):
+        control = cg / "cgroup.subtree_control"
+        if "cpu" in control.read_text().split():
+            continue
+        _write(control, "+cpu")
+
+
+def procs_file(path: Path) -> Path:
+    return path / "cgroup.procs"
+
+
+def pids(paths: list[Path]) -> set[int]:
+    """Every process in the host's cgroup(s), seen from the machine."""
+    found: set[int] = set()
+    for path in paths:
+        try:
+            text = procs_file(path).read_text()
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise ClusterError(f"cannot read {procs_file(path)}: {e}") from e
+        found.update(int(line) for line in text.split())
+    return found
+
+
+def join_self(paths: list[str]) -> None:
+    """Move the calling process into the cgroups; safe to run in a ``preexec_fn``.
+
+    Uses only ``os.open``/``os.write`` so it is fine between fork and exec; children
+    forked afterwards (the init, the agent and everything they start) inherit it.
+    """
+    pid = str(os.getpid()).encode()
+    for path in paths:
+        fd = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY)
+        try:
+            os.write(fd, pid)
+        finally:
+            os.close(fd)
+
+
+def kill_all(paths: list[Path], timeout: float = 5.0) -> None:
+    """SIGKILL everything in the cgroups until they are empty."""
+    deadline = time.monotonic() + timeout
+    for path in paths:
+        kill_file = path / "cgroup.kill"  # v2, kernel >= 5.14
+        if kill_file.exists():
+            with contextlib.suppress(OSError):
+                kill_file.write_text("1")
+    while True:
+        left = pids(paths)
+        if not left:
+            return
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if time.monotonic() > deadline:
+            raise ClusterError(f"processes {sorted(left)} survive SIGKILL in {paths}")
+        time.sleep(0.02)
+
+
+def remove(paths: list[Path], timeout: float = 5.0) -> None:
+    """Kill what is left in the cgroups and delete them (and an empty ``dunix`` parent).
+
+    rmdir fails with EBUSY while a dying task is still attached; retry until it is gone.
+    """
+    kill_all([p for p in paths if p.exists()], timeout)
+    for path in paths:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                path.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError as e:
+                if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise ClusterError(f"cannot remove cgroup {path}: {e}") from e
+                time.sleep(0.02)
+        remove_parent_if_empty(path.parent)
+
+
+def remove_parent_if_empty(parent: Path) -> None:
+    if parent.name != GROUP:
+        return
+    try:
+        parent.rmdir()
+    except OSError as e:
+        if e.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY):
+            raise ClusterError(f"cannot remove cgroup {parent}: {e}") from e
+
+
+def leftovers(mode: str) -> list[Path]:
+    """Host cgroups that exist under ``dunix/`` (for cleaning up without a state file)."""
+    found: list[Path] = []
+    for root in hierarchies(mode):
+        group = root / GROUP
+        if group.is_dir():
+            found.extend(p for p in group.iterdir() if p.is_dir())
+    return found

@@ -205,7 +205,7 @@ class FrameDecoder:
         self._buf = bytearray()
         self._broken: ProtocolError | None = None
 
-    def feed(self, data: bytes) -> list[Any]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Any]:
         if self._broken is not None:
             raise self._broken
         self._buf += data

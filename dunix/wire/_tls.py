@@ -299,19 +299,22 @@ def peer_identity(cert: Mapping[str, Any] | None) -> tuple[str, str]:
 
 
 def translate_error(exc: BaseException, doing: str) -> DunixError:
-    """A TLS or socket failure as a dunix error: bad TLS is an authentication failure.
+    """A TLS or socket failure as a dunix error: a TLS refusal is an authentication failure.
 
     trio reports a failed TLS operation as ``BrokenResourceError`` with the
-    ``ssl.SSLError`` as its cause, so the cause chain is searched.
+    ``ssl.SSLError`` as its cause, and a channel wraps that in ``PeerUnreachable``, so the
+    cause chain is searched. Other dunix errors pass through unchanged.
     """
+    if isinstance(exc, DunixError) and not isinstance(exc, PeerUnreachable):
+        return exc
     seen: BaseException | None = exc
     for _ in range(8):  # chains are short; the bound only guards against a cycle
         if seen is None:
             break
-        if isinstance(seen, DunixError):
-            return seen
         if isinstance(seen, ssl.SSLError):
             reason = getattr(seen, "verify_message", None) or seen.reason or str(seen)
             return AuthenticationFailed(f"{doing}: TLS refused: {reason}")
         seen = seen.__cause__ or seen.__context__
+    if isinstance(exc, DunixError):
+        return exc
     return PeerUnreachable(f"{doing}: {exc or type(exc).__name__}")

@@ -22,6 +22,11 @@ declare -A CRIU_ORIG_SHA256=(
     [4.2.1]=29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9
 )
 
+# CRIU locks TCP connections during a dump with iptables by default; dunix installs no
+# iptables, and this build links libnftables, so make nftables the default for the CLI and
+# for RPC requests that leave network_lock unset.
+CRIU_MAKE_OPTS="NETWORK_LOCK_DEFAULT=NETWORK_LOCK_NFTABLES"
+
 CACHE=${DUNIX_CACHE:-/var/cache/dunix}
 LOGS=$CACHE/logs
 APTDIR=$CACHE/apt-sid-src
@@ -50,13 +55,31 @@ PYTHON=$1
 [[ -x $PYTHON ]] || die "python interpreter '$PYTHON' is not executable"
 mkdir -p "$LOGS"
 
-# A finished build is marked by .built; pick the newest cached one >= the minimum.
+# A finished build is marked by .built holding its build options; pick the newest cached
+# one >= the minimum that was built with today's options.
 newest_cached_build() {
     local best="" d v
     for d in "$CACHE"/criu-*/; do
-        [[ -f $d/.built ]] || continue
+        [[ -f $d/.built && $(cat "$d/.built") == "$CRIU_MAKE_OPTS" ]] || continue
         v=${d%/}
         v=${v##*/criu-}
+        dpkg --compare-versions "$v" ge "$CRIU_MIN_VERSION" || continue
+        if [[ -z $best ]] || dpkg --compare-versions "$v" gt "$best"; then best=$v; fi
+    done
+    printf '%s' "$best"
+}
+
+# The newest version whose source tarball is already in the cache, pinned version first.
+newest_cached_source() {
+    local best="" f v
+    if [[ -f $CACHE/criu-$CRIU_MIN_VERSION/dl/criu_$CRIU_MIN_VERSION.orig.tar.xz ]]; then
+        printf '%s' "$CRIU_MIN_VERSION"
+        return
+    fi
+    for f in "$CACHE"/criu-*/dl/criu_*.orig.tar.xz; do
+        [[ -f $f ]] || continue
+        v=${f##*/criu_}
+        v=${v%.orig.tar.xz}
         dpkg --compare-versions "$v" ge "$CRIU_MIN_VERSION" || continue
         if [[ -z $best ]] || dpkg --compare-versions "$v" gt "$best"; then best=$v; fi
     done
@@ -166,43 +189,50 @@ if [[ -n $cached ]]; then
     exit 0
 fi
 
-say "CRIU: looking for source >= $CRIU_MIN_VERSION in Debian sid"
-setup_private_apt
-debver=$(pick_debian_version)
-if [[ -z $debver ]]; then
-    run_logged apt-sid-src-update apt-get "${APT_OPTS[@]}" update
+# A source tarball fetched earlier (e.g. before the build options changed) saves apt a trip.
+upver=$(newest_cached_source)
+if [[ -z $upver ]]; then
+    say "CRIU: looking for source >= $CRIU_MIN_VERSION in Debian sid"
+    setup_private_apt
     debver=$(pick_debian_version)
-fi
-[[ -n $debver ]] || die "Debian sid offers no criu source >= $CRIU_MIN_VERSION (see: apt-cache showsrc criu, with the options in this script)"
-upver=${debver#*:}
-upver=${upver%-*}
-dir=$CACHE/criu-$upver
-say "CRIU: using Debian source $debver in $dir"
-
-mkdir -p "$dir/dl"
-orig=$dir/dl/criu_$upver.orig.tar.xz
-if [[ ! -f $orig ]]; then
-    say "CRIU: downloading source package"
-    (cd "$dir/dl" && run_logged "criu-$upver-download" \
+    if [[ -z $debver ]]; then
+        run_logged apt-sid-src-update apt-get "${APT_OPTS[@]}" update
+        debver=$(pick_debian_version)
+    fi
+    [[ -n $debver ]] || die "Debian sid offers no criu source >= $CRIU_MIN_VERSION"
+    upver=${debver#*:}
+    upver=${upver%-*}
+    say "CRIU: downloading Debian source $debver"
+    tmp=$CACHE/criu-$upver/dl.tmp
+    rm -rf "$tmp"
+    mkdir -p "$tmp" "$CACHE/criu-$upver/dl"
+    # apt checks the tarball against the signed sid index; only a complete file is moved in.
+    (cd "$tmp" && run_logged "criu-$upver-download" \
         apt-get "${APT_OPTS[@]}" source --download-only --tar-only "criu=$debver")
+    [[ -f $tmp/criu_$upver.orig.tar.xz ]] || die "apt-get source did not produce criu_$upver.orig.tar.xz"
+    mv "$tmp/criu_$upver.orig.tar.xz" "$CACHE/criu-$upver/dl/"
+    rm -rf "$tmp"
 fi
-[[ -f $orig ]] || die "apt-get source did not produce $orig"
+dir=$CACHE/criu-$upver
+orig=$dir/dl/criu_$upver.orig.tar.xz
 if [[ -n ${CRIU_ORIG_SHA256[$upver]:-} ]]; then
     echo "${CRIU_ORIG_SHA256[$upver]}  $orig" | sha256sum --check --quiet - ||
-        die "sha256 of $orig does not match the pinned hash; delete $dir/dl and retry"
+        die "sha256 of $orig does not match the pinned hash; delete $dir and retry"
 else
-    say "CRIU: no pinned hash for $upver; trusting apt's signature and hash checks"
+    say "CRIU: no pinned hash for $upver; relying on apt's signature and hash checks"
 fi
 
 say "CRIU: unpacking and building (log: $LOGS/criu-$upver-build.log)"
+rm -f "$dir/.built"
 rm -rf "$dir/src"
 mkdir -p "$dir/src"
 tar -xJf "$orig" -C "$dir/src" --strip-components=1
 # Only the upstream tarball is fetched (--tar-only): Debian's patches are packaging tweaks
 # that `make criu` does not need, and some mirrors here do not serve the .debian.tar.xz.
 build() {
-    make -C "$dir/src" -j"$JOBS" criu
-    make -C "$dir/src" -j"$JOBS" lib PYTHON="$PYTHON"
+    # shellcheck disable=SC2086  # CRIU_MAKE_OPTS is a list of VAR=value words
+    make -C "$dir/src" -j"$JOBS" $CRIU_MAKE_OPTS criu
+    make -C "$dir/src" -j"$JOBS" $CRIU_MAKE_OPTS lib PYTHON="$PYTHON"
 }
 run_logged "criu-$upver-build" build
 [[ -x $dir/src/criu/criu ]] || die "build finished but $dir/src/criu/criu is missing"
@@ -210,7 +240,7 @@ run_logged "criu-$upver-build" build
 # A folder holding only pycriu, for a .pth file (src/lib has other top-level names).
 mkdir -p "$dir/py"
 ln -sfn ../src/lib/pycriu "$dir/py/pycriu"
-touch "$dir/.built"
+printf '%s\n' "$CRIU_MAKE_OPTS" >"$dir/.built"
 ln -sfn "criu-$upver" "$CACHE/criu"
 say "CRIU $upver: built"
 printf '%s\n' "$dir"

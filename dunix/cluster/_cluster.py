@@ -32,7 +32,7 @@ from dunix.cluster._state import (
     ClusterState,
     HostRecord,
 )
-from dunix.errors import ClusterError
+from dunix.errors import ClusterError, DunixError
 
 
 @dataclass(frozen=True)
@@ -128,11 +128,15 @@ def _refuse_leftovers(mode: str) -> None:
 
 
 def _keygen(state_dir: Path, names: list[str]) -> None:
+    """The cluster CA plus node and ``admin`` client certificates, in ``state_dir/tls``."""
     try:
-        from dunix.wire import keygen  # type: ignore[attr-defined]
+        from dunix.wire import keygen
     except ImportError:
-        return  # TLS material is not implemented yet
-    keygen(state_dir / "tls", nodes=names, clients=["admin"])
+        return  # a tree without the TLS layer: the agents run without it
+    try:
+        keygen(state_dir / "tls", nodes=names, clients=["admin"])
+    except DunixError as e:
+        raise ClusterError(f"cannot make the cluster's TLS material: {e}") from e
 
 
 def _mkdir(path: Path) -> None:

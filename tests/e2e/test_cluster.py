@@ -1,0 +1,322 @@
+"""End-to-end tests of the local simulated cluster (needs root and namespaces).
+
+The agent here is a tiny TCP echo server, so these tests do not depend on ``dunix agent``.
+Every test that builds a cluster tears it down in a fixture, whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dunix import cluster
+from dunix.cluster import _cgroup, _net
+from dunix.errors import ClusterError
+
+pytestmark = pytest.mark.e2e
+
+TOKEN = f"dunix-e2e-{uuid.uuid4().hex[:8]}"
+ECHO = textwrap.dedent(
+    """
+    import socket, sys
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((sys.argv[1], 7946))
+    s.listen()
+    while True:
+        c, _ = s.accept()
+        with c:
+            c.sendall(socket.gethostname().encode() + b":" + c.recv(100))
+    """
+)
+
+
+def _skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root"
+    for tool in ("unshare", "nsenter"):
+        if shutil.which(tool) is None:
+            return f"{tool} (util-linux) is not installed"
+    probe = subprocess.run(
+        ["unshare", "--pid", "--mount", "--uts", "--net", "--fork", "--mount-proc", "true"],
+        capture_output=True,
+        text=True,
+    )
+    if probe.returncode != 0:
+        return f"cannot create namespaces here: {probe.stderr.strip()}"
+    try:
+        _cgroup.detect_mode()
+    except ClusterError as e:
+        return str(e)
+    return None
+
+
+_REASON = _skip_reason()
+if _REASON is not None:
+    pytest.skip(_REASON, allow_module_level=True)
+
+
+def echo_agent(host: cluster.HostInfo) -> list[str]:
+    return [sys.executable, "-c", ECHO, host.address, TOKEN]
+
+
+def ask(address: str, message: bytes = b"hi", timeout: float = 5.0) -> bytes:
+    """Send ``message`` to the echo agent at address:7946, retrying until it listens."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((address, cluster.AGENT_PORT), timeout=1) as s:
+                s.sendall(message)
+                return s.recv(100)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def run_in(name: str, argv: list[str], state_dir: Path) -> subprocess.CompletedProcess[str]:
+    return cluster.exec_in(name, argv, state_dir=state_dir, capture_output=True, text=True)
+
+
+def sh_in(name: str, script: str, state_dir: Path) -> str:
+    done = run_in(name, ["sh", "-c", script], state_dir)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def assert_nothing_left(state_dir: Path, old_sysctls: dict[str, str]) -> None:
+    assert _net.leftover_netns() == []
+    assert _net.leftover_links() == []
+    assert not list(Path("/sys/fs/cgroup").glob("*/dunix")), "cgroup dirs left"
+    assert not Path("/sys/fs/cgroup/dunix").exists()
+    mounts = Path("/proc/self/mountinfo").read_text()
+    for root in ("/var/lib/dunix", "/run/dunix", "/run/netns/dunix-"):
+        assert root not in mounts, f"a mount under {root} is left"
+    for path in (Path("/run/dunix/hosts"), Path("/var/lib/dunix/hosts"), state_dir):
+        assert not path.exists(), f"{path} is left"
+    assert not cluster.LOCAL_DISK.exists()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            if stat[stat.rindex(")") + 2] == "Z":
+                continue  # a zombie runs nothing; its reaper may be the machine's PID 1
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            cgroups = Path(f"/proc/{pid}/cgroup").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        assert TOKEN.encode() not in cmdline, f"process {pid} is left: {cmdline!r}"
+        assert "/dunix/" not in cgroups, f"process {pid} is left in a dunix cgroup"
+    assert {p: Path(p).read_text().strip() for p in old_sysctls} == old_sysctls
+
+
+@pytest.fixture
+def sysctls() -> dict[str, str]:
+    return {str(p): p.read_text().strip() for p in _net.BRIDGE_NF_SYSCTLS if p.exists()}
+
+
+@pytest.fixture(scope="class")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A 3-host cluster for one test class; yields its state dir."""
+    state_dir = tmp_path_factory.mktemp("cluster") / "state"
+    try:
+        cluster.up(3, 0.5, agent_argv=echo_agent, state_dir=state_dir)
+        yield state_dir
+    finally:
+        cluster.down(state_dir)
+
+
+class TestRunningCluster:
+    """Checks against one 3-host cluster, built once for the class."""
+
+    @pytest.fixture
+    def state_dir(self, running: Path) -> Path:
+        return running
+
+    @pytest.fixture
+    def hosts(self, state_dir: Path) -> list[cluster.HostInfo]:
+        return cluster.status(state_dir)
+
+    def test_status(self, hosts: list[cluster.HostInfo]) -> None:
+        assert [h.name for h in hosts] == ["n1", "n2", "n3"]
+        assert [h.address for h in hosts] == ["10.213.0.1", "10.213.0.2", "10.213.0.3"]
+        for h in hosts:
+            assert h.init_alive and h.agent_alive
+            assert h.netns == f"dunix-{h.name}"
+            assert h.control_socket == Path(f"/run/dunix/hosts/{h.name}/control.sock")
+            assert h.disk == Path(f"/var/lib/dunix/hosts/{h.name}/disk")
+            assert h.cpu_quota == 0.5
+
+    def test_up_refuses_second_cluster(self, state_dir: Path, tmp_path: Path) -> None:
+        with pytest.raises(ClusterError, match="already up"):
+            cluster.up(1, state_dir=state_dir)
+        with pytest.raises(ClusterError, match="another simulated cluster"):
+            cluster.up(1, state_dir=tmp_path / "other")
+        assert len(cluster.status(state_dir)) == 3
+
+    def test_hostname(self, hosts: list[cluster.HostInfo], state_dir: Path) -> None:
+        for h in hosts:
+            out = subprocess.run(
+                ["nsenter", "-t", str(h.init_pid), "-u", "hostname"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            assert out.stdout.strip() == h.name
+            assert sh_in(h.name, "hostname", state_dir) == h.name
+        assert socket.gethostname() not in {"n1", "n2", "n3"}
+
+    def test_pid_namespace(self, state_dir: Path) -> None:
+        # the shell is not PID 1: the init is
+        assert sh_in("n1", "cat /proc/1/cmdline | tr '\\0' ' '", state_dir).find("init.py") > 0
+
+    def test_private_tmp(self, state_dir: Path) -> None:
+        name = f"/tmp/{TOKEN}"
+        sh_in("n1", f"echo one > {name}", state_dir)
+        assert sh_in("n1", f"cat {name}", state_dir) == "one"
+        assert run_in("n2", ["test", "-e", name], state_dir).returncode == 1
+        assert not Path(name).exists()
+
+    def test_private_disk(self, hosts: list[cluster.HostInfo], state_dir: Path) -> None:
+        local = cluster.LOCAL_DISK / "mine"
+        sh_in("n1", f"echo n1-data > {local}", state_dir)
+        assert (hosts[0].disk / "mine").read_text() == "n1-data\n"
+        assert run_in("n2", ["test", "-e", str(local)], state_dir).returncode == 1
+        assert not (hosts[1].disk / "mine").exists()
+        assert not local.exists()  # the machine's own folder is untouched
+
+    def test_tcp_between_hosts(self, state_dir: Path) -> None:
+        client = (
+            "import socket,sys,time\n"
+            "for i in range(250):\n"
+            "    try: s = socket.create_connection(('10.213.0.2', 7946), timeout=1); break\n"
+            "    except OSError: time.sleep(0.02)\n"
+            "s.sendall(b'from-n1'); print(s.recv(100).decode())\n"
+        )
+        assert run_in("n1", [sys.executable, "-c", client], state_dir).stdout == "n2:from-n1\n"
+
+    def test_machine_reaches_agents_over_bridge(self, hosts: list[cluster.HostInfo]) -> None:
+        for h in hosts:
+            assert ask(h.address) == f"{h.name}:hi".encode()
+
+    def test_no_route_out(self, state_dir: Path) -> None:
+        assert sh_in("n1", "ip route show default", state_dir) == ""
+        probe = "import socket; socket.create_connection(('192.0.2.1', 80), timeout=1)"
+        done = run_in("n1", [sys.executable, "-c", probe], state_dir)
+        assert done.returncode != 0
+        assert "unreachable" in done.stderr.lower()
+
+    def test_cgroup_quota(self, hosts: list[cluster.HostInfo], state_dir: Path) -> None:
+        for h in hosts:
+            cpu = h.cgroup[0]
+            if (cpu / "cpu.max").exists():
+                assert (cpu / "cpu.max").read_text().split() == ["50000", "100000"]
+            else:
+                assert (cpu / "cpu.cfs_quota_us").read_text().strip() == "50000"
+                assert (cpu / "cpu.cfs_period_us").read_text().strip() == "100000"
+            for cg in h.cgroup:
+                procs = {int(p) for p in (cg / "cgroup.procs").read_text().split()}
+                assert h.agent_pid in procs
+                assert h.init_pid in procs
+        # commands run with exec_in are charged to the host as well
+        own = sh_in("n2", "cat /proc/self/cgroup", state_dir)
+        assert "/dunix/n2" in own
+
+    def test_start_agent_restarts_killed_agent(self, state_dir: Path) -> None:
+        before = {h.name: h for h in cluster.status(state_dir)}
+        assert cluster.start_agent("n2", state_dir) == before["n2"]  # running: no-op
+        old = before["n2"].agent_pid
+        assert old is not None
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while cluster.status(state_dir)[1].agent_alive:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        restarted = cluster.start_agent("n2", state_dir)
+        assert restarted.agent_pid not in (None, old)
+        assert cluster.status(state_dir)[1].agent_pid == restarted.agent_pid
+        assert ask("10.213.0.2") == b"n2:hi"
+        procs = (restarted.cgroup[0] / "cgroup.procs").read_text().split()
+        assert str(restarted.agent_pid) in procs
+
+
+def test_down_leaves_nothing(tmp_path: Path, sysctls: dict[str, str]) -> None:
+    state_dir = tmp_path / "state"
+    try:
+        hosts = cluster.up(2, 0.25, agent_argv=echo_agent, state_dir=state_dir)
+        assert ask(hosts[1].address) == b"n2:hi"
+        cluster.exec_in("n1", ["sh", "-c", f"sleep 1000 & echo {TOKEN}"], state_dir=state_dir)
+    finally:
+        cluster.down(state_dir)
+    assert_nothing_left(state_dir, sysctls)
+    cluster.down(state_dir)  # twice is fine
+    assert cluster.status(state_dir) == []
+    assert_nothing_left(state_dir, sysctls)
+
+
+def test_down_after_crash_mid_up(tmp_path: Path, sysctls: dict[str, str]) -> None:
+    """A process that dies while building host 2 of 3 leaves a half cluster; down clears it."""
+    state_dir = tmp_path / "state"
+    script = textwrap.dedent(
+        f"""
+        import os, sys
+        from pathlib import Path
+        from dunix import cluster
+        def crash(host):
+            if host.index == 2:
+                os._exit(17)
+        cluster.up(3, 0.5, agent_argv=lambda h: ["sleep", "1000", {TOKEN!r}],
+                   state_dir=Path({str(state_dir)!r}), _after_host=crash)
+        """
+    )
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        assert done.returncode == 17, done.stderr
+        state = json.loads((state_dir / "state.json").read_text())
+        assert not state["complete"]
+        assert _net.leftover_netns() == ["dunix-n1", "dunix-n2"]
+        assert [h["init_pid"] is not None for h in state["hosts"]] == [True, True, False]
+    finally:
+        cluster.down(state_dir)
+    assert_nothing_left(state_dir, sysctls)
+
+
+def test_down_without_state_file(tmp_path: Path, sysctls: dict[str, str]) -> None:
+    state_dir = tmp_path / "state"
+    try:
+        cluster.up(2, agent_argv=echo_agent, state_dir=state_dir)
+        (state_dir / "state.json").unlink()
+    finally:
+        cluster.down(state_dir)
+    # without the state file the old sysctl values are unknown: put them back by hand
+    for path, value in sysctls.items():
+        Path(path).write_text(value)
+    assert_nothing_left(state_dir, sysctls)
+
+
+def test_failed_up_rolls_back(tmp_path: Path, sysctls: dict[str, str]) -> None:
+    state_dir = tmp_path / "state"
+
+    def boom(host: cluster.HostInfo) -> None:
+        if host.index == 2:
+            raise RuntimeError("injected")
+
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            cluster.up(3, agent_argv=echo_agent, state_dir=state_dir, _after_host=boom)
+        assert_nothing_left(state_dir, sysctls)
+    finally:
+        cluster.down(state_dir)

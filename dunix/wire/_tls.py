@@ -312,7 +312,7 @@ def translate_error(exc: BaseException, doing: str) -> DunixError:
         if seen is None:
             break
         if isinstance(seen, ssl.SSLError):
-            reason = getattr(seen, "verify_message", None) or seen.reason or str(seen)
+            reason = getattr(seen, "verify_message", None) or getattr(seen, "reason", None) or seen
             return AuthenticationFailed(f"{doing}: TLS refused: {reason}")
         seen = seen.__cause__ or seen.__context__
     if isinstance(exc, DunixError):

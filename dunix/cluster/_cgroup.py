@@ -30,7 +30,10 @@ MIN_QUOTA_US = 1_000
 
 def detect_mode() -> str:
     """ "v2" or "v1"; raises ClusterError when no usable cpu controller is mounted."""
-    if (CGROUP_ROOT / "cgroup.controllers").exists():
+    controllers = CGROUP_ROOT / "cgroup.controllers"
+    if controllers.exists():
+        if "cpu" not in controllers.read_text().split():
+            raise ClusterError(f"the cgroup v2 cpu controller is not available in {controllers}")
         return "v2"
     if (CGROUP_ROOT / "cpu" / "cpu.cfs_quota_us").exists():
         return "v1"

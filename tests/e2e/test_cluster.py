@@ -320,3 +320,23 @@ def test_failed_up_rolls_back(tmp_path: Path, sysctls: dict[str, str]) -> None:
         assert_nothing_left(state_dir, sysctls)
     finally:
         cluster.down(state_dir)
+
+
+def test_cgroup_v2_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The v2 branch, on a fake cgroup2 tree (this machine may only have v1)."""
+    monkeypatch.setattr(_cgroup, "CGROUP_ROOT", tmp_path)
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (tmp_path / "cgroup.subtree_control").write_text("\n")
+    (tmp_path / "dunix").mkdir()  # the kernel would fill a new cgroup dir with these
+    (tmp_path / "dunix" / "cgroup.subtree_control").write_text("\n")
+    assert _cgroup.detect_mode() == "v2"
+    paths = _cgroup.create("v2", "n1", 0.5)
+    assert paths == [tmp_path / "dunix" / "n1"]
+    assert (paths[0] / "cpu.max").read_text() == "50000 100000"
+    assert (tmp_path / "cgroup.subtree_control").read_text() == "+cpu"
+    assert (tmp_path / "dunix" / "cgroup.subtree_control").read_text() == "+cpu"
+    _cgroup.create("v2", "n2", None)
+    assert (tmp_path / "dunix" / "n2" / "cpu.max").read_text() == "max 100000"
+    (tmp_path / "cgroup.controllers").write_text("memory pids\n")
+    with pytest.raises(ClusterError, match="cpu controller"):
+        _cgroup.detect_mode()

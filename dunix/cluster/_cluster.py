@@ -167,17 +167,24 @@ def up(
     if shutil.which("unshare") is None or shutil.which("nsenter") is None:
         raise ClusterError("unshare and nsenter (util-linux) are needed")
     mode = _cgroup.detect_mode()
-    if _state.load(state_dir) is not None:
-        raise ClusterError(f"a cluster is already up (state in {state_dir})")
-    _refuse_leftovers(mode)
-    state = _plan(n, cpu_quota, mode)
-    _state.claim(state_dir, state)
-    try:
-        return _build(state, state_dir, agent_argv or default_agent_argv, _after_host)
-    except BaseException:
-        with contextlib.suppress(ClusterError):
-            down(state_dir)
-        raise
+    fresh = not state_dir.exists()
+    with _state.locked(state_dir, create=True):
+        try:
+            if _state.load(state_dir) is not None:
+                raise ClusterError(f"a cluster is already up (state in {state_dir})")
+            _refuse_leftovers(mode)
+            state = _plan(n, cpu_quota, mode)
+            _state.claim(state_dir, state)
+        except ClusterError:
+            if fresh:
+                _rmdir_empty(state_dir)
+            raise
+        try:
+            return _build(state, state_dir, agent_argv or default_agent_argv, _after_host)
+        except BaseException:
+            with contextlib.suppress(ClusterError):
+                _down(state_dir)
+            raise
 
 
 def _build(
@@ -244,6 +251,11 @@ def start_agent(
 ) -> HostInfo:
     """(Re)start host NAME's agent if it does not run; ``agent_argv`` overrides the argv
     recorded at ``up`` time (and is recorded in turn)."""
+    with _state.locked(state_dir):
+        return _start_agent_locked(name, state_dir, agent_argv)
+
+
+def _start_agent_locked(name: str, state_dir: Path, agent_argv: list[str] | None) -> HostInfo:
     state = _require(state_dir)
     rec = state.host(name)
     if not _host.alive(rec.init_pid, rec.init_start):
@@ -362,6 +374,11 @@ def down(state_dir: Path = DEFAULT_STATE_DIR) -> None:
     Keeps going past failures and raises one ClusterError naming them at the end; the
     state file is kept in that case so a second ``down`` can finish the job.
     """
+    with _state.locked(state_dir):
+        _down(state_dir)
+
+
+def _down(state_dir: Path) -> None:
     errors: list[str] = []
 
     def attempt(what: str, fn: Callable[..., object], *args: Any) -> None:

@@ -8,8 +8,11 @@ The file is replaced atomically (write + rename) so a crash never leaves half a 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +79,28 @@ class ClusterState:
             if rec.name == name:
                 return rec
         raise ClusterError(f"no simulated host named {name!r}")
+
+
+@contextlib.contextmanager
+def locked(state_dir: Path, *, create: bool = False) -> Iterator[None]:
+    """Hold an exclusive flock on the state folder (``up``, ``down`` and ``start_agent``
+    must not interleave). Without the folder (and ``create`` false) there is nothing to
+    guard. The lock is on the folder itself, so it leaves no file behind.
+    """
+    try:
+        if create:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        yield
+        return
+    except OSError as e:
+        raise ClusterError(f"cannot open the cluster state folder {state_dir}: {e}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def state_path(state_dir: Path) -> Path:

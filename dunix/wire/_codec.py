@@ -181,7 +181,7 @@ def decode(payload: bytes) -> Any:
     except ProtocolError:
         raise
     except Exception as exc:  # msgpack raises several unrelated types for bad input
-        raise ProtocolError(f"undecodable payload: {exc}") from exc
+        raise ProtocolError(f"undecodable payload: {type(exc).__name__}: {exc}") from exc
     if type(obj) not in _FIELDS:
         raise ProtocolError("payload is not a message")
     return obj

@@ -312,9 +312,25 @@ def translate_error(exc: BaseException, doing: str) -> DunixError:
         if seen is None:
             break
         if isinstance(seen, ssl.SSLError):
-            reason = getattr(seen, "verify_message", None) or getattr(seen, "reason", None) or seen
-            return AuthenticationFailed(f"{doing}: TLS refused: {reason}")
+            return AuthenticationFailed(f"{doing}: TLS refused: {_tls_reason(seen)}")
         seen = seen.__cause__ or seen.__context__
     if isinstance(exc, DunixError):
         return exc
-    return PeerUnreachable(f"{doing}: {exc or type(exc).__name__}")
+    return PeerUnreachable(f"{doing}: {describe(exc)}")
+
+
+def describe(exc: BaseException) -> str:
+    """A readable reason; trio's ``BrokenResourceError`` is empty and its cause says why."""
+    while not str(exc) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    return str(exc) or type(exc).__name__
+
+
+def _tls_reason(exc: ssl.SSLError) -> str:
+    reason = getattr(exc, "reason", None) or str(exc)
+    if isinstance(exc, ssl.SSLEOFError) or reason == "UNEXPECTED_EOF_WHILE_READING":
+        # trio does not send the alert of a side whose handshake failed; the other side only
+        # sees the connection end. The usual cause is a certificate from another cluster.
+        return f"{reason} (peer hung up mid-handshake; does it trust this cluster's CA?)"
+    detail = getattr(exc, "verify_message", None)
+    return f"{reason} ({detail})" if detail else str(reason)

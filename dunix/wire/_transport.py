@@ -40,7 +40,7 @@ from dunix.wire._handshake import (
     check_hello,
     check_welcome,
 )
-from dunix.wire._tls import TLSIdentity, peer_identity, translate_error
+from dunix.wire._tls import TLSIdentity, describe, peer_identity, translate_error
 
 log = logging.getLogger("dunix.wire")
 
@@ -104,7 +104,8 @@ class Channel:
             try:
                 await self.stream.send_all(data)
             except (trio.BrokenResourceError, OSError) as exc:
-                raise PeerUnreachable(f"sending to {self.peer_name or 'peer'}: {exc}") from exc
+                who = self.peer_name or "peer"
+                raise PeerUnreachable(f"sending to {who}: {describe(exc)}") from exc
 
     async def receive(self) -> Any:
         """The next message; ``PeerUnreachable`` once the peer has hung up."""
@@ -130,9 +131,8 @@ class Channel:
             try:
                 data = await self.stream.receive_some(RECEIVE_CHUNK)
             except (trio.BrokenResourceError, OSError) as exc:
-                raise PeerUnreachable(
-                    f"receiving from {self.peer_name or 'peer'}: {exc or type(exc).__name__}"
-                ) from exc
+                who = self.peer_name or "peer"
+                raise PeerUnreachable(f"receiving from {who}: {describe(exc)}") from exc
             if not data:
                 self._eof = True
                 if self._decoder.buffered:
@@ -205,11 +205,18 @@ async def _finish_client(channel: Channel, hello: Hello) -> Channel:
     return channel
 
 
-def _connect_error(exc: BaseException, doing: str, timeout: float) -> DunixError:
+def _connect_error(
+    exc: BaseException, doing: str, timeout: float, *, tls_refusal: bool = True
+) -> DunixError:
+    """Why connecting failed. ``tls_refusal``: TLS errors may still be the peer's verdict
+    on our certificate (a TLS 1.3 client learns it only at its first read); once this side
+    has accepted the handshake, a TLS error is just a broken connection."""
     if isinstance(exc, trio.TooSlowError):
         return PeerUnreachable(f"{doing}: no answer within {timeout} s")
     if isinstance(exc, PermissionError):
         return AccessDenied(f"{doing}: {exc}")
+    if isinstance(exc, DunixError) and not tls_refusal:
+        return exc
     return translate_error(exc, doing)
 
 
@@ -239,7 +246,7 @@ async def open_channel(
             await tls.do_handshake()
             name, role = peer_identity(tls.getpeercert())
             if role != "node" or (expect_name is not None and name != expect_name):
-                raise AccessDenied(f"{address} is {role} {name!r}, not the node wanted")
+                raise AuthenticationFailed(f"{address} is {role} {name!r}, not the node wanted")
             channel = Channel(
                 tls, peer_name=name, peer_role=role, peer_address=address, max_frame=max_frame
             )
@@ -332,8 +339,9 @@ async def _serve_connection(
             )
             await channel.send(welcome)
     except Exception as exc:
-        err = _connect_error(exc, "handshake", timeout)
-        log.warning("refused connection from %s (%s %r): %s", remote, proven_role, proven_name, err)
+        err = _connect_error(exc, "handshake", timeout, tls_refusal=False)
+        who = f"pid {cred.pid} uid {cred.uid}" if cred else f"{proven_role} {proven_name!r}"
+        log.warning("refused connection from %s (%s): %s", remote, who, err)
         await _refuse(channel, err)
         await channel.aclose()
         return
@@ -459,7 +467,7 @@ async def serve_unix(
 
         await _serve_connection(
             stream,
-            f"{where} (local)",
+            where,
             prove,
             local_name=local_name,
             handler=handler,

@@ -393,7 +393,8 @@ wrong_version = partial(tls_then, data=frame(Hello(WIRE_VERSION + 1, "client", "
 client_as_node = partial(tls_then, data=frame(Hello(WIRE_VERSION, "node", "admin", "")))
 node_as_other = partial(tls_then, data=frame(Hello(WIRE_VERSION, "node", "n3", "")), cert="ours/n2")
 
-REFUSALS = {
+BadClient = Callable[[Pki, str], Awaitable[Any]]
+REFUSALS: dict[str, tuple[BadClient, str, str | None]] = {
     # name: (bad client, reason in the server's log, ErrorReply kind it gets or None)
     "no certificate": (no_cert, "TLS refused", None),
     "certificate from another CA": (foreign_cert, "CERTIFICATE_VERIFY_FAILED", None),

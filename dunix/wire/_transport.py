@@ -21,7 +21,7 @@ import stat
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
@@ -220,6 +220,16 @@ def _connect_error(
     return translate_error(exc, doing)
 
 
+_CONNECT_FAILURES = (OSError, trio.BrokenResourceError, trio.TooSlowError, DunixError)
+
+
+def _raise_connect_error(exc: BaseException, doing: str, timeout: float) -> NoReturn:
+    err = _connect_error(exc, doing, timeout)
+    if err is exc:
+        raise err
+    raise err from exc
+
+
 async def open_channel(
     address: str,
     identity: TLSIdentity,
@@ -254,8 +264,8 @@ async def open_channel(
             result = await _finish_client(channel, hello)
             resource = None
             return result
-    except Exception as exc:
-        raise _connect_error(exc, doing, timeout) from exc
+    except _CONNECT_FAILURES as exc:
+        _raise_connect_error(exc, doing, timeout)
     finally:
         if resource is not None:
             await trio.aclose_forcefully(resource)
@@ -289,8 +299,8 @@ async def open_unix_channel(
             result = await _finish_client(channel, Hello(WIRE_VERSION, "local", name, ""))
             resource = None
             return result
-    except Exception as exc:
-        raise _connect_error(exc, doing, timeout) from exc
+    except _CONNECT_FAILURES as exc:
+        _raise_connect_error(exc, doing, timeout)
     finally:
         if resource is not None:
             await trio.aclose_forcefully(resource)
@@ -325,7 +335,8 @@ async def _serve_connection(
             proven_name, proven_role, cred = await prove()
     except Exception as exc:
         err = _connect_error(exc, "handshake", timeout)
-        log.warning("refused connection from %s: %s", remote, err)
+        unexpected = not isinstance(exc, _CONNECT_FAILURES)
+        log.warning("refused connection from %s: %s", remote, err, exc_info=unexpected)
         await trio.aclose_forcefully(stream)
         return
     channel = Channel(
@@ -341,7 +352,8 @@ async def _serve_connection(
     except Exception as exc:
         err = _connect_error(exc, "handshake", timeout, tls_refusal=False)
         who = f"pid {cred.pid} uid {cred.uid}" if cred else f"{proven_role} {proven_name!r}"
-        log.warning("refused connection from %s (%s): %s", remote, who, err)
+        unexpected = not isinstance(exc, _CONNECT_FAILURES)  # a bug here, not the peer's
+        log.warning("refused connection from %s (%s): %s", remote, who, err, exc_info=unexpected)
         await _refuse(channel, err)
         await channel.aclose()
         return
@@ -349,17 +361,38 @@ async def _serve_connection(
     await _run_handler(channel, handler, remote)
 
 
+def _dunix_error(exc: BaseException) -> DunixError | None:
+    """The dunix error a handler ended with, also when a nursery wrapped it in a group.
+
+    A peer hanging up in the middle of a handler with several tasks is routine and must
+    not be logged like a bug. Prefers a reason other than ``PeerUnreachable``.
+    """
+    if isinstance(exc, DunixError):
+        return exc
+    if not isinstance(exc, BaseExceptionGroup):
+        return None
+    found: list[DunixError] = []
+    for inner in exc.exceptions:
+        err = _dunix_error(inner)
+        if err is None:
+            return None
+        found.append(err)
+    return next((e for e in found if not isinstance(e, PeerUnreachable)), found[0])
+
+
 async def _run_handler(channel: Channel, handler: Handler, remote: str) -> None:
     try:
         await handler(channel)
-    except PeerUnreachable as exc:
-        log.info("%r from %s went away: %s", channel, remote, exc)
-    except DunixError as exc:
-        log.warning("%r from %s: %s", channel, remote, exc)
-        await _refuse(channel, exc)
     except Exception as exc:
-        log.exception("handler for %r from %s failed", channel, remote)
-        await _refuse(channel, exc)
+        err = _dunix_error(exc)
+        if err is None:
+            log.exception("handler for %r from %s failed", channel, remote)
+            await _refuse(channel, exc)
+        elif isinstance(err, PeerUnreachable):
+            log.info("%r from %s went away: %s", channel, remote, err)
+        else:
+            log.warning("%r from %s: %s", channel, remote, err)
+            await _refuse(channel, err)
     finally:
         await channel.aclose()
 

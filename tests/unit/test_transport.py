@@ -213,7 +213,11 @@ class Echo:
         self.channels.append(channel)
         async for msg in channel:
             if isinstance(msg, TransportTestPing) and msg.n < 0:
-                raise (AccessDenied("negative") if msg.n == -1 else RuntimeError("handler bug"))
+                raise {
+                    -1: AccessDenied("negative"),
+                    -2: RuntimeError("handler bug"),
+                    -3: ExceptionGroup("from a nursery", [AccessDenied("grouped")]),
+                }[msg.n]
             await channel.send(msg)
         self.clean_ends += 1
 
@@ -471,6 +475,10 @@ def test_handler_errors_are_logged_reported_and_contained(pki: Pki, wire_log: Lo
         assert isinstance(reply, ErrorReply) and reply.kind == "RemoteError"
         record = await wire_log.wait_for("failed", level=logging.ERROR)
         assert record.exc_info is not None
+        channel = await open_channel(address, pki.admin)
+        await channel.send(TransportTestPing(-3, b""))
+        assert await channel.receive() == ErrorReply("AccessDenied", "grouped")
+        await wire_log.wait_for("grouped")
         await (await ping(address, pki.n2)).aclose()
 
     run_server(pki.n1, Echo(), body)

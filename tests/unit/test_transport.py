@@ -433,10 +433,10 @@ def test_refusal_is_logged_and_server_goes_on(pki: Pki, wire_log: LogWaiter, cas
 def test_silent_peer_times_out_with_a_reason(pki: Pki, wire_log: LogWaiter) -> None:
     async def body(address: str) -> None:
         stream = await raw_tls(address, _context(pki, "ours", "ours/client-admin"))
+        await (await ping(address, pki.n2)).aclose()  # a silent peer blocks nobody else
         reply = await read_reply(stream)  # we say nothing; the server gives up on us
         assert isinstance(reply, ErrorReply) and reply.kind == "PeerUnreachable"
         await wire_log.wait_for("within")
-        await (await ping(address, pki.n2)).aclose()
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:

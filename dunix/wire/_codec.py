@@ -85,17 +85,19 @@ def _ext_hook(code: int, data: bytes) -> Any:
 
 
 def _hints(cls: type[Any]) -> dict[str, Any]:
-    """Resolved field annotations of a message class (cached once they resolve).
+    """Resolved field annotations of a message class, cached.
 
-    Resolved lazily because a message may name another one defined later in its module.
-    An annotation that cannot be resolved yet is treated as ``Any`` for this decode.
+    Resolved at the first decode, not at registration, because a message may name another
+    one defined later in its module. A class whose annotations cannot be resolved even
+    then (a name imported only under ``TYPE_CHECKING``, a class local to a function)
+    is decoded unchecked, as before type checking existed.
     """
     hints = _HINTS.get(cls)
     if hints is None:
         try:
             hints = typing.get_type_hints(cls)
         except Exception:
-            return {}
+            hints = {}
         _HINTS[cls] = hints
     return hints
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import msgpack
 import pytest
@@ -37,6 +38,21 @@ class CodecTestTree:
     tags: dict[str, int]
     pair: tuple[int, str]
     child: CodecTestTree | None
+
+
+class CodecTestColor(enum.IntEnum):
+    RED = 1
+    BLUE = 2
+
+
+@message
+@dataclass(frozen=True)
+class CodecTestKinds:
+    color: CodecTestColor
+    mode: Literal["a", "b"]
+    nums: list[int]
+    anything: Any
+    bare: tuple  # type: ignore[type-arg]
 
 
 ints = st.integers(min_value=-(2**63), max_value=2**64 - 1)
@@ -164,6 +180,20 @@ def test_wrong_field_type_raises(leaf: CodecTestLeaf, data: st.DataObject) -> No
 def test_malformed_messages_raise(payload: bytes) -> None:
     with pytest.raises(ProtocolError):
         decode(payload)
+
+
+def test_enums_literals_lists_and_any() -> None:
+    msg = CodecTestKinds(CodecTestColor.BLUE, "b", [1, 2], {"x": [1]}, (1, "a"))
+    back = decode(encode(msg))
+    assert back == msg and back.color is CodecTestColor.BLUE and type(back.bare) is tuple
+    for values in (
+        [3, "a", [], None, []],  # no such enum member
+        [1, "c", [], None, []],  # not one of the literals
+        [1, "a", ["x"], None, []],  # list of the wrong items
+        [1, "a", [], None, "not a tuple"],
+    ):
+        with pytest.raises(ProtocolError):
+            decode(_ext("CodecTestKinds", values))
 
 
 def test_int_widens_to_float() -> None:

@@ -5,7 +5,7 @@
 # Usage: build_criu.sh PYTHON
 #   PYTHON is the interpreter `make lib` uses to generate pycriu (the project's venv python).
 # On success, $DUNIX_CACHE/criu points at the build in use and the only line printed on
-# stdout is its folder: criu/criu is the binary, py/ holds the pycriu package.
+# stdout is its folder: src/criu/criu is the binary, py/ holds the pycriu package.
 #
 # Why sid: Debian 12's CRIU 3.17 fails `criu check` on kernel 6.18 and Debian 13's 4.1.1
 # cannot dump INET sockets on kernels >= 6.16; 4.2 fixed that (see DESIGN.md).
@@ -93,6 +93,7 @@ detect_mirror() {
         return
     fi
     local codename f uri=""
+    # shellcheck disable=SC1091
     codename=$(. /etc/os-release && printf '%s' "${VERSION_CODENAME:-}")
     [[ -n $codename ]] || die "no VERSION_CODENAME in /etc/os-release"
     for f in /etc/apt/sources.list.d/*.sources; do

@@ -102,7 +102,7 @@ want_stamp=$( (
 if [[ ! -f $stamp ]] || [[ $(cat "$stamp") != "$want_stamp" ]] ||
     [[ ! -x $VENV/bin/dunix ]] || [[ ! -x $VENV/bin/pytest ]]; then
     say "installing dunix[dev] into the venv (log: $LOGS/pip.log)"
-    run_logged pip "$VENV/bin/python" -m pip install -e "$REPO[dev]"
+    run_logged pip "$VENV/bin/python" -m pip install -e "${REPO}[dev]"
     printf '%s\n' "$want_stamp" >"$stamp"
 else
     say "venv: up to date"
@@ -137,7 +137,7 @@ say "native: built"
 # --- 6. final check -----------------------------------------------------------------------
 if ! check_out=$("$VENV/bin/criu" check 2>&1); then
     printf '%s\n' "$check_out" >&2
-    die "'criu check' failed: this kernel cannot run CRIU as dunix needs it"
+    die "'criu check' failed (output above): CRIU cannot checkpoint here; a missing kernel feature or an unusual mount setup (e.g. a chroot) are the usual causes"
 fi
 say "criu check: $check_out"
 say "setup done in $((SECONDS - start)) s"

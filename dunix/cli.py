@@ -7,6 +7,7 @@ node/process, 69 no agent reachable, 77 not allowed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -27,6 +28,9 @@ EPILOG_CLUSTER = """examples:
   $ sudo dunix cluster up -n 4 --cpu-quota 0.5
   $ dunix cluster status --json
   $ sudo dunix cluster down
+"""
+EPILOG_KEYGEN = """examples:
+  $ dunix keygen --dir /etc/dunix/tls --node n1 --node n2 --client admin
 """
 EPILOG_AGENT = """examples:
   $ dunix agent --listen 192.0.2.7:7946 --join 192.0.2.1:7946
@@ -104,10 +108,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 print(json.dumps({"event": ev.kind, "time": ev.time, **_node_json(ev.node)}))
                 sys.stdout.flush()
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         trio.run(main)
-    except KeyboardInterrupt:
-        pass
     return 0
 
 
@@ -163,7 +165,7 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
 
     hosts = cluster.status()
     if args.json:
-        print(json.dumps([cluster.host_json(h) for h in hosts], indent=2))
+        print(json.dumps([asdict(h) for h in hosts], indent=2, default=str))
     elif not hosts:
         print("no local cluster")
     else:
@@ -223,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "keygen",
         help="make a cluster CA and node/client certificates",
-        epilog="examples:\n  $ dunix keygen --dir /etc/dunix/tls --node n1 --node n2 --client admin\n",
+        epilog=EPILOG_KEYGEN,
         formatter_class=fmt,
     )
     p.add_argument("--dir", type=Path, required=True)

@@ -15,6 +15,7 @@ to go out, and exit.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -98,9 +99,7 @@ class Agent:
         )
 
     def nodes(self) -> list[NodeInfo]:
-        return sorted(
-            (self.node_info(m) for m in self.membership.members()), key=lambda n: n.name
-        )
+        return sorted((self.node_info(m) for m in self.membership.members()), key=lambda n: n.name)
 
     def subscribe(
         self,
@@ -203,7 +202,9 @@ class Agent:
                 connect_timeout=cfg.connect_timeout,
             )
             await nursery.start(serve_tls, cfg.listen, self.identity, self._on_tls)
-            await nursery.start(serve_unix, str(cfg.control), self.control.serve)
+            await nursery.start(
+                functools.partial(serve_unix, str(cfg.control), self.control.serve, name=cfg.name)
+            )
             nursery.start_soon(self._sample_loop)
             nursery.start_soon(self._protocol_loop)
             nursery.start_soon(self._signals, nursery.cancel_scope)

@@ -79,9 +79,7 @@ class PeerLinks:
         self._nursery.start_soon(self._run, address, link, receive)
         return link
 
-    async def _run(
-        self, address: str, link: _Link, queue: trio.MemoryReceiveChannel[Any]
-    ) -> None:
+    async def _run(self, address: str, link: _Link, queue: trio.MemoryReceiveChannel[Any]) -> None:
         with link.cancel:
             channel: Channel | None = None
             try:

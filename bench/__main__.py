@@ -1,0 +1,29 @@
+"""Run every benchmark: ``python -m bench [--quick]``. Tables on stdout, JSON in bench/results/."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions, a 60 s soak")
+    args = ap.parse_args()
+    from bench import gossip_sim
+
+    print("== membership, 10 / 100 / 1,000 simulated members (sans-IO core, 1% loss)")
+    gossip_sim.main([] if not args.quick else ["--quick"])
+    if os.geteuid() != 0:
+        print("(the real-cluster benchmark needs root: skipped)", file=sys.stderr)
+        return 0
+    from bench import cluster_bench
+
+    print("\n== membership on a real simulated cluster of 8 hosts")
+    cluster_bench.main(["--kills", "5", "--soak", "60"] if args.quick else [])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

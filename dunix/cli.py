@@ -147,9 +147,28 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_cluster_up(args: argparse.Namespace) -> int:
     from dunix import cluster
 
+    from dunix.client import Client
+
     hosts = cluster.up(args.n, args.cpu_quota)
     for h in hosts:
         print(f"{h.name}  {h.address}  netns {h.netns}  agent pid {h.agent_pid}")
+
+    async def ready() -> None:
+        deadline = trio.current_time() + args.wait
+        while True:  # the agent may not have made its socket yet
+            try:
+                client = await Client.connect(hosts[0].control_socket)
+                break
+            except DunixError:
+                if trio.current_time() > deadline:
+                    raise
+                await trio.sleep(0.1)
+        async with client:
+            await client.wait_alive(len(hosts), max(0.0, deadline - trio.current_time()))
+
+    if args.wait > 0:
+        trio.run(ready)
+        print(f"all {len(hosts)} hosts alive")
     return 0
 
 
@@ -239,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = csub.add_parser("up", help="bring up N simulated hosts, each running an agent")
     c.add_argument("-n", type=int, default=3, help="number of hosts (default 3)")
     c.add_argument("--cpu-quota", type=float, help="CPUs per host, e.g. 0.5")
+    c.add_argument(
+        "--wait", type=float, default=30, help="seconds to wait until all are alive (0: no wait)"
+    )
     c.set_defaults(func=cmd_cluster_up)
     c = csub.add_parser("down", help="remove every host, link, cgroup and mount")
     c.set_defaults(func=cmd_cluster_down)

@@ -17,6 +17,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import trio
+
 from dunix.agent.config import DEFAULT_CONTROL
 from dunix.errors import PeerUnreachable, ProtocolError
 from dunix.wire import Channel, ErrorReply, TLSIdentity, open_channel, open_unix_channel
@@ -106,6 +108,20 @@ class Client:
     async def agent_info(self) -> AgentInfo:
         info: AgentInfo = await self._request(AgentInfoRequest(), AgentInfo)
         return info
+
+    async def wait_alive(self, count: int, timeout: float, poll: float = 0.2) -> list[NodeInfo]:
+        """Wait until this agent sees ``count`` members alive; PeerUnreachable on timeout."""
+        nodes: list[NodeInfo] = []
+        with trio.move_on_after(timeout):
+            while True:
+                nodes = await self.nodes()
+                if sum(n.state == "alive" for n in nodes) >= count:
+                    return nodes
+                await trio.sleep(poll)
+        alive = sorted(n.name for n in nodes if n.state == "alive")
+        raise PeerUnreachable(
+            f"only {len(alive)} of {count} members alive after {timeout:g} s: {', '.join(alive)}"
+        )
 
     async def watch(self) -> AsyncIterator[NodeEvent]:
         """Membership events as they happen, until the caller stops iterating."""

@@ -6,6 +6,7 @@ messages and the time and performs the actions it returns.
 
 from dunix.loadbalance._messages import (
     Ack,
+    Gossip,
     LoadUpdate,
     Nack,
     NodeLoad,
@@ -30,6 +31,7 @@ __all__ = [
     "NODE_ID_MAX",
     "Ack",
     "Action",
+    "Gossip",
     "LoadUpdate",
     "Member",
     "MemberEvent",

@@ -113,6 +113,16 @@ class Nack:
 
 @message
 @dataclass(frozen=True, slots=True)
+class Gossip:
+    """News pushed to a few members between probes (no answer); ``loads[0]`` is the
+    sender's own load."""
+
+    updates: tuple[Update, ...] = ()
+    loads: tuple[LoadUpdate, ...] = ()
+
+
+@message
+@dataclass(frozen=True, slots=True)
 class PushPull:
     """Full-state anti-entropy: a request (``reply`` false) is answered with the
     receiver's full state. Used to join and, periodically, to heal partitions."""
@@ -123,4 +133,4 @@ class PushPull:
     loads: tuple[LoadUpdate, ...] = ()
 
 
-GossipMessage = Ping | Ack | PingReq | Nack | PushPull
+GossipMessage = Ping | Ack | PingReq | Nack | Gossip | PushPull

@@ -16,8 +16,9 @@ class MembershipConfig:
     """Every timing and limit of membership gossip (seconds, counts).
 
     Defaults aim at a LAN of up to ~1,000 hosts with RTTs well under a millisecond:
-    twice memberlist's probe rate (0.5 s against 1 s) and a shorter suspicion (mult 3
-    against 4), which marks a killed host dead everywhere in about 2.5 s on 8 hosts.
+    twice memberlist's probe rate (0.5 s against 1 s) and a shorter suspicion (mult 2
+    against 4, max mult 3 against 6), which marks a killed host dead everywhere in about
+    2.5 s (p50) on 8 hosts, about 4 s at p99.
     See ``bench/gossip_sim.py`` for the measured figures.
     """
 
@@ -35,6 +36,14 @@ class MembershipConfig:
     suspicion_max_mult: float = 3.0
     #: membership updates ride on mult x ceil(log10(N+1)) messages per node
     retransmit_mult: int = 4
+    #: ... but at least this many (N-1 when smaller): cheap, and small clusters need it
+    min_retransmits: int = 8
+    #: while updates are queued, push them this often ...
+    gossip_interval: float = 0.2
+    #: ... to this many random members
+    gossip_nodes: int = 3
+    #: members dead for less than this still get gossip (to refute a false death)
+    gossip_to_dead_time: float = 30.0
     #: membership updates piggybacked per message at most
     max_piggyback: int = 8
     #: each load version rides on this many messages per node (flat in N on purpose)
@@ -51,6 +60,8 @@ class MembershipConfig:
     pushpull_interval: float = 10.0
     #: above this many members the push-pull interval grows linearly, keeping bytes flat
     pushpull_scale_members: int = 32
+    #: a second push-pull this long after joining (members that joined alongside)
+    join_sync_delay: float = 2.0
     #: join retries until a seed answers
     join_retry_interval: float = 1.0
     #: members told directly of a graceful leave
@@ -75,8 +86,8 @@ class MembershipConfig:
             raise ConfigError("membership.suspicion_mult > 0 and suspicion_max_mult >= 1")
         if self.pushpull_interval <= 0 or self.join_retry_interval <= 0:
             raise ConfigError("membership push-pull and join intervals must be > 0")
-        if self.load_gossip_interval <= 0:
-            raise ConfigError("membership.load_gossip_interval must be > 0")
+        if self.load_gossip_interval <= 0 or self.gossip_interval <= 0:
+            raise ConfigError("membership gossip intervals must be > 0")
 
 
 class MemberState(enum.StrEnum):

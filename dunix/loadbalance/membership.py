@@ -16,10 +16,14 @@ Protocol (Das et al., "SWIM", DSN 2002; Dadgar et al., "Lifeguard", arXiv:1707.0
   that hears it is suspected refutes by raising its incarnation.
 * Local health (Lifeguard): a node that misses acks *and* nacks doubts itself and stretches
   its own probe interval and timeout, instead of accusing healthy peers.
-* State changes ride piggybacked on pings and acks, each on mult x ceil(log10(N+1))
-  messages per node, fewest-sent first. Precedence: alive at a higher incarnation beats
-  everything older; suspect beats alive at the same incarnation; dead and left beat
-  everything at or below their incarnation.
+* State changes ride piggybacked on pings and acks, and while there are any (load news
+  included), every ``gossip_interval`` a ``Gossip`` message carries them to
+  ``gossip_nodes`` members round-robin (suspects and the recently dead included, so they
+  can refute); each update goes out on
+  mult x ceil(log10(N+1)) messages per node (at least ``min_retransmits``, or N-1 in a
+  smaller cluster, so a small cluster tells everyone), fewest-sent first. Precedence: alive at a
+  higher incarnation beats everything older; suspect beats alive at the same
+  incarnation; dead and left beat everything at or below their incarnation.
 * Every ``pushpull_interval`` (stretched linearly above ``pushpull_scale_members`` members,
   so bytes per member stay flat) a node swaps full state with one random member, dead
   ones included: this is what heals a partition. Dead claims received that way count only
@@ -57,6 +61,7 @@ from dunix.loadbalance._messages import (
     STATE_LEFT,
     STATE_SUSPECT,
     Ack,
+    Gossip,
     LoadUpdate,
     Nack,
     NodeLoad,
@@ -215,6 +220,8 @@ class Membership:
         self._load_next_pub = 0.0
         self._awareness = 0
         self._next_pushpull: float | None = None
+        self._next_gossip = 0.0
+        self._gossip_idx = 0
         self._seeds: tuple[str, ...] = ()
         self._joined = True
         self._next_join = _INF
@@ -321,6 +328,8 @@ class Membership:
         if self._next_probe is None or self._next_pushpull is None:
             return -_INF
         t = min(self._next_probe, self._next_pushpull, self._next_join)
+        if len(self._queue) or len(self._load_queue):
+            t = min(t, self._next_gossip)
         probe = self._probe
         if probe is not None:
             t = min(t, probe.deadline if probe.indirect else probe.direct_deadline)
@@ -347,6 +356,8 @@ class Membership:
             self._next_pushpull = now + self._pushpull_period() * self._rng.uniform(0.5, 1.0)
         if self._relays:
             self._tick_relays(now, out)
+        if (len(self._queue) or len(self._load_queue)) and now >= self._next_gossip:
+            self._gossip(now, out)
         probe = self._probe
         if probe is not None:
             if not probe.indirect and now >= probe.direct_deadline:
@@ -391,6 +402,8 @@ class Membership:
             self._gossip_in(msg.updates, msg.loads, now, out)
             if not self._leaving:
                 self._relay(src_address, msg, now, out)
+        elif isinstance(msg, Gossip):
+            self._gossip_in(msg.updates, msg.loads, now, out)
         elif isinstance(msg, Nack):
             if self._probe is not None and self._probe.seq == msg.seq:
                 self._probe.nacks += 1
@@ -453,6 +466,10 @@ class Membership:
         elif not self._joined:
             self._joined = True
             self._next_join = _INF
+            # one early second exchange catches members that joined alongside us, whose
+            # alive gossip our seed may have spent before it knew us
+            delay = self.config.join_sync_delay * self._rng.uniform(0.5, 1.5)
+            self._next_pushpull = now + delay
             self._check_node_id(now, out)
 
     # -- state changes ------------------------------------------------------------------
@@ -474,6 +491,9 @@ class Membership:
     def _about_self(self, u: Update, now: float) -> None:
         me = self._self
         if u.incarnation < me.incarnation:
+            if u.state in (STATE_SUSPECT, STATE_DEAD) and not self._leaving:
+                # the sender missed our refutation: send it again (it rides on our answer)
+                self._queue.put(me.name, me.update())
             return
         same = u.state != STATE_ALIVE or (u.address, u.node_id) == (me.address, me.node_id)
         if u.incarnation == me.incarnation and u.state == me.state and same:
@@ -611,6 +631,9 @@ class Membership:
         self._probe = _Probe(seq, now + cfg.probe_timeout * scale, self._next_probe)
         self._probe_target = target
         updates, loads = self._piggyback()
+        if target.state == STATE_SUSPECT:
+            # tell the suspect directly so that it can refute (memberlist does the same)
+            updates = (target.update(STATE_SUSPECT, self.name), *updates)
         out.append(Send(target.address, Ping(seq, target.name, updates, loads)))
 
     def _send_indirect(self, probe: _Probe, out: list[Action]) -> None:
@@ -662,21 +685,19 @@ class Membership:
         plist = self._probe_list
         if k <= 0 or not plist:
             return []
+        members = self._members
         if len(plist) <= 8 * k + 16:
             pool = [
                 r
                 for n in dict.fromkeys(plist)
-                if (r := self._members.get(n)) is not None
-                and r.state == STATE_ALIVE
-                and n not in exclude
+                if (r := members.get(n)) and r.state == STATE_ALIVE and n not in exclude
             ]
             return self._rng.sample(pool, min(k, len(pool)))
         picked: dict[str, _Rec] = {}
         for _ in range(4 * k + 8):
-            n = plist[self._rng.randrange(len(plist))]
-            r = self._members.get(n)
-            if r is not None and r.state == STATE_ALIVE and n not in exclude:
-                picked[n] = r
+            r = members.get(plist[self._rng.randrange(len(plist))])
+            if r is not None and r.state == STATE_ALIVE and r.name not in exclude:
+                picked[r.name] = r
                 if len(picked) >= k:
                     break
         return list(picked.values())
@@ -693,13 +714,43 @@ class Membership:
     # -- gossip out ---------------------------------------------------------------------
 
     def _retransmit_limit(self) -> int:
-        return self.config.retransmit_mult * max(1, math.ceil(math.log10(self._n_live + 1)))
+        cfg = self.config
+        scaled = cfg.retransmit_mult * max(1, math.ceil(math.log10(self._n_live + 1)))
+        return max(scaled, min(cfg.min_retransmits, self._n_live - 1))
 
     def _piggyback(self) -> tuple[tuple[Update, ...], tuple[LoadUpdate, ...]]:
         cfg = self.config
         updates = tuple(self._queue.take(cfg.max_piggyback, self._retransmit_limit()))
         others = self._load_queue.take(cfg.max_load_piggyback, cfg.load_retransmits)
         return updates, (self._own_load, *others)
+
+    def _gossip(self, now: float, out: list[Action]) -> None:
+        """Push queued updates to a few members now, not only on the next probes.
+
+        Targets are taken round-robin from the shuffled probe list, so successive rounds
+        reach different members; suspects and the recently dead are included.
+        """
+        cfg = self.config
+        self._next_gossip = now + cfg.gossip_interval
+        dead_since = now - cfg.gossip_to_dead_time
+        limit = self._retransmit_limit()
+        plist = self._probe_list
+        sent: set[str] = set()
+        for _ in range(len(plist)):
+            if len(sent) >= cfg.gossip_nodes or not (len(self._queue) or len(self._load_queue)):
+                break
+            self._gossip_idx = (self._gossip_idx + 1) % len(plist)
+            rec = self._members.get(plist[self._gossip_idx])
+            if rec is None or rec.name in sent or rec is self._self:
+                continue
+            if rec.state not in _LIVE and not (
+                rec.state == STATE_DEAD and rec.state_since >= dead_since
+            ):
+                continue
+            sent.add(rec.name)
+            updates = tuple(self._queue.take(cfg.max_piggyback, limit))
+            loads = self._load_queue.take(cfg.max_load_piggyback, cfg.load_retransmits)
+            out.append(Send(rec.address, Gossip(updates, (self._own_load, *loads))))
 
     def _full_state(self, reply: bool) -> PushPull:
         members = tuple(r.update() for r in self._members.values())

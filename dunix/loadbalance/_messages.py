@@ -114,11 +114,9 @@ class Nack:
 @message
 @dataclass(frozen=True, slots=True)
 class Gossip:
-    """News pushed to a few members between probes (no answer); ``loads[0]`` is the
-    sender's own load."""
+    """Membership news pushed to a few members between probes (no answer)."""
 
-    updates: tuple[Update, ...] = ()
-    loads: tuple[LoadUpdate, ...] = ()
+    updates: tuple[Update, ...]
 
 
 @message

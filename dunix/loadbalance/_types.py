@@ -49,7 +49,7 @@ class MembershipConfig:
     #: each load version rides on this many messages per node (flat in N on purpose)
     load_retransmits: int = 3
     #: others' load records piggybacked per message at most (own load always rides)
-    max_load_piggyback: int = 4
+    max_load_piggyback: int = 3
     #: a node gossips its own load at most this often
     load_gossip_interval: float = 1.0
     #: change in normalised load that counts as news (procs/cpu/quota changes always do)
@@ -104,8 +104,8 @@ STATE_NAMES = (MemberState.ALIVE, MemberState.SUSPECT, MemberState.DEAD, MemberS
 class Member:
     """A snapshot of what this node believes about one member (itself included).
 
-    ``load_at`` is the local time the load was last refreshed, so a placement policy can
-    discount old figures.
+    ``load_at`` is the local time this node last heard the member's current load figure
+    (new or confirmed), so a placement policy can discount old figures.
     """
 
     name: str

@@ -16,8 +16,8 @@ Protocol (Das et al., "SWIM", DSN 2002; Dadgar et al., "Lifeguard", arXiv:1707.0
   that hears it is suspected refutes by raising its incarnation.
 * Local health (Lifeguard): a node that misses acks *and* nacks doubts itself and stretches
   its own probe interval and timeout, instead of accusing healthy peers.
-* State changes ride piggybacked on pings and acks, and while there are any (load news
-  included), every ``gossip_interval`` a ``Gossip`` message carries them to
+* State changes ride piggybacked on pings and acks, and while there are any, every
+  ``gossip_interval`` a ``Gossip`` message carries them to
   ``gossip_nodes`` members round-robin (suspects and the recently dead included, so they
   can refute); each update goes out on
   mult x ceil(log10(N+1)) messages per node (at least ``min_retransmits``, or N-1 in a
@@ -31,9 +31,12 @@ Protocol (Das et al., "SWIM", DSN 2002; Dadgar et al., "Lifeguard", arXiv:1707.0
 
 Load: each node's ``NodeLoad`` has a version. The newest published version rides first in
 the ``loads`` of every ping and ack the node sends, so the members it talks to learn it
-directly, and a new version (published at most every ``load_gossip_interval``, and only
-when it changed noticeably) is gossiped ``load_retransmits`` times per node, a fixed
-count: a load figure is cheap to lose, and a fixed count keeps bytes per member flat.
+directly. A new version (published at most every ``load_gossip_interval``, and only when
+it changed noticeably) is passed on ``load_retransmits`` times by each node that hears
+it, but only on pings and acks and at most ``max_load_piggyback`` per message: with a
+fixed probe rate that caps load bytes per member whatever N is. Small clusters see every
+load within a few seconds; in big ones a node's view of far members' loads ages instead
+(``Member.load_at`` says how old it is). A joiner gets every load in its join reply.
 
 Node ids: ``derive_node_id(name, salt)`` hashes the name into 1..1023. A joiner whose
 join reply shows another live member with the same id takes the next salt that gives a
@@ -328,7 +331,7 @@ class Membership:
         if self._next_probe is None or self._next_pushpull is None:
             return -_INF
         t = min(self._next_probe, self._next_pushpull, self._next_join)
-        if len(self._queue) or len(self._load_queue):
+        if len(self._queue):
             t = min(t, self._next_gossip)
         probe = self._probe
         if probe is not None:
@@ -356,7 +359,7 @@ class Membership:
             self._next_pushpull = now + self._pushpull_period() * self._rng.uniform(0.5, 1.0)
         if self._relays:
             self._tick_relays(now, out)
-        if (len(self._queue) or len(self._load_queue)) and now >= self._next_gossip:
+        if len(self._queue) and now >= self._next_gossip:
             self._gossip(now, out)
         probe = self._probe
         if probe is not None:
@@ -375,7 +378,7 @@ class Membership:
             self._next_pushpull = now + self._pushpull_period() * self._rng.uniform(0.75, 1.25)
             peer = self._random_peer()
             if peer is not None:
-                out.append(Send(peer.address, self._full_state(reply=False)))
+                out.append(Send(peer.address, self._full_state(reply=False, loads=False)))
         if not self._joined and now >= self._next_join:
             self._next_join = now + cfg.join_retry_interval
             out.extend(self._join_sends())
@@ -403,7 +406,7 @@ class Membership:
             if not self._leaving:
                 self._relay(src_address, msg, now, out)
         elif isinstance(msg, Gossip):
-            self._gossip_in(msg.updates, msg.loads, now, out)
+            self._gossip_in(msg.updates, (), now, out)
         elif isinstance(msg, Nack):
             if self._probe is not None and self._probe.seq == msg.seq:
                 self._probe.nacks += 1
@@ -462,7 +465,9 @@ class Membership:
         for lu in pp.loads:
             self._apply_load(lu, now, regossip=False)
         if not pp.reply:
-            out.append(Send(src, self._full_state(reply=True)))
+            # loads only for a joiner (its request carries its load): periodic exchanges
+            # would otherwise double their size for figures gossip keeps fresh anyway
+            out.append(Send(src, self._full_state(reply=True, loads=bool(pp.loads))))
         elif not self._joined:
             self._joined = True
             self._next_join = _INF
@@ -599,7 +604,10 @@ class Membership:
 
     def _apply_load(self, lu: LoadUpdate, now: float, regossip: bool) -> None:
         rec = self._members.get(lu.name)
-        if rec is None or rec is self._self or lu.version <= rec.lver:
+        if rec is None or rec is self._self or lu.version < rec.lver:
+            return
+        if lu.version == rec.lver:
+            rec.load_at = now  # still current: the figure is confirmed fresh
             return
         rec.load = lu.load
         rec.lver = lu.version
@@ -737,7 +745,7 @@ class Membership:
         plist = self._probe_list
         sent: set[str] = set()
         for _ in range(len(plist)):
-            if len(sent) >= cfg.gossip_nodes or not (len(self._queue) or len(self._load_queue)):
+            if len(sent) >= cfg.gossip_nodes or not len(self._queue):
                 break
             self._gossip_idx = (self._gossip_idx + 1) % len(plist)
             rec = self._members.get(plist[self._gossip_idx])
@@ -749,17 +757,18 @@ class Membership:
                 continue
             sent.add(rec.name)
             updates = tuple(self._queue.take(cfg.max_piggyback, limit))
-            loads = self._load_queue.take(cfg.max_load_piggyback, cfg.load_retransmits)
-            out.append(Send(rec.address, Gossip(updates, (self._own_load, *loads))))
+            out.append(Send(rec.address, Gossip(updates)))
 
-    def _full_state(self, reply: bool) -> PushPull:
+    def _full_state(self, reply: bool, loads: bool) -> PushPull:
         members = tuple(r.update() for r in self._members.values())
-        loads = tuple(
+        if not loads:
+            return PushPull(self.name, reply, members)
+        all_loads = tuple(
             LoadUpdate(r.name, r.lver, r.load)
             for r in self._members.values()
             if r.lver >= 0 and r.state in _LIVE
         )
-        return PushPull(self.name, reply, members, loads)
+        return PushPull(self.name, reply, members, all_loads)
 
     def _pushpull_period(self) -> float:
         cfg = self.config
@@ -767,7 +776,7 @@ class Membership:
         return cfg.pushpull_interval * scale
 
     def _join_sends(self) -> list[Action]:
-        state = self._full_state(reply=False)
+        state = self._full_state(reply=False, loads=True)
         return [Send(seed, state) for seed in self._seeds]
 
     def _next_seq(self) -> int:

@@ -5,6 +5,7 @@ messages and the time and performs the actions it returns.
 """
 
 from dunix.loadbalance._messages import (
+    MESSAGE_TYPES,
     Ack,
     Gossip,
     LoadUpdate,
@@ -28,6 +29,7 @@ from dunix.loadbalance.membership import NODE_ID_MAX, Membership, derive_node_id
 
 __all__ = [
     "EVENT_KINDS",
+    "MESSAGE_TYPES",
     "NODE_ID_MAX",
     "Ack",
     "Action",

@@ -132,3 +132,6 @@ class PushPull:
 
 
 GossipMessage = Ping | Ack | PingReq | Nack | Gossip | PushPull
+
+#: the message types ``Membership.receive`` takes, for routing in a transport
+MESSAGE_TYPES: tuple[type, ...] = (Ping, Ack, PingReq, Nack, Gossip, PushPull)

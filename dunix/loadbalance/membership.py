@@ -73,6 +73,7 @@ from dunix.loadbalance._messages import (
     PushPull,
     Update,
 )
+from dunix.loadbalance._records import Probe, Rec, Relay, significant_change
 from dunix.loadbalance._suspicion import Suspicion, suspicion_timeouts
 from dunix.loadbalance._types import (
     STATE_NAMES,
@@ -99,89 +100,6 @@ def derive_node_id(name: str, salt: int = 0) -> int:
     return int.from_bytes(digest, "big") % NODE_ID_MAX + 1
 
 
-class _Rec:
-    """Mutable per-member state; ``Member`` is the frozen snapshot handed out."""
-
-    __slots__ = (
-        "address",
-        "incarnation",
-        "load",
-        "load_at",
-        "lver",
-        "name",
-        "node_id",
-        "state",
-        "state_since",
-    )
-
-    def __init__(self, name: str, address: str, node_id: int, incarnation: int) -> None:
-        self.name = name
-        self.address = address
-        self.node_id = node_id
-        self.incarnation = incarnation
-        self.state = STATE_ALIVE
-        self.state_since = 0.0
-        self.load = NodeLoad()
-        self.lver = -1
-        self.load_at = 0.0
-
-    def snapshot(self) -> Member:
-        return Member(
-            self.name,
-            self.address,
-            self.node_id,
-            self.incarnation,
-            STATE_NAMES[self.state],
-            self.load,
-            self.state_since,
-            self.load_at,
-        )
-
-    def update(self, state: int | None = None, by: str = "") -> Update:
-        st = self.state if state is None else state
-        if st == STATE_ALIVE:
-            return Update(self.name, self.address, self.node_id, self.incarnation, st)
-        return Update(self.name, "", 0, self.incarnation, st, by)
-
-
-class _Probe:
-    __slots__ = ("deadline", "direct_deadline", "expected_nacks", "indirect", "nacks", "seq")
-
-    def __init__(self, seq: int, direct_deadline: float, deadline: float) -> None:
-        self.seq = seq
-        self.direct_deadline = direct_deadline
-        self.deadline = deadline
-        self.indirect = False
-        self.expected_nacks = 0
-        self.nacks = 0
-
-
-class _Relay:
-    __slots__ = ("expires", "nack_at", "orig_seq", "requester")
-
-    def __init__(self, requester: str, orig_seq: int, nack_at: float, expires: float) -> None:
-        self.requester = requester
-        self.orig_seq = orig_seq
-        self.nack_at = nack_at
-        self.expires = expires
-
-
-def _significant(old: NodeLoad, new: NodeLoad, cfg: MembershipConfig) -> bool:
-    if (old.cpus, old.procs, old.cpu_level, old.cpu_flags) != (
-        new.cpus,
-        new.procs,
-        new.cpu_level,
-        new.cpu_flags,
-    ):
-        return True
-    if abs(old.load1 - new.load1) >= cfg.load_change_threshold:
-        return True
-    if abs(old.load_now - new.load_now) >= cfg.load_change_threshold:
-        return True
-    base = max(old.mem_free, 1)
-    return abs(new.mem_free - old.mem_free) / base >= cfg.mem_change_ratio
-
-
 class Membership:
     """One node's view of the cluster; see the module docstring for the protocol.
 
@@ -202,18 +120,18 @@ class Membership:
     ) -> None:
         self.config = config
         self._rng = rng
-        self._self = _Rec(name, address, node_id, incarnation)
+        self._self = Rec(name, address, node_id, incarnation)
         self._self.load = load if load is not None else NodeLoad()
         self._self.lver = 0
-        self._members: dict[str, _Rec] = {name: self._self}
+        self._members: dict[str, Rec] = {name: self._self}
         self._n_live = 1
         self._probe_list: list[str] = []
         self._probe_idx = 0
-        self._probe: _Probe | None = None
-        self._probe_target: _Rec | None = None
+        self._probe: Probe | None = None
+        self._probe_target: Rec | None = None
         self._next_probe: float | None = None
         self._seq = 0
-        self._relays: dict[int, _Relay] = {}
+        self._relays: dict[int, Relay] = {}
         self._suspicions: dict[str, Suspicion] = {}
         self._gone: dict[str, float] = {}
         self._queue: TransmitQueue[Update] = TransmitQueue()
@@ -276,7 +194,7 @@ class Membership:
 
     def set_local_load(self, load: NodeLoad) -> None:
         """Report this node's load; it is published at the next tick if it is news."""
-        if _significant(self._self.load, load, self.config):
+        if significant_change(self._self.load, load, self.config):
             self._load_pending = load
         else:
             self._load_pending = None
@@ -444,7 +362,7 @@ class Membership:
         seq = self._next_seq()
         cfg = self.config
         nack_at = now + cfg.probe_timeout * cfg.nack_ratio
-        self._relays[seq] = _Relay(src, req.seq, nack_at, now + cfg.probe_interval)
+        self._relays[seq] = Relay(src, req.seq, nack_at, now + cfg.probe_interval)
         updates, loads = self._piggyback()
         out.append(Send(req.address, Ping(seq, req.target, updates, loads)))
 
@@ -514,10 +432,10 @@ class Membership:
         self._queue.put(me.name, me.update())
 
     def _on_alive(
-        self, rec: _Rec | None, u: Update, now: float, out: list[Action], gossip_new: bool
+        self, rec: Rec | None, u: Update, now: float, out: list[Action], gossip_new: bool
     ) -> None:
         if rec is None:
-            rec = _Rec(u.name, u.address, u.node_id, u.incarnation)
+            rec = Rec(u.name, u.address, u.node_id, u.incarnation)
             rec.state_since = now
             self._members[u.name] = rec
             self._n_live += 1
@@ -542,7 +460,7 @@ class Membership:
         elif changed:
             out.append(MemberEvent("update", rec.snapshot()))
 
-    def _on_suspect(self, rec: _Rec, u: Update, now: float, out: list[Action]) -> None:
+    def _on_suspect(self, rec: Rec, u: Update, now: float, out: list[Action]) -> None:
         if rec.state in _GONE:
             return
         if rec.state == STATE_SUSPECT and u.incarnation == rec.incarnation:
@@ -561,7 +479,7 @@ class Membership:
         self._queue.put(rec.name, rec.update(STATE_SUSPECT, u.by))
         out.append(MemberEvent("suspect", rec.snapshot()))
 
-    def _on_gone(self, rec: _Rec, u: Update, now: float, out: list[Action]) -> None:
+    def _on_gone(self, rec: Rec, u: Update, now: float, out: list[Action]) -> None:
         if rec.state in _GONE:
             rec.incarnation = max(rec.incarnation, u.incarnation)
             return
@@ -572,7 +490,7 @@ class Membership:
         self._load_queue.discard(rec.name)
         out.append(MemberEvent(STATE_NAMES[u.state].value, rec.snapshot()))
 
-    def _set_state(self, rec: _Rec, state: int, now: float) -> None:
+    def _set_state(self, rec: Rec, state: int, now: float) -> None:
         was_live = rec.state in _LIVE
         rec.state = state
         rec.state_since = now
@@ -636,7 +554,7 @@ class Membership:
         if target is None:
             return
         seq = self._next_seq()
-        self._probe = _Probe(seq, now + cfg.probe_timeout * scale, self._next_probe)
+        self._probe = Probe(seq, now + cfg.probe_timeout * scale, self._next_probe)
         self._probe_target = target
         updates, loads = self._piggyback()
         if target.state == STATE_SUSPECT:
@@ -644,7 +562,7 @@ class Membership:
             updates = (target.update(STATE_SUSPECT, self.name), *updates)
         out.append(Send(target.address, Ping(seq, target.name, updates, loads)))
 
-    def _send_indirect(self, probe: _Probe, out: list[Action]) -> None:
+    def _send_indirect(self, probe: Probe, out: list[Action]) -> None:
         probe.indirect = True
         target = self._probe_target
         if target is None:
@@ -656,7 +574,7 @@ class Membership:
             req = PingReq(probe.seq, target.name, target.address, updates, loads)
             out.append(Send(rec.address, req))
 
-    def _probe_failed(self, probe: _Probe, now: float, out: list[Action]) -> None:
+    def _probe_failed(self, probe: Probe, now: float, out: list[Action]) -> None:
         target = self._probe_target
         self._probe = None
         self._probe_target = None
@@ -667,7 +585,7 @@ class Membership:
             return
         self._on_suspect(target, target.update(STATE_SUSPECT, self.name), now, out)
 
-    def _next_target(self) -> _Rec | None:
+    def _next_target(self) -> Rec | None:
         for _ in range(len(self._probe_list) + 2):
             if self._probe_idx >= len(self._probe_list):
                 names = [n for n in dict.fromkeys(self._probe_list) if n in self._members]
@@ -688,7 +606,7 @@ class Membership:
         if pos < self._probe_idx:
             self._probe_idx += 1
 
-    def _random_live(self, k: int, exclude: Sequence[str]) -> list[_Rec]:
+    def _random_live(self, k: int, exclude: Sequence[str]) -> list[Rec]:
         """Up to ``k`` distinct alive members other than this node and ``exclude``."""
         plist = self._probe_list
         if k <= 0 or not plist:
@@ -701,7 +619,7 @@ class Membership:
                 if (r := members.get(n)) and r.state == STATE_ALIVE and n not in exclude
             ]
             return self._rng.sample(pool, min(k, len(pool)))
-        picked: dict[str, _Rec] = {}
+        picked: dict[str, Rec] = {}
         for _ in range(4 * k + 8):
             r = members.get(plist[self._rng.randrange(len(plist))])
             if r is not None and r.state == STATE_ALIVE and r.name not in exclude:
@@ -710,7 +628,7 @@ class Membership:
                     break
         return list(picked.values())
 
-    def _random_peer(self) -> _Rec | None:
+    def _random_peer(self) -> Rec | None:
         """A push-pull partner: any member not known to have left, the dead included."""
         plist = self._probe_list
         for _ in range(16 if plist else 0):

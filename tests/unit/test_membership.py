@@ -100,6 +100,19 @@ def formed(n: int, **kw: object) -> Cluster:
 # -- small parts -----------------------------------------------------------------------
 
 
+def test_public_names_are_pinned() -> None:
+    import dunix.loadbalance
+
+    assert set(dunix.loadbalance.__all__) == {
+        "EVENT_KINDS", "MESSAGE_TYPES", "NODE_ID_MAX", "Ack", "Action", "Gossip",
+        "LoadUpdate", "Member", "MemberEvent", "MemberState", "Membership",
+        "MembershipConfig", "Nack", "NodeLoad", "Ping", "PingReq", "PushPull", "Send",
+        "Update", "derive_node_id",
+    }  # fmt: skip
+    for name in dunix.loadbalance.__all__:
+        assert hasattr(dunix.loadbalance, name)
+
+
 def test_derive_node_id_is_stable_and_in_range() -> None:
     ids = {derive_node_id(f"host{i}") for i in range(2000)}
     assert all(1 <= i <= 1023 for i in ids)

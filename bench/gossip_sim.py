@@ -86,6 +86,7 @@ class SizeResult:
     bytes_by_type: dict[str, float] = field(default_factory=dict)
     msgs_per_member_s: float = 0.0
     false_deaths: int = 0
+    load_age: list[float] = field(default_factory=list)
     wall_seconds: float = 0.0
 
 
@@ -211,6 +212,11 @@ def run_size(n: int, trials: int, seed: int, window: float) -> SizeResult:
     res.bytes_by_type = {k: v / n / window for k, v in sorted(net.bytes_by_type.items())}
     res.msgs_per_member_s = (net.messages_sent - sent0) / n / window
     net.measure = False
+    # how old each observer's figure for every other member's load is (50 observers)
+    for name in sim.rng.sample(sorted(sim.nodes), min(50, n)):
+        res.load_age.extend(
+            net.now - x.load_at for x in sim.nodes[name].members() if x.name != name
+        )
 
     for _ in range(trials):
         # (a) a new member joins through a random one
@@ -251,6 +257,13 @@ def _med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    ordered = sorted(xs)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 def summarise(results: list[SizeResult]) -> dict[str, Any]:
     rows = []
     for r in results:
@@ -265,6 +278,8 @@ def summarise(results: list[SizeResult]) -> dict[str, Any]:
                 "dead_seconds_p50": round(dead_p50, 2),
                 "dead_seconds_max": round(max(r.dead_seconds, default=float("nan")), 2),
                 "first_suspect_seconds_p50": round(_med(r.suspect_seconds), 2),
+                "load_age_seconds_p50": round(_med(r.load_age), 2),
+                "load_age_seconds_p90": round(_pct(r.load_age, 0.9), 2),
                 "bytes_per_member_s": round(r.bytes_per_member_s, 1),
                 "bytes_by_type_per_member_s": {k: round(v, 1) for k, v in r.bytes_by_type.items()},
                 "msgs_per_member_s": round(r.msgs_per_member_s, 2),
@@ -302,22 +317,25 @@ def print_table(summary: dict[str, Any]) -> None:
     head = (
         f"{'N':>6} {'join rounds':>12} {'dead rounds':>12} {'dead s p50':>10} "
         f"{'dead s max':>10} {'B/member/s':>11} {'msg/member/s':>12} "
-        f"{'memberlist s':>12} {'ratio':>6} {'false dead':>10} {'wall s':>7}"
+        f"{'memberlist s':>12} {'ratio':>6} {'false dead':>10} {'load age':>9} "
+        f"{'wall s':>7}"
     )
     print(head)
     print("-" * len(head))
     for r in summary["rows"]:
-        join = f"{r['join_rounds_p50']:.1f} ({r['join_rounds_max']:.1f})"
+        join = f"{r['join_rounds_p50']:.2f} ({r['join_rounds_max']:.2f})"
+        age = f"{r['load_age_seconds_p50']:.1f}/{r['load_age_seconds_p90']:.0f}"
         print(
             f"{r['n']:>6} {join:>12} {r['dead_rounds_p50']:>12.1f} "
             f"{r['dead_seconds_p50']:>10.2f} {r['dead_seconds_max']:>10.2f} "
             f"{r['bytes_per_member_s']:>11.0f} {r['msgs_per_member_s']:>12.1f} "
             f"{r['memberlist_dead_seconds_ref']:>12.1f} "
             f"{r['dead_time_ratio_vs_memberlist']:>6.2f} {r['false_deaths']:>10} "
-            f"{r['wall_seconds']:>7.1f}"
+            f"{age:>9} {r['wall_seconds']:>7.1f}"
         )
     print("join rounds: p50 (max); rounds are probe intervals of", end=" ")
-    print(f"{summary['config']['probe_interval']} s; loss {summary['loss']:.0%}")
+    print(f"{summary['config']['probe_interval']} s; loss {summary['loss']:.0%};", end=" ")
+    print("load age: p50/p90 seconds since an observer last heard a member's current load")
     for r in summary["rows"]:
         parts = ", ".join(f"{k} {v:.0f}" for k, v in r["bytes_by_type_per_member_s"].items())
         print(f"  N={r['n']}: bytes/member/s by message: {parts}")

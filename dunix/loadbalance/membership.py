@@ -41,8 +41,11 @@ load within a few seconds; in big ones a node's view of far members' loads ages 
 Node ids: ``derive_node_id(name, salt)`` hashes the name into 1..1023. A joiner whose
 join reply shows another live member with the same id takes the next salt that gives a
 free id, bumps its incarnation, re-announces itself and emits ``MemberEvent("id_changed")``
-so the agent can move to the new id before allocating any gpid. Existing members never
-change their id.
+so the agent can move to the new id before allocating any gpid. Only the first join reply
+a node ever gets is checked (a node that started alone checks when it first joins a
+cluster): afterwards its id is settled and a later re-join through other seeds keeps it.
+Two clusters formed apart and merged later can therefore hold a collision; the agent
+should refuse to merge in that case.
 
 Restarts: a restarted node (same name, new process) should start from an incarnation
 above any it used before (the agent passes a wall-clock-derived ``incarnation``); if it
@@ -148,6 +151,7 @@ class Membership:
         self._next_join = _INF
         self._leaving = False
         self._salt = 0
+        self._id_settled = False  # node id checked against a cluster's (first join reply)
 
     # -- public state -------------------------------------------------------------------
 
@@ -274,7 +278,8 @@ class Membership:
         if self._next_probe is None:
             self._next_probe = now + self._rng.uniform(0.0, cfg.probe_interval)
         if self._next_pushpull is None:
-            self._next_pushpull = now + self._pushpull_period() * self._rng.uniform(0.5, 1.0)
+            # a uniform phase: members of a cluster started together do not exchange at once
+            self._next_pushpull = now + self._pushpull_period() * self._rng.random()
         if self._relays:
             self._tick_relays(now, out)
         if len(self._queue) and now >= self._next_gossip:
@@ -393,7 +398,9 @@ class Membership:
             # alive gossip our seed may have spent before it knew us
             delay = self.config.join_sync_delay * self._rng.uniform(0.5, 1.5)
             self._next_pushpull = now + delay
-            self._check_node_id(now, out)
+            if not self._id_settled:
+                self._id_settled = True
+                self._check_node_id(now, out)
 
     # -- state changes ------------------------------------------------------------------
 

@@ -375,3 +375,22 @@ def test_small_load_changes_are_not_news() -> None:
     m.set_local_load(NodeLoad(load1=1.5))
     m.tick(6.0)
     assert m.member("a").load.load1 == 1.5
+
+
+def test_node_id_is_checked_once_then_settled() -> None:
+    c = formed(3, seed=1, node_ids=lambda i: 10 + i)
+    # started alone with a colliding id, then told to join: takes a new id
+    late = Membership("late", "h9:7946", 10, CFG, random.Random(9))
+    c.nodes["late"] = late
+    c.net.add("h9:7946", late, late.join([], c.net.now))
+    c.net.run_for(1.0)
+    assert late.node_id == 10
+    c.net.perform("h9:7946", late.join([c.addr(1)], c.net.now))
+    assert c.net.run_until_true(lambda: late.joined and c.converged(), timeout=10)
+    assert late.node_id != 10
+    settled = late.node_id
+    # a later re-join (discovery found another seed) never moves a settled id
+    c.net.perform("h9:7946", late.join([c.addr(2)], c.net.now))
+    c.net.run_for(5.0)
+    assert late.node_id == settled
+    assert c.nodes["n0"].node_id == 10

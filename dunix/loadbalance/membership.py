@@ -141,10 +141,10 @@ class Membership:
         self._load_queue: TransmitQueue[LoadUpdate] = TransmitQueue()
         self._own_load = LoadUpdate(name, 0, self._self.load)
         self._load_pending: NodeLoad | None = None
-        self._load_next_pub = 0.0
+        self._load_next_pub = -_INF
         self._awareness = 0
         self._next_pushpull: float | None = None
-        self._next_gossip = 0.0
+        self._next_gossip = -_INF
         self._gossip_idx = 0
         self._seeds: tuple[str, ...] = ()
         self._joined = True
@@ -259,7 +259,7 @@ class Membership:
         if probe is not None:
             t = min(t, probe.deadline if probe.indirect else probe.direct_deadline)
         for relay in self._relays.values():
-            t = min(t, relay.nack_at if relay.nack_at > 0 else relay.expires)
+            t = min(t, relay.nack_at, relay.expires)
         for s in self._suspicions.values():
             t = min(t, s.deadline)
         if self._load_pending is not None:
@@ -373,8 +373,8 @@ class Membership:
 
     def _tick_relays(self, now: float, out: list[Action]) -> None:
         for seq, relay in list(self._relays.items()):
-            if relay.nack_at > 0 and now >= relay.nack_at:
-                relay.nack_at = 0.0
+            if now >= relay.nack_at:
+                relay.nack_at = _INF
                 out.append(Send(relay.requester, Nack(relay.orig_seq)))
             if now >= relay.expires:
                 del self._relays[seq]

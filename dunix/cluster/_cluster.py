@@ -197,7 +197,7 @@ def _build(
     _state.save(state_dir, state)
     _net.disable_bridge_netfilter()
     _mkdir(LOCAL_DISK)
-    _net.create_bridge()
+    _net.create_bridge(str(state_dir.absolute()))
     _keygen(state_dir, [h.name for h in state.hosts])
     for rec in state.hosts:
         _mkdir(Path(rec.runtime_dir))
@@ -272,35 +272,37 @@ def _start_agent_locked(name: str, state_dir: Path, agent_argv: list[str] | None
 
 def _exec_argv(name: str, argv: list[str], state_dir: Path, kwargs: dict[str, Any]) -> list[str]:
     rec = _require(state_dir).host(name)
-    if not _host.alive(rec.init_pid, rec.init_start) or rec.init_pid is None:
+    if rec.init_pid is None or not _host.alive(rec.init_pid, rec.init_start):
         raise ClusterError(f"host {name} is down")
     wd = kwargs.pop("cwd", None) or "/"
     then = kwargs.pop("preexec_fn", None)
     kwargs["preexec_fn"] = _host._joiner(rec.cgroups, then)
-    return _host.nsenter_argv(rec.init_pid, [str(a) for a in argv], str(wd))
+    return _host.nsenter_argv(rec.init_pid, [str(a) for a in argv], str(wd), pdeathsig="KILL")
 
 
 def exec_in(
     name: str, argv: list[str], *, state_dir: Path = DEFAULT_STATE_DIR, **kwargs: Any
-) -> subprocess.CompletedProcess[Any]:
-    """``subprocess.run(argv, **kwargs)`` inside host NAME (its namespaces and cgroup).
+) -> subprocess.Popen[Any]:
+    """Start ``argv`` inside host NAME (its namespaces and cgroup); ``subprocess.Popen``
+    keyword arguments apply. ``cwd`` is taken inside the host's mount namespace.
 
-    ``cwd`` is taken inside the host's mount namespace.
+    The Popen is the ``nsenter`` parent (outside the host's PID namespace); killing it
+    SIGKILLs the command too, and its exit status is the command's.
     """
     full = _exec_argv(name, argv, state_dir, kwargs)
     try:
-        return subprocess.run(full, **kwargs)
+        return subprocess.Popen(full, **kwargs)
     except OSError as e:
         raise ClusterError(f"cannot run {argv!r} in {name}: {e}") from e
 
 
-def popen_in(
+def run_in(
     name: str, argv: list[str], *, state_dir: Path = DEFAULT_STATE_DIR, **kwargs: Any
-) -> subprocess.Popen[Any]:
-    """Like ``exec_in`` but returns the ``Popen`` (of the nsenter parent) at once."""
+) -> subprocess.CompletedProcess[Any]:
+    """``subprocess.run(argv, **kwargs)`` inside host NAME, as ``exec_in`` starts it."""
     full = _exec_argv(name, argv, state_dir, kwargs)
     try:
-        return subprocess.Popen(full, **kwargs)
+        return subprocess.run(full, **kwargs)
     except OSError as e:
         raise ClusterError(f"cannot run {argv!r} in {name}: {e}") from e
 
@@ -378,6 +380,17 @@ def down(state_dir: Path = DEFAULT_STATE_DIR) -> None:
         _down(state_dir)
 
 
+def _refuse_foreign(state_dir: Path) -> None:
+    """Without a state file ``down`` sweeps every ``dunix-*`` piece; refuse when those
+    belong to a live cluster recorded in another state folder (the bridge names it)."""
+    owner = _net.bridge_owner()
+    if owner and Path(owner) != state_dir.absolute() and _state.state_path(Path(owner)).exists():
+        raise ClusterError(
+            f"the simulated cluster on this machine is recorded in {owner}, not {state_dir}; "
+            "bring it down with that state folder"
+        )
+
+
 def _down(state_dir: Path) -> None:
     errors: list[str] = []
 
@@ -388,6 +401,8 @@ def _down(state_dir: Path) -> None:
             errors.append(f"{what}: {e}")
 
     state = _state.load(state_dir)
+    if state is None:
+        _refuse_foreign(state_dir)
     recs = _sweep_records(state)
     # Every host dies first, so no mount namespace still pins a netns or the disk.
     for rec in recs:

@@ -185,9 +185,17 @@ def start_init(rec: HostRecord, on_spawn: Callable[[int], None]) -> tuple[int, i
     return proc.pid, _wait_for_child(proc, f"the init of {rec.name}", log)
 
 
-def nsenter_argv(init_pid: int, argv: list[str], wd: str = "/") -> list[str]:
-    """argv that runs ``argv`` inside the host whose PID 1 is ``init_pid``."""
-    return ["nsenter", "-t", str(init_pid), "-p", "-m", "-u", "-n", f"--wdns={wd}", "--", *argv]
+def nsenter_argv(
+    init_pid: int, argv: list[str], wd: str = "/", *, pdeathsig: str | None = None
+) -> list[str]:
+    """argv that runs ``argv`` inside the host whose PID 1 is ``init_pid``.
+
+    nsenter stays outside as the parent and forwards no signals, so killing it would
+    orphan the command; with ``pdeathsig`` (e.g. "KILL") ``setpriv`` arranges that the
+    command gets that signal when nsenter dies (prctl PR_SET_PDEATHSIG survives exec).
+    """
+    inner = ["setpriv", f"--pdeathsig={pdeathsig}", "--", *argv] if pdeathsig else argv
+    return ["nsenter", "-t", str(init_pid), "-p", "-m", "-u", "-n", f"--wdns={wd}", "--", *inner]
 
 
 def start_agent(rec: HostRecord, argv: list[str]) -> tuple[int, int]:

@@ -93,14 +93,26 @@ def restore_sysctls(old: dict[str, str]) -> None:
             raise ClusterError(f"cannot restore {path} to {value}: {e}") from e
 
 
-def create_bridge(name: str = BRIDGE) -> None:
+def create_bridge(owner: str, name: str = BRIDGE) -> None:
+    """Create the bridge; its alias records ``owner`` (the state folder) for ``down``."""
     with _rtnl() as ipr:
         if _index(ipr, name) is not None:
             raise ClusterError(f"link {name} already exists: is a cluster up? (dunix cluster down)")
         ipr.link("add", ifname=name, kind="bridge")
         idx = _index(ipr, name)
+        ipr.link("set", index=idx, ifalias=owner)
         ipr.addr("add", index=idx, address=BRIDGE_ADDRESS, prefixlen=PREFIXLEN)
         ipr.link("set", index=idx, state="up")
+
+
+def bridge_owner(name: str = BRIDGE) -> str | None:
+    """The state folder recorded on the bridge, if the bridge exists."""
+    with _rtnl() as ipr:
+        idx = _index(ipr, name)
+        if idx is None:
+            return None
+        alias = ipr.get_links(idx)[0].get_attr("IFLA_IFALIAS")
+    return str(alias) if alias else None
 
 
 def delete_link(name: str) -> None:

@@ -6,6 +6,7 @@ Every test that builds a cluster tears it down in a fixture, whatever happens.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from dunix import cluster
-from dunix.cluster import _cgroup, _net
+from dunix.cluster import HostInfo, _cgroup, _host, _net
 from dunix.errors import ClusterError
 
 pytestmark = pytest.mark.e2e
@@ -86,12 +87,12 @@ def ask(address: str, message: bytes = b"hi", timeout: float = 5.0) -> bytes:
             time.sleep(0.02)
 
 
-def run_in(name: str, argv: list[str], state_dir: Path) -> subprocess.CompletedProcess[str]:
-    return cluster.exec_in(name, argv, state_dir=state_dir, capture_output=True, text=True)
+def run(name: str, argv: list[str], state_dir: Path) -> subprocess.CompletedProcess[str]:
+    return cluster.run_in(name, argv, state_dir=state_dir, capture_output=True, text=True)
 
 
 def sh_in(name: str, script: str, state_dir: Path) -> str:
-    done = run_in(name, ["sh", "-c", script], state_dir)
+    done = run(name, ["sh", "-c", script], state_dir)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
@@ -123,8 +124,49 @@ def assert_nothing_left(state_dir: Path, old_sysctls: dict[str, str]) -> None:
     assert {p: Path(p).read_text().strip() for p in old_sysctls} == old_sysctls
 
 
+#: other people's test runs may hold the machine's one cluster for a while
+FREE_TIMEOUT = 180.0
+
+
+def machine_free() -> bool:
+    leftovers = _cgroup.leftovers(_cgroup.detect_mode())
+    return not (_net.leftover_links() or _net.leftover_netns() or leftovers)
+
+
+def wait_free() -> None:
+    deadline = time.monotonic() + FREE_TIMEOUT
+    while not machine_free():
+        if time.monotonic() > deadline:
+            pytest.fail(f"another simulated cluster has been up for {FREE_TIMEOUT:.0f}s")
+        time.sleep(0.5)
+
+
+def down_if_ours(state_dir: Path) -> None:
+    """down, unless ``up`` never claimed this state dir (then another cluster is not ours)."""
+    if (state_dir / "state.json").exists():
+        cluster.down(state_dir)
+
+
+@contextlib.contextmanager
+def built(state_dir: Path, n: int, quota: float | None = None) -> Iterator[list[HostInfo]]:
+    """A cluster with the echo agent, brought down afterwards whatever happens."""
+    while True:
+        wait_free()
+        try:
+            hosts = cluster.up(n, quota, agent_argv=echo_agent, state_dir=state_dir)
+            break
+        except ClusterError as e:
+            if "another simulated cluster" not in str(e):
+                raise  # (up has rolled itself back)
+    try:
+        yield hosts
+    finally:
+        down_if_ours(state_dir)
+
+
 @pytest.fixture
 def sysctls() -> dict[str, str]:
+    wait_free()
     return {str(p): p.read_text().strip() for p in _net.BRIDGE_NF_SYSCTLS if p.exists()}
 
 
@@ -132,11 +174,8 @@ def sysctls() -> dict[str, str]:
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A 3-host cluster for one test class; yields its state dir."""
     state_dir = tmp_path_factory.mktemp("cluster") / "state"
-    try:
-        cluster.up(3, 0.5, agent_argv=echo_agent, state_dir=state_dir)
+    with built(state_dir, 3, 0.5):
         yield state_dir
-    finally:
-        cluster.down(state_dir)
 
 
 class TestRunningCluster:
@@ -165,7 +204,11 @@ class TestRunningCluster:
             cluster.up(1, state_dir=state_dir)
         with pytest.raises(ClusterError, match="another simulated cluster"):
             cluster.up(1, state_dir=tmp_path / "other")
-        assert len(cluster.status(state_dir)) == 3
+        assert not (tmp_path / "other").exists()
+        # down without a state file sweeps dunix-* pieces, but not a live cluster's
+        with pytest.raises(ClusterError, match="recorded in"):
+            cluster.down(tmp_path / "other")
+        assert all(h.agent_alive for h in cluster.status(state_dir))
 
     def test_hostname(self, hosts: list[cluster.HostInfo], state_dir: Path) -> None:
         for h in hosts:
@@ -187,14 +230,14 @@ class TestRunningCluster:
         name = f"/tmp/{TOKEN}"
         sh_in("n1", f"echo one > {name}", state_dir)
         assert sh_in("n1", f"cat {name}", state_dir) == "one"
-        assert run_in("n2", ["test", "-e", name], state_dir).returncode == 1
+        assert run("n2", ["test", "-e", name], state_dir).returncode == 1
         assert not Path(name).exists()
 
     def test_private_disk(self, hosts: list[cluster.HostInfo], state_dir: Path) -> None:
         local = cluster.LOCAL_DISK / "mine"
         sh_in("n1", f"echo n1-data > {local}", state_dir)
         assert (hosts[0].disk / "mine").read_text() == "n1-data\n"
-        assert run_in("n2", ["test", "-e", str(local)], state_dir).returncode == 1
+        assert run("n2", ["test", "-e", str(local)], state_dir).returncode == 1
         assert not (hosts[1].disk / "mine").exists()
         assert not local.exists()  # the machine's own folder is untouched
 
@@ -206,7 +249,7 @@ class TestRunningCluster:
             "    except OSError: time.sleep(0.02)\n"
             "s.sendall(b'from-n1'); print(s.recv(100).decode())\n"
         )
-        assert run_in("n1", [sys.executable, "-c", client], state_dir).stdout == "n2:from-n1\n"
+        assert run("n1", [sys.executable, "-c", client], state_dir).stdout == "n2:from-n1\n"
 
     def test_machine_reaches_agents_over_bridge(self, hosts: list[cluster.HostInfo]) -> None:
         for h in hosts:
@@ -215,7 +258,7 @@ class TestRunningCluster:
     def test_no_route_out(self, state_dir: Path) -> None:
         assert sh_in("n1", "ip route show default", state_dir) == ""
         probe = "import socket; socket.create_connection(('192.0.2.1', 80), timeout=1)"
-        done = run_in("n1", [sys.executable, "-c", probe], state_dir)
+        done = run("n1", [sys.executable, "-c", probe], state_dir)
         assert done.returncode != 0
         assert "unreachable" in done.stderr.lower()
 
@@ -231,9 +274,28 @@ class TestRunningCluster:
                 procs = {int(p) for p in (cg / "cgroup.procs").read_text().split()}
                 assert h.agent_pid in procs
                 assert h.init_pid in procs
-        # commands run with exec_in are charged to the host as well
+        # commands run with run_in/exec_in are charged to the host as well
         own = sh_in("n2", "cat /proc/self/cgroup", state_dir)
         assert "/dunix/n2" in own
+
+    def test_exec_in_is_a_popen_whose_kill_reaches_the_command(self, state_dir: Path) -> None:
+        proc = cluster.exec_in("n3", ["sleep", "1000", TOKEN], state_dir=state_dir)
+        try:
+            deadline = time.monotonic() + 5
+            while not _host.children(proc.pid):
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.01)
+            (inner,) = _host.children(proc.pid)
+            assert "/dunix/n3" in Path(f"/proc/{inner}/cgroup").read_text()
+        finally:
+            proc.kill()
+            proc.wait()
+        deadline = time.monotonic() + 5
+        while _host.start_time(inner) is not None:
+            assert time.monotonic() < deadline, "the command outlived its nsenter"
+            time.sleep(0.01)
+        done = cluster.exec_in("n3", ["sh", "-c", "exit 7"], state_dir=state_dir)
+        assert done.wait() == 7
 
     def test_start_agent_restarts_killed_agent(self, state_dir: Path) -> None:
         before = {h.name: h for h in cluster.status(state_dir)}
@@ -255,12 +317,9 @@ class TestRunningCluster:
 
 def test_down_leaves_nothing(tmp_path: Path, sysctls: dict[str, str]) -> None:
     state_dir = tmp_path / "state"
-    try:
-        hosts = cluster.up(2, 0.25, agent_argv=echo_agent, state_dir=state_dir)
+    with built(state_dir, 2, 0.25) as hosts:
         assert ask(hosts[1].address) == b"n2:hi"
-        cluster.exec_in("n1", ["sh", "-c", f"sleep 1000 & echo {TOKEN}"], state_dir=state_dir)
-    finally:
-        cluster.down(state_dir)
+        cluster.run_in("n1", ["sh", "-c", "sleep 1000 &"], state_dir=state_dir)
     assert_nothing_left(state_dir, sysctls)
     cluster.down(state_dir)  # twice is fine
     assert cluster.status(state_dir) == []
@@ -283,23 +342,25 @@ def test_down_after_crash_mid_up(tmp_path: Path, sysctls: dict[str, str]) -> Non
         """
     )
     try:
-        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        while True:
+            wait_free()
+            done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+            if "another simulated cluster" not in done.stderr:
+                break
         assert done.returncode == 17, done.stderr
         state = json.loads((state_dir / "state.json").read_text())
         assert not state["complete"]
         assert _net.leftover_netns() == ["dunix-n1", "dunix-n2"]
         assert [h["init_pid"] is not None for h in state["hosts"]] == [True, True, False]
     finally:
-        cluster.down(state_dir)
+        down_if_ours(state_dir)
     assert_nothing_left(state_dir, sysctls)
 
 
 def test_down_without_state_file(tmp_path: Path, sysctls: dict[str, str]) -> None:
     state_dir = tmp_path / "state"
-    try:
-        cluster.up(2, agent_argv=echo_agent, state_dir=state_dir)
+    with built(state_dir, 2):
         (state_dir / "state.json").unlink()
-    finally:
         cluster.down(state_dir)
     # without the state file the old sysctl values are unknown: put them back by hand
     for path, value in sysctls.items():
@@ -319,7 +380,7 @@ def test_failed_up_rolls_back(tmp_path: Path, sysctls: dict[str, str]) -> None:
             cluster.up(3, agent_argv=echo_agent, state_dir=state_dir, _after_host=boom)
         assert_nothing_left(state_dir, sysctls)
     finally:
-        cluster.down(state_dir)
+        down_if_ours(state_dir)
 
 
 def test_cgroup_v2_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

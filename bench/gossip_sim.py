@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from dunix.loadbalance import (
+    PUSHPULL_JOIN_REPLY,
     LoadUpdate,
     MemberEvent,
     Membership,
@@ -106,7 +107,7 @@ class Sim:
         names = [self._new_name() for _ in range(n)]
         updates = tuple(Update(nm, self.addr(nm), derive_node_id(nm), 0, 0) for nm in names)
         loads = tuple(LoadUpdate(nm, 0, self._load(nm)) for nm in names)
-        state = PushPull(names[0], True, updates, loads)
+        state = PushPull(names[0], PUSHPULL_JOIN_REPLY, updates, loads)
         for nm in names:
             m = self._make(nm)
             m.join([], 0.0)

@@ -6,6 +6,10 @@ messages and the time and performs the actions it returns.
 
 from dunix.loadbalance._messages import (
     MESSAGE_TYPES,
+    PUSHPULL_JOIN,
+    PUSHPULL_JOIN_REPLY,
+    PUSHPULL_SYNC,
+    PUSHPULL_SYNC_REPLY,
     Ack,
     Gossip,
     LoadUpdate,
@@ -31,6 +35,10 @@ __all__ = [
     "EVENT_KINDS",
     "MESSAGE_TYPES",
     "NODE_ID_MAX",
+    "PUSHPULL_JOIN",
+    "PUSHPULL_JOIN_REPLY",
+    "PUSHPULL_SYNC",
+    "PUSHPULL_SYNC_REPLY",
     "Ack",
     "Action",
     "Gossip",

@@ -119,14 +119,23 @@ class Gossip:
     updates: tuple[Update, ...]
 
 
+#: PushPull kinds: a joiner's request and its answer (every load included), and the
+#: periodic anti-entropy exchange (membership only)
+PUSHPULL_JOIN = 0
+PUSHPULL_JOIN_REPLY = 1
+PUSHPULL_SYNC = 2
+PUSHPULL_SYNC_REPLY = 3
+
+
 @message
 @dataclass(frozen=True, slots=True)
 class PushPull:
-    """Full-state anti-entropy: a request (``reply`` false) is answered with the
-    receiver's full state. Used to join and, periodically, to heal partitions."""
+    """Full-state anti-entropy: a request (``PUSHPULL_JOIN`` or ``PUSHPULL_SYNC``) is
+    answered with the receiver's full state. Used to join and, periodically, to heal
+    partitions."""
 
     sender: str
-    reply: bool
+    kind: int
     members: tuple[Update, ...]
     loads: tuple[LoadUpdate, ...] = ()
 

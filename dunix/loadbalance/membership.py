@@ -41,11 +41,11 @@ load within a few seconds; in big ones a node's view of far members' loads ages 
 Node ids: ``derive_node_id(name, salt)`` hashes the name into 1..1023. A joiner whose
 join reply shows another live member with the same id takes the next salt that gives a
 free id, bumps its incarnation, re-announces itself and emits ``MemberEvent("id_changed")``
-so the agent can move to the new id before allocating any gpid. Only the first join reply
-a node ever gets is checked (a node that started alone checks when it first joins a
-cluster): afterwards its id is settled and a later re-join through other seeds keeps it.
-Two clusters formed apart and merged later can therefore hold a collision; the agent
-should refuse to merge in that case.
+so the agent can move to the new id before allocating any gpid. A node's id settles at
+the first join reply it gets, or when, already a member, it first serves someone else's
+join (a founder that started alone). A settled id never moves: a later re-join keeps it,
+so two clusters formed apart and merged later can hold a collision (the agent should
+refuse such a merge).
 
 Restarts: a restarted node (same name, new process) should start from an incarnation
 above any it used before (the agent passes a wall-clock-derived ``incarnation``); if it
@@ -62,6 +62,10 @@ from collections.abc import Sequence
 from dunix.errors import NoSuchNode, ProtocolError
 from dunix.loadbalance._broadcast import TransmitQueue
 from dunix.loadbalance._messages import (
+    PUSHPULL_JOIN,
+    PUSHPULL_JOIN_REPLY,
+    PUSHPULL_SYNC,
+    PUSHPULL_SYNC_REPLY,
     STATE_ALIVE,
     STATE_DEAD,
     STATE_LEFT,
@@ -301,7 +305,7 @@ class Membership:
             self._next_pushpull = now + self._pushpull_period() * self._rng.uniform(0.75, 1.25)
             peer = self._random_peer()
             if peer is not None:
-                out.append(Send(peer.address, self._full_state(reply=False, loads=False)))
+                out.append(Send(peer.address, self._full_state(PUSHPULL_SYNC)))
         if not self._joined and now >= self._next_join:
             self._next_join = now + cfg.join_retry_interval
             out.extend(self._join_sends())
@@ -387,11 +391,13 @@ class Membership:
             self._apply(u, now, out, gossip_new=u.name == pp.sender)
         for lu in pp.loads:
             self._apply_load(lu, now, regossip=False)
-        if not pp.reply:
-            # loads only for a joiner (its request carries its load): periodic exchanges
-            # would otherwise double their size for figures gossip keeps fresh anyway
-            out.append(Send(src, self._full_state(reply=True, loads=bool(pp.loads))))
-        elif not self._joined:
+        if pp.kind == PUSHPULL_JOIN:
+            if self._joined:
+                self._id_settled = True  # someone joins through us: our id is established
+            out.append(Send(src, self._full_state(PUSHPULL_JOIN_REPLY)))
+        elif pp.kind == PUSHPULL_SYNC:
+            out.append(Send(src, self._full_state(PUSHPULL_SYNC_REPLY)))
+        elif pp.kind == PUSHPULL_JOIN_REPLY and not self._joined:
             self._joined = True
             self._next_join = _INF
             # one early second exchange catches members that joined alongside us, whose
@@ -684,16 +690,18 @@ class Membership:
             updates = tuple(self._queue.take(cfg.max_piggyback, limit))
             out.append(Send(rec.address, Gossip(updates)))
 
-    def _full_state(self, reply: bool, loads: bool) -> PushPull:
+    def _full_state(self, kind: int) -> PushPull:
         members = tuple(r.update() for r in self._members.values())
-        if not loads:
-            return PushPull(self.name, reply, members)
+        if kind in (PUSHPULL_SYNC, PUSHPULL_SYNC_REPLY):
+            # loads are for joiners: periodic exchanges would double their size for
+            # figures that probes keep fresh anyway
+            return PushPull(self.name, kind, members)
         all_loads = tuple(
             LoadUpdate(r.name, r.lver, r.load)
             for r in self._members.values()
             if r.lver >= 0 and r.state in _LIVE
         )
-        return PushPull(self.name, reply, members, all_loads)
+        return PushPull(self.name, kind, members, all_loads)
 
     def _pushpull_period(self) -> float:
         cfg = self.config
@@ -701,7 +709,7 @@ class Membership:
         return cfg.pushpull_interval * scale
 
     def _join_sends(self) -> list[Action]:
-        state = self._full_state(reply=False, loads=True)
+        state = self._full_state(PUSHPULL_JOIN)
         return [Send(seed, state) for seed in self._seeds]
 
     def _next_seq(self) -> int:

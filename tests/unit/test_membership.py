@@ -104,7 +104,8 @@ def test_public_names_are_pinned() -> None:
     import dunix.loadbalance
 
     assert set(dunix.loadbalance.__all__) == {
-        "EVENT_KINDS", "MESSAGE_TYPES", "NODE_ID_MAX", "Ack", "Action", "Gossip",
+        "EVENT_KINDS", "MESSAGE_TYPES", "NODE_ID_MAX", "PUSHPULL_JOIN",
+        "PUSHPULL_JOIN_REPLY", "PUSHPULL_SYNC", "PUSHPULL_SYNC_REPLY", "Ack", "Action", "Gossip",
         "LoadUpdate", "Member", "MemberEvent", "MemberState", "Membership",
         "MembershipConfig", "Nack", "NodeLoad", "Ping", "PingReq", "PushPull", "Send",
         "Update", "derive_node_id",
@@ -135,7 +136,7 @@ def test_messages_round_trip_through_the_codec() -> None:
         Ping(1, "n1", (Update("n2", "h2:1", 5, 3, 0),), (LoadUpdate("n1", 4, load),)),
         Ack(2, (Update("n3", "", 0, 1, 1, "n1"),), ()),
         PingReq(3, "n4", "h4:1"),
-        PushPull("n1", True, (Update("n1", "h1:1", 9, 0, 0),), (LoadUpdate("n1", 0, load),)),
+        PushPull("n1", 1, (Update("n1", "h1:1", 9, 0, 0),), (LoadUpdate("n1", 0, load),)),
     ]
     for msg in msgs:
         assert decode(encode(msg)) == msg

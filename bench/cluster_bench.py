@@ -57,7 +57,7 @@ class Watches:
             try:
                 path = Path(f"/run/dunix/hosts/{name}/control.sock")
                 async with await Client.connect(path) as client:
-                    async for ev in client.watch():
+                    async for ev in await client.watch():
                         self.events.append((name, ev))
             except DunixError:
                 await trio.sleep(0.1)  # that agent is down; watch again when it is back

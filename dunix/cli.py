@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -104,7 +105,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 for node in await client.nodes():
                     print(json.dumps({"event": "present", "time": node.since, **_node_json(node)}))
             sys.stdout.flush()
-            async for ev in client.watch():
+            async for ev in await client.watch():
                 print(json.dumps({"event": ev.kind, "time": ev.time, **_node_json(ev.node)}))
                 sys.stdout.flush()
 
@@ -283,6 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `dunix nodes | head`: the reader left, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

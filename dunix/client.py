@@ -124,8 +124,15 @@ class Client:
         )
 
     async def watch(self) -> AsyncIterator[NodeEvent]:
-        """Membership events as they happen, until the caller stops iterating."""
+        """Subscribe to membership events; iterate the result to receive them.
+
+        The subscription exists once this returns, so nothing that happens after the
+        ``await`` is missed: ``events = await client.watch()``, then ``async for``.
+        """
         await self.channel.send(WatchRequest())
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[NodeEvent]:
         while True:
             event = await self.channel.receive()
             if isinstance(event, ErrorReply):

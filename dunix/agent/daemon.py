@@ -179,18 +179,24 @@ class Agent:
         else:
             await self.control.serve(channel)
 
+    async def leave(self) -> None:
+        """Tell the cluster this node leaves, and give the news a moment to go out."""
+        self._apply(self.membership.leave(trio.current_time()))
+        await trio.sleep(LEAVE_GRACE)
+
     async def _signals(self, cancel: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async for signum in sigs:
                 if signum == signal.SIGHUP:
                     continue
                 log.info("signal %d: leaving the cluster", signum)
-                self._apply(self.membership.leave(trio.current_time()))
-                await trio.sleep(LEAVE_GRACE)
+                await self.leave()
                 cancel.cancel()
                 return
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, handle_signals: bool = True, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
         cfg = self.config
         cfg.control.parent.mkdir(parents=True, exist_ok=True)
         async with trio.open_nursery() as nursery:
@@ -207,7 +213,8 @@ class Agent:
             )
             nursery.start_soon(self._sample_loop)
             nursery.start_soon(self._protocol_loop)
-            nursery.start_soon(self._signals, nursery.cancel_scope)
+            if handle_signals:
+                nursery.start_soon(self._signals, nursery.cancel_scope)
             if cfg.discover:
                 from dunix.agent.discovery import Discovery
 

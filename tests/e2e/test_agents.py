@@ -31,9 +31,14 @@ def all_alive(host: str) -> list[dict[str, Any]] | None:
     return view if states(view) == dict.fromkeys(NAMES, "alive") else None
 
 
+def alive_with_load(host: str) -> list[dict[str, Any]] | None:
+    view = all_alive(host)
+    return view if view and all(n["mem_free"] > 0 for n in view) else None
+
+
 def test_all_hosts_alive_with_load_and_cpu_fields(cluster3: list[Any]) -> None:
     for host in NAMES:
-        view = wait_for(lambda h=host: all_alive(h), 15, f"all alive as seen from {host}")
+        view = wait_for(lambda h=host: alive_with_load(h), 15, f"all alive from {host}")
         for node in view:
             for key in ("name", "address", "state", "load", "mem_free", "cpu_level", "procs"):
                 assert key in node

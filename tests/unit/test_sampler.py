@@ -1,0 +1,57 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dunix.loadbalance.sampler import CgroupView, LoadSampler, count_runnable, find_cgroup
+
+
+def test_v1_cgroup_with_quota(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = tmp_path / "cpu" / "dunix" / "n1"
+    cpu.mkdir(parents=True)
+    (cpu / "cpu.cfs_quota_us").write_text("50000\n")
+    (cpu / "cpu.cfs_period_us").write_text("100000\n")
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text("5:cpuacct:/dunix/n1\n4:cpu:/dunix/n1\n0::/\n")
+    monkeypatch.setattr("dunix.loadbalance.sampler.CGROUP_ROOT", tmp_path)
+    view = find_cgroup(proc)
+    assert view == CgroupView(cpu / "tasks", 0.5)
+
+
+def test_v2_cgroup_with_quota(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cg = tmp_path / "dunix" / "n2"
+    cg.mkdir(parents=True)
+    (cg / "cpu.max").write_text("25000 100000\n")
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text("0::/dunix/n2\n")
+    monkeypatch.setattr("dunix.loadbalance.sampler.CGROUP_ROOT", tmp_path)
+    assert find_cgroup(proc) == CgroupView(cg / "cgroup.threads", 0.25)
+
+
+def test_root_cgroup_uses_the_system(tmp_path: Path) -> None:
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text("0::/\n")
+    assert find_cgroup(proc).threads_file is None
+
+
+def test_counts_a_busy_thread_and_averages(tmp_path: Path) -> None:
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    idle = subprocess.Popen(["sleep", "30"])
+    try:
+        tasks = tmp_path / "tasks"
+        tasks.write_text(f"{busy.pid}\n{idle.pid}\n{os.getpid()}\n")
+        # a busy loop is R nearly always; sample a few times to avoid a preemption blip
+        assert max(count_runnable(tasks, exclude={os.getpid()}) for _ in range(20)) == 1
+        sampler = LoadSampler(CgroupView(tasks, 0.5), window=60.0)
+        first = sampler.sample(0.0)
+        assert first.cpus == 0.5
+        assert first.mem_free > 0
+        later = sampler.sample(60.0)
+        assert 0.0 <= later.load1 <= 2.0
+    finally:
+        busy.kill()
+        idle.kill()
+        busy.wait()
+        idle.wait()

@@ -147,7 +147,6 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_cluster_up(args: argparse.Namespace) -> int:
     from dunix import cluster
-
     from dunix.client import Client
 
     hosts = cluster.up(args.n, args.cpu_quota)

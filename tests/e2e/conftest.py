@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -16,6 +18,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 DUNIX = [sys.executable, "-m", "dunix"]
+LOCK = Path("/run/dunix-tests.lock")
 
 
 def require_root() -> None:
@@ -56,15 +59,25 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
     raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
+@contextlib.contextmanager
+def exclusive_cluster() -> Iterator[None]:
+    """There is one simulated cluster per machine: test runs that use it take turns."""
+    LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with LOCK.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 @pytest.fixture(scope="module")
 def cluster3() -> Iterator[list[Any]]:
     """A real 3-host cluster with 0.5-CPU quotas, torn down afterwards."""
     require_root()
     from dunix import cluster
 
-    cluster.down()  # leftovers of an earlier crashed run
-    try:
-        hosts = cluster.up(3, 0.5)
-        yield hosts
-    finally:
-        cluster.down()
+    with exclusive_cluster():
+        cluster.down()  # leftovers of an earlier crashed run
+        try:
+            hosts = cluster.up(3, 0.5)
+            yield hosts
+        finally:
+            cluster.down()

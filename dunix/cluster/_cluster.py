@@ -194,6 +194,7 @@ def _build(
     after_host: Callable[[HostInfo], None] | None,
 ) -> list[HostInfo]:
     state.sysctls = _net.bridge_netfilter_values()
+    state.own_netns_dir = not _net.netns_dir_mounted()
     _state.save(state_dir, state)
     _net.disable_bridge_netfilter()
     _mkdir(LOCAL_DISK)
@@ -414,6 +415,8 @@ def _down(state_dir: Path) -> None:
     attempt("bridge", _net.delete_link, state.bridge if state else BRIDGE)
     if state is not None:
         attempt("sysctls", _net.restore_sysctls, state.sysctls)
+        if state.own_netns_dir:
+            attempt("/run/netns", _net.release_netns_dir)
     attempt("mounts", _unmount_all, [RUN_ROOT, DISK_ROOT, LOCAL_DISK])
     for rec in recs:
         attempt(f"runtime dir of {rec.name}", _rmtree, Path(rec.runtime_dir))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,29 @@ def attach_host(ns: str, veth: str, address: str, bridge: str = BRIDGE) -> None:
         eth = _index(ipr, "eth0")
         ipr.addr("add", index=eth, address=address, prefixlen=PREFIXLEN)
         ipr.link("set", index=eth, state="up")
+
+
+def netns_dir_mounted() -> bool:
+    """Whether /run/netns is a mount point (``ip netns`` and pyroute2 make it a shared
+    self-bind mount the first time they create a netns, and leave it)."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            return any(line.split()[4] == str(NETNS_DIR) for line in f)
+    except OSError as e:
+        raise ClusterError(f"cannot read /proc/self/mountinfo: {e}") from e
+
+
+def release_netns_dir() -> None:
+    """Undo the /run/netns mount that ``up`` caused, if no netns is named there now."""
+    try:
+        if os.listdir(NETNS_DIR):
+            return  # someone else's netns lives there: leave the mount alone
+    except FileNotFoundError:
+        return
+    if netns_dir_mounted():
+        done = subprocess.run(["umount", str(NETNS_DIR)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ClusterError(f"cannot unmount {NETNS_DIR}: {done.stderr.strip()}")
 
 
 def leftover_netns() -> list[str]:

@@ -70,6 +70,8 @@ class ClusterState:
     hosts: list[HostRecord]
     #: sysctl path -> value it had before ``up`` changed it
     sysctls: dict[str, str] = field(default_factory=dict)
+    #: /run/netns was not a mount point before ``up`` (creating a netns makes it one)
+    own_netns_dir: bool = False
     bridge: str = BRIDGE
     complete: bool = False
     version: int = STATE_VERSION

@@ -121,7 +121,9 @@ def assert_nothing_left(state_dir: Path, old_sysctls: dict[str, str]) -> None:
             continue
         assert TOKEN.encode() not in cmdline, f"process {pid} is left: {cmdline!r}"
         assert "/dunix/" not in cgroups, f"process {pid} is left in a dunix cgroup"
-    assert {p: Path(p).read_text().strip() for p in old_sysctls} == old_sysctls
+    now = {p: Path(p).read_text().strip() for p in old_sysctls if p.startswith("/proc/")}
+    now["/run/netns is a mount"] = str(_net.netns_dir_mounted())
+    assert now == old_sysctls
 
 
 #: other people's test runs may hold the machine's one cluster for a while
@@ -166,8 +168,11 @@ def built(state_dir: Path, n: int, quota: float | None = None) -> Iterator[list[
 
 @pytest.fixture
 def sysctls() -> dict[str, str]:
+    """The machine's settings that ``up`` changes and ``down`` must put back."""
     wait_free()
-    return {str(p): p.read_text().strip() for p in _net.BRIDGE_NF_SYSCTLS if p.exists()}
+    found = {str(p): p.read_text().strip() for p in _net.BRIDGE_NF_SYSCTLS if p.exists()}
+    found["/run/netns is a mount"] = str(_net.netns_dir_mounted())
+    return found
 
 
 @pytest.fixture(scope="class")
@@ -279,7 +284,7 @@ class TestRunningCluster:
         assert "/dunix/n2" in own
 
     def test_exec_in_is_a_popen_whose_kill_reaches_the_command(self, state_dir: Path) -> None:
-        proc = cluster.exec_in("n3", ["sleep", "1000", TOKEN], state_dir=state_dir)
+        proc = cluster.exec_in("n3", ["sh", "-c", "exec sleep 1000", TOKEN], state_dir=state_dir)
         try:
             deadline = time.monotonic() + 5
             while not _host.children(proc.pid):
@@ -337,7 +342,7 @@ def test_down_after_crash_mid_up(tmp_path: Path, sysctls: dict[str, str]) -> Non
         def crash(host):
             if host.index == 2:
                 os._exit(17)
-        cluster.up(3, 0.5, agent_argv=lambda h: ["sleep", "1000", {TOKEN!r}],
+        cluster.up(3, 0.5, agent_argv=lambda h: ["sh", "-c", "exec sleep 1000", {TOKEN!r}],
                    state_dir=Path({str(state_dir)!r}), _after_host=crash)
         """
     )
@@ -364,7 +369,10 @@ def test_down_without_state_file(tmp_path: Path, sysctls: dict[str, str]) -> Non
         cluster.down(state_dir)
     # without the state file the old sysctl values are unknown: put them back by hand
     for path, value in sysctls.items():
-        Path(path).write_text(value)
+        if path.startswith("/proc/"):
+            Path(path).write_text(value)
+    if sysctls["/run/netns is a mount"] == "False":
+        _net.release_netns_dir()
     assert_nothing_left(state_dir, sysctls)
 
 

@@ -114,9 +114,11 @@ class Nack:
 @message
 @dataclass(frozen=True, slots=True)
 class Gossip:
-    """Membership news pushed to a few members between probes (no answer)."""
+    """News pushed to a few members between probes (no answer): queued membership
+    updates, and the sender's own load when it has just published a new figure."""
 
-    updates: tuple[Update, ...]
+    updates: tuple[Update, ...] = ()
+    loads: tuple[LoadUpdate, ...] = ()
 
 
 #: PushPull kinds: a joiner's request and its answer (every load included), and the

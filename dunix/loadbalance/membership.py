@@ -31,7 +31,8 @@ Protocol (Das et al., "SWIM", DSN 2002; Dadgar et al., "Lifeguard", arXiv:1707.0
 
 Load: each node's ``NodeLoad`` has a version. The newest published version rides first in
 the ``loads`` of every ping and ack the node sends, so the members it talks to learn it
-directly. A new version (published at most every ``load_gossip_interval``, and only when
+directly, and is pushed to ``gossip_nodes`` members (round-robin) when published. A new
+version (published at most every ``load_gossip_interval``, and only when
 it changed noticeably) is passed on ``load_retransmits`` times by each node that hears
 it, but only on pings and acks and at most ``max_load_piggyback`` per message: with a
 fixed probe rate that caps load bytes per member whatever N is. Small clusters see every
@@ -311,6 +312,7 @@ class Membership:
             out.extend(self._join_sends())
         if self._load_pending is not None and now >= self._load_next_pub:
             self._publish_load(self._load_pending, now)
+            self._gossip(now, out, with_load=True)
         if self._gone:
             self._reap(now)
         return out
@@ -333,7 +335,7 @@ class Membership:
             if not self._leaving:
                 self._relay(src_address, msg, now, out)
         elif isinstance(msg, Gossip):
-            self._gossip_in(msg.updates, (), now, out)
+            self._gossip_in(msg.updates, msg.loads, now, out)
         elif isinstance(msg, Nack):
             if self._probe is not None and self._probe.seq == msg.seq:
                 self._probe.nacks += 1
@@ -663,32 +665,38 @@ class Membership:
         others = self._load_queue.take(cfg.max_load_piggyback, cfg.load_retransmits)
         return updates, (self._own_load, *others)
 
-    def _gossip(self, now: float, out: list[Action]) -> None:
-        """Push queued updates to a few members now, not only on the next probes.
+    def _gossip(self, now: float, out: list[Action], with_load: bool = False) -> None:
+        """Push news to a few members now, not only on the next probes.
 
         Targets are taken round-robin from the shuffled probe list, so successive rounds
-        reach different members; suspects and the recently dead are included.
+        reach different members; suspects and the recently dead are included. Queued
+        membership updates ride along; ``with_load`` adds this node's own (new) load.
         """
         cfg = self.config
-        self._next_gossip = now + cfg.gossip_interval
-        dead_since = now - cfg.gossip_to_dead_time
         limit = self._retransmit_limit()
+        if len(self._queue):
+            self._next_gossip = now + cfg.gossip_interval
+        loads = (self._own_load,) if with_load else ()
+        for rec in self._gossip_targets(now, cfg.gossip_nodes):
+            updates = tuple(self._queue.take(cfg.max_piggyback, limit))
+            if not updates and not loads:
+                break
+            out.append(Send(rec.address, Gossip(updates, loads)))
+
+    def _gossip_targets(self, now: float, k: int) -> list[Rec]:
+        dead_since = now - self.config.gossip_to_dead_time
         plist = self._probe_list
-        sent: set[str] = set()
+        picked: dict[str, Rec] = {}
         for _ in range(len(plist)):
-            if len(sent) >= cfg.gossip_nodes or not len(self._queue):
+            if len(picked) >= k:
                 break
             self._gossip_idx = (self._gossip_idx + 1) % len(plist)
             rec = self._members.get(plist[self._gossip_idx])
-            if rec is None or rec.name in sent or rec is self._self:
+            if rec is None or rec.name in picked or rec is self._self:
                 continue
-            if rec.state not in _LIVE and not (
-                rec.state == STATE_DEAD and rec.state_since >= dead_since
-            ):
-                continue
-            sent.add(rec.name)
-            updates = tuple(self._queue.take(cfg.max_piggyback, limit))
-            out.append(Send(rec.address, Gossip(updates)))
+            if rec.state in _LIVE or (rec.state == STATE_DEAD and rec.state_since >= dead_since):
+                picked[rec.name] = rec
+        return list(picked.values())
 
     def _full_state(self, kind: int) -> PushPull:
         members = tuple(r.update() for r in self._members.values())

@@ -358,8 +358,8 @@ def test_load_updates_reach_every_member(seed: int) -> None:
     assert c.net.run_until_true(
         lambda: all(m.member("n6").load == target for m in c.live("n6")), timeout=5.0
     )
-    # every node's view of every other load is fresh: measured p50 0.4 s and p99 2.9 s
-    # to reach all 7 peers, age p99 3.8 s over 300 seeds; these bounds leave room
+    # every node's view of every other load is fresh: measured p50 0.6 s and p99 2.6 s
+    # to reach all 7 peers, age p99 3.0 s over 300 seeds; these bounds leave room
     now = c.net.now
     for m in c.nodes.values():
         for x in m.members():

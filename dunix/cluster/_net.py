@@ -28,6 +28,8 @@ from dunix.cluster._state import BRIDGE, BRIDGE_ADDRESS, NETNS_PREFIX, PREFIXLEN
 from dunix.errors import ClusterError
 
 NETNS_DIR = Path("/run/netns")
+#: locally administered unicast ("dun" + fe)
+BRIDGE_MAC = "02:64:75:6e:00:fe"
 BRIDGE_NF_SYSCTLS = [
     Path("/proc/sys/net/bridge/bridge-nf-call-iptables"),
     Path("/proc/sys/net/bridge/bridge-nf-call-ip6tables"),
@@ -99,7 +101,9 @@ def create_bridge(owner: str, name: str = BRIDGE) -> None:
     with _rtnl() as ipr:
         if _index(ipr, name) is not None:
             raise ClusterError(f"link {name} already exists: is a cluster up? (dunix cluster down)")
-        ipr.link("add", ifname=name, kind="bridge")
+        # A fixed MAC: otherwise the bridge takes the lowest MAC of its ports and changes
+        # it as veths join, leaving stale ARP entries for 10.213.0.254 in the hosts.
+        ipr.link("add", ifname=name, kind="bridge", address=BRIDGE_MAC)
         idx = _index(ipr, name)
         ipr.link("set", index=idx, ifalias=owner)
         ipr.addr("add", index=idx, address=BRIDGE_ADDRESS, prefixlen=PREFIXLEN)

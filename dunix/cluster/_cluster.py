@@ -181,9 +181,11 @@ def up(
             raise
         try:
             return _build(state, state_dir, agent_argv or default_agent_argv, _after_host)
-        except BaseException:
-            with contextlib.suppress(ClusterError):
+        except BaseException as exc:
+            try:
                 _down(state_dir)
+            except ClusterError as cleanup:
+                exc.add_note(f"cleaning up after that failed too: {cleanup}")
             raise
 
 

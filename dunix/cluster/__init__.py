@@ -1,10 +1,22 @@
 """The local simulated cluster: N hosts on this machine, each with its own network, PID,
-mount and UTS namespaces, a CPU-quota cgroup, a private /tmp and its own disk folder,
-joined by veth pairs on the bridge ``dunix0`` (10.213.0.0/24).
+mount and UTS namespaces, a CPU-quota cgroup, a private /tmp and /dev/shm and its own disk
+folder, joined by veth pairs on the bridge ``dunix0`` (10.213.0.0/24, no route out).
 
-    $ dunix cluster up -n 3 --cpu-quota 0.5
+    $ sudo dunix cluster up -n 3 --cpu-quota 0.5
     $ dunix cluster status
-    $ dunix cluster down
+    $ sudo dunix cluster down
+
+Where things are (host NAME = n1..nN, index i):
+
+- address 10.213.0.i/24 on ``eth0`` in netns ``dunix-NAME`` (/run/netns/dunix-NAME); the
+  machine's end of the veth is also called ``dunix-NAME``; the bridge has 10.213.0.254;
+- cgroup ``/sys/fs/cgroup/{cpu,cpuacct}/dunix/NAME`` (v1) or ``/sys/fs/cgroup/dunix/NAME``
+  (v2), holding the host's init, its agent and everything they start;
+- ``/run/dunix/hosts/NAME/``: ``agent.log``, ``init.log``, ``control.sock`` (the agent's);
+  /run is shared with the machine, so the socket is reachable from outside;
+- ``/var/lib/dunix/hosts/NAME/disk`` on the machine = ``/var/lib/dunix/local`` in the host;
+- ``/run/dunix/cluster/state.json`` (the state) and ``/run/dunix/cluster/tls/`` (CA, node
+  and ``admin`` client certificates).
 """
 
 from dunix.cluster._cluster import (

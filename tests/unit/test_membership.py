@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import pytest
 from fakenet import FakeNet
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dunix.errors import ConfigError, NoSuchNode, ProtocolError
 from dunix.loadbalance import (
@@ -395,3 +397,53 @@ def test_node_id_is_checked_once_then_settled() -> None:
     c.net.run_for(5.0)
     assert late.node_id == settled
     assert c.nodes["n0"].node_id == 10
+
+
+OPS = st.sampled_from(["crash", "restart", "freeze", "partition", "heal", "leave"])
+
+
+@settings(max_examples=int(os.environ.get("DUNIX_SIM_EXAMPLES", "15")), deadline=None)
+@given(
+    ops=st.lists(st.tuples(OPS, st.integers(0, 5), st.floats(0.1, 6.0)), max_size=8),
+    seed=st.integers(0, 10_000),
+)
+def test_any_fault_sequence_ends_in_agreement(ops: list[tuple[str, int, float]], seed: int) -> None:
+    """Crashes, restarts, stalls, partitions and leaves in any order, then a quiet minute:
+    every running member sees every running member alive and every stopped one not."""
+    c = formed(6, seed=seed, loss=0.01)
+    down: set[int] = set()
+    for op, i, wait in ops:
+        if op == "crash" and i not in down and len(down) < 4:
+            c.net.crash(c.addr(i))
+            down.add(i)
+        elif op == "leave" and i not in down and len(down) < 4:
+            c.net.perform(c.addr(i), c.nodes[f"n{i}"].leave(c.net.now))
+            c.net.run_for(0.5)
+            c.net.crash(c.addr(i))
+            down.add(i)
+        elif op == "restart" and i in down:
+            up = [j for j in range(6) if j not in down]
+            c.start(i, seeds=[c.addr(j) for j in up[:2]], incarnation=0)
+            down.discard(i)
+        elif op == "freeze" and i not in down:
+            c.net.freeze(c.addr(i), wait / 2)
+        elif op == "partition":
+            c.net.partition([c.addr(j) for j in range(6) if j <= i], [])
+        elif op == "heal":
+            c.net.heal()
+        c.net.run_for(wait)
+    c.net.heal()
+    running = [f"n{i}" for i in range(6) if i not in down]
+    stopped = [f"n{i}" for i in down]
+
+    def agreed() -> bool:
+        for name in running:
+            m = c.nodes[name]
+            views = {x.name: x.state for x in m.members()}
+            if any(views.get(other) != "alive" for other in running):
+                return False
+            if any(views.get(other, "dead") == "alive" for other in stopped):
+                return False
+        return True
+
+    assert c.net.run_until_true(agreed, timeout=90.0, step=0.5)

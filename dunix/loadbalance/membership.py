@@ -520,13 +520,15 @@ class Membership:
     def _check_node_id(self, now: float, out: list[Action]) -> None:
         me = self._self
         taken = {r.node_id for r in self._members.values() if r is not me and r.state in _LIVE}
-        if me.node_id not in taken:
-            return
-        while True:
+        if me.node_id not in taken or len(taken) >= NODE_ID_MAX:
+            return  # no collision, or no free id at all (more members than ids)
+        for _ in range(64 * NODE_ID_MAX):
             self._salt += 1
             node_id = derive_node_id(me.name, self._salt)
             if node_id not in taken:
                 break
+        else:
+            return
         me.node_id = node_id
         me.incarnation += 1
         me.state_since = now

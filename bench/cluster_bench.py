@@ -111,8 +111,8 @@ def _tx_bytes(name: str) -> int:
 
 def _packet_loss(names: list[str], percent: int) -> None:
     rules = (
-        "table inet dunixbench { chain input { type filter hook input priority 0; "
-        f"numgen random mod 100 < {percent} drop; }} }}"
+        "table inet dunixbench {\n chain input {\n  type filter hook input priority 0;\n"
+        f"  numgen random mod 100 < {percent} drop\n }}\n}}\n"
     )
     for name in names:
         subprocess.run(

@@ -29,6 +29,7 @@ from dunix.agent.config import AgentConfig
 from dunix.agent.control import ControlService
 from dunix.agent.peers import PeerLinks
 from dunix.loadbalance import (
+    MESSAGE_TYPES,
     Member,
     MemberEvent,
     Membership,
@@ -152,6 +153,9 @@ class Agent:
         self._wake.set()
 
     def receive_gossip(self, sender: str, msg: Any) -> None:
+        if not isinstance(msg, MESSAGE_TYPES):
+            log.warning("ignoring a %s from peer %s", type(msg).__name__, sender)
+            return
         self._apply(self.membership.receive(sender, msg, trio.current_time()))
         self._wake.set()
 

@@ -117,6 +117,21 @@ def _wait_for_child(parent: subprocess.Popen[bytes], what: str, log: Path) -> in
         time.sleep(0.005)
 
 
+def install_paths_under_tmp() -> list[str]:
+    """The parts of this installation that live under /tmp (a checkout made there, its venv).
+
+    Every host mounts a private /tmp, which would hide them from the agent started inside;
+    the host's init binds them back at the same paths (DESIGN.md: hosts share installed
+    software, not /tmp).
+    """
+    repo = Path(__file__).resolve().parents[2]
+    found = []
+    for path in (repo, Path(sys.prefix).resolve()):
+        if path.is_relative_to("/tmp") and str(path) not in found:
+            found.append(str(path))
+    return found
+
+
 def start_init(rec: HostRecord, on_spawn: Callable[[int], None]) -> tuple[int, int]:
     """Start the host's PID 1 and wait until it is ready; returns (unshare pid, init pid).
 
@@ -151,6 +166,8 @@ def start_init(rec: HostRecord, on_spawn: Callable[[int], None]) -> tuple[int, i
         "--runtime-dir",
         rec.runtime_dir,
     ]
+    for path in install_paths_under_tmp():
+        argv += ["--keep", path]
     rfd, wfd = os.pipe()
     try:
         with open(log, "ab") as out:

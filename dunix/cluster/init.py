@@ -48,9 +48,18 @@ def mount(source: str, target: str, fstype: str | None, flags: int, data: str = 
         raise OSError(err, f"mount {source} on {target}: {os.strerror(err)}")
 
 
-def setup(name: str, disk: str, local_disk: str, runtime_dir: str) -> None:
+def setup(
+    name: str, disk: str, local_disk: str, runtime_dir: str, keep: list[str] | None = None
+) -> None:
     socket.sethostname(name)
+    # Folders under /tmp that must stay visible (the dunix installation itself, when it was
+    # checked out there): hold them by fd across the tmpfs mount, then bind them back.
+    held = [(path, os.open(path, os.O_PATH | os.O_DIRECTORY)) for path in keep or []]
     mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    for path, fd in held:
+        os.makedirs(path, exist_ok=True)
+        mount(f"/proc/self/fd/{fd}", path, None, MS_BIND)
+        os.close(fd)
     if os.path.isdir("/dev/shm"):
         mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
     os.makedirs(local_disk, exist_ok=True)
@@ -80,11 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local-disk", required=True)
     p.add_argument("--runtime-dir", required=True)
     p.add_argument("--ready-fd", type=int, required=True)
+    p.add_argument("--keep", action="append", default=[], help="a folder under /tmp to keep")
     args = p.parse_args(argv)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, _stop)
     try:
-        setup(args.name, args.disk, args.local_disk, args.runtime_dir)
+        setup(args.name, args.disk, args.local_disk, args.runtime_dir, args.keep)
     except OSError as e:
         print(f"dunix init {args.name}: {e}", file=sys.stderr)
         return 1

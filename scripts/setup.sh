@@ -17,7 +17,7 @@ PIPE_MAX_SIZE_MIN=$((4 * 1024 * 1024))
 PACKAGES=(
     gcc make pkg-config libc6-dev xz-utils debian-archive-keyring
     python3
-    iproute2 util-linux nftables
+    iproute2 util-linux nftables busybox-static
     libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler python3-protobuf
     libnl-3-dev libnet1-dev libcap-dev libbsd-dev uuid-dev libgnutls28-dev libnftables-dev
     libdrm-dev

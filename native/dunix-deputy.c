@@ -1,0 +1,288 @@
+/*
+ * dunix-deputy: what a process runs on its home node once its exec went to another node
+ * (docs/run.md, "Deputy"). It keeps the PID, the parent, the fds until the agent has
+ * copied them, and relays signals and the final status through the agent.
+ *
+ * Phase 1 (before `ready`) changes nothing the program inherited: no handler, no mask
+ * change, no fd closed, because the agent reads SigIgn/SigBlk from /proc/PID/status and
+ * takes the fds with pidfd_getfd. exec(2) already reset every caught signal to its
+ * default, so a signal arriving now does what it would have done to the fresh program.
+ * Phase 2 (after `ready`) closes every fd but the socket, catches every catchable signal
+ * that is not ignored (SIGCHLD excepted) and forwards it as `signal SIG`.
+ *
+ * Protocol: SOCK_SEQPACKET, one message per packet, fields separated by '\0'.
+ *   deputy -> agent: `hello` SOCKFD, `signal` SIG
+ *   agent -> deputy: `ready`, `exit` CODE, `killed` SIG, `stop` SIG
+ * The socket is /run/dunix/hosts/<nodename>/deputy.sock, else /run/dunix/deputy.sock;
+ * DUNIX_DEPUTY_SOCKET overrides both (a test and debug knob).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <sys/utsname.h>
+#include <unistd.h>
+
+#ifndef SYS_close_range
+#define SYS_close_range 436 /* the same number on every architecture */
+#endif
+
+static int sig_pipe[2] = {-1, -1};
+
+static void on_signal(int sig)
+{
+	int saved = errno;
+	unsigned char b = (unsigned char)sig;
+	/* Non-blocking: when the pipe is full the signal is dropped, as the kernel
+	 * coalesces a pending standard signal anyway. */
+	if (write(sig_pipe[1], &b, 1) < 0) {
+		/* nothing to do */
+	}
+	errno = saved;
+}
+
+static int try_connect(const char *path)
+{
+	struct sockaddr_un sa;
+	int fd;
+
+	if (strlen(path) >= sizeof(sa.sun_path)) {
+		errno = ENAMETOOLONG;
+		return -1;
+	}
+	memset(&sa, 0, sizeof(sa));
+	sa.sun_family = AF_UNIX;
+	strcpy(sa.sun_path, path);
+	fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -1;
+	while (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+		if (errno == EINTR)
+			continue;
+		int saved = errno;
+		close(fd);
+		errno = saved;
+		return -1;
+	}
+	return fd;
+}
+
+static void die_no_agent(const char *path, int err)
+{
+	/* stderr may be closed or a pipe already gone: ignore a failing write */
+	dprintf(2, "dunix-deputy: no agent: %s: %s\n", path, strerror(err));
+	_exit(127);
+}
+
+static int connect_agent(void)
+{
+	const char *env = getenv("DUNIX_DEPUTY_SOCKET");
+	char path[PATH_MAX];
+	struct utsname un;
+	int fd;
+
+	if (env && *env) {
+		fd = try_connect(env);
+		if (fd < 0)
+			die_no_agent(env, errno);
+		return fd;
+	}
+	if (uname(&un) == 0) {
+		snprintf(path, sizeof(path), "/run/dunix/hosts/%s/deputy.sock", un.nodename);
+		fd = try_connect(path);
+		if (fd >= 0)
+			return fd;
+	}
+	fd = try_connect("/run/dunix/deputy.sock");
+	if (fd < 0)
+		die_no_agent("/run/dunix/deputy.sock", errno);
+	return fd;
+}
+
+/* The agent is gone: the process is lost, as with a dead host (DESIGN.md, "Failure"). */
+static void die_lost(void)
+{
+	raise(SIGKILL);
+	_exit(128 + SIGKILL);
+}
+
+static void send_msg(int sock, const char *a, long n)
+{
+	char buf[64];
+	int len = snprintf(buf, sizeof(buf), "%s%c%ld", a, '\0', n);
+	while (send(sock, buf, (size_t)len, MSG_NOSIGNAL) < 0) {
+		if (errno != EINTR)
+			die_lost();
+	}
+}
+
+static void die_by(int sig)
+{
+	struct sigaction sa;
+	struct rlimit no_core = {0, 0};
+	sigset_t set;
+
+	/* No core file and no core flag in the status: the core belongs to the remote
+	 * process. PR_SET_DUMPABLE also stops a core_pattern pipe, which RLIMIT_CORE
+	 * does not (fs/coredump.c). */
+	setrlimit(RLIMIT_CORE, &no_core);
+	prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+	if (sig > 0 && sig < NSIG && sig != SIGSTOP && sig != SIGTSTP && sig != SIGTTIN &&
+	    sig != SIGTTOU) {
+		sigfillset(&set);
+		sigprocmask(SIG_SETMASK, &set, NULL);
+		memset(&sa, 0, sizeof(sa));
+		sa.sa_handler = SIG_DFL;
+		sigaction(sig, &sa, NULL);
+		sigdelset(&set, sig);
+		sigprocmask(SIG_SETMASK, &set, NULL);
+		raise(sig);
+	}
+	_exit((128 + sig) & 0xff);
+}
+
+static void close_all_but(int keep)
+{
+	long max;
+	int fd;
+
+	if ((keep == 0 || syscall(SYS_close_range, 0u, (unsigned)keep - 1, 0u) == 0) &&
+	    syscall(SYS_close_range, (unsigned)keep + 1, ~0u, 0u) == 0)
+		return;
+	max = sysconf(_SC_OPEN_MAX);
+	if (max < 0 || max > 1 << 20)
+		max = 1 << 20;
+	for (fd = 0; fd < max; fd++)
+		if (fd != keep)
+			close(fd);
+}
+
+static void become_deputy(int sock)
+{
+	struct sigaction sa, old;
+	sigset_t none;
+	int sig;
+
+	close_all_but(sock);
+	if (pipe2(sig_pipe, O_CLOEXEC | O_NONBLOCK) < 0)
+		die_lost();
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_signal;
+	sa.sa_flags = SA_RESTART;
+	sigfillset(&sa.sa_mask);
+	for (sig = 1; sig < NSIG; sig++) {
+		if (sig == SIGKILL || sig == SIGSTOP || sig == SIGCHLD)
+			continue;
+		/* fails for the signals glibc keeps for itself (32, 33): fine */
+		if (sigaction(sig, NULL, &old) < 0 || old.sa_handler == SIG_IGN)
+			continue;
+		sigaction(sig, &sa, NULL);
+	}
+	/* A signal the program blocked is blocked on the remote side too (the tracer
+	 * sets the mask there): forward it and let it pend there. */
+	sigemptyset(&none);
+	sigprocmask(SIG_SETMASK, &none, NULL);
+}
+
+static long field_num(const char *s, long lo, long hi, int *ok)
+{
+	char *end;
+	long v;
+
+	errno = 0;
+	v = strtol(s, &end, 10);
+	*ok = s != end && *end == '\0' && errno == 0 && v >= lo && v <= hi;
+	return v;
+}
+
+/* One message from the agent; returns 1 for `ready`. */
+static int obey(char *buf, ssize_t n)
+{
+	const char *cmd = buf, *arg = "";
+	size_t cmdlen = strlen(buf);
+	long v;
+	int ok;
+
+	if ((ssize_t)cmdlen + 1 < n)
+		arg = buf + cmdlen + 1;
+	if (strcmp(cmd, "ready") == 0)
+		return 1;
+	if (strcmp(cmd, "exit") == 0) {
+		v = field_num(arg, 0, 255, &ok);
+		if (ok)
+			_exit((int)v);
+	} else if (strcmp(cmd, "killed") == 0) {
+		v = field_num(arg, 1, NSIG - 1, &ok);
+		if (ok)
+			die_by((int)v);
+	} else if (strcmp(cmd, "stop") == 0) {
+		/* The remote program stopped; SIG says which signal stopped it. The parent
+		 * sees WSTOPSIG == SIGSTOP: a default-action SIGTSTP would be dropped in an
+		 * orphaned process group and leave the two sides out of step. */
+		raise(SIGSTOP);
+	}
+	return 0; /* unknown messages are ignored, for newer agents */
+}
+
+/* Receives one packet; EOF or a broken socket means the agent is gone. */
+static ssize_t recv_msg(int sock, char *buf, size_t size)
+{
+	ssize_t n;
+
+	while ((n = recv(sock, buf, size - 1, 0)) < 0) {
+		if (errno != EINTR)
+			die_lost();
+	}
+	if (n == 0)
+		die_lost();
+	buf[n] = '\0';
+	return n;
+}
+
+int main(void)
+{
+	char buf[4096];
+	struct pollfd pfd[2];
+	unsigned char sigs[64];
+	ssize_t n, i;
+	int sock = connect_agent();
+
+	send_msg(sock, "hello", sock);
+	for (;;) {
+		n = recv_msg(sock, buf, sizeof(buf));
+		if (obey(buf, n))
+			break;
+	}
+	become_deputy(sock);
+
+	pfd[0].fd = sock;
+	pfd[0].events = POLLIN;
+	pfd[1].fd = sig_pipe[0];
+	pfd[1].events = POLLIN;
+	for (;;) {
+		if (poll(pfd, 2, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			die_lost();
+		}
+		if (pfd[1].revents & POLLIN) {
+			while ((n = read(sig_pipe[0], sigs, sizeof(sigs))) > 0)
+				for (i = 0; i < n; i++)
+					send_msg(sock, "signal", sigs[i]);
+		}
+		if (pfd[0].revents & (POLLIN | POLLHUP | POLLERR)) {
+			n = recv_msg(sock, buf, sizeof(buf));
+			obey(buf, n); /* a second `ready` changes nothing */
+		}
+	}
+}

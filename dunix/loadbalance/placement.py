@@ -1,0 +1,334 @@
+"""Where the next execs of a job go: the sans-IO placement policy behind the slot table.
+
+The tracer decides local-or-remote at every exec without asking anyone (a round trip per
+exec would double its cost, see DESIGN.md "Tracer"), from a *slot table* the agent pushes
+to it: how many execs it may send to each peer until the next refresh (``docs/run.md``,
+mode ``auto``). :class:`PlacementPolicy` computes that table from gossiped membership.
+
+Why two random choices and not "the least loaded peer". Every figure a node has about its
+peers is stale (gossiped once a second or less often, and older still on big clusters).
+Sending every exec to the peer that *looked* least loaded makes all of them land on that
+one peer until the next gossip shows it swamped; several homes doing the same at once pile
+onto the same victim (herding). Mitzenmacher showed that picking the lighter of two peers
+drawn at random keeps the heaviest bin at ``ln ln n / ln 2 + O(1)`` instead of
+``ln n / ln ln n`` with one random choice, and that with stale load information the two
+choices stay good where "the least loaded" degrades badly, because the randomness spreads
+the load of one update interval over many peers (M. Mitzenmacher, "The Power of Two
+Choices in Randomized Load Balancing", IEEE TPDS 12(10), 2001; the stale-information
+model is his "How Useful Is Old Information?", IEEE TPDS 11(1), 2000). On top of that the
+policy *charges* each peer for the placements this node made since the peer's load was
+last heard, so a burst from one home does not overfill a peer before the gossip catches
+up, and the table itself is filled one slot at a time by two choices, charging the winner.
+
+Rules, all numbers from :class:`PlacementConfig`:
+
+* a peer is a candidate when it is alive, its load was heard within ``max_load_age``, its
+  CPU features can host the origin's (:meth:`CpuFeatures.can_host`) and it reports a
+  positive CPU quota;
+* a node's load is ``now_weight * load_now + (1 - now_weight) * load1`` (both already
+  divided by its CPU quota), plus, for a peer, the placements charged to it and not yet
+  reflected in its gossiped figure divided by its quota;
+* nothing goes remote unless the home's load is at least ``home_threshold``;
+* a peer gets slots only if it is at least ``hysteresis`` below the home's load (so a
+  process is not sent to a peer that would then want to send it back), and then only until
+  it reaches the higher of the home's level (less the hysteresis) and ``target_load``:
+  below ``target_load`` an idle peer is worth filling even when the home is only just
+  over its threshold; above it, up to the home's level so that a burst spreads evenly
+  over the cluster instead of piling on the home;
+* at most ``max_slots`` per peer and ``max_table_slots`` in one table.
+
+Nothing here reads a clock or does IO: times come in as ``now``, randomness from the
+``random.Random`` the caller passes (seeded in tests and simulations).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from dunix.errors import ConfigError, NoSuchNode
+from dunix.loadbalance._types import Member, MemberState
+from dunix.migrate.cpufeatures import CpuFeatures
+
+_INT_FIELDS = ("max_slots", "max_table_slots", "force_slots")
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementConfig:
+    """Every threshold of exec-time placement (loads are normalised: 1.0 = quota busy)."""
+
+    #: the home sends nothing away while its load is below this
+    home_threshold: float = 0.75
+    #: a peer must be at least this much less loaded than the home to get an exec
+    hysteresis: float = 0.3
+    #: a peer well below the home may be filled up to this load even when the home is not
+    #: much higher (above it, peers are filled up to the home's level at most)
+    target_load: float = 1.0
+    #: weight of ``load_now`` against the 1-minute average ``load1``: placement must react
+    #: to a burst within seconds, but one sample alone is noisy
+    now_weight: float = 0.7
+    #: a peer whose load was last heard longer ago than this is not a candidate (on 8
+    #: hosts a quiet peer's figure is confirmed every ~2 s; see MembershipConfig)
+    max_load_age: float = 10.0
+    #: a placement counts against its peer until a load figure heard this long after it
+    #: (by then the peer's sampler and gossip have seen the process)
+    charge_grace: float = 2.0
+    #: slots per peer in one table
+    max_slots: int = 8
+    #: slots in one table at most (bounds the work of a plan on a big cluster)
+    max_table_slots: int = 256
+    #: a table is valid this long; the agent re-plans at expiry, when it runs out, or when
+    #: new load gossip arrives
+    table_ttl: float = 2.0
+    #: slot count per peer with ``force_remote`` (mode ``remote``: "never run out")
+    force_slots: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value: Any = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"placement.{f.name} must be a number")
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"placement.{f.name} must be a finite number >= 0")
+            if f.name in _INT_FIELDS and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"placement.{f.name} must be an integer >= 1")
+        if self.now_weight > 1:
+            raise ConfigError("placement.now_weight must be between 0 and 1")
+        if self.max_load_age <= 0 or self.table_ttl <= 0:
+            raise ConfigError("placement.max_load_age and table_ttl must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class SlotTable:
+    """What the agent pushes to a tracer: ``slots NODE COUNT ...``, valid until ``expires``.
+
+    Peers appear in name order with a count >= 1; an empty table means "run everything
+    locally".
+    """
+
+    slots: tuple[tuple[str, int], ...]
+    expires: float
+
+    @property
+    def total(self) -> int:
+        return sum(n for _, n in self.slots)
+
+    def get(self, node: str) -> int:
+        """Slots for ``node`` (0 when it has none)."""
+        return next((n for name, n in self.slots if name == node), 0)
+
+    def tracer_message(self) -> bytes:
+        """The tracer protocol packet (fields separated by NUL, see ``docs/run.md``)."""
+        parts = [b"slots"]
+        for name, n in self.slots:
+            parts += [name.encode(), str(n).encode()]
+        return b"\0".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One placement decision: ``node`` None means "run at home"; ``reason`` says why."""
+
+    node: str | None
+    reason: str
+
+
+@dataclass(slots=True)
+class _Peer:
+    name: str
+    load: float  # projected: gossiped blend + charges not yet reflected
+    cpus: float
+
+
+class PlacementPolicy:
+    """Turns gossiped membership into slot tables and single decisions (sans-IO).
+
+    The agent calls :meth:`plan` when a table expires, runs out or new load gossip
+    arrives, pushes the result to its tracers, and calls :meth:`charge` for every
+    ``remote`` a tracer reports, so that the next plan counts what was sent since each
+    peer's load was last heard. :meth:`choose` is the same decision for one exec.
+    """
+
+    def __init__(self, config: PlacementConfig, rng: random.Random) -> None:
+        self.config = config
+        self._rng = rng
+        #: per peer: (time, count) of placements not yet seen in its gossiped load
+        self._charges: dict[str, list[tuple[float, int]]] = {}
+        self._now = 0.0
+
+    # -- bookkeeping ----------------------------------------------------------------------
+
+    def charge(self, node: str, n: int = 1, at: float | None = None) -> None:
+        """Record ``n`` execs sent to ``node`` at ``at`` (default: the last ``now`` seen)."""
+        if n <= 0:
+            return
+        self._charges.setdefault(node, []).append((self._now if at is None else at, n))
+
+    def charged(self, member: Member) -> int:
+        """Placements sent to ``member`` that its gossiped load cannot reflect yet."""
+        grace = self.config.charge_grace
+        return sum(n for t, n in self._charges.get(member.name, ()) if member.load_at < t + grace)
+
+    def _prune(self, members: Sequence[Member], now: float) -> None:
+        by_name = {m.name: m for m in members}
+        horizon = now - self.config.max_load_age - self.config.charge_grace
+        grace = self.config.charge_grace
+        for name in list(self._charges):
+            m = by_name.get(name)
+            kept = [
+                (t, n)
+                for t, n in self._charges[name]
+                if m is not None and m.load_at < t + grace and t >= horizon
+            ]
+            if kept:
+                self._charges[name] = kept
+            else:
+                del self._charges[name]
+
+    # -- loads ----------------------------------------------------------------------------
+
+    def _blend(self, load_now: float, load1: float) -> float:
+        w = self.config.now_weight
+        return w * load_now + (1.0 - w) * load1
+
+    def home_load(self, home: Member, local_runnable_hint: float | None = None) -> float:
+        """The home's load; ``local_runnable_hint`` (runnable processes on the home now,
+        fresher than its published figure) replaces ``load_now`` when given."""
+        now_part = home.load.load_now
+        if local_runnable_hint is not None and home.load.cpus > 0:
+            now_part = local_runnable_hint / home.load.cpus
+        return self._blend(now_part, home.load.load1)
+
+    def peer_load(self, member: Member) -> float:
+        """A peer's projected load: its gossiped blend plus the charges it cannot show yet."""
+        base = self._blend(member.load.load_now, member.load.load1)
+        cpus = member.load.cpus
+        return base + (self.charged(member) / cpus if cpus > 0 else 0.0)
+
+    def _candidates(
+        self, self_name: str, members: Sequence[Member], now: float, origin: CpuFeatures
+    ) -> list[_Peer]:
+        out = []
+        for m in members:
+            if m.name == self_name or m.state is not MemberState.ALIVE:
+                continue
+            if now - m.load_at > self.config.max_load_age or m.load.cpus <= 0:
+                continue
+            if not CpuFeatures(m.load.cpu_level, m.load.cpu_flags).can_host(origin):
+                continue
+            out.append(_Peer(m.name, self.peer_load(m), m.load.cpus))
+        out.sort(key=lambda p: p.name)  # the rng alone decides, not the caller's order
+        return out
+
+    @staticmethod
+    def _home(self_name: str, members: Sequence[Member]) -> Member:
+        for m in members:
+            if m.name == self_name:
+                return m
+        raise NoSuchNode(f"{self_name!r} is not in the member list")
+
+    def _open(self, peers: list[_Peer], home: float) -> tuple[list[_Peer], float]:
+        """The peers that may take an exec (at least ``hysteresis`` below the home), and
+        the level they may be filled to."""
+        hyst = self.config.hysteresis
+        ceiling = max(home - hyst, self.config.target_load)
+        return [p for p in peers if p.load + hyst <= home and p.load < ceiling], ceiling
+
+    def _two_choices(self, open_peers: list[_Peer]) -> tuple[_Peer, _Peer | None]:
+        """The lighter of two distinct random peers (the first drawn on a tie)."""
+        if len(open_peers) == 1:
+            return open_peers[0], None
+        i, j = self._rng.sample(range(len(open_peers)), 2)
+        a, b = open_peers[i], open_peers[j]
+        return (b, a) if b.load < a.load else (a, b)
+
+    def _origin(self, home: Member, origin: CpuFeatures | None) -> CpuFeatures:
+        return (
+            origin if origin is not None else CpuFeatures(home.load.cpu_level, home.load.cpu_flags)
+        )
+
+    # -- decisions ------------------------------------------------------------------------
+
+    def plan(
+        self,
+        self_name: str,
+        members: Sequence[Member],
+        now: float,
+        local_runnable_hint: float | None = None,
+        *,
+        force_remote: bool = False,
+        origin_features: CpuFeatures | None = None,
+    ) -> SlotTable:
+        """The slot table for the tracers of ``self_name`` (the home) at time ``now``.
+
+        ``origin_features`` defaults to the home's own CPU features. ``force_remote``
+        (mode ``remote``) gives every compatible, alive, fresh peer ``force_slots``.
+        """
+        self._now = now
+        self._prune(members, now)
+        home = self._home(self_name, members)
+        cfg = self.config
+        peers = self._candidates(self_name, members, now, self._origin(home, origin_features))
+        expires = now + cfg.table_ttl
+        if force_remote:
+            return SlotTable(tuple((p.name, cfg.force_slots) for p in peers), expires)
+        home_load = self.home_load(home, local_runnable_hint)
+        if home_load < cfg.home_threshold:
+            return SlotTable((), expires)
+        open_peers, ceiling = self._open(peers, home_load)
+        counts: dict[str, int] = {}
+        total = 0
+        while open_peers and total < cfg.max_table_slots:
+            win, _ = self._two_choices(open_peers)
+            counts[win.name] = counts.get(win.name, 0) + 1
+            total += 1
+            win.load += 1.0 / win.cpus
+            if counts[win.name] >= cfg.max_slots or win.load >= ceiling:
+                open_peers.remove(win)
+        return SlotTable(tuple(sorted(counts.items())), expires)
+
+    def choose(
+        self,
+        self_name: str,
+        members: Sequence[Member],
+        now: float,
+        origin_features: CpuFeatures | None = None,
+        local_runnable_hint: float | None = None,
+        *,
+        force_remote: bool = False,
+    ) -> Choice:
+        """Where one exec should run, by the rules of :meth:`plan`.
+
+        With the same rng state, the node chosen is the one :meth:`plan` gives its first
+        slot to, and ``None`` exactly when :meth:`plan` returns an empty table. Nothing is
+        charged: call :meth:`charge` for what is actually placed.
+        """
+        self._now = now
+        self._prune(members, now)
+        home = self._home(self_name, members)
+        peers = self._candidates(self_name, members, now, self._origin(home, origin_features))
+        if not peers:
+            return Choice(None, "no alive, fresh, CPU-compatible peer")
+        home_load = self.home_load(home, local_runnable_hint)
+        if force_remote:
+            win, _ = self._two_choices(peers)
+            return Choice(win.name, "forced remote")
+        if home_load < self.config.home_threshold:
+            return Choice(None, f"home load {home_load:.2f} below {self.config.home_threshold:.2f}")
+        open_peers, _ = self._open(peers, home_load)
+        if not open_peers:
+            return Choice(
+                None,
+                f"no peer at least {self.config.hysteresis:.2f} below home load {home_load:.2f}",
+            )
+        win, other = self._two_choices(open_peers)
+        if other is None:
+            return Choice(win.name, f"only open peer ({win.load:.2f} < home {home_load:.2f})")
+        return Choice(
+            win.name,
+            f"lighter of two: {win.name} {win.load:.2f} over {other.name} {other.load:.2f} "
+            f"(home {home_load:.2f})",
+        )

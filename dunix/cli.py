@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -29,6 +30,20 @@ EPILOG_CLUSTER = """examples:
   $ sudo dunix cluster up -n 4 --cpu-quota 0.5
   $ dunix cluster status --json
   $ sudo dunix cluster down
+"""
+EPILOG_RUN = """examples:
+  $ dunix run -- ./script.sh arg1 arg2
+  $ dunix run --node n2 -- make -j8
+  $ dunix run --placement remote -- sh -c 'hostname'
+exit status: the program's, or 128+N when a signal N killed it.
+"""
+EPILOG_PS = """examples:
+  $ dunix ps
+  $ dunix ps --json | jq '.[] | select(.node != .home)'
+"""
+EPILOG_KILL = """examples:
+  $ dunix kill 4194305
+  $ dunix kill -s INT 1:4100
 """
 EPILOG_KEYGEN = """examples:
   $ dunix keygen --dir /etc/dunix/tls --node n1 --node n2 --client admin
@@ -111,6 +126,105 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(main)
+    return 0
+
+
+def _run_control(args: argparse.Namespace) -> Path | None:
+    """Which agent starts the job: --control, --node on the local cluster, or the default."""
+    if args.control is not None:
+        return Path(str(args.control))
+    if args.node:
+        from dunix.client import CLUSTER_HOSTS
+
+        path: Path = CLUSTER_HOSTS / str(args.node) / "control.sock"
+        if not path.exists():
+            from dunix.errors import NoSuchNode
+
+            raise NoSuchNode(f"no agent of node {args.node!r} on this machine ({path})")
+        return path
+    return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from dunix.client import Client, exit_code
+
+    argv = list(args.program)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        print(
+            "dunix run: nothing to run (dunix run [--node N] -- PROGRAM ARGS...)", file=sys.stderr
+        )
+        return 2
+
+    async def main() -> int:
+        async with await Client.connect(_run_control(args)) as client:
+            return await client.run(argv, mode=args.placement or "")
+
+    return exit_code(trio.run(main))
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    async def main() -> Any:
+        async with await _client(args) as client:
+            return await client.ps()
+
+    reply = trio.run(main)
+    if args.json:
+        print(json.dumps([asdict(p) for p in reply.procs], indent=2))
+    else:
+        rows = [("GPID", "HOME", "NODE", "PID", "USER", "STATE", "CPU", "RSS", "COMMAND")]
+        for p in reply.procs:
+            rows.append(
+                (str(p.gpid), p.home, p.node, str(p.pid), _user(p.uid), p.state,
+                 f"{p.cpu:.1f}", _human_bytes(p.rss), p.cmd)
+            )  # fmt: skip
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+    for node in reply.missing:
+        print(f"dunix ps: {node} did not answer", file=sys.stderr)
+    return 0
+
+
+SIGNAL_NAMES = {s.name.removeprefix("SIG") for s in signal.Signals}
+
+
+def _user(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _signal_number(text: str) -> int:
+    import signal as sig
+
+    name = text.upper().removeprefix("-")
+    if name.isdigit():
+        return int(name)
+    try:
+        return int(sig.Signals[name if name.startswith("SIG") else "SIG" + name])
+    except KeyError:
+        from dunix.errors import ConfigError
+
+        raise ConfigError(f"unknown signal {text!r}") from None
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    from dunix.pid import parse_gpid
+
+    signum = _signal_number(args.signal)
+    gpids = [parse_gpid(g) for g in args.gpid]
+
+    async def main() -> None:
+        async with await _client(args) as client:
+            for gpid in gpids:
+                await client.kill(gpid, signum)
+
+    trio.run(main)
     return 0
 
 
@@ -227,6 +341,33 @@ def build_parser() -> argparse.ArgumentParser:
     _client_args(p)
     p.set_defaults(func=cmd_watch)
 
+    p = sub.add_parser(
+        "run",
+        help="run a program as a job on the cluster",
+        epilog=EPILOG_RUN,
+        formatter_class=fmt,
+    )
+    p.add_argument("--node", help="start the job's first process on this node")
+    p.add_argument("--control", type=Path, help="control socket of the starting agent")
+    p.add_argument(
+        "--placement", choices=("auto", "local", "remote"), help="where execs go (default auto)"
+    )
+    p.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM ARGS...")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("ps", help="every managed process, cluster-wide", epilog=EPILOG_PS,
+                       formatter_class=fmt)  # fmt: skip
+    p.add_argument("--json", action="store_true")
+    _client_args(p)
+    p.set_defaults(func=cmd_ps)
+
+    p = sub.add_parser("kill", help="signal processes by gpid", epilog=EPILOG_KILL,
+                       formatter_class=fmt)  # fmt: skip
+    p.add_argument("-s", "--signal", default="TERM", help="signal name or number (default TERM)")
+    p.add_argument("gpid", nargs="+")
+    _client_args(p)
+    p.set_defaults(func=cmd_kill)
+
     p = sub.add_parser("agent", help="run the node agent", epilog=EPILOG_AGENT,
                        formatter_class=fmt)  # fmt: skip
     p.add_argument("--config", type=Path, help="TOML file (see dunix.agent.config)")
@@ -273,8 +414,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _kill_shorthand(argv: list[str]) -> list[str]:
+    """`dunix kill -TERM GPID` / `-9` as kill(1) spells it: the same as `-s TERM`."""
+    if len(argv) >= 2 and argv[0] == "kill" and argv[1].startswith("-"):
+        flag = argv[1][1:]
+        if flag.isdigit() or flag.upper().removeprefix("SIG") in SIGNAL_NAMES:
+            return ["kill", "-s", flag, *argv[2:]]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(_kill_shorthand(raw))
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -11,8 +11,11 @@ cluster CA (``dunix keygen --client NAME``).
 
 from __future__ import annotations
 
+import array
 import os
-from collections.abc import AsyncIterator
+import signal
+import socket
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -31,8 +34,29 @@ from dunix.wire.control import (
     NodesRequest,
     WatchRequest,
 )
+from dunix.wire.jobs import (
+    KillReply,
+    KillRequest,
+    PsReply,
+    PsRequest,
+    RunAccepted,
+    RunExited,
+    RunRequest,
+    RunSignal,
+    RunStarted,
+)
 
 CLUSTER_HOSTS = Path("/run/dunix/hosts")
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+def exit_code(status: int) -> int:
+    """A raw wait status as a shell reports it: the exit code, or 128 + the signal."""
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status)
+    return 1
 
 
 def control_sockets() -> list[Path]:
@@ -122,6 +146,72 @@ class Client:
         raise PeerUnreachable(
             f"only {len(alive)} of {count} members alive after {timeout:g} s: {', '.join(alive)}"
         )
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        umask: int | None = None,
+        mode: str = "",
+        fds: Sequence[int] = (0, 1, 2),
+        forward_signals: Sequence[int] = FORWARDED_SIGNALS,
+        on_started: Callable[[RunStarted], None] | None = None,
+    ) -> int:
+        """Run ``argv`` as a job with this process's stdio; its raw wait status.
+
+        The job runs as the caller (the agent reads the uid from the socket), in ``cwd``
+        with ``env`` (default: this process's), and gets ``fds`` as its 0, 1, 2, ....
+        Signals in ``forward_signals`` that this process receives go to the job.
+        """
+        if umask is None:
+            umask = os.umask(0o022)
+            os.umask(umask)
+        request = RunRequest(
+            argv=tuple(argv),
+            env=tuple((env if env is not None else dict(os.environ)).items()),
+            cwd=cwd or os.getcwd(),
+            umask=umask,
+            groups=tuple(os.getgroups()),
+            mode=mode,
+            nfds=len(fds),
+        )
+        await self._request(request, RunAccepted)
+        stream = self.channel.stream
+        if not isinstance(stream, trio.SocketStream):
+            raise PeerUnreachable("`dunix run` needs a local agent (the control socket)")
+        await stream.socket.sendmsg(
+            [b"F"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        )
+        with trio.open_signal_receiver(*forward_signals) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def forward() -> None:
+                    async for signum in signals:
+                        await self.channel.send(RunSignal(signum))
+
+                nursery.start_soon(forward)
+                while True:
+                    reply = await self.channel.receive()
+                    if isinstance(reply, ErrorReply):
+                        raise reply.to_exc()
+                    if isinstance(reply, RunStarted):
+                        if on_started is not None:
+                            on_started(reply)
+                    elif isinstance(reply, RunExited):
+                        nursery.cancel_scope.cancel()
+                        return reply.status
+                    else:
+                        raise ProtocolError(f"unexpected {type(reply).__name__} during a run")
+        raise AssertionError("unreachable")
+
+    async def ps(self) -> PsReply:
+        reply: PsReply = await self._request(PsRequest(), PsReply)
+        return reply
+
+    async def kill(self, gpid: int, signum: int) -> None:
+        await self._request(KillRequest(gpid, signum), KillReply)
 
     async def watch(self) -> AsyncIterator[NodeEvent]:
         """Subscribe to membership events; iterate the result to receive them.

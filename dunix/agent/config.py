@@ -50,6 +50,8 @@ class AgentConfig:
     max_frame: int = 16 * 1024 * 1024
     connect_timeout: float = 1.0
     peer_queue: int = 256
+    query_timeout: float = 1.0  # seconds to wait for peers' answers (ps, kill)
+    placement: str = "auto"  # default placement mode of jobs: auto, local, remote
     membership: dict[str, Any] = field(default_factory=dict)
 
     @property

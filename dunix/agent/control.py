@@ -9,6 +9,7 @@ everyone; acting on a process (later: kill, migrate) needs root or the job's own
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -17,7 +18,16 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from dunix import __version__
-from dunix.errors import AccessDenied, DunixError, PeerUnreachable, ProtocolError
+from dunix.agent.runner import serve_run
+from dunix.errors import (
+    AccessDenied,
+    DunixError,
+    NoSuchProcess,
+    PeerUnreachable,
+    ProtocolError,
+    error_from_wire,
+)
+from dunix.pid import split_gpid
 from dunix.wire import Channel, ErrorReply
 from dunix.wire.control import (
     AgentInfo,
@@ -25,6 +35,15 @@ from dunix.wire.control import (
     NodesReply,
     NodesRequest,
     WatchRequest,
+)
+from dunix.wire.jobs import (
+    KillQuery,
+    KillReply,
+    KillRequest,
+    PsQuery,
+    PsReply,
+    PsRequest,
+    RunRequest,
 )
 
 if TYPE_CHECKING:
@@ -80,8 +99,49 @@ class ControlService:
             )
         elif isinstance(request, WatchRequest):
             await self._watch(channel)
+        elif isinstance(request, RunRequest):
+            await serve_run(agent.jobs, channel, request)
+        elif isinstance(request, PsRequest):
+            await channel.send(await self._ps())
+        elif isinstance(request, KillRequest):
+            await self._kill(caller, request)
+            await channel.send(KillReply())
         else:
             raise ProtocolError(f"unexpected request {type(request).__name__}")
+
+    async def _ps(self) -> PsReply:
+        """Every managed process cluster-wide: ours, and what each alive peer reports."""
+        agent = self.agent
+        answers, silent = await agent.queries.ask(
+            agent.alive_peers(), PsQuery, agent.config.query_timeout
+        )
+        procs = list(agent.jobs.ps())
+        for answer in answers.values():
+            procs += answer.procs
+        procs.sort(key=lambda p: (p.gpid, p.node))
+        return PsReply(tuple(procs), tuple(silent))
+
+    async def _kill(self, caller: Caller, request: KillRequest) -> None:
+        agent = self.agent
+        node_id, _ = split_gpid(request.gpid)
+        uid = None if caller.is_admin else caller.uid
+        if node_id == agent.node_id:
+            agent.jobs.kill(request.gpid, request.signal, uid)
+            return
+        peer = agent.peer_by_node_id(node_id)
+        if peer is None:
+            raise NoSuchProcess(f"gpid {request.gpid}: its home node (id {node_id}) is not alive")
+        query = functools.partial(
+            KillQuery, gpid=request.gpid, signal=request.signal, uid=-1 if uid is None else uid
+        )
+        answers, _ = await agent.queries.ask(
+            [peer], lambda q: query(query=q), agent.config.query_timeout
+        )
+        answer = answers.get(peer[0])
+        if answer is None:
+            raise PeerUnreachable(f"{peer[0]} did not answer")
+        if answer.error_kind:
+            raise error_from_wire(answer.error_kind, answer.error)
 
     async def _watch(self, channel: Channel) -> None:
         """Stream events until the client hangs up (noticed by reading, not by writing)."""

@@ -27,7 +27,10 @@ import trio
 
 from dunix.agent.config import AgentConfig
 from dunix.agent.control import ControlService
+from dunix.agent.fanout import PeerQueries
+from dunix.agent.jobs import JobService
 from dunix.agent.peers import PeerLinks
+from dunix.errors import DunixError
 from dunix.loadbalance import (
     MESSAGE_TYPES,
     Member,
@@ -42,6 +45,7 @@ from dunix.loadbalance.sampler import LoadSampler
 from dunix.migrate.cpufeatures import read_cpu_features
 from dunix.wire import Channel, TLSIdentity, serve_tls, serve_unix
 from dunix.wire.control import NodeEvent, NodeInfo
+from dunix.wire.jobs import KillAnswer, KillQuery, PsAnswer, PsQuery
 
 log = logging.getLogger("dunix.agent")
 
@@ -56,7 +60,6 @@ class Agent:
         self.identity = TLSIdentity.load(config.tls_dir, config.name, "node")
         self.features = read_cpu_features().restricted_to(config.cpu_flags)
         self.sampler = LoadSampler()
-        self.procs = 0  # managed processes on this node (jobs arrive with `dunix run`)
         self.membership = Membership(
             config.name,
             config.address,
@@ -66,6 +69,9 @@ class Agent:
             load=self._load_record(),
             incarnation=int(time.time()),
         )
+        self.jobs = JobService(self)
+        self.jobs.default_mode = config.placement
+        self.queries = PeerQueries(self.send_peer)
         self._watchers: set[trio.MemorySendChannel[NodeEvent]] = set()
         self._wake = trio.Event()
         self._links: PeerLinks | None = None
@@ -122,7 +128,7 @@ class Agent:
             load_now=round(sample.load_now, 3),
             cpus=sample.cpus,
             mem_free=sample.mem_free,
-            procs=self.procs,
+            procs=len(self.jobs.procs),
             cpu_level=self.features.level,
             cpu_flags=self.features.flags,
         )
@@ -152,12 +158,44 @@ class Agent:
         self._apply(self.membership.join(seeds, trio.current_time()))
         self._wake.set()
 
+    def send_peer(self, address: str, msg: Any) -> None:
+        """Best-effort delivery to a peer agent (see PeerLinks)."""
+        if self._links is not None:
+            self._links.send(address, msg)
+
+    def alive_peers(self) -> list[tuple[str, str]]:
+        me = self.config.name
+        return [
+            (m.name, m.address)
+            for m in self.membership.members()
+            if m.name != me and m.state == "alive"
+        ]
+
+    def peer_by_node_id(self, node_id: int) -> tuple[str, str] | None:
+        for m in self.membership.members():
+            if m.node_id == node_id and m.state in ("alive", "suspect"):
+                return m.name, m.address
+        return None
+
     def receive_gossip(self, sender: str, msg: Any) -> None:
-        if not isinstance(msg, MESSAGE_TYPES):
+        if isinstance(msg, MESSAGE_TYPES):
+            self._apply(self.membership.receive(sender, msg, trio.current_time()))
+            self._wake.set()
+        elif isinstance(msg, PsQuery):
+            self.send_peer(sender, PsAnswer(msg.query, tuple(self.jobs.ps())))
+        elif isinstance(msg, PsAnswer | KillAnswer):
+            self.queries.answer(sender, msg.query, msg)
+        elif isinstance(msg, KillQuery):
+            self.send_peer(sender, self._kill_answer(msg))
+        else:
             log.warning("ignoring a %s from peer %s", type(msg).__name__, sender)
-            return
-        self._apply(self.membership.receive(sender, msg, trio.current_time()))
-        self._wake.set()
+
+    def _kill_answer(self, q: KillQuery) -> KillAnswer:
+        try:
+            self.jobs.kill(q.gpid, q.signal, None if q.uid < 0 else q.uid)
+        except DunixError as exc:
+            return KillAnswer(q.query, type(exc).__name__, str(exc))
+        return KillAnswer(q.query, "", "")
 
     async def _protocol_loop(self) -> None:
         self._apply(self.membership.join(list(self.config.join), trio.current_time()))

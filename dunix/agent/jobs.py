@@ -1,0 +1,247 @@
+"""Jobs on this node: the processes of `dunix run` that live here, at home or as guests.
+
+A job's first process starts on the node the client asked (see ``start_job``) under a
+tracer. Every process the tracer reports is in ``self.procs``; one whose exec the tracer
+sent elsewhere is a *deputy* here and a *guest* on the peer (``RemoteExec``). The deputy
+keeps the PID and the parent; its exit status is the guest's (``RemoteExited``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import pwd
+import secrets
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import psutil
+import trio
+
+from dunix.agent.tracer import (
+    Done,
+    Execed,
+    Exited,
+    Forked,
+    JobContext,
+    Started,
+    Tracer,
+    TracerEvent,
+    Unmovable,
+    WentRemote,
+)
+from dunix.errors import AccessDenied, ConfigError, DunixError, NoSuchProcess
+from dunix.pid import make_gpid, split_gpid
+from dunix.wire.jobs import ProcInfo
+
+if TYPE_CHECKING:
+    from dunix.agent.daemon import Agent
+
+log = logging.getLogger("dunix.agent.jobs")
+
+MODES = ("auto", "local", "remote")
+
+
+@dataclass
+class Proc:
+    """A process of a job on this node."""
+
+    pid: int
+    job: str
+    uid: int
+    home: str  # node where it was created
+    gpid: int
+    state: str = "running"  # running, deputy, guest, unmovable: reason
+    node: str = ""  # where it actually runs (for a deputy: the peer)
+    remote_pid: int = 0
+    cmd: str = ""
+
+
+@dataclass
+class Job:
+    id: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    mode: str
+    first_pid: int = 0
+    tracers: list[Tracer] = field(default_factory=list)
+    finished: trio.Event = field(default_factory=trio.Event)
+    status: int | None = None
+
+
+def user_groups(uid: int, gid: int) -> tuple[int, ...]:
+    """The supplementary groups the system gives ``uid`` (what a login would have)."""
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return (gid,)
+    return tuple(os.getgrouplist(name, gid))
+
+
+def proc_cmd(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class JobService:
+    """The job side of the agent: start jobs, track their processes, answer ps and kill."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.jobs: dict[str, Job] = {}
+        self.procs: dict[int, Proc] = {}
+        self._ids = itertools.count(1)
+        self.default_mode = "auto"
+        self.on_remote: Callable[[Job, WentRemote], None] | None = None
+        self.on_started: dict[str, Callable[[Started], None]] = {}
+
+    @property
+    def name(self) -> str:
+        return self.agent.config.name
+
+    def gpid(self, pid: int) -> int:
+        return make_gpid(self.agent.node_id, pid)
+
+    def new_job_id(self) -> str:
+        return f"{self.name}-{next(self._ids)}-{secrets.token_hex(3)}"
+
+    # -- starting a job -----------------------------------------------------------------
+
+    def context_for(
+        self, uid: int, gid: int, groups: tuple[int, ...], cwd: str, umask: int,
+        env: dict[str, str], mode: str,
+    ) -> JobContext:  # fmt: skip
+        if mode not in MODES:
+            raise ConfigError(f"placement mode {mode!r} is not one of {', '.join(MODES)}")
+        if not 0 <= umask <= 0o777:
+            raise ConfigError(f"bad umask {umask:o}")
+        return JobContext(uid, gid, groups, umask, cwd, env, mode=mode)
+
+    def start(self, job: Job, ctx: JobContext, argv: list[str], fds: dict[int, int]) -> Tracer:
+        tracer = Tracer.spawn(ctx, argv, fds)
+        job.tracers.append(tracer)
+        self.jobs[job.id] = job
+        return tracer
+
+    async def follow(self, job: Job, tracer: Tracer, argv0: str = "") -> None:
+        """Read the tracer's events until it is done; keep ``self.procs`` current."""
+        try:
+            while True:
+                event = await tracer.next_event()
+                if event is None or isinstance(event, Done):
+                    break
+                self._on_event(job, tracer, event, argv0)
+        finally:
+            with trio.CancelScope(shield=True):
+                tracer.kill()
+                await tracer.wait()
+            tracer.close()
+            if tracer in job.tracers:
+                job.tracers.remove(tracer)
+
+    def _on_event(self, job: Job, tracer: Tracer, event: TracerEvent, argv0: str) -> None:
+        if isinstance(event, Started):
+            job.first_pid = job.first_pid or event.pid
+            self.procs[event.pid] = Proc(
+                event.pid, job.id, job.uid, self.name, self.gpid(event.pid), cmd=argv0
+            )
+            callback = self.on_started.get(job.id)
+            if callback is not None:
+                callback(event)
+        elif isinstance(event, Forked):
+            parent = self.procs.get(event.parent)
+            self.procs[event.child] = Proc(
+                event.child, job.id, job.uid, parent.home if parent else self.name,
+                self.gpid(event.child), cmd=parent.cmd if parent else "",
+            )  # fmt: skip
+        elif isinstance(event, Execed):
+            proc = self.procs.get(event.pid)
+            if proc is not None:
+                proc.cmd = event.path
+        elif isinstance(event, WentRemote):
+            proc = self.procs.get(event.pid)
+            if proc is not None:
+                proc.state, proc.node = "deputy", event.node
+            if self.on_remote is not None:
+                self.on_remote(job, event)
+        elif isinstance(event, Unmovable):
+            proc = self.procs.get(event.pid)
+            if proc is not None:
+                proc.state = f"unmovable: {event.reason}"
+        elif isinstance(event, Exited):
+            proc = self.procs.pop(event.pid, None)
+            if event.pid == job.first_pid and job.status is None:
+                job.status = event.status
+                job.finished.set()
+            del proc
+
+    # -- ending a job -------------------------------------------------------------------
+
+    def kill_job(self, job: Job, sig: int = signal.SIGKILL) -> None:
+        """Signal every process of the job on this node (the tracer's EXITKILL does the rest)."""
+        for proc in list(self.procs.values()):
+            if proc.job == job.id:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, sig)
+
+    def forget(self, job: Job) -> None:
+        for tracer in job.tracers:
+            tracer.kill()
+        for pid in [p.pid for p in self.procs.values() if p.job == job.id]:
+            self.procs.pop(pid, None)
+        self.jobs.pop(job.id, None)
+
+    # -- ps and kill ----------------------------------------------------------------------
+
+    def ps(self) -> list[ProcInfo]:
+        out = []
+        for proc in list(self.procs.values()):
+            cpu, rss = 0.0, 0
+            with contextlib.suppress(psutil.Error):
+                p = psutil.Process(proc.pid)
+                times = p.cpu_times()
+                cpu, rss = times.user + times.system, p.memory_info().rss
+            out.append(
+                ProcInfo(
+                    gpid=proc.gpid,
+                    job=proc.job,
+                    home=proc.home,
+                    node=proc.node or self.name,
+                    pid=proc.remote_pid or proc.pid,
+                    uid=proc.uid,
+                    state=proc.state,
+                    cmd=proc_cmd(proc.pid) or proc.cmd,
+                    cpu=round(cpu, 2),
+                    rss=rss,
+                )
+            )
+        return out
+
+    def find_home_pid(self, gpid: int) -> Proc:
+        node_id, pid = split_gpid(gpid)
+        if node_id != self.agent.node_id:
+            raise NoSuchProcess(f"gpid {gpid} was not created on {self.name}")
+        proc = self.procs.get(pid)
+        if proc is None or proc.gpid != gpid:
+            raise NoSuchProcess(f"no managed process with gpid {gpid}")
+        return proc
+
+    def kill(self, gpid: int, sig: int, uid: int | None) -> None:
+        """Signal a process by gpid as ``uid`` (None: an administrator)."""
+        proc = self.find_home_pid(gpid)
+        if uid is not None and uid != 0 and uid != proc.uid:
+            raise AccessDenied(f"uid {uid} may not signal gpid {gpid} (owned by {proc.uid})")
+        try:
+            os.kill(proc.pid, sig)  # a deputy forwards it to where the process runs
+        except ProcessLookupError:
+            raise NoSuchProcess(f"gpid {gpid} has exited") from None
+        except OSError as exc:
+            raise DunixError(f"cannot signal gpid {gpid}: {exc.strerror}") from None

@@ -1,0 +1,194 @@
+"""The placement policy on hand-made member lists (no clock, seeded randomness)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dunix.errors import ConfigError, NoSuchNode
+from dunix.loadbalance import Member, MemberState, NodeLoad
+from dunix.loadbalance.placement import Choice, PlacementConfig, PlacementPolicy, SlotTable
+from dunix.migrate.cpufeatures import LEVELS, CpuFeatures
+
+NOW = 100.0
+CFG = PlacementConfig()
+V3 = CpuFeatures.from_flags(set().union(*LEVELS[:3]))
+V2 = CpuFeatures.from_flags(set().union(*LEVELS[:2]))
+
+
+def member(
+    name: str,
+    load: float = 0.0,
+    *,
+    cpus: float = 1.0,
+    state: MemberState = MemberState.ALIVE,
+    age: float = 0.5,
+    cpu: CpuFeatures = V3,
+) -> Member:
+    nl = NodeLoad(load1=load, load_now=load, cpus=cpus, cpu_level=cpu.level, cpu_flags=cpu.flags)
+    return Member(name, f"{name}:7946", 1, 1, state, nl, 0.0, NOW - age)
+
+
+def policy(seed: int = 0, **cfg: float) -> PlacementPolicy:
+    return PlacementPolicy(PlacementConfig(**cfg), random.Random(seed))  # type: ignore[arg-type]
+
+
+def cluster(home_load: float, peer_loads: list[float], cpus: float = 1.0) -> list[Member]:
+    return [member("home", home_load, cpus=cpus)] + [
+        member(f"p{i}", load, cpus=cpus) for i, load in enumerate(peer_loads)
+    ]
+
+
+def test_idle_home_keeps_everything() -> None:
+    table = policy().plan("home", cluster(0.2, [0.0] * 7), NOW)
+    assert table == SlotTable((), NOW + CFG.table_ttl)
+    assert policy().choose("home", cluster(0.2, [0.0] * 7), NOW).node is None
+
+
+def test_busy_home_spreads_over_idle_peers() -> None:
+    table = policy().plan("home", cluster(4.0, [0.0] * 7, cpus=4.0), NOW)
+    assert len(table.slots) >= 2
+    assert all(n <= CFG.max_slots for _, n in table.slots)
+    assert table.total >= 7
+    assert table.tracer_message().startswith(b"slots\0p")
+
+
+@given(st.integers(0, 2**32), st.lists(st.floats(0, 3), min_size=2, max_size=12))
+def test_slots_only_go_to_peers_below_home_by_hysteresis(seed: int, loads: list[float]) -> None:
+    members = cluster(2.0, loads, cpus=2.0)
+    table = policy(seed).plan("home", members, NOW)
+    for name, n in table.slots:
+        assert n >= 1
+        i = int(name[1:])
+        assert loads[i] + CFG.hysteresis <= 2.0 + 1e-9
+    assert table.total <= CFG.max_table_slots
+
+
+def test_hysteresis_peer_only_slightly_lighter_gets_nothing() -> None:
+    members = cluster(1.0, [0.8, 0.9, 0.75])
+    assert policy().plan("home", members, NOW).slots == ()
+    choice = policy().choose("home", members, NOW)
+    assert choice.node is None and "below home" in choice.reason
+
+
+def test_incompatible_cpu_never_gets_slots() -> None:
+    members = [member("home", 3.0, cpu=V3), member("old", 0.0, cpu=V2), member("new", 0.0)]
+    for seed in range(20):
+        table = policy(seed).plan("home", members, NOW)
+        assert table.get("old") == 0 and table.get("new") >= 1
+    # a process started on a v2 host may go to either
+    table = policy().plan("home", members, NOW, origin_features=V2)
+    assert table.get("old") >= 1
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        member("x", 0.0, state=MemberState.SUSPECT),
+        member("x", 0.0, state=MemberState.DEAD),
+        member("x", 0.0, state=MemberState.LEFT),
+        member("x", 0.0, age=CFG.max_load_age + 0.1),
+        member("x", 0.0, cpus=0.0),
+    ],
+)
+def test_dead_suspect_and_stale_peers_never_get_slots(bad: Member) -> None:
+    members = [member("home", 3.0), bad, member("ok", 0.0)]
+    for seed in range(10):
+        table = policy(seed).plan("home", members, NOW)
+        assert table.get("x") == 0 and table.get("ok") >= 1
+        assert policy(seed).plan("home", members, NOW, force_remote=True).get("x") == 0
+        assert policy(seed).choose("home", members, NOW).node == "ok"
+
+
+def test_charges_reduce_later_slots_until_gossip_shows_them() -> None:
+    members = cluster(6.0, [0.0, 0.0], cpus=2.0)
+    pol = policy(max_slots=100)
+    first = pol.plan("home", members, NOW)
+    for name, n in first.slots:
+        pol.charge(name, n)
+    again = pol.plan("home", members, NOW + 0.5)
+    assert again.total < first.total  # no herd: what was sent counts
+    assert pol.charged(members[1]) == first.get("p0")
+    # a figure heard long enough after the placements replaces the charges
+    fresh = [members[0]] + [replace(m, load_at=NOW + CFG.charge_grace + 0.1) for m in members[1:]]
+    assert pol.charged(fresh[1]) == 0
+    assert pol.plan("home", fresh, NOW + 3.0).total == first.total
+
+
+def test_charges_spread_a_burst() -> None:
+    """Re-planning after every table from the same stale gossip: no single peer swamped."""
+    members = cluster(20.0, [0.0] * 7, cpus=1.0)
+    pol = policy(7, max_slots=4)
+    sent: dict[str, int] = {}
+    for k in range(5):
+        table = pol.plan("home", members, NOW + 0.1 * k)
+        for name, n in table.slots:
+            pol.charge(name, n)
+            sent[name] = sent.get(name, 0) + n
+    assert len(sent) == 7
+    assert max(sent.values()) - min(sent.values()) <= 2
+    assert max(sent.values()) <= 20  # never past the home's level
+
+
+def test_force_remote_gives_every_compatible_peer_many_slots() -> None:
+    members = [member("home", 0.0), member("a", 5.0), member("b", 0.0), member("c", 0, cpu=V2)]
+    table = policy().plan("home", members, NOW, force_remote=True)
+    assert table.slots == (("a", CFG.force_slots), ("b", CFG.force_slots))
+    assert policy().choose("home", members, NOW, force_remote=True).node in {"a", "b"}
+
+
+def test_local_runnable_hint_overrides_stale_home_figure() -> None:
+    members = cluster(0.0, [0.0] * 3, cpus=2.0)
+    assert policy().plan("home", members, NOW).slots == ()
+    assert policy().plan("home", members, NOW, local_runnable_hint=6.0).total > 0
+
+
+@given(st.integers(0, 2**32), st.floats(0, 6), st.lists(st.floats(0, 4), max_size=10))
+def test_choose_agrees_with_plan(seed: int, home: float, loads: list[float]) -> None:
+    members = cluster(home, loads)
+    table = policy(seed).plan("home", members, NOW)
+    choice = policy(seed).choose("home", members, NOW)
+    assert isinstance(choice, Choice) and choice.reason
+    if choice.node is None:
+        assert table.slots == ()
+    else:
+        assert table.get(choice.node) >= 1
+    # same rng state: the first slot plan hands out is the one choose picks
+    one = policy(seed, max_table_slots=1).plan("home", members, NOW)
+    assert one.slots == (() if choice.node is None else ((choice.node, 1),))
+
+
+@given(st.integers(0, 2**32), st.lists(st.floats(0, 4), min_size=1, max_size=10))
+def test_deterministic_with_a_seeded_rng(seed: int, loads: list[float]) -> None:
+    members = cluster(5.0, loads)
+    assert policy(seed).plan("home", members, NOW) == policy(seed).plan("home", members, NOW)
+    assert policy(seed).plan("home", members, NOW) == policy(seed).plan(
+        "home", list(reversed(members)), NOW
+    )
+
+
+def test_unknown_home_is_an_error() -> None:
+    with pytest.raises(NoSuchNode):
+        policy().plan("nobody", cluster(1.0, [0.0]), NOW)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"hysteresis": -0.1},
+        {"now_weight": 1.5},
+        {"max_slots": 0},
+        {"max_slots": 2.5},
+        {"table_ttl": 0.0},
+        {"max_load_age": float("inf")},
+        {"home_threshold": float("nan")},
+        {"force_slots": True},
+    ],
+)
+def test_bad_config_is_refused(bad: dict[str, float]) -> None:
+    with pytest.raises(ConfigError):
+        PlacementConfig(**bad)  # type: ignore[arg-type]

@@ -60,6 +60,8 @@ class Agent:
         self.identity = TLSIdentity.load(config.tls_dir, config.name, "node")
         self.features = read_cpu_features().restricted_to(config.cpu_flags)
         self.sampler = LoadSampler()
+        self.jobs = JobService(self)
+        self.jobs.default_mode = config.placement
         self.membership = Membership(
             config.name,
             config.address,
@@ -69,8 +71,6 @@ class Agent:
             load=self._load_record(),
             incarnation=int(time.time()),
         )
-        self.jobs = JobService(self)
-        self.jobs.default_mode = config.placement
         self.queries = PeerQueries(self.send_peer)
         self._watchers: set[trio.MemorySendChannel[NodeEvent]] = set()
         self._wake = trio.Event()

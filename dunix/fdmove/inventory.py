@@ -1,0 +1,242 @@
+"""What a process holds, read from /proc: its fds, its signal state, its rlimits.
+
+The agent reads this for a deputy before sending `ready` (docs/run.md, "Deputy") and for
+a process about to move, to decide whether it can run elsewhere and what to recreate
+there. A process's fd table changes under our feet: an fd closed between the listing and
+the reading of its details is skipped, and one that was reused for another file in between
+is recognised by its inode and skipped as well.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import stat
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+from dunix.errors import AccessDenied, DunixError, NoSuchProcess
+
+FdKind = Literal["pipe", "fifo", "file", "tty", "null", "device", "socket", "dir", "other"]
+
+# (major, minor) of /dev/null, /dev/zero, /dev/random, /dev/urandom (devices.txt); by
+# number, so a private /dev with other names still counts.
+_NULL_LIKE = {(1, 3), (1, 5), (1, 8), (1, 9)}
+# /dev/ttyN (4), /dev/tty, /dev/console, /dev/ptmx (5), /dev/pts/N (136-143).
+_TTY_MAJORS = {4, 5, *range(136, 144)}
+
+_O_PATH = 0o10000000
+
+
+@dataclass(frozen=True)
+class FdInfo:
+    """One fd of a process as /proc/PID/fd and /proc/PID/fdinfo show it."""
+
+    fd: int
+    kind: FdKind
+    #: what /proc/PID/fd/N links to: a path, or ``pipe:[INODE]``, ``socket:[INODE]`` ...
+    target: str
+    #: the file's path for files, fifos, dirs, ttys and devices; None otherwise
+    path: str | None
+    inode: int
+    #: file offset (fdinfo ``pos``)
+    pos: int
+    #: open flags (fdinfo ``flags``, octal there): access mode, O_APPEND, O_NONBLOCK ...
+    flags: int
+    #: the file was unlinked (link count 0, e.g. a memfd or a deleted temporary)
+    deleted: bool = False
+
+    @property
+    def readable(self) -> bool:
+        return not self.flags & _O_PATH and self.flags & os.O_ACCMODE in (os.O_RDONLY, os.O_RDWR)
+
+    @property
+    def writable(self) -> bool:
+        return not self.flags & _O_PATH and self.flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
+
+
+@dataclass(frozen=True)
+class SignalState:
+    """Signal masks from /proc/PID/status: bit ``sig - 1`` stands for signal ``sig``."""
+
+    ignored: int
+    blocked: int
+
+    @staticmethod
+    def signals(mask: int) -> list[int]:
+        return [sig for sig in range(1, 65) if mask >> (sig - 1) & 1]
+
+
+class Rlimit(NamedTuple):
+    """One resource limit; ``resource.RLIM_INFINITY`` stands for unlimited."""
+
+    resource: int
+    soft: int
+    hard: int
+
+
+# The row names of /proc/PID/limits (lim_names in fs/proc/base.c).
+_LIMIT_NAMES: dict[str, int] = {
+    "Max cpu time": resource.RLIMIT_CPU,
+    "Max file size": resource.RLIMIT_FSIZE,
+    "Max data size": resource.RLIMIT_DATA,
+    "Max stack size": resource.RLIMIT_STACK,
+    "Max core file size": resource.RLIMIT_CORE,
+    "Max resident set": resource.RLIMIT_RSS,
+    "Max processes": resource.RLIMIT_NPROC,
+    "Max open files": resource.RLIMIT_NOFILE,
+    "Max locked memory": resource.RLIMIT_MEMLOCK,
+    "Max address space": resource.RLIMIT_AS,
+    "Max file locks": 10,  # RLIMIT_LOCKS, absent from the resource module
+    "Max pending signals": resource.RLIMIT_SIGPENDING,
+    "Max msgqueue size": resource.RLIMIT_MSGQUEUE,
+    "Max nice priority": resource.RLIMIT_NICE,
+    "Max realtime priority": resource.RLIMIT_RTPRIO,
+    "Max realtime timeout": resource.RLIMIT_RTTIME,
+}
+_LIMIT_ROW = re.compile(r"^(\S.*?)\s{2,}(\S+)\s+(\S+)")
+
+
+def _process_error(err: OSError, pid: int) -> DunixError:
+    if isinstance(err, FileNotFoundError | ProcessLookupError):
+        return NoSuchProcess(f"process {pid} is gone")
+    if isinstance(err, PermissionError):
+        return AccessDenied(f"cannot read /proc/{pid}: {err.strerror}")
+    return DunixError(f"cannot read /proc/{pid}: {err.strerror}")
+
+
+def _read_proc(pid: int, name: str) -> str:
+    try:
+        with open(f"/proc/{pid}/{name}", encoding="utf-8", errors="surrogateescape") as f:
+            return f.read()
+    except OSError as err:
+        raise _process_error(err, pid) from err
+
+
+def _parse_fdinfo(text: str) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key] = value.strip()
+    return fields
+
+
+def _kind(st: os.stat_result, target: str) -> FdKind:
+    mode = st.st_mode
+    if stat.S_ISFIFO(mode):
+        return "pipe" if target.startswith("pipe:[") else "fifo"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISREG(mode):
+        return "other" if target.startswith("anon_inode:") else "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISCHR(mode):
+        dev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+        if dev in _NULL_LIKE:
+            return "null"
+        if dev[0] in _TTY_MAJORS:
+            return "tty"
+        return "device"
+    if stat.S_ISBLK(mode):
+        return "device"
+    return "other"
+
+
+def _one_fd(pid: int, fd: int) -> FdInfo | None:
+    """The details of one fd, or None when it was closed or reused while we looked."""
+    link = f"/proc/{pid}/fd/{fd}"
+    try:
+        st = os.stat(link)
+        target = os.readlink(link)
+        with open(f"/proc/{pid}/fdinfo/{fd}", encoding="ascii") as f:
+            info = _parse_fdinfo(f.read())
+    except FileNotFoundError:
+        return None
+    # fdinfo has `ino` since Linux 5.14: a mismatch means the fd was reused in between.
+    if "ino" in info and int(info["ino"]) != st.st_ino:
+        return None
+    kind = _kind(st, target)
+    has_path = kind in ("fifo", "file", "dir", "tty", "null", "device")
+    deleted = kind in ("file", "fifo", "dir") and st.st_nlink == 0
+    path = target.removesuffix(" (deleted)") if has_path and deleted else target
+    return FdInfo(
+        fd=fd,
+        kind=kind,
+        target=target,
+        path=path if has_path else None,
+        inode=st.st_ino,
+        pos=int(info.get("pos", "0")),
+        flags=int(info.get("flags", "0"), 8),
+        deleted=deleted,
+    )
+
+
+def inventory(pid: int, exclude: Collection[int] = ()) -> list[FdInfo]:
+    """Every open fd of ``pid`` but those in ``exclude``, by fd number.
+
+    Raises NoSuchProcess when the process is gone, AccessDenied without the rights
+    (reading another user's fds needs PTRACE_MODE_READ, proc(5)).
+    """
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError as err:
+        raise _process_error(err, pid) from err
+    fds: list[FdInfo] = []
+    for fd in sorted(int(name) for name in names):
+        if fd in exclude:
+            continue
+        try:
+            info = _one_fd(pid, fd)
+        except OSError as err:
+            raise _process_error(err, pid) from err
+        if info is not None:
+            fds.append(info)
+    return fds
+
+
+def movable(fds: Iterable[FdInfo]) -> str | None:
+    """Why a process holding ``fds`` cannot run on another node, or None if it can.
+
+    Files, fifos and dirs are reached through the shared file tree, pipes and ttys are
+    relayed, null-like devices exist everywhere. The wording follows the tracer's
+    ``unmovable PID REASON`` (docs/run.md).
+    """
+    for f in fds:
+        if f.kind == "socket":
+            return f"holds a socket (fd {f.fd})"
+        if f.kind == "device":
+            return f"holds device {f.path} (fd {f.fd})"
+        if f.deleted:
+            return f"holds deleted file {f.path} (fd {f.fd})"
+        if f.kind == "other":
+            return f"holds {f.target} (fd {f.fd})"
+    return None
+
+
+def signal_state(pid: int) -> SignalState:
+    """SigIgn and SigBlk of ``pid`` (the main thread's blocked mask)."""
+    fields = _parse_fdinfo(_read_proc(pid, "status"))
+    try:
+        return SignalState(ignored=int(fields["SigIgn"], 16), blocked=int(fields["SigBlk"], 16))
+    except (KeyError, ValueError) as err:
+        raise DunixError(f"/proc/{pid}/status has no signal masks") from err
+
+
+def rlimits(pid: int) -> list[Rlimit]:
+    """The resource limits of ``pid`` from /proc/PID/limits, readable by anyone.
+
+    prlimit(2) would need CAP_SYS_RESOURCE for another user's process, which the agent
+    lacks on some machines (DESIGN.md, "Facts").
+    """
+    limits: list[Rlimit] = []
+    for line in _read_proc(pid, "limits").splitlines()[1:]:
+        m = _LIMIT_ROW.match(line)
+        if m is None or m.group(1) not in _LIMIT_NAMES:
+            continue
+        soft, hard = (resource.RLIM_INFINITY if v == "unlimited" else int(v) for v in m.group(2, 3))
+        limits.append(Rlimit(_LIMIT_NAMES[m.group(1)], soft, hard))
+    return limits

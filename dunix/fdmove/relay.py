@@ -1,0 +1,408 @@
+"""trio relays between local fds and the streams of one peer link.
+
+A :class:`StreamHub` serves one agent-to-agent channel. For every relayed fd the agent
+opens a :class:`StreamEndpoint`: a *sender* reads its fd and sends ``StreamData``, a
+*receiver* writes what arrives into its fd. The hub sends through the callable it was
+given and is fed the peer's messages through :meth:`StreamHub.deliver`, which never
+blocks (flow control bounds what a stream can hold to its window), so one slow reader
+never stalls the channel for the others.
+
+The endpoint owns its fd and closes it at the moment the far side's process must notice:
+a sender when its fd reached EOF or the far reader went away (then the local writer's
+next write fails with EPIPE/SIGPIPE), a receiver once it has written everything before the
+far end (the local reader sees EOF) or when its write failed with EPIPE. The agent
+ignores SIGPIPE (Python's default), so a failed write is an ``EPIPE`` error, never a
+signal.
+
+The fd's open file description may be shared with other processes (the home side's
+duplicates from ``pidfd_getfd``). Setting ``O_NONBLOCK`` on a shared description would
+change it for them too (a user's terminal left non-blocking), so with ``shared=True`` a
+pipe, FIFO or tty is reopened through ``/proc/self/fd/N``, which gives a new description
+of the same pipe or device (proc(5)), and sockets are used with ``MSG_DONTWAIT``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import enum
+import errno
+import fcntl
+import logging
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable, Iterable
+
+import trio
+
+from dunix.errors import DunixError
+from dunix.fdmove.streams import (
+    DEFAULT_WINDOW,
+    STREAM_MESSAGES,
+    State,
+    StreamData,
+    StreamMessage,
+    StreamMux,
+)
+
+log = logging.getLogger("dunix.fdmove")
+
+#: largest read from a local fd, and so the largest StreamData payload
+DEFAULT_CHUNK = 1024 * 1024
+#: pipe buffer asked for with F_SETPIPE_SZ (the default 64 KiB costs a wakeup per 64 KiB)
+PIPE_SIZE = 1024 * 1024
+
+Send = Callable[[StreamMessage], Awaitable[None]]
+
+_BROKEN = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN)
+
+
+class Outcome(enum.Enum):
+    EOF = "eof"  # sender: its fd reached EOF and the end went out; receiver: all written
+    PEER_GONE = "peer-gone"  # sender: the far reader went away; the fd is closed
+    BROKEN = "broken"  # receiver: its local reader went away (EPIPE)
+    STOPPED = "stopped"  # the agent stopped the endpoint
+    LOST = "lost"  # the link to the peer failed; the fd is closed, nothing more was said
+
+
+class _LocalFd:
+    """Non-blocking reads and writes on one fd, without changing a shared description."""
+
+    def __init__(self, fd: int, *, writing: bool, shared: bool) -> None:
+        self.sock: socket.socket | None = None
+        self.refused = False  # a FIFO write end whose reader is already gone
+        self.shared = shared
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISSOCK(mode):
+            self.sock = socket.socket(fileno=fd)
+        elif shared and (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+            fd = self._reopen(fd, writing)
+        else:
+            os.set_blocking(fd, False)
+        self.fd = fd
+        if stat.S_ISFIFO(mode) and fd >= 0:
+            with contextlib.suppress(OSError):  # capped by fs.pipe-max-size; best effort
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+
+    def _reopen(self, fd: int, writing: bool) -> int:
+        flags = (os.O_WRONLY if writing else os.O_RDONLY) | os.O_NONBLOCK | os.O_NOCTTY
+        try:
+            new = os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # ENXIO: a FIFO opened for writing has no reader
+                os.close(fd)
+                raise
+            self.refused = True
+            new = -1
+        os.close(fd)
+        return new
+
+    def read(self, size: int) -> bytes | None:
+        """Up to ``size`` bytes; ``b""`` at EOF, None if nothing is ready."""
+        try:
+            if self.sock is not None:
+                return self.sock.recv(size, socket.MSG_DONTWAIT)
+            return os.read(self.fd, size)
+        except BlockingIOError:
+            return None
+        except ConnectionResetError:
+            return b""
+
+    def write(self, data: memoryview) -> int | None:
+        """Bytes written (maybe fewer than given); None if the fd is full.
+
+        Raises ``BrokenPipeError`` (and its socket cousins) when the reader is gone.
+        """
+        try:
+            if self.sock is not None:
+                return self.sock.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            return os.write(self.fd, data)
+        except BlockingIOError:
+            return None
+
+    async def wait_readable(self) -> None:
+        await trio.lowlevel.wait_readable(self.sock if self.sock is not None else self.fd)
+
+    async def wait_writable(self) -> None:
+        await trio.lowlevel.wait_writable(self.sock if self.sock is not None else self.fd)
+
+    def shutdown(self, how: int) -> None:
+        """Say EOF (or refuse more data) on a socket that other fds of ours also hold."""
+        if self.sock is not None and not self.shared:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(how)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        elif self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1
+
+
+class StreamEndpoint:
+    """One local fd relayed as one stream; created by :class:`StreamHub`.
+
+    ``finished`` is set once the endpoint is done with its fd (closed) and has said what
+    it had to say; ``outcome`` then says how it ended.
+    """
+
+    def __init__(self, hub: StreamHub, stream: int, io: _LocalFd, *, sending: bool) -> None:
+        self.hub = hub
+        self.stream = stream
+        self.sending = sending
+        self.outcome: Outcome | None = None
+        self.finished = trio.Event()
+        self._io = io
+        self._chunks: collections.deque[memoryview] = collections.deque()
+        self._changed = trio.Event()
+        self._io_scope: trio.CancelScope | None = None
+        self._stopping = False
+        self._lost = False
+        self._opening: list[StreamMessage] = []  # a receiver's opening credit
+
+    def __repr__(self) -> str:
+        kind = "sender" if self.sending else "receiver"
+        return f"<StreamEndpoint {kind} {self.stream} fd {self._io.fd} {self.outcome}>"
+
+    async def wait(self) -> Outcome:
+        """Wait until the endpoint is done with its fd; how it ended."""
+        await self.finished.wait()
+        assert self.outcome is not None
+        return self.outcome
+
+    def stop(self) -> None:
+        """Stop relaying: a sender closes its fd and ends the stream, a receiver drops
+        what it holds, closes its fd and tells the sender it is gone."""
+        self._stopping = True
+        self._poke(cancel_io=True)
+
+    # -- called by the hub -------------------------------------------------------------
+
+    def _poke(self, *, cancel_io: bool = False) -> None:
+        self._changed.set()
+        if cancel_io and self._io_scope is not None:
+            self._io_scope.cancel()
+
+    def _lose(self) -> None:
+        self._lost = True
+        self._poke(cancel_io=True)
+
+    def _data(self, data: bytes) -> None:
+        if data:
+            self._chunks.append(memoryview(data))
+        self._poke()
+
+    async def _wait_changed(self) -> None:
+        self._changed = trio.Event()
+        await self._changed.wait()
+
+    async def _wait_io(self, wait: Callable[[], Awaitable[None]]) -> None:
+        with trio.CancelScope() as self._io_scope:
+            await wait()
+        self._io_scope = None
+
+    async def _send_all(self, msgs: Iterable[StreamMessage]) -> None:
+        for msg in msgs:
+            if self._lost:
+                return
+            try:
+                await self.hub.send(msg)
+            except DunixError as exc:  # PeerUnreachable: the whole link is gone
+                log.info("stream %d: link lost: %s", self.stream, exc)
+                self.hub.link_lost()
+
+    def _close(self) -> None:
+        if self._io.fd >= 0:
+            self._io.close()
+
+    # -- the tasks ---------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            if self.sending:
+                self.outcome = await self._run_sender()
+            else:
+                self.outcome = await self._run_receiver()
+        finally:
+            self._close()
+            if self.outcome is None:
+                self.outcome = Outcome.LOST
+            self._chunks.clear()
+            self.hub._forget(self)
+            self.finished.set()
+
+    async def _run_sender(self) -> Outcome:
+        mux, stream = self.hub.mux, self.stream
+        info = mux.info(stream)
+        chunk = self.hub.chunk
+        while info.state is State.WAITING and not self._lost:
+            if self._stopping:
+                self._close()  # the local writer learns now; the end waits for the credit
+            await self._wait_changed()
+        while not (self._lost or self._stopping) and info.state is State.OPEN:
+            credit = info.credit
+            if not credit:
+                await self._wait_changed()
+                continue
+            data = self._io.read(min(credit, chunk))
+            if data is None:
+                await self._wait_io(self._io.wait_readable)
+                continue
+            if not data:
+                self._close()
+                await self._send_all(mux.local_eof(stream))
+                return Outcome.LOST if self._lost else Outcome.EOF
+            await self._send_all(mux.read(stream, data))
+        self._close()
+        if self._lost:
+            return Outcome.LOST
+        if info.state is State.PEER_GONE:
+            self._io.shutdown(socket.SHUT_RD)
+            await self._send_all(mux.finish(stream))
+            return Outcome.PEER_GONE
+        await self._send_all(mux.local_eof(stream))  # stopped by the agent
+        return Outcome.STOPPED
+
+    async def _run_receiver(self) -> Outcome:
+        mux, stream = self.hub.mux, self.stream
+        info = mux.info(stream)
+        if self._io.refused:
+            await self._send_all(mux.local_gone(stream))
+            return Outcome.BROKEN
+        await self._send_all(self._opening)
+        while not self._lost:
+            if self._stopping:
+                self._close()
+                await self._send_all(mux.local_gone(stream))
+                return Outcome.STOPPED
+            if self._chunks:
+                head = self._chunks[0]
+                try:
+                    written = self._io.write(head)
+                except OSError as exc:
+                    if exc.errno not in _BROKEN:
+                        log.warning("stream %d: writing fd %d: %s", stream, self._io.fd, exc)
+                    self._io.shutdown(socket.SHUT_WR)
+                    self._close()
+                    await self._send_all(mux.local_gone(stream))
+                    return Outcome.BROKEN
+                if written is None:
+                    await self._wait_io(self._io.wait_writable)
+                    continue
+                if written == len(head):
+                    self._chunks.popleft()
+                else:
+                    self._chunks[0] = head[written:]
+                await self._send_all(mux.written(stream, written))
+                continue
+            if info.state is State.DRAINING:
+                self._io.shutdown(socket.SHUT_WR)
+                self._close()
+                await self._send_all(mux.flushed(stream))
+                return Outcome.EOF
+            await self._wait_changed()
+        return Outcome.LOST
+
+
+class StreamHub:
+    """The streams of one peer link: opens endpoints, routes the peer's messages to them.
+
+    ``send(msg)`` puts a message on the link to the peer (``Channel.send``); it may
+    block, and raises ``DunixError`` (``PeerUnreachable``) if the link broke. The
+    agent starts :meth:`run` in a nursery (``await nursery.start(hub.run)``) and feeds
+    every message it receives on the link to :meth:`deliver`.
+    """
+
+    def __init__(
+        self,
+        send: Send,
+        *,
+        odd: bool,
+        window: int = DEFAULT_WINDOW,
+        chunk: int = DEFAULT_CHUNK,
+    ) -> None:
+        self.send = send
+        self.mux = StreamMux(odd=odd, window=window)
+        self.chunk = chunk
+        self.endpoints: dict[int, StreamEndpoint] = {}
+        self._nursery: trio.Nursery | None = None
+        self._lost = False
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Host the endpoints' tasks until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    def allocate(self) -> int:
+        """A new stream id for this link (this side's parity); tell the peer in RemoteExec."""
+        return self.mux.allocate()
+
+    def open_sender(self, stream: int, fd: int, *, shared: bool = False) -> StreamEndpoint:
+        """Relay what can be read from ``fd`` to the peer's receiver of ``stream``.
+
+        The endpoint owns ``fd`` (closes it when done). ``shared``: the fd's open file
+        description may be held by other processes (a duplicate taken from the deputy).
+        """
+        return self._open(stream, fd, sending=True, shared=shared)
+
+    def open_receiver(self, stream: int, fd: int, *, shared: bool = False) -> StreamEndpoint:
+        """Write what the peer's sender of ``stream`` sends into ``fd`` (owned, see above)."""
+        return self._open(stream, fd, sending=False, shared=shared)
+
+    def _open(self, stream: int, fd: int, *, sending: bool, shared: bool) -> StreamEndpoint:
+        if self._nursery is None:
+            raise RuntimeError("StreamHub.run is not running")
+        if self._lost:
+            os.close(fd)
+            raise RuntimeError("the link of this StreamHub is lost")
+        if stream in self.mux:
+            raise ValueError(f"stream {stream} is already open")
+        io = _LocalFd(fd, writing=not sending, shared=shared)
+        try:
+            opening = [] if sending else self.mux.open_receiver(stream)
+            if sending:
+                self.mux.open_sender(stream)
+        except BaseException:
+            io.close()
+            raise
+        endpoint = self.endpoints[stream] = StreamEndpoint(self, stream, io, sending=sending)
+        endpoint._opening = opening
+        self._nursery.start_soon(endpoint._run, name=repr(endpoint))
+        return endpoint
+
+    def deliver(self, msg: object) -> bool:
+        """Apply one message from the peer; False if it is not a stream message.
+
+        Never blocks. Raises ``ProtocolError`` if the peer broke the protocol: the agent
+        must then close the channel and call :meth:`link_lost`.
+        """
+        if not isinstance(msg, STREAM_MESSAGES):
+            return False
+        info = self.mux.receive(msg)
+        if info is None:
+            return True
+        endpoint = self.endpoints.get(msg.stream)
+        if endpoint is None:
+            return True  # its relay already finished; the mux only needed the final word
+        if isinstance(msg, StreamData):
+            endpoint._data(msg.data if info.state is State.OPEN else b"")
+        else:
+            endpoint._poke(cancel_io=info.state is State.PEER_GONE)
+        return True
+
+    def link_lost(self) -> None:
+        """The channel broke: every endpoint closes its fd and ends as ``LOST``."""
+        self._lost = True
+        for endpoint in list(self.endpoints.values()):
+            endpoint._lose()
+
+    def _forget(self, endpoint: StreamEndpoint) -> None:
+        if self.endpoints.get(endpoint.stream) is endpoint:
+            del self.endpoints[endpoint.stream]

@@ -1,0 +1,255 @@
+"""The sans-IO stream mux: states, credit, final words, and what the peer may not do."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from dunix.errors import ProtocolError
+from dunix.fdmove import (
+    STREAM_MESSAGES,
+    TRANSITIONS,
+    Event,
+    Role,
+    State,
+    StreamCredit,
+    StreamData,
+    StreamEnd,
+    StreamGone,
+    StreamMessage,
+    StreamMux,
+    odd_side,
+)
+from dunix.fdmove import streams as streams_module
+from dunix.wire import decode, encode
+
+WINDOW = 1024
+
+
+def pair(window: int = WINDOW) -> tuple[StreamMux, StreamMux]:
+    return StreamMux(odd=True, window=window), StreamMux(odd=False, window=window)
+
+
+def feed(mux: StreamMux, msgs: list[StreamMessage]) -> None:
+    for msg in msgs:
+        mux.receive(msg)
+
+
+def opened(window: int = WINDOW) -> tuple[StreamMux, StreamMux, int]:
+    """A sender mux and a receiver mux with one open stream."""
+    sender, receiver = pair(window)
+    stream = sender.allocate()
+    sender.open_sender(stream)
+    feed(sender, receiver.open_receiver(stream))
+    return sender, receiver, stream
+
+
+def test_ids_have_the_sides_parity_and_never_repeat() -> None:
+    odd, even = pair()
+    assert [odd.allocate() for _ in range(3)] == [1, 3, 5]
+    assert [even.allocate() for _ in range(3)] == [2, 4, 6]
+    assert odd_side("a", "b") and not odd_side("b", "a")
+    with pytest.raises(ValueError):
+        odd_side("a", "a")
+
+
+def test_messages_cross_the_wire() -> None:
+    for msg in (StreamData(3, b"\0" * 10), StreamEnd(3), StreamGone(3), StreamCredit(3, 7)):
+        assert decode(encode(msg)) == msg
+    assert set(STREAM_MESSAGES) == {StreamData, StreamEnd, StreamGone, StreamCredit}
+
+
+def test_sender_waits_for_the_opening_credit_which_sets_the_window() -> None:
+    sender, receiver = pair()
+    sender.open_sender(1)
+    assert sender.sendable(1) == 0 and sender.info(1).state is State.WAITING
+    assert receiver.open_receiver(1) == [StreamCredit(1, WINDOW)]
+    sender.receive(StreamCredit(1, 100))
+    assert sender.sendable(1) == 100 and sender.info(1).window == 100
+
+
+def test_credit_that_arrives_before_the_sender_registers_is_kept() -> None:
+    sender, receiver = pair()
+    assert sender.receive(StreamCredit(2, 500)) is None
+    sender.open_sender(2)
+    assert sender.sendable(2) == 500
+
+
+def test_early_messages_are_bounded() -> None:
+    mux = StreamMux(odd=True)
+    for stream in range(1, streams_module.MAX_EARLY + 1):
+        mux.receive(StreamCredit(stream, 1))
+    with pytest.raises(ProtocolError, match="unknown streams"):
+        mux.receive(StreamCredit(streams_module.MAX_EARLY + 1, 1))
+    mux.receive(StreamGone(1))
+    with pytest.raises(ProtocolError, match="too many"):
+        mux.receive(StreamGone(1))
+
+
+def test_a_whole_stream_ends_and_both_sides_forget_it() -> None:
+    sender, receiver, stream = opened()
+    feed(receiver, sender.read(stream, b"x" * 600))
+    assert sender.sendable(stream) == WINDOW - 600
+    assert receiver.info(stream).buffered == 600
+    assert receiver.written(stream, 200) == []  # below a quarter window: kept
+    credit = receiver.written(stream, 400)
+    assert credit == [StreamCredit(stream, 600)]
+    feed(sender, credit)
+    assert sender.sendable(stream) == WINDOW
+    end = sender.local_eof(stream)
+    assert end == [StreamEnd(stream)] and sender.info(stream).state is State.ENDED
+    feed(receiver, end)
+    assert receiver.info(stream).state is State.DRAINING
+    gone = receiver.flushed(stream)
+    assert gone == [StreamGone(stream)] and stream not in receiver
+    feed(sender, gone)
+    assert stream not in sender and len(sender) == len(receiver) == 0
+
+
+def test_a_reader_going_away_stops_the_sender() -> None:
+    sender, receiver, stream = opened()
+    in_flight = sender.read(stream, b"y" * 100)
+    gone = receiver.local_gone(stream)
+    assert gone == [StreamGone(stream)] and receiver.info(stream).state is State.GONE
+    feed(receiver, in_flight)  # was on the way: dropped, not buffered
+    assert receiver.info(stream).buffered == 0
+    assert receiver.written(stream, 0) == []
+    feed(sender, gone)
+    assert sender.info(stream).state is State.PEER_GONE and sender.sendable(stream) == 0
+    assert sender.local_eof(stream) == []  # the end is the finish's to send
+    end = sender.finish(stream)
+    assert end == [StreamEnd(stream)] and stream not in sender
+    feed(receiver, end)
+    assert stream not in receiver
+
+
+def test_epipe_while_draining_is_the_final_word() -> None:
+    sender, receiver, stream = opened()
+    feed(receiver, sender.read(stream, b"z"))
+    feed(receiver, sender.local_eof(stream))
+    assert receiver.local_gone(stream) == [StreamGone(stream)]
+    assert stream not in receiver
+
+
+def test_credit_sent_before_the_end_is_ignored_by_an_ended_sender() -> None:
+    sender, receiver, stream = opened()
+    feed(receiver, sender.read(stream, b"a" * WINDOW))
+    credit = receiver.written(stream, WINDOW)
+    end = sender.local_eof(stream)
+    feed(sender, credit)
+    feed(receiver, end)
+    feed(sender, receiver.flushed(stream))
+    assert len(sender) == len(receiver) == 0
+
+
+@pytest.mark.parametrize(
+    "msg, match",
+    [
+        (StreamData(1, b"x" * (WINDOW + 1)), "beyond credit"),
+        (StreamData(9, b"x"), "unknown stream"),
+        (StreamEnd(9), "unknown stream"),
+        (StreamCredit(1, 1), "unexpected credit"),
+    ],
+)
+def test_receiver_refuses_what_the_peer_may_not_send(msg: StreamMessage, match: str) -> None:
+    receiver = StreamMux(odd=False, window=WINDOW)
+    receiver.open_receiver(1)
+    with pytest.raises(ProtocolError, match=match):
+        receiver.receive(msg)
+
+
+def test_sender_refuses_credit_above_the_window_and_data() -> None:
+    sender, _, stream = opened()
+    with pytest.raises(ProtocolError, match="overflow"):
+        sender.receive(StreamCredit(stream, 1))
+    with pytest.raises(ProtocolError, match="credit of 0"):
+        sender.receive(StreamCredit(stream, 0))
+    with pytest.raises(ProtocolError, match="unexpected data"):
+        sender.receive(StreamData(stream, b"x"))
+    with pytest.raises(ProtocolError, match="unexpected end"):
+        sender.receive(StreamEnd(stream))
+
+
+def test_credit_for_a_stream_we_receive_on_is_refused_at_registration() -> None:
+    mux = StreamMux(odd=True)
+    mux.receive(StreamCredit(4, 10))
+    with pytest.raises(ProtocolError, match="ours to give"):
+        mux.open_receiver(4)
+
+
+def test_local_misuse_is_a_bug_not_a_protocol_error() -> None:
+    sender, receiver, stream = opened()
+    with pytest.raises(RuntimeError, match="beyond credit"):
+        sender.read(stream, b"x" * (WINDOW + 1))
+    with pytest.raises(RuntimeError, match="receive stream"):
+        receiver.read(stream, b"x")
+    with pytest.raises(RuntimeError, match="still held"):
+        feed(receiver, sender.read(stream, b"x"))
+        feed(receiver, sender.local_eof(stream))
+        receiver.flushed(stream)
+    with pytest.raises(ValueError, match="already open"):
+        sender.open_sender(stream)
+    with pytest.raises(KeyError):
+        sender.info(99)
+
+
+def test_every_peer_event_missing_from_the_table_is_a_protocol_error() -> None:
+    messages = {
+        Event.CREDIT: StreamCredit(1, 1),
+        Event.DATA: StreamData(1, b""),
+        Event.END: StreamEnd(1),
+        Event.GONE: StreamGone(1),
+    }
+    for role in Role:
+        for state in State:
+            if state is State.CLOSED:
+                continue
+            for event, msg in messages.items():
+                if (role, state, event) in TRANSITIONS:
+                    continue
+                mux = StreamMux(odd=True, window=WINDOW)
+                if role is Role.SEND:
+                    mux.open_sender(1)
+                else:
+                    mux.open_receiver(1)
+                mux.info(1).state = state
+                mux.info(1).credit = 10
+                with pytest.raises(ProtocolError):
+                    mux.receive(msg)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_in_flight_never_exceeds_the_window_under_any_schedule(seed: int) -> None:
+    """A random interleaving of reads, deliveries and writes, with a random window."""
+    rng = random.Random(seed)
+    window = rng.randint(1, 5000)
+    sender, receiver = pair(window)
+    stream = sender.allocate()
+    sender.open_sender(stream)
+    to_sender: list[StreamMessage] = list(receiver.open_receiver(stream))
+    to_receiver: list[StreamMessage] = []
+    total, sent, written = 50_000, 0, 0
+    while stream in sender or stream in receiver:
+        step = rng.random()
+        if step < 0.3 and stream in sender and sender.info(stream).state is State.OPEN:
+            n = min(sender.sendable(stream), total - sent, rng.randint(0, 3000))
+            if sent == total:
+                to_receiver += sender.local_eof(stream)
+            elif n:
+                to_receiver += sender.read(stream, b"d" * n)
+                sent += n
+            assert sender.info(stream).in_flight <= window
+        elif step < 0.5 and to_receiver:
+            receiver.receive(to_receiver.pop(0))
+        elif step < 0.7 and to_sender:
+            sender.receive(to_sender.pop(0))
+        elif stream in receiver:
+            info = receiver.info(stream)
+            assert info.buffered <= window
+            n = rng.randint(0, info.buffered)
+            to_sender += receiver.written(stream, n)
+            written += n
+            if info.state is State.DRAINING and not info.buffered:
+                to_sender += receiver.flushed(stream)
+    assert written == sent == total

@@ -1,0 +1,458 @@
+"""Relays over real pipes, sockets and processes: two hubs joined in memory or by TLS."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from dunix.errors import PeerUnreachable, ProtocolError
+from dunix.fdmove import (
+    Outcome,
+    StreamData,
+    StreamHub,
+    StreamMessage,
+)
+from dunix.wire import (
+    Channel,
+    TLSIdentity,
+    keygen,
+    listener_addresses,
+    open_channel,
+    serve_tls,
+)
+
+MiB = 1024 * 1024
+
+
+def run(fn: Callable[[], Awaitable[None]], timeout: float = 60) -> None:
+    async def main() -> None:
+        with trio.fail_after(timeout):
+            await fn()
+
+    trio.run(main)
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def linked_hubs(
+    window: int | None = None, chunk: int | None = None, buffer: int = 8
+) -> AsyncIterator[tuple[StreamHub, StreamHub]]:
+    """Two hubs whose links are in-memory channels, each pumped into the other's deliver."""
+    kwargs: dict[str, int] = {}
+    if window is not None:
+        kwargs["window"] = window
+    if chunk is not None:
+        kwargs["chunk"] = chunk
+    async with trio.open_nursery() as nursery:
+        to_b, from_a = trio.open_memory_channel[StreamMessage](buffer)
+        to_a, from_b = trio.open_memory_channel[StreamMessage](buffer)
+        a = StreamHub(to_b.send, odd=True, **kwargs)
+        b = StreamHub(to_a.send, odd=False, **kwargs)
+
+        async def pump(source: trio.MemoryReceiveChannel[StreamMessage], hub: StreamHub) -> None:
+            async for msg in source:
+                assert hub.deliver(msg)
+
+        nursery.start_soon(pump, from_a, b)
+        nursery.start_soon(pump, from_b, a)
+        await nursery.start(a.run)
+        await nursery.start(b.run)
+        yield a, b
+        nursery.cancel_scope.cancel()
+
+
+async def write_all(fd: int, data: bytes, chunk: int = MiB, close: bool = True) -> None:
+    os.set_blocking(fd, False)
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view[:chunk])
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(fd)
+            continue
+        view = view[n:]
+    if close:
+        os.close(fd)
+
+
+async def read_all(fd: int, chunk: int = MiB, delay: float = 0.0) -> bytes:
+    os.set_blocking(fd, False)
+    out = bytearray()
+    while True:
+        try:
+            data = os.read(fd, chunk)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(fd)
+            continue
+        if not data:
+            os.close(fd)
+            return bytes(out)
+        out += data
+        if delay:
+            await trio.sleep(delay)
+
+
+def relay_pipe(sender: StreamHub, receiver: StreamHub) -> tuple[int, int, int]:
+    """A pipe into ``sender`` relayed out of a pipe of ``receiver``: (stream, write end,
+    read end) for the test to use."""
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    stream = sender.allocate()
+    sender.open_sender(stream, r1)
+    receiver.open_receiver(stream, w2)
+    return stream, w1, r2
+
+
+# -- semantics ------------------------------------------------------------------------------
+
+
+def test_tens_of_megabytes_arrive_whole_and_in_order_then_eof() -> None:
+    data = os.urandom(40 * MiB)
+
+    async def body() -> None:
+        async with linked_hubs() as (a, b):
+            r1, w1 = os.pipe()
+            r2, w2 = os.pipe()
+            stream = a.allocate()
+            sender = a.open_sender(stream, r1)
+            receiver = b.open_receiver(stream, w2)
+            got = b""
+
+            async def read() -> None:
+                nonlocal got
+                got = await read_all(r2)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write_all, w1, data, 300_000)
+                nursery.start_soon(read)
+            assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+            assert await sender.wait() is Outcome.EOF
+            assert await receiver.wait() is Outcome.EOF
+            with trio.fail_after(5):  # the final words cross; both sides forget the stream
+                while len(a.mux) or len(b.mux):
+                    await trio.sleep(0.01)
+            assert not a.endpoints and not b.endpoints
+
+    run(body)
+
+
+def test_eof_travels_for_an_empty_stream_and_a_receiver_opened_late() -> None:
+    async def body() -> None:
+        async with linked_hubs() as (a, b):
+            r1, w1 = os.pipe()
+            r2, w2 = os.pipe()
+            os.close(w1)
+            sender = a.open_sender(7, r1)
+            await trio.sleep(0.05)  # nothing may be sent before the receiver opens
+            assert not sender.finished.is_set()
+            b.open_receiver(7, w2)
+            assert await read_all(r2) == b""
+            assert await sender.wait() is Outcome.EOF
+
+    run(body)
+
+
+def test_yes_into_head_dies_of_sigpipe_promptly() -> None:
+    async def body() -> None:
+        async with linked_hubs() as (a, b):
+            stream, w1, r2 = relay_pipe(a, b)
+            yes = subprocess.Popen(["yes"], stdout=w1)
+            os.close(w1)
+            head = subprocess.Popen(["head", "-1"], stdin=r2, stdout=subprocess.PIPE)
+            os.close(r2)
+            try:
+                with trio.fail_after(3):
+                    out, _ = await trio.to_thread.run_sync(head.communicate)
+                    assert out == b"y\n"
+                    assert await trio.to_thread.run_sync(yes.wait) == -signal.SIGPIPE
+            finally:
+                yes.kill()
+                yes.wait()
+            sender = a.endpoints.get(stream)
+            if sender is not None:
+                assert await sender.wait() is Outcome.PEER_GONE
+
+    run(body)
+
+
+def test_a_slow_reader_keeps_in_flight_bytes_within_the_window() -> None:
+    window = 256 * 1024
+    data = os.urandom(8 * MiB)
+
+    async def body() -> None:
+        async with linked_hubs(window=window, chunk=64 * 1024) as (a, b):
+            stream, w1, r2 = relay_pipe(a, b)
+            sent_info, got_info = a.mux.info(stream), b.mux.info(stream)
+            got = b""
+
+            async def slow() -> None:
+                nonlocal got
+                got = await read_all(r2, chunk=16 * 1024, delay=0.0005)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write_all, w1, data)
+                nursery.start_soon(slow)
+            assert got == data
+            assert 0 < sent_info.max_in_flight <= window
+            assert 0 < got_info.max_buffered <= window
+            assert got_info.max_in_flight <= window
+
+    run(body)
+
+
+def test_many_streams_at_once_both_ways() -> None:
+    n = 40
+    payloads = [os.urandom(256 * 1024 + i) for i in range(n)]
+
+    async def body() -> None:
+        async with linked_hubs(window=128 * 1024) as (a, b):
+            results: dict[int, bytes] = {}
+
+            async def one(i: int) -> None:
+                src, dst = (a, b) if i % 2 else (b, a)
+                _, w, r = relay_pipe(src, dst)
+
+                async def read() -> None:
+                    results[i] = await read_all(r)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(write_all, w, payloads[i], 50_000)
+                    nursery.start_soon(read)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(n):
+                    nursery.start_soon(one, i)
+            assert [results[i] == payloads[i] for i in range(n)] == [True] * n
+
+    run(body)
+
+
+def test_stopping_a_sender_gives_its_writer_epipe_and_the_far_reader_eof() -> None:
+    async def body() -> None:
+        async with linked_hubs() as (a, b):
+            stream, w1, r2 = relay_pipe(a, b)
+            os.write(w1, b"before")
+            got = b""
+
+            async def read() -> None:
+                nonlocal got
+                got = await read_all(r2)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                await trio.sleep(0.05)
+                a.endpoints[stream].stop()
+            assert got == b"before"
+            with pytest.raises(BrokenPipeError):
+                os.write(w1, b"after")
+            os.close(w1)
+
+    run(body)
+
+
+def test_stopping_a_receiver_ends_the_far_sender() -> None:
+    async def body() -> None:
+        async with linked_hubs() as (a, b):
+            stream, w1, r2 = relay_pipe(a, b)
+            sender = a.endpoints[stream]
+            b.endpoints[stream].stop()
+            assert await sender.wait() is Outcome.PEER_GONE
+            assert await read_all(r2) == b""
+            with pytest.raises(BrokenPipeError):
+                os.write(w1, b"x")
+            os.close(w1)
+
+    run(body)
+
+
+def test_a_lost_link_closes_every_fd() -> None:
+    async def body() -> None:
+        async with linked_hubs() as (a, b):
+            stream, w1, r2 = relay_pipe(a, b)
+            a.link_lost()
+            assert await a.endpoints[stream].wait() is Outcome.LOST
+            with pytest.raises(BrokenPipeError):
+                os.write(w1, b"x")
+            os.close(w1)
+            b.link_lost()
+            assert await read_all(r2) == b""
+            with pytest.raises(RuntimeError, match="lost"):
+                a.open_sender(99, os.pipe()[0])
+
+    run(body)
+
+
+def test_a_failing_send_is_a_lost_link() -> None:
+    async def broken(msg: StreamMessage) -> None:
+        raise PeerUnreachable("gone")
+
+    async def body() -> None:
+        hub = StreamHub(broken, odd=True)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hub.run)
+            r, w = os.pipe()
+            endpoint = hub.open_receiver(2, w)
+            assert await endpoint.wait() is Outcome.LOST
+            assert await read_all(r) == b""
+            nursery.cancel_scope.cancel()
+
+    run(body)
+
+
+def test_deliver_refuses_protocol_errors_and_ignores_other_messages() -> None:
+    async def body() -> None:
+        async with linked_hubs() as (a, _):
+            assert a.deliver("not a stream message") is False
+            with pytest.raises(ProtocolError):
+                a.deliver(StreamData(5, b"x"))
+
+    run(body)
+
+
+def test_a_shared_description_is_never_made_non_blocking() -> None:
+    async def body() -> None:
+        async with linked_hubs() as (a, b):
+            r1, w1 = os.pipe()
+            r2, w2 = os.pipe()
+            mine_r, mine_w = os.dup(r1), os.dup(w2)  # "another process" keeps these
+            a.open_sender(1, r1, shared=True)
+            b.open_receiver(1, w2, shared=True)
+            await trio.sleep(0.05)
+            for fd in (mine_r, mine_w):
+                assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK
+            os.close(mine_r)
+            await write_all(w1, b"shared")
+            os.close(mine_w)
+            assert await read_all(r2) == b"shared"
+
+    run(body)
+
+
+def test_a_socket_reader_sees_eof_while_we_still_read_the_same_socket() -> None:
+    """A read-write fd (a tty stand-in) is two streams on two fds of one socket."""
+
+    async def body() -> None:
+        async with linked_hubs() as (a, b):
+            ours, theirs = socket.socketpair()
+            r1, w1 = os.pipe()
+            r2, w2 = os.pipe()
+            a.open_sender(1, r1)
+            b.open_receiver(1, os.dup(ours.fileno()))  # far pipe -> process
+            b.open_sender(3, ours.detach())  # process -> far pipe
+            a.open_receiver(3, w2)
+            await write_all(w1, b"to the process")
+            theirs.setblocking(False)
+            got = b""
+            while True:
+                await trio.lowlevel.wait_readable(theirs)
+                data = theirs.recv(1024)
+                if not data:
+                    break
+                got += data
+            assert got == b"to the process"
+            theirs.sendall(b"from the process")
+            theirs.close()
+            assert await read_all(r2) == b"from the process"
+
+    run(body)
+
+
+# -- over a real TLS channel ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def identities(tmp_path_factory: pytest.TempPathFactory) -> tuple[TLSIdentity, TLSIdentity]:
+    root = tmp_path_factory.mktemp("pki")
+    keygen(root, ["n1", "n2"], [])
+    return TLSIdentity.load(root, "n1", "node"), TLSIdentity.load(root, "n2", "node")
+
+
+async def pump_channel(channel: Channel, hub: StreamHub) -> None:
+    try:
+        async for msg in channel:
+            hub.deliver(msg)
+    finally:
+        hub.link_lost()
+
+
+def test_over_a_real_tls_channel(identities: tuple[TLSIdentity, TLSIdentity]) -> None:
+    n1, n2 = identities
+    data = os.urandom(24 * MiB)
+
+    async def body() -> None:
+        opened: list[Channel] = []
+        async with trio.open_nursery() as nursery:
+            server_hub: list[StreamHub] = []
+            ready = trio.Event()
+
+            async def handler(channel: Channel) -> None:
+                async with trio.open_nursery() as inner:
+                    hub = StreamHub(channel.send, odd=False)
+                    await inner.start(hub.run)
+                    server_hub.append(hub)
+                    ready.set()
+                    await pump_channel(channel, hub)
+                    inner.cancel_scope.cancel()
+
+            listeners = await nursery.start(serve_tls, "127.0.0.1:0", n1, handler)
+            channel = await open_channel(listener_addresses(listeners)[0], n2)
+            opened.append(channel)
+            client = StreamHub(channel.send, odd=True)
+            await nursery.start(client.run)
+            nursery.start_soon(pump_channel, channel, client)
+            await ready.wait()
+            server = server_hub[0]
+            results: list[bytes] = [b"", b""]
+
+            async def one(i: int, src: StreamHub, dst: StreamHub) -> None:
+                _, w, r = relay_pipe(src, dst)
+
+                async def read() -> None:
+                    results[i] = await read_all(r)
+
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(write_all, w, data)
+                    inner.start_soon(read)
+
+            async with trio.open_nursery() as both:
+                both.start_soon(one, 0, client, server)
+                both.start_soon(one, 1, server, client)
+            assert results == [data, data]
+            nursery.cancel_scope.cancel()
+        await opened[0].aclose()
+
+    run(body)
+
+
+def test_fifo_write_end_whose_reader_is_gone(tmp_path: Path) -> None:
+    """A shared FIFO reopened for writing with no reader: the receiver is broken at once."""
+
+    async def body() -> None:
+        async with linked_hubs() as (a, b):
+            fifo = tmp_path / "fifo"
+            os.mkfifo(fifo)
+            reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            os.close(reader)
+            r1, w1 = os.pipe()
+            sender = a.open_sender(1, r1)
+            receiver = b.open_receiver(1, writer, shared=True)
+            assert await receiver.wait() is Outcome.BROKEN
+            assert await sender.wait() is Outcome.PEER_GONE
+            with pytest.raises(BrokenPipeError):
+                os.write(w1, b"x")
+            os.close(w1)
+
+    run(body)

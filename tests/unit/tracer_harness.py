@@ -1,0 +1,154 @@
+"""Runs native/build/dunix-tracer as the agent would: a SOCK_SEQPACKET pair, messages read
+by a thread, `slots`/`mode` pushed on demand. See docs/run.md ("Tracer protocol")."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+NATIVE = Path(__file__).resolve().parents[2] / "native"
+TRACER = NATIVE / "build" / "dunix-tracer"
+
+Message = tuple[str, ...]
+
+
+def build_native() -> None:
+    """`make -C native`; the tests need the binaries it builds."""
+    subprocess.run(["make", "-s", "-C", str(NATIVE)], check=True)
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+    messages: list[Message]
+
+    def of(self, kind: str) -> list[Message]:
+        return [m for m in self.messages if m[0] == kind]
+
+    @property
+    def first_pid(self) -> int:
+        return int(self.of("started")[0][1])
+
+    @property
+    def first_status(self) -> int:
+        """Raw wait status of the job's first process, as the tracer reported it."""
+        pid = str(self.first_pid)
+        return int(next(m[2] for m in self.of("exit") if m[1] == pid))
+
+
+@dataclass
+class TracerRun:
+    """One tracer process. `before` messages are queued on the socket before it starts,
+    so the tracer reads them before the first exec of the job."""
+
+    argv: Sequence[str]
+    options: Sequence[str] = ()
+    before: Sequence[Message] = ()
+    stdin: int | None = subprocess.DEVNULL
+    env: dict[str, str] | None = None
+    tracer: Path = TRACER
+    messages: list[Message] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._sock = ours
+        self._cond = threading.Condition()
+        for m in self.before:
+            self.send(*m)
+        try:
+            self.proc = subprocess.Popen(
+                [str(self.tracer), "--sock", str(theirs.fileno()), *self.options, "--", *self.argv],
+                pass_fds=[theirs.fileno()],
+                stdin=self.stdin,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=self.env,
+            )
+        finally:
+            theirs.close()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self._sock.recv(1 << 16)
+            except OSError:
+                data = b""
+            with self._cond:
+                if data:
+                    self.messages.append(tuple(data.decode().split("\0")))
+                else:
+                    self.messages.append(("<eof>",))
+                self._cond.notify_all()
+            if not data:
+                return
+
+    def send(self, *fields: str) -> None:
+        self._sock.send("\0".join(fields).encode())
+
+    def wait_for(self, match: Callable[[Message], bool], timeout: float = 10.0) -> Message:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for m in self.messages:
+                    if match(m):
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0 or ("<eof>",) in self.messages:
+                    raise TimeoutError(f"no such message; got {self.messages}")
+                self._cond.wait(left)
+
+    def finish(self, timeout: float = 30.0, input: bytes | None = None) -> Result:
+        try:
+            out, err = self.proc.communicate(input=input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+            raise
+        self._reader.join(timeout)
+        self._sock.close()
+        msgs = [m for m in self.messages if m != ("<eof>",)]
+        return Result(self.proc.returncode, out.decode(), err.decode(), msgs)
+
+
+def trace(argv: Sequence[str], *options: str, timeout: float = 30.0, **kw: object) -> Result:
+    """Runs argv under the tracer to the end."""
+    return TracerRun(argv, options, **kw).finish(timeout)  # type: ignore[arg-type]
+
+
+def untraced(argv: Sequence[str], timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """The same program without the tracer (in its own process group, as traced)."""
+    return subprocess.run(
+        list(argv),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        process_group=0,
+    )
+
+
+def pid_of_exec(result_or_run: Result | TracerRun, path_end: str) -> int:
+    msgs = result_or_run.messages
+    return int(next(m[1] for m in msgs if m[0] == "exec" and m[2].endswith(path_end)))
+
+
+def wait_exec(run: TracerRun, path_end: str, timeout: float = 10.0) -> int:
+    m = run.wait_for(lambda m: m[0] == "exec" and m[2].endswith(path_end), timeout)
+    return int(m[1])
+
+
+def close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

@@ -15,6 +15,7 @@ to go out, and exit.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -30,7 +31,10 @@ from dunix.agent.control import ControlService
 from dunix.agent.fanout import PeerQueries
 from dunix.agent.jobs import JobService
 from dunix.agent.peers import PeerLinks
+from dunix.agent.remote import JOB_MESSAGES, JobLinks, RemoteService
 from dunix.errors import DunixError
+from dunix.fdmove import STREAM_MESSAGES
+from dunix.fdmove.deputy import DeputyListener
 from dunix.loadbalance import (
     MESSAGE_TYPES,
     Member,
@@ -41,6 +45,7 @@ from dunix.loadbalance import (
     Send,
     derive_node_id,
 )
+from dunix.loadbalance.placement import PlacementConfig, PlacementPolicy
 from dunix.loadbalance.sampler import LoadSampler
 from dunix.migrate.cpufeatures import read_cpu_features
 from dunix.wire import Channel, TLSIdentity, serve_tls, serve_unix
@@ -62,6 +67,7 @@ class Agent:
         self.sampler = LoadSampler()
         self.jobs = JobService(self)
         self.jobs.default_mode = config.placement
+        self.placement = PlacementPolicy(PlacementConfig(), random.Random())
         self.membership = Membership(
             config.name,
             config.address,
@@ -206,6 +212,23 @@ class Agent:
             self._wake = trio.Event()
             self._apply(self.membership.tick(trio.current_time()))
 
+    def slot_table(self, mode: str) -> list[tuple[str, int]]:
+        """Where this node's tracers may send execs now (docs/run.md, ``slots``)."""
+        now = trio.current_time()
+        members = self.membership.members()
+        table = self.placement.plan(self.config.name, members, now, force_remote=(mode == "remote"))
+        return list(table.slots)
+
+    async def _slots_loop(self) -> None:
+        """Push fresh slot tables to every running tracer."""
+        while True:
+            await trio.sleep(self.config.sample_interval)
+            for job in list(self.jobs.jobs.values()):
+                table = self.slot_table(job.mode)
+                for tracer in list(job.tracers):
+                    with contextlib.suppress(OSError, trio.ClosedResourceError):
+                        await tracer.push_slots(table)
+
     async def _sample_loop(self) -> None:
         while True:
             sample = await trio.to_thread.run_sync(self.sampler.sample, time.monotonic())
@@ -216,8 +239,15 @@ class Agent:
 
     async def _on_tls(self, channel: Channel) -> None:
         if channel.peer_role == "node":
+            peer = channel.peer_name
             async for msg in channel:
-                self.receive_gossip(channel.peer_address, msg)
+                if isinstance(msg, STREAM_MESSAGES):
+                    hub = self.job_links.hubs.get(peer) or await self.job_links.hub(peer)
+                    hub.deliver(msg)
+                elif isinstance(msg, JOB_MESSAGES):
+                    self.remote.on_peer_message(peer, msg)
+                else:
+                    self.receive_gossip(channel.peer_address, msg)
         else:
             await self.control.serve(channel)
 
@@ -242,6 +272,13 @@ class Agent:
         cfg = self.config
         cfg.control.parent.mkdir(parents=True, exist_ok=True)
         async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            self.job_links = JobLinks(self, nursery)
+            self.remote = RemoteService(self, self.job_links)
+            self.jobs.on_remote = self.remote.went_remote
+            deputy_socket = cfg.control.parent / "deputy.sock"
+            await nursery.start(DeputyListener(deputy_socket, self.remote.serve_deputy).serve)
+            nursery.start_soon(self._slots_loop)
             self._links = PeerLinks(
                 nursery,
                 self.identity,

@@ -59,6 +59,7 @@ class Proc:
     node: str = ""  # where it actually runs (for a deputy: the peer)
     remote_pid: int = 0
     cmd: str = ""
+    key: str = ""  # the Job (on this node) it belongs to; a guest job has its own
 
 
 @dataclass
@@ -72,6 +73,8 @@ class Job:
     tracers: list[Tracer] = field(default_factory=list)
     finished: trio.Event = field(default_factory=trio.Event)
     status: int | None = None
+    #: for the processes of a job that came from elsewhere: (home node, job id, gpid)
+    guest: tuple[str, str, int] | None = None
 
 
 def user_groups(uid: int, gid: int) -> tuple[int, ...]:
@@ -150,53 +153,58 @@ class JobService:
     def _on_event(self, job: Job, tracer: Tracer, event: TracerEvent, argv0: str) -> None:
         if isinstance(event, Started):
             job.first_pid = job.first_pid or event.pid
-            self.procs[event.pid] = Proc(
-                event.pid, job.id, job.uid, self.name, self.gpid(event.pid), cmd=argv0
-            )
+            if job.guest is not None:
+                home, job_id, gpid = job.guest
+                proc = Proc(event.pid, job_id, job.uid, home, gpid, "guest", cmd=argv0)
+            else:
+                proc = Proc(event.pid, job.id, job.uid, self.name, self.gpid(event.pid), cmd=argv0)
+            proc.key = job.id
+            self.procs[event.pid] = proc
             callback = self.on_started.get(job.id)
             if callback is not None:
                 callback(event)
         elif isinstance(event, Forked):
             parent = self.procs.get(event.parent)
             self.procs[event.child] = Proc(
-                event.child, job.id, job.uid, parent.home if parent else self.name,
-                self.gpid(event.child), cmd=parent.cmd if parent else "",
+                event.child, parent.job if parent else job.id, job.uid, self.name,
+                self.gpid(event.child), cmd=parent.cmd if parent else "", key=job.id,
             )  # fmt: skip
         elif isinstance(event, Execed):
-            proc = self.procs.get(event.pid)
-            if proc is not None:
-                proc.cmd = event.path
+            known = self.procs.get(event.pid)
+            if known is not None:
+                known.cmd = event.path
         elif isinstance(event, WentRemote):
-            proc = self.procs.get(event.pid)
-            if proc is not None:
-                proc.state, proc.node = "deputy", event.node
+            known = self.procs.get(event.pid)
+            if known is not None:
+                known.state, known.node = "deputy", event.node
             if self.on_remote is not None:
                 self.on_remote(job, event)
         elif isinstance(event, Unmovable):
-            proc = self.procs.get(event.pid)
-            if proc is not None:
-                proc.state = f"unmovable: {event.reason}"
+            known = self.procs.get(event.pid)
+            if known is not None:
+                known.state = f"unmovable: {event.reason}"
         elif isinstance(event, Exited):
-            proc = self.procs.pop(event.pid, None)
+            self.procs.pop(event.pid, None)
             if event.pid == job.first_pid and job.status is None:
                 job.status = event.status
                 job.finished.set()
-            del proc
 
     # -- ending a job -------------------------------------------------------------------
 
+    def _of(self, job: Job) -> list[Proc]:
+        return [p for p in self.procs.values() if p.key == job.id]
+
     def kill_job(self, job: Job, sig: int = signal.SIGKILL) -> None:
         """Signal every process of the job on this node (the tracer's EXITKILL does the rest)."""
-        for proc in list(self.procs.values()):
-            if proc.job == job.id:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, sig)
+        for proc in self._of(job):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, sig)
 
     def forget(self, job: Job) -> None:
+        for proc in self._of(job):
+            self.procs.pop(proc.pid, None)
         for tracer in job.tracers:
             tracer.kill()
-        for pid in [p.pid for p in self.procs.values() if p.job == job.id]:
-            self.procs.pop(pid, None)
         self.jobs.pop(job.id, None)
 
     # -- ps and kill ----------------------------------------------------------------------

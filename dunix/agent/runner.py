@@ -71,6 +71,7 @@ async def serve_run(jobs: JobService, channel: Channel, req: RunRequest) -> None
     finally:
         for fd in fds:
             os.close(fd)
+    await tracer.push_slots(jobs.agent.slot_table(mode))
     log.info("job %s for uid %d: %s", job.id, uid, " ".join(req.argv))
     try:
         async with trio.open_nursery() as nursery:

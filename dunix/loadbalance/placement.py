@@ -25,8 +25,11 @@ Rules, all numbers from :class:`PlacementConfig`:
 * a peer is a candidate when it is alive, its load was heard within ``max_load_age``, its
   CPU features can host the origin's (:meth:`CpuFeatures.can_host`) and it reports a
   positive CPU quota;
-* a node's load is ``now_weight * load_now + (1 - now_weight) * load1`` (both already
-  divided by its CPU quota), plus, for a peer, the placements charged to it and not yet
+* a node's load is the higher of ``load_now`` and ``now_weight * load_now + (1 -
+  now_weight) * load1`` (both already divided by its CPU quota): a rise counts at once (a
+  burst must be seen within a second, and a charged placement counts in full too), a dip
+  only as fast as the 1-minute average lets it (one quiet sample does not make a busy
+  node look idle); plus, for a peer, the placements charged to it and not yet
   reflected in its gossiped figure divided by its quota;
 * nothing goes remote unless the home's load is at least ``home_threshold``;
 * a peer gets slots only if it is at least ``hysteresis`` below the home's load (so a
@@ -67,8 +70,8 @@ class PlacementConfig:
     #: a peer well below the home may be filled up to this load even when the home is not
     #: much higher (above it, peers are filled up to the home's level at most)
     target_load: float = 1.0
-    #: weight of ``load_now`` against the 1-minute average ``load1``: placement must react
-    #: to a burst within seconds, but one sample alone is noisy
+    #: weight of ``load_now`` against the 1-minute average ``load1`` when the load falls
+    #: (a rise counts at once): one quiet sample alone does not make a node look idle
     now_weight: float = 0.7
     #: a peer whose load was last heard longer ago than this is not a candidate (on 8
     #: hosts a quiet peer's figure is confirmed every ~2 s; see MembershipConfig)
@@ -136,6 +139,13 @@ class Choice:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Charge:
+    at: float  # when the placement was made
+    n: int
+    base: float  # the peer's gossiped load (blend) it was decided from
+
+
 @dataclass(slots=True)
 class _Peer:
     name: str
@@ -155,22 +165,34 @@ class PlacementPolicy:
     def __init__(self, config: PlacementConfig, rng: random.Random) -> None:
         self.config = config
         self._rng = rng
-        #: per peer: (time, count) of placements not yet seen in its gossiped load
-        self._charges: dict[str, list[tuple[float, int]]] = {}
+        #: per peer, oldest first: placements its gossiped load may not show yet
+        self._charges: dict[str, list[_Charge]] = {}
+        #: per peer: the gossiped load (blend) last seen, the base of new charges
+        self._figures: dict[str, float] = {}
         self._now = 0.0
 
     # -- bookkeeping ----------------------------------------------------------------------
 
     def charge(self, node: str, n: int = 1, at: float | None = None) -> None:
-        """Record ``n`` execs sent to ``node`` at ``at`` (default: the last ``now`` seen)."""
+        """Record ``n`` execs sent to ``node`` at ``at`` (default: the last ``now`` seen).
+
+        The charge is anchored to the figure the placement was decided from, so a newer
+        figure that already shows the process does not count it twice (see
+        :meth:`peer_load`).
+        """
         if n <= 0:
             return
-        self._charges.setdefault(node, []).append((self._now if at is None else at, n))
+        at = self._now if at is None else at
+        self._charges.setdefault(node, []).append(_Charge(at, n, self._figures.get(node, 0.0)))
+
+    def _live_charges(self, member: Member) -> list[_Charge]:
+        grace = self.config.charge_grace
+        return [c for c in self._charges.get(member.name, ()) if member.load_at < c.at + grace]
 
     def charged(self, member: Member) -> int:
-        """Placements sent to ``member`` that its gossiped load cannot reflect yet."""
-        grace = self.config.charge_grace
-        return sum(n for t, n in self._charges.get(member.name, ()) if member.load_at < t + grace)
+        """Placements sent to ``member`` that its gossiped load may not reflect yet: those
+        made less than ``charge_grace`` before its load was last heard."""
+        return sum(c.n for c in self._live_charges(member))
 
     def _prune(self, members: Sequence[Member], now: float) -> None:
         by_name = {m.name: m for m in members}
@@ -179,9 +201,9 @@ class PlacementPolicy:
         for name in list(self._charges):
             m = by_name.get(name)
             kept = [
-                (t, n)
-                for t, n in self._charges[name]
-                if m is not None and m.load_at < t + grace and t >= horizon
+                c
+                for c in self._charges[name]
+                if m is not None and m.load_at < c.at + grace and c.at >= horizon
             ]
             if kept:
                 self._charges[name] = kept
@@ -192,7 +214,7 @@ class PlacementPolicy:
 
     def _blend(self, load_now: float, load1: float) -> float:
         w = self.config.now_weight
-        return w * load_now + (1.0 - w) * load1
+        return max(load_now, w * load_now + (1.0 - w) * load1)
 
     def home_load(self, home: Member, local_runnable_hint: float | None = None) -> float:
         """The home's load; ``local_runnable_hint`` (runnable processes on the home now,
@@ -203,10 +225,24 @@ class PlacementPolicy:
         return self._blend(now_part, home.load.load1)
 
     def peer_load(self, member: Member) -> float:
-        """A peer's projected load: its gossiped blend plus the charges it cannot show yet."""
-        base = self._blend(member.load.load_now, member.load.load1)
+        """A peer's projected load: its gossiped blend, or more if the charges say so.
+
+        Each live charge adds to the figure it was decided from (its anchor), not to the
+        current one: a figure sampled after some placements already counts them, and
+        adding them again would make a peer that is catching up look busier than it is.
+        So the projection is the highest of the current figure and, for each live charge,
+        its anchor plus the charges from it on divided by the peer's quota.
+        """
+        figure = self._blend(member.load.load_now, member.load.load1)
         cpus = member.load.cpus
-        return base + (self.charged(member) / cpus if cpus > 0 else 0.0)
+        if cpus <= 0:
+            return figure
+        best = figure
+        after = 0
+        for c in reversed(self._live_charges(member)):
+            after += c.n
+            best = max(best, c.base + after / cpus)
+        return best
 
     def _candidates(
         self, self_name: str, members: Sequence[Member], now: float, origin: CpuFeatures
@@ -219,6 +255,7 @@ class PlacementPolicy:
                 continue
             if not CpuFeatures(m.load.cpu_level, m.load.cpu_flags).can_host(origin):
                 continue
+            self._figures[m.name] = self._blend(m.load.load_now, m.load.load1)
             out.append(_Peer(m.name, self.peer_load(m), m.load.cpus))
         out.sort(key=lambda p: p.name)  # the rng alone decides, not the caller's order
         return out

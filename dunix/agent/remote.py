@@ -1,0 +1,438 @@
+"""Processes that run away from home: the deputy side and the guest side of a remote exec.
+
+Home (this node created the process): the tracer redirected an exec to the deputy and
+said so (``WentRemote``); the deputy connects, the agent duplicates its fds (pidfd_getfd),
+reads what exec keeps (ids, umask, signal masks, limits, cwd, environment) from /proc,
+sends ``RemoteExec`` to the peer and relays the fds as streams. Only when the peer says the
+program runs does the deputy get ``ready`` (and close its fds); if the peer cannot start it,
+the deputy is told to end with status 127 and says why on its stderr... never silently.
+
+Guest (a peer sent ``RemoteExec``): recreate each fd (pipes relayed to the home, files
+reopened by path and offset, null devices reopened), start the program under a tracer in
+the job's context, answer ``RemoteStarted``, and after it ends send ``RemoteExited`` once
+its output streams are drained, so the home's deputy ends only after the data.
+
+Job traffic rides on ``JobLinks``: one reliable, ordered channel per peer (gossip, which
+tolerates loss, keeps its own links).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from dunix.agent.jobs import Job, Proc
+from dunix.agent.tracer import JobContext, Started, Tracer, WentRemote
+from dunix.errors import DunixError, PeerUnreachable
+from dunix.fdmove import StreamEndpoint, StreamHub, odd_side
+from dunix.fdmove.deputy import DeputyConnection
+from dunix.fdmove.inventory import FdInfo, inventory, movable, rlimits, signal_state
+from dunix.fdmove.pidfd import pidfd_getfd, pidfd_open
+from dunix.wire import Channel, open_channel
+from dunix.wire.jobs import (
+    RemoteExec,
+    RemoteExited,
+    RemoteFailed,
+    RemoteFd,
+    RemoteSignal,
+    RemoteStarted,
+)
+
+if TYPE_CHECKING:
+    from dunix.agent.daemon import Agent
+
+log = logging.getLogger("dunix.agent.remote")
+
+JOB_MESSAGES = (RemoteExec, RemoteStarted, RemoteFailed, RemoteSignal, RemoteExited)
+HELLO_TIMEOUT = 10.0
+START_TIMEOUT = 15.0
+DRAIN_TIMEOUT = 2.0  # output held open by a process's own children does not hold its exit
+
+
+class JobLinks:
+    """One reliable channel per peer for job traffic, and the stream hub riding on it."""
+
+    def __init__(self, agent: Agent, nursery: trio.Nursery) -> None:
+        self.agent = agent
+        self.nursery = nursery
+        self._channels: dict[str, Channel] = {}
+        self._locks: dict[str, trio.Lock] = {}
+        self.hubs: dict[str, StreamHub] = {}
+
+    def address_of(self, peer: str) -> str:
+        return str(self.agent.membership.member(peer).address)
+
+    async def send(self, peer: str, msg: Any) -> None:
+        lock = self._locks.setdefault(peer, trio.Lock())
+        async with lock:
+            channel = self._channels.get(peer)
+            if channel is None:
+                channel = await open_channel(
+                    self.address_of(peer),
+                    self.agent.identity,
+                    hello_address=self.agent.config.address,
+                    expect_name=peer,
+                    timeout=self.agent.config.connect_timeout * 5,
+                )
+                self._channels[peer] = channel
+        try:
+            await channel.send(msg)
+        except DunixError:
+            self._channels.pop(peer, None)
+            hub = self.hubs.pop(peer, None)
+            if hub is not None:
+                hub.link_lost()
+            raise
+
+    async def hub(self, peer: str) -> StreamHub:
+        hub = self.hubs.get(peer)
+        if hub is None:
+
+            async def send(msg: Any) -> None:
+                await self.send(peer, msg)
+
+            hub = StreamHub(send, odd=odd_side(self.agent.config.name, peer))
+            await self.nursery.start(hub.run)
+            self.hubs[peer] = hub
+        return hub
+
+
+@dataclass
+class Deputy:
+    job: Job
+    proc: Proc
+    peer: str
+    path: str
+    started: trio.Event = field(default_factory=trio.Event)
+    failed: str = ""
+    exited: trio.Event = field(default_factory=trio.Event)
+    status: int = 0
+    receivers: list[StreamEndpoint] = field(default_factory=list)
+    senders: list[StreamEndpoint] = field(default_factory=list)
+
+
+@dataclass
+class Guest:
+    job: str
+    home: str
+    home_pid: int
+    tracer: Tracer | None = None
+    pid: int = 0
+    senders: list[StreamEndpoint] = field(default_factory=list)
+    receivers: list[StreamEndpoint] = field(default_factory=list)
+
+
+def _status_fields(pid: int) -> dict[str, str]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            out[key] = value.strip()
+    return out
+
+
+def _nul_list(raw: bytes) -> list[str]:
+    return [p.decode("utf-8", "surrogateescape") for p in raw.split(b"\0")[:-1]]
+
+
+class RemoteService:
+    def __init__(self, agent: Agent, links: JobLinks) -> None:
+        self.agent = agent
+        self.links = links
+        self.pending: dict[int, tuple[Job, WentRemote]] = {}
+        self._pending_events: dict[int, trio.Event] = {}
+        self.deputies: dict[tuple[str, int], Deputy] = {}
+        self.guests: dict[tuple[str, int], Guest] = {}
+
+    # -- home side ----------------------------------------------------------------------
+
+    def went_remote(self, job: Job, event: WentRemote) -> None:
+        """The tracer redirected ``event.pid``'s exec; its deputy will connect soon."""
+        self.pending[event.pid] = (job, event)
+        self._pending_events.setdefault(event.pid, trio.Event()).set()
+
+    async def serve_deputy(self, pid: int, conn: DeputyConnection) -> None:
+        hello = await conn.recv()
+        if hello is None or hello[:1] != ["hello"]:
+            return
+        waiting = self._pending_events.setdefault(pid, trio.Event())
+        with trio.move_on_after(HELLO_TIMEOUT):
+            await waiting.wait()
+        self._pending_events.pop(pid, None)
+        entry = self.pending.pop(pid, None)
+        if entry is None:
+            log.warning("deputy %d connected, but no job sent it remote", pid)
+            await conn.send("exit", 127)
+            return
+        job, event = entry
+        proc = self.agent.jobs.procs.get(pid)
+        if proc is None:
+            proc = Proc(
+                pid, job.id, job.uid, self.agent.config.name, self.agent.jobs.gpid(pid), key=job.id
+            )
+            self.agent.jobs.procs[pid] = proc
+        deputy = Deputy(job, proc, event.node, event.path)
+        key = (job.id, pid)
+        self.deputies[key] = deputy
+        try:
+            await self._run_deputy(deputy, conn)
+        finally:
+            self.deputies.pop(key, None)
+            for endpoint in deputy.senders + deputy.receivers:
+                endpoint.stop()
+
+    async def _run_deputy(self, deputy: Deputy, conn: DeputyConnection) -> None:
+        pid, peer = deputy.proc.pid, deputy.peer
+        try:
+            request = await self._prepare(deputy)
+        except DunixError as exc:
+            await self._fail_home(deputy, conn, f"cannot move: {exc}")
+            return
+        try:
+            await self.links.send(peer, request)
+        except DunixError as exc:
+            await self._fail_home(deputy, conn, f"{peer} unreachable: {exc}")
+            return
+        hub = await self.links.hub(peer)
+        for stream, fd in self._receiver_fds.pop(pid, []):
+            deputy.receivers.append(hub.open_receiver(stream, fd, shared=True))
+        with trio.move_on_after(START_TIMEOUT):
+            await deputy.started.wait()
+        if not deputy.started.is_set() or deputy.failed:
+            await self._fail_home(deputy, conn, deputy.failed or f"{peer} did not start it")
+            return
+        deputy.proc.state, deputy.proc.node = "deputy", peer
+        await conn.send("ready")
+        log.info("pid %d of job %s runs on %s as pid %d", pid, deputy.job.id, peer,
+                 deputy.proc.remote_pid)  # fmt: skip
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._forward_signals, deputy, conn, nursery.cancel_scope)
+            await deputy.exited.wait()
+            with trio.move_on_after(DRAIN_TIMEOUT):
+                for endpoint in deputy.receivers:
+                    await endpoint.wait()
+            status = deputy.status
+            if os.WIFSIGNALED(status):
+                await conn.send("killed", os.WTERMSIG(status))
+            else:
+                await conn.send("exit", os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
+            nursery.cancel_scope.cancel()
+
+    async def _forward_signals(
+        self, deputy: Deputy, conn: DeputyConnection, cancel: trio.CancelScope
+    ) -> None:
+        while True:
+            msg = await conn.recv()
+            sig: int
+            if msg is None:
+                # the deputy died here (SIGKILL): the program dies there too
+                sig = signal.SIGKILL
+            elif msg[:1] == ["signal"] and len(msg) > 1:
+                sig = int(msg[1])
+            else:
+                continue
+            with contextlib.suppress(DunixError):
+                await self.links.send(
+                    deputy.peer, RemoteSignal(deputy.job.id, deputy.proc.pid, sig)
+                )
+            if msg is None:
+                cancel.cancel()
+                return
+
+    async def _fail_home(self, deputy: Deputy, conn: DeputyConnection, reason: str) -> None:
+        log.warning("pid %d (%s) could not run on %s: %s", deputy.proc.pid, deputy.path,
+                    deputy.peer, reason)  # fmt: skip
+        for endpoint in deputy.senders + deputy.receivers:
+            endpoint.stop()
+        deputy.proc.state = f"unmovable: {reason}"
+        await conn.send("local", deputy.path)
+
+    _receiver_fds: dict[int, list[tuple[int, int]]] = {}
+
+    async def _prepare(self, deputy: Deputy) -> RemoteExec:
+        pid, peer = deputy.proc.pid, deputy.peer
+        fds = [f for f in inventory(pid) if f.kind != "socket"]  # its socket is the agent's
+        reason = movable(fds)
+        if reason:
+            raise DunixError(reason)
+        status = _status_fields(pid)
+        uid = int(status["Uid"].split()[0])
+        gid = int(status["Gid"].split()[0])
+        groups = tuple(int(g) for g in status.get("Groups", "").split())
+        umask = int(status.get("Umask", "0022"), 8)
+        signals = signal_state(pid)
+        limits = tuple((r.resource, r.soft, r.hard) for r in rlimits(pid))
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            argv = _nul_list(cmdline.read())
+        with open(f"/proc/{pid}/environ", "rb") as environ:
+            env = tuple(tuple(e.split("=", 1)) for e in _nul_list(environ.read()) if "=" in e)
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+        hub = await self.links.hub(peer)
+        pidfd = pidfd_open(pid)
+        remote_fds: list[RemoteFd] = []
+        receivers: list[tuple[int, int]] = []
+        try:
+            for f in fds:
+                remote_fds.append(self._describe(f, pidfd, hub, deputy, receivers))
+        finally:
+            os.close(pidfd)
+        self._receiver_fds[pid] = receivers
+        return RemoteExec(
+            job=deputy.job.id,
+            home=self.agent.config.name,
+            home_pid=pid,
+            gpid=deputy.proc.gpid,
+            path=deputy.path,
+            argv=tuple(argv),
+            env=env,  # type: ignore[arg-type]
+            cwd=cwd,
+            uid=uid,
+            gid=gid,
+            groups=groups,
+            umask=umask,
+            sigign=signals.ignored,
+            sigblock=signals.blocked,
+            rlimits=limits,
+            fds=tuple(remote_fds),
+            mode=deputy.job.mode,
+        )
+
+    def _describe(
+        self,
+        f: FdInfo,
+        pidfd: int,
+        hub: StreamHub,
+        deputy: Deputy,
+        receivers: list[tuple[int, int]],
+    ) -> RemoteFd:
+        path = f.path or ""
+        if f.kind in ("pipe", "fifo", "tty"):
+            # a tty or read-write pipe end is relayed one way: in for fd 0, out otherwise
+            inbound = f.readable and (not f.writable or f.fd == 0)
+            stream = hub.allocate()
+            dup = pidfd_getfd(pidfd, f.fd)
+            if inbound:
+                deputy.senders.append(hub.open_sender(stream, dup, shared=True))
+            else:
+                receivers.append((stream, dup))
+            return RemoteFd(f.fd, "pipe", stream, inbound, not inbound, path, 0, f.flags)
+        if f.kind == "null":
+            return RemoteFd(f.fd, "null", 0, f.readable, f.writable, path, 0, f.flags)
+        if f.kind in ("file", "dir"):
+            return RemoteFd(f.fd, "file", 0, f.readable, f.writable, path, f.pos, f.flags)
+        raise DunixError(f"fd {f.fd} ({f.target}) cannot be recreated elsewhere")
+
+    def on_peer_message(self, sender: str, msg: Any) -> None:
+        """Job messages from peer ``sender`` (its node name), in link order."""
+        if isinstance(msg, RemoteExec):
+            self._guest_exec(sender, msg)
+        elif isinstance(msg, RemoteStarted | RemoteFailed | RemoteExited):
+            deputy = self.deputies.get((msg.job, msg.home_pid))
+            if deputy is None:
+                return
+            if isinstance(msg, RemoteStarted):
+                deputy.proc.remote_pid = msg.pid
+                deputy.started.set()
+            elif isinstance(msg, RemoteFailed):
+                deputy.failed = msg.reason
+                deputy.started.set()
+            else:
+                deputy.status = msg.status
+                deputy.exited.set()
+        elif isinstance(msg, RemoteSignal):
+            guest = self.guests.get((msg.job, msg.home_pid))
+            if guest is not None and guest.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(guest.pid, msg.signal)
+
+    # -- guest side ---------------------------------------------------------------------
+
+    def _guest_exec(self, home: str, req: RemoteExec) -> None:
+        self.agent.nursery.start_soon(self._run_guest, home, req)
+
+    async def _run_guest(self, home: str, req: RemoteExec) -> None:
+        guest = Guest(req.job, home, req.home_pid)
+        key = (req.job, req.home_pid)
+        self.guests[key] = guest
+        child_fds: dict[int, int] = {}
+        try:
+            hub = await self.links.hub(home)
+            for rf in req.fds:
+                child_fds[rf.fd] = self._recreate(rf, hub, guest)
+            ctx = JobContext(
+                uid=req.uid, gid=req.gid, groups=req.groups, umask=req.umask, cwd=req.cwd,
+                env=dict(req.env), sigign=req.sigign, sigblock=req.sigblock,
+                rlimits=req.rlimits, mode=req.mode,
+            )  # fmt: skip
+            tracer = Tracer.spawn(ctx, list(req.argv), child_fds)
+        except (DunixError, OSError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            for endpoint in guest.senders + guest.receivers:
+                endpoint.stop()
+            self.guests.pop(key, None)
+            with contextlib.suppress(DunixError):
+                await self.links.send(home, RemoteFailed(req.job, req.home_pid, reason or "?"))
+            return
+        finally:
+            for fd in child_fds.values():
+                os.close(fd)
+        guest.tracer = tracer
+        with contextlib.suppress(OSError):
+            await tracer.push_slots(self.agent.slot_table(req.mode))
+        job = Job(
+            f"{req.job}/{req.home_pid}", req.uid, req.gid, req.groups, req.mode,
+            guest=(home, req.job, req.gpid),
+        )  # fmt: skip
+        job.tracers.append(tracer)
+        status = 0x7F00 | signal.SIGKILL
+        try:
+            async with trio.open_nursery() as nursery:
+                first = trio.Event()
+
+                def on_started(event: Started) -> None:
+                    guest.pid = event.pid
+                    first.set()
+
+                self.agent.jobs.on_started[job.id] = on_started
+                nursery.start_soon(self.agent.jobs.follow, job, tracer, req.argv[0])
+                await first.wait()
+                await self.links.send(home, RemoteStarted(req.job, req.home_pid, guest.pid))
+                await job.finished.wait()
+                status = job.status if job.status is not None else status
+                with trio.move_on_after(DRAIN_TIMEOUT):
+                    for endpoint in guest.senders:
+                        await endpoint.wait()
+                nursery.cancel_scope.cancel()
+        except PeerUnreachable:
+            log.warning("home %s of job %s is gone: killing its guest", home, req.job)
+        finally:
+            self.agent.jobs.on_started.pop(job.id, None)
+            self.agent.jobs.kill_job(job)
+            self.agent.jobs.forget(job)
+            self.guests.pop(key, None)
+            for endpoint in guest.receivers:
+                endpoint.stop()
+        with contextlib.suppress(DunixError):
+            await self.links.send(home, RemoteExited(req.job, req.home_pid, status))
+
+    def _recreate(self, rf: RemoteFd, hub: StreamHub, guest: Guest) -> int:
+        """This side's fd for the guest's fd ``rf.fd``; the caller closes it after spawn."""
+        if rf.kind == "pipe":
+            r, w = os.pipe2(os.O_CLOEXEC)
+            if rf.writable:  # the program writes; we read and send home
+                guest.senders.append(hub.open_sender(rf.stream, r))
+                return w
+            guest.receivers.append(hub.open_receiver(rf.stream, w))
+            return r
+        flags = rf.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY) | os.O_CLOEXEC
+        path = "/dev/null" if rf.kind == "null" and not rf.path else rf.path
+        fd = os.open(path, flags)
+        if rf.kind == "file" and rf.pos and not rf.flags & os.O_APPEND:
+            os.lseek(fd, rf.pos, os.SEEK_SET)
+        return fd

@@ -192,3 +192,18 @@ def test_unknown_home_is_an_error() -> None:
 def test_bad_config_is_refused(bad: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
         PlacementConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_a_figure_that_already_shows_the_charges_does_not_count_them_twice() -> None:
+    members = cluster(10.0, [0.0], cpus=1.0)
+    pol = policy()
+    pol.plan("home", members, NOW)
+    pol.charge("p0", 3)
+    assert pol.peer_load(members[1]) == pytest.approx(3.0)
+    # heard within the grace: the peer now reports the three processes itself
+    shown = replace(members[1], load=replace(members[1].load, load_now=3.0, load1=3.0))
+    assert pol.charged(shown) == 3
+    assert pol.peer_load(shown) == pytest.approx(3.0)
+    # ... or more, from other work: the figure wins
+    busier = replace(members[1], load=replace(members[1].load, load_now=5.0, load1=5.0))
+    assert pol.peer_load(busier) == pytest.approx(5.0)

@@ -226,6 +226,16 @@ def signal_state(pid: int) -> SignalState:
         raise DunixError(f"/proc/{pid}/status has no signal masks") from err
 
 
+def ns_pids(pid: int) -> tuple[int, ...]:
+    """The pids of ``pid`` in each PID namespace, ours first (``NSpid`` in /proc/PID/status).
+
+    SO_PEERCRED gives a deputy's pid in the agent's namespace, while the tracer reports
+    pids of the namespace it runs in; the last entry is the pid the process sees itself.
+    """
+    fields = _parse_fdinfo(_read_proc(pid, "status"))
+    return tuple(int(p) for p in fields.get("NSpid", str(pid)).split())
+
+
 def rlimits(pid: int) -> list[Rlimit]:
     """The resource limits of ``pid`` from /proc/PID/limits, readable by anyone.
 

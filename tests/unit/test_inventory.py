@@ -20,6 +20,7 @@ from dunix.fdmove.inventory import (
     SignalState,
     inventory,
     movable,
+    ns_pids,
     rlimits,
     signal_state,
 )
@@ -143,6 +144,8 @@ def test_signal_state_and_rlimits(reap: list[subprocess.Popen[bytes]]) -> None:
     state = signal_state(child.pid)
     assert signal.SIGINT in SignalState.signals(state.ignored)
     assert SignalState.signals(state.blocked) == [signal.SIGUSR1, signal.SIGRTMIN + 2]
+
+    assert ns_pids(child.pid)[0] == child.pid
 
     limits = {lim.resource: lim for lim in rlimits(child.pid)}
     assert (limits[resource.RLIMIT_NOFILE].soft, limits[resource.RLIMIT_NOFILE].hard) == (100, 200)

@@ -178,7 +178,7 @@ class RemoteService:
             )
             self.agent.jobs.procs[pid] = proc
         deputy = Deputy(job, proc, event.node, event.path)
-        key = (job.id, pid)
+        key = (proc.job, pid)
         self.deputies[key] = deputy
         try:
             await self._run_deputy(deputy, conn)
@@ -209,7 +209,7 @@ class RemoteService:
             return
         deputy.proc.state, deputy.proc.node = "deputy", peer
         await conn.send("ready")
-        log.info("pid %d of job %s runs on %s as pid %d", pid, deputy.job.id, peer,
+        log.info("pid %d of job %s runs on %s as pid %d", pid, deputy.proc.job, peer,
                  deputy.proc.remote_pid)  # fmt: skip
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._forward_signals, deputy, conn, nursery.cancel_scope)
@@ -239,7 +239,7 @@ class RemoteService:
                 continue
             with contextlib.suppress(DunixError):
                 await self.links.send(
-                    deputy.peer, RemoteSignal(deputy.job.id, deputy.proc.pid, sig)
+                    deputy.peer, RemoteSignal(deputy.proc.job, deputy.proc.pid, sig)
                 )
             if msg is None:
                 cancel.cancel()
@@ -284,7 +284,7 @@ class RemoteService:
             os.close(pidfd)
         self._receiver_fds[pid] = receivers
         return RemoteExec(
-            job=deputy.job.id,
+            job=deputy.proc.job,
             home=self.agent.config.name,
             home_pid=pid,
             gpid=deputy.proc.gpid,
@@ -372,7 +372,10 @@ class RemoteService:
             )  # fmt: skip
             tracer = Tracer.spawn(ctx, list(req.argv), child_fds)
         except (DunixError, OSError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            if isinstance(exc, OSError):
+                reason = f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc.strerror)
+            else:
+                reason = str(exc)
             for endpoint in guest.senders + guest.receivers:
                 endpoint.stop()
             self.guests.pop(key, None)

@@ -8,17 +8,27 @@ mode ``auto``). :class:`PlacementPolicy` computes that table from gossiped membe
 Why two random choices and not "the least loaded peer". Every figure a node has about its
 peers is stale (gossiped once a second or less often, and older still on big clusters).
 Sending every exec to the peer that *looked* least loaded makes all of them land on that
-one peer until the next gossip shows it swamped; several homes doing the same at once pile
-onto the same victim (herding). Mitzenmacher showed that picking the lighter of two peers
-drawn at random keeps the heaviest bin at ``ln ln n / ln 2 + O(1)`` instead of
-``ln n / ln ln n`` with one random choice, and that with stale load information the two
-choices stay good where "the least loaded" degrades badly, because the randomness spreads
-the load of one update interval over many peers (M. Mitzenmacher, "The Power of Two
-Choices in Randomized Load Balancing", IEEE TPDS 12(10), 2001; the stale-information
-model is his "How Useful Is Old Information?", IEEE TPDS 11(1), 2000). On top of that the
-policy *charges* each peer for the placements this node made since the peer's load was
-last heard, so a burst from one home does not overfill a peer before the gossip catches
-up, and the table itself is filled one slot at a time by two choices, charging the winner.
+one peer until the next gossip shows it swamped, and several homes doing the same at once
+pile onto the same victim (herding). Mitzenmacher showed that letting each arrival pick
+the lighter of two peers drawn at random already gives most of the benefit of full
+information (in the supermarket model queue lengths fall doubly exponentially instead of
+exponentially; for balls into bins the fullest bin drops from about ln n / ln ln n to
+ln ln n / ln 2), and that with old load information "the least loaded" herds and can do
+worse than random while two random choices stay close to the best (M. Mitzenmacher, "The
+Power of Two Choices in Randomized Load Balancing", IEEE TPDS 12(10), 2001; the stale
+model is his "How Useful Is Old Information?", IEEE TPDS 11(1), 2000).
+
+Where that acts here: :meth:`PlacementPolicy.choose` is two choices outright. A slot table
+is filled one slot at a time, each going to the lighter of two open peers, charged at once
+so the next slot sees it. While every open peer can be filled to its ceiling (below) the
+*counts* in the table do not depend on the order, and the spread comes from the ceiling
+and the charges; when ``max_table_slots`` binds (big clusters) the two choices decide who
+gets the slots, and homes planning from the same stale view then hand them to different
+peers instead of all to the same few least loaded ones (``choices`` = the peer count
+would do the latter; tests/unit/test_placement.py measures the overlap). On top of that
+the policy *charges* each peer for the placements this node made since the peer's load
+was last heard, so a burst from one home does not overfill a peer before the gossip
+catches up.
 
 Rules, all numbers from :class:`PlacementConfig`:
 
@@ -56,7 +66,7 @@ from dunix.errors import ConfigError, NoSuchNode
 from dunix.loadbalance._types import Member, MemberState
 from dunix.migrate.cpufeatures import CpuFeatures
 
-_INT_FIELDS = ("max_slots", "max_table_slots", "force_slots")
+_INT_FIELDS = ("choices", "max_slots", "max_table_slots", "force_slots")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,10 +89,14 @@ class PlacementConfig:
     #: a placement counts against its peer until a load figure heard this long after it
     #: (by then the peer's sampler and gossip have seen the process)
     charge_grace: float = 2.0
+    #: random peers compared per slot: 2 is Mitzenmacher's "two choices"; a number at
+    #: least the peer count makes it "the least loaded" (herds on stale figures)
+    choices: int = 2
     #: slots per peer in one table
     max_slots: int = 8
-    #: slots in one table at most (bounds the work of a plan on a big cluster)
-    max_table_slots: int = 256
+    #: slots in one table at most (bounds a plan's work and what one stale view can send;
+    #: the agent re-plans as soon as a table runs out)
+    max_table_slots: int = 64
     #: a table is valid this long; the agent re-plans at expiry, when it runs out, or when
     #: new load gossip arrives
     table_ttl: float = 2.0
@@ -275,12 +289,12 @@ class PlacementPolicy:
         return [p for p in peers if p.load + hyst <= home and p.load < ceiling], ceiling
 
     def _two_choices(self, open_peers: list[_Peer]) -> tuple[_Peer, _Peer | None]:
-        """The lighter of two distinct random peers (the first drawn on a tie)."""
-        if len(open_peers) == 1:
-            return open_peers[0], None
-        i, j = self._rng.sample(range(len(open_peers)), 2)
-        a, b = open_peers[i], open_peers[j]
-        return (b, a) if b.load < a.load else (a, b)
+        """The lightest of ``choices`` distinct random peers (the first drawn on a tie),
+        and the runner-up (None when there was only one to draw)."""
+        k = min(self.config.choices, len(open_peers))
+        drawn = [open_peers[i] for i in self._rng.sample(range(len(open_peers)), k)]
+        drawn.sort(key=lambda p: p.load)  # stable: ties keep the order drawn
+        return drawn[0], (drawn[1] if k > 1 else None)
 
     def _origin(self, home: Member, origin: CpuFeatures | None) -> CpuFeatures:
         return (
@@ -366,6 +380,6 @@ class PlacementPolicy:
             return Choice(win.name, f"only open peer ({win.load:.2f} < home {home_load:.2f})")
         return Choice(
             win.name,
-            f"lighter of two: {win.name} {win.load:.2f} over {other.name} {other.load:.2f} "
+            f"lightest drawn: {win.name} {win.load:.2f} over {other.name} {other.load:.2f} "
             f"(home {home_load:.2f})",
         )

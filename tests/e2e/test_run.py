@@ -1,0 +1,175 @@
+"""`dunix run` on a real 3-host cluster: the semantics suite and the job's life cycle.
+
+Each script in tests/e2e/scripts runs once under plain bash and once under `dunix run`
+with every exec forced remote; stdout, stderr and the exit code must be the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import DUNIX, dunix, wait_for
+
+pytestmark = pytest.mark.e2e
+
+SCRIPTS = sorted((Path(__file__).parent / "scripts").glob("*.sh"))
+WORK = Path("/var/tmp/dunix-e2e")  # seen by every host (a host's /tmp is its own)
+N1 = "/run/dunix/hosts/n1/control.sock"
+
+
+@pytest.fixture(scope="module")
+def work(cluster3: list[Any]) -> Path:
+    WORK.mkdir(parents=True, exist_ok=True)
+    os.chmod(WORK, 0o777)
+    from tests.e2e.test_agents import all_alive
+
+    wait_for(lambda: all_alive("n1"), 15, "all alive")
+    return WORK
+
+
+def run_both(argv: list[str], cwd: Path, **kw: Any) -> tuple[Any, Any]:
+    local = subprocess.run(argv, capture_output=True, cwd=cwd, timeout=60, **kw)
+    remote = subprocess.run(
+        [*DUNIX, "run", "--control", N1, "--placement", "remote", "--", *argv],
+        capture_output=True, cwd=cwd, timeout=120, **kw,
+    )  # fmt: skip
+    return local, remote
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[s.stem for s in SCRIPTS])
+def test_script_behaves_as_under_plain_bash(work: Path, script: Path) -> None:
+    local, remote = run_both(["bash", str(script)], work)
+    assert remote.stdout.decode() == local.stdout.decode()
+    assert remote.stderr.decode() == local.stderr.decode()
+    assert remote.returncode == local.returncode
+
+
+def test_processes_really_ran_elsewhere(work: Path) -> None:
+    out = dunix("run", "--control", N1, "--placement", "remote", "--",
+                "sh", "-c", "read h < /proc/sys/kernel/hostname; echo $h", cwd=work)  # fmt: skip
+    assert out.stdout.strip() in ("n2", "n3")
+
+
+def test_exit_status_and_signal_death(work: Path) -> None:
+    proc = dunix("run", "--control", N1, "--placement", "remote", "--", "sh", "-c", "exit 9",
+                 check=False, cwd=work)  # fmt: skip
+    assert proc.returncode == 9
+    proc = dunix("run", "--control", N1, "--placement", "remote", "--",
+                 "sh", "-c", "kill -SEGV $$", check=False, cwd=work)  # fmt: skip
+    assert proc.returncode == 128 + signal.SIGSEGV
+
+
+def test_binary_stdin_of_tens_of_megabytes(work: Path) -> None:
+    data = os.urandom(24 * 1024 * 1024)
+    blob = work / "blob.bin"
+    blob.write_bytes(data)
+    with blob.open("rb") as stdin:
+        proc = subprocess.run(
+            [*DUNIX, "run", "--control", N1, "--placement", "remote", "--", "sha256sum"],
+            stdin=stdin, capture_output=True, cwd=work, timeout=120,
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+    with blob.open("rb") as stdin:
+        proc = subprocess.run(
+            [*DUNIX, "run", "--control", N1, "--placement", "remote", "--", "cat"],
+            stdin=stdin, capture_output=True, cwd=work, timeout=120,
+        )  # fmt: skip
+    assert proc.stdout == data
+
+
+def test_busybox_static_shell(work: Path) -> None:
+    local, remote = run_both(
+        ["busybox", "sh", "-c", "busybox echo hi; seq 3 | busybox wc -l; exit 4"], work
+    )
+    assert (remote.stdout, remote.returncode) == (local.stdout, local.returncode) == (b"hi\n3\n", 4)
+
+
+def test_non_root_job_runs_as_that_user_everywhere(work: Path) -> None:
+    proc = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *DUNIX, "run",
+         "--control", N1, "--placement", "remote", "--",
+         "sh", "-c", "id -u; id -g; read h < /proc/sys/kernel/hostname; echo $h"],
+        capture_output=True, text=True, cwd="/", timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    uid, gid, host = proc.stdout.split()
+    assert (uid, gid) == ("65534", "65534")
+    assert host in ("n2", "n3")
+
+
+def test_parallel_cpu_work_spreads_over_hosts(work: Path) -> None:
+    worker = (
+        "awk 'BEGIN { for (i = 0; i < 4e6; i++) s += i }'; "
+        "read h < /proc/sys/kernel/hostname; echo $h"
+    )
+    script = f"for i in 1 2 3 4 5 6; do sh -c '{worker}' & sleep 0.7; done; wait"
+    out = dunix("run", "--control", N1, "--", "bash", "-c", script, cwd=work, timeout=180)
+    hosts = out.stdout.split()
+    assert len(hosts) == 6
+    assert len(set(hosts)) >= 2, hosts
+
+
+def test_ps_shows_remote_processes_and_kill_by_gpid(work: Path) -> None:
+    job = subprocess.Popen(
+        [*DUNIX, "run", "--control", N1, "--placement", "remote", "--", "sleep", "60"],
+        cwd=work,
+    )
+    try:
+
+        def sleeper() -> dict[str, Any] | None:
+            procs = json.loads(dunix("ps", "--json", "--control", N1).stdout)
+            for p in procs:
+                if p["cmd"].startswith("sleep") and p["state"] == "deputy":
+                    return p  # type: ignore[no-any-return]
+            return None
+
+        entry = wait_for(sleeper, 20, "the remote sleep in ps")
+        for key in ("gpid", "home", "node", "pid", "state", "cmd"):
+            assert key in entry
+        assert entry["home"] == "n1" and entry["node"] in ("n2", "n3")
+        dunix("kill", "-TERM", str(entry["gpid"]), "--control", N1)
+        assert job.wait(timeout=20) == 128 + signal.SIGTERM
+    finally:
+        job.kill()
+        job.wait()
+
+
+def test_sigint_to_dunix_run_ends_the_job_everywhere(work: Path) -> None:
+    marker = f"sleep 7{os.getpid() % 1000}"
+    job = subprocess.Popen(
+        [*DUNIX, "run", "--control", N1, "--placement", "remote", "--",
+         "sh", "-c", f"{marker} & {marker}; wait"],
+        cwd=work,
+    )  # fmt: skip
+    try:
+        wait_for(
+            lambda: (
+                len(subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout.split())
+                >= 2
+            ),
+            20,
+            "both sleeps running",
+        )
+        job.send_signal(signal.SIGINT)
+        assert job.wait(timeout=20) != 0
+    finally:
+        job.kill()
+        job.wait()
+
+    def nothing_left() -> bool:
+        left = subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout.split()
+        procs = json.loads(dunix("ps", "--json", "--control", N1).stdout)
+        return not left and not procs
+
+    wait_for(nothing_left, 20, "no process of the job left on any host")
+    assert time.monotonic() > 0

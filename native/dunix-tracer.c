@@ -958,10 +958,10 @@ int main(int argc, char **argv)
 		struct pollfd p[2] = { { sigfd, POLLIN, 0 }, { sock_open ? opt.sock : -1, POLLIN, 0 } };
 		if (poll(p, 2, 1000) < 0 && errno != EINTR)
 			die("poll: %s", strerror(errno));
-		if (p[0].revents) {
+		if (p[0].revents) { /* SIGCHLD coalesces; reap() collects every status */
 			struct signalfd_siginfo si[16];
-			while (read(sigfd, si, sizeof si) > 0)
-				;
+			if (read(sigfd, si, sizeof si) < 0 && errno != EAGAIN)
+				die("signalfd: %s", strerror(errno));
 		}
 		if (p[1].revents)
 			read_agent();

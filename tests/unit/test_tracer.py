@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from tracer_harness import (
     TRACER,
     Result,
@@ -120,6 +119,32 @@ def test_missing_program_is_127_as_in_a_shell() -> None:
     assert os.WEXITSTATUS(r.first_status) == 127
     assert "/no/such/program: No such file or directory" in r.stderr
     assert r.of("exec") == []
+
+
+def test_first_process_gets_ids_umask_cwd_signals_and_rlimits() -> None:
+    opts = [
+        "--uid", "65534", "--gid", "65534", "--groups", "65534,100", "--umask", "027",
+        "--sigign", "1000", "--sigblock", "2", "--rlimit", "NOFILE:100:200", "--cwd", "/usr",
+    ]  # fmt: skip
+    r = trace(["cat", "/proc/self/status", "/proc/self/limits"], *opts)
+    check_protocol_frame(r)
+    status = dict(
+        line.split(":", 1) for line in r.stdout.splitlines() if ":" in line and "  " not in line
+    )
+    assert status["Uid"].split() == ["65534"] * 4
+    assert status["Gid"].split() == ["65534"] * 4
+    assert sorted(status["Groups"].split()) == ["100", "65534"]
+    assert status["Umask"].strip() == "0027"
+    assert int(status["SigIgn"], 16) == 1 << (signal.SIGPIPE - 1)
+    assert int(status["SigBlk"], 16) == 1 << (signal.SIGINT - 1)
+    assert status["NoNewPrivs"].strip() == "0"
+    assert status["Seccomp"].strip() == "2"
+    files = next(line for line in r.stdout.splitlines() if line.startswith("Max open files"))
+    assert files.split()[3:5] == ["100", "200"]
+    r = trace(["pwd"], *opts)
+    assert r.stdout == "/usr\n"
+    r = trace(["pwd"], "--cwd", "/no/such/dir")
+    assert os.WEXITSTATUS(r.first_status) == 125 and "/no/such/dir" in r.stderr
 
 
 def test_usage_errors() -> None:
@@ -320,9 +345,7 @@ def gated(script: str, deputy: Path, *before: tuple[str, ...]) -> Result:
 
 
 def test_remote_exec_runs_the_deputy_with_same_pid_and_argv(fake_deputy: Path) -> None:
-    r = gated(
-        "exec /bin/echo hello world", fake_deputy, ("slots", "n1", "2"), ("mode", "remote")
-    )
+    r = gated("exec /bin/echo hello world", fake_deputy, ("slots", "n1", "2"), ("mode", "remote"))
     check_protocol_frame(r)
     sh_line, deputy_line = r.stdout.splitlines()
     pid = sh_line.removeprefix("sh=")
@@ -400,7 +423,8 @@ print("execveat failed", ctypes.get_errno())
 
 def test_execveat_with_a_dirfd_goes_remote_with_an_absolute_path(fake_deputy: Path) -> None:
     run = TracerRun(
-        [PY, "-c", EXECVEAT], ["--mode", "local", "--deputy", str(fake_deputy)],
+        [PY, "-c", EXECVEAT],
+        ["--mode", "local", "--deputy", str(fake_deputy)],
         stdin=subprocess.PIPE,
     )
     pid = str(wait_exec(run, os.path.basename(PY)))

@@ -3,7 +3,6 @@ by a thread, `slots`/`mode` pushed on demand. See docs/run.md ("Tracer protocol"
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import threading
@@ -120,9 +119,9 @@ class TracerRun:
         return Result(self.proc.returncode, out.decode(), err.decode(), msgs)
 
 
-def trace(argv: Sequence[str], *options: str, timeout: float = 30.0, **kw: object) -> Result:
+def trace(argv: Sequence[str], *options: str, timeout: float = 30.0) -> Result:
     """Runs argv under the tracer to the end."""
-    return TracerRun(argv, options, **kw).finish(timeout)  # type: ignore[arg-type]
+    return TracerRun(argv, options).finish(timeout)
 
 
 def untraced(argv: Sequence[str], timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
@@ -137,18 +136,6 @@ def untraced(argv: Sequence[str], timeout: float = 30.0) -> subprocess.Completed
     )
 
 
-def pid_of_exec(result_or_run: Result | TracerRun, path_end: str) -> int:
-    msgs = result_or_run.messages
-    return int(next(m[1] for m in msgs if m[0] == "exec" and m[2].endswith(path_end)))
-
-
 def wait_exec(run: TracerRun, path_end: str, timeout: float = 10.0) -> int:
     m = run.wait_for(lambda m: m[0] == "exec" and m[2].endswith(path_end), timeout)
     return int(m[1])
-
-
-def close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass

@@ -17,12 +17,20 @@ Strategies:
 (b) "least loaded from stale gossip": each exec goes to whichever node looked least loaded
     (n0's own figure fresh): the herding baseline;
 (c) a uniformly random node;
-(d) everything local.
+(d) everything local;
+(a') the policy comparing all peers instead of two random ones (``choices`` = 8): an
+    ablation. On 8 nodes it matches (a) exactly: every open peer is filled to its ceiling,
+    so a table's counts do not depend on the order slots are handed out; the spread comes
+    from the ceiling and the charges. The two choices matter once ``max_table_slots``
+    binds (big clusters), which tests/unit/test_placement.py shows.
+
+Scenarios: the burst at n0 alone, and the same 200 jobs arriving at n0..n3 at once (four
+homes placing from the same stale view, each charging only its own placements).
 
 Reported per strategy (mean over trials): makespan (first arrival to last exit), jobs
 placed per node max/mean, and load imbalance = time-integral of the busiest node's
 runnable count over that of the mean node's. The lower bound on makespan is total CPU /
-total quota = 200 x 2 / (8 x 0.5) = 100 s.
+total quota = 200 x 2 / (8 x 0.5) = 100 s. About 20 s on two cores.
 
     python -m bench.placement_sim [--trials K] [--seed S]
 """
@@ -57,7 +65,6 @@ SAMPLE_PERIOD = 1.0
 GOSSIP_DELAY = 1.0
 LOAD1_TICK = 5.0
 LOAD1_DECAY = math.exp(-LOAD1_TICK / 60.0)  # kernel/sched/loadavg.c EXP_1
-HOME = 0
 
 
 @dataclass
@@ -72,27 +79,31 @@ class Node:
 
 
 class Placer:
-    """A strategy: told about gossip as it arrives, asked at each exec where it goes."""
+    """A strategy at one home: told about gossip as it arrives, asked at each exec."""
 
-    def __init__(self, nodes: list[Node], rng: random.Random) -> None:
+    def __init__(self, nodes: list[Node], home: int, rng: random.Random) -> None:
         self.nodes = nodes
+        self.home = home
         self.rng = rng
-        # what n0 knows of each peer: the last figure delivered and when
+        # what the home knows of each peer: the last figure delivered and when
         self.known: dict[int, tuple[NodeLoad, float]] = {
-            i: (NodeLoad(cpus=QUOTA), 0.0) for i in range(1, len(nodes))
+            i: (NodeLoad(cpus=QUOTA), 0.0) for i in range(len(nodes)) if i != home
         }
 
     def heard(self, i: int, load: NodeLoad, now: float) -> None:
-        self.known[i] = (load, now)
+        if i != self.home:
+            self.known[i] = (load, now)
 
     def place(self, now: float) -> int:
         raise NotImplementedError
 
 
 class PolicyPlacer(Placer):
-    def __init__(self, nodes: list[Node], rng: random.Random) -> None:
-        super().__init__(nodes, rng)
-        self.policy = PlacementPolicy(PlacementConfig(), rng)
+    config = PlacementConfig()
+
+    def __init__(self, nodes: list[Node], home: int, rng: random.Random) -> None:
+        super().__init__(nodes, home, rng)
+        self.policy = PlacementPolicy(self.config, rng)
         self.slots: dict[str, int] = {}
         self.expires = -math.inf
         self.dirty = True
@@ -104,23 +115,23 @@ class PolicyPlacer(Placer):
         self.dirty = True
 
     def members(self, now: float) -> list[Member]:
-        home = self.nodes[HOME]
-        out = [Member(home.name, "", 1, 1, MemberState.ALIVE, home.load(), 0.0, now)]
+        me = self.nodes[self.home]
+        out = [Member(me.name, "", 1, 1, MemberState.ALIVE, me.load(), 0.0, now)]
         for i, (load, at) in self.known.items():
             out.append(Member(self.nodes[i].name, "", i + 1, 1, MemberState.ALIVE, load, 0.0, at))
         return out
 
     def place(self, now: float) -> int:
+        me = self.nodes[self.home]
         if self.dirty or now >= self.expires:
-            hint = float(len(self.nodes[HOME].jobs))
-            table = self.policy.plan(self.nodes[HOME].name, self.members(now), now, hint)
+            table = self.policy.plan(me.name, self.members(now), now, float(len(me.jobs)))
             self.slots = dict(table.slots)
             self.expires = table.expires
             self.dirty = False
         names = sorted(n for n, c in self.slots.items() if c > 0)
         if not names:
             self.dirty = True  # a local exec raised the home's load: the agent re-plans
-            return HOME
+            return self.home
         name = names[self.rr % len(names)]
         self.rr += 1
         self.slots[name] -= 1
@@ -130,9 +141,15 @@ class PolicyPlacer(Placer):
         return self.index[name]
 
 
+class LeastLoadedChargedPlacer(PolicyPlacer):
+    """Ablation: the same policy comparing every peer instead of two random ones."""
+
+    config = PlacementConfig(choices=NODES)
+
+
 class LeastLoadedPlacer(Placer):
     def place(self, now: float) -> int:
-        best, best_load = HOME, len(self.nodes[HOME].jobs) / QUOTA
+        best, best_load = self.home, len(self.nodes[self.home].jobs) / QUOTA
         for i, (load, _) in sorted(self.known.items()):
             if load.load_now < best_load:
                 best, best_load = i, load.load_now
@@ -146,14 +163,23 @@ class RandomPlacer(Placer):
 
 class LocalPlacer(Placer):
     def place(self, now: float) -> int:
-        return HOME
+        return self.home
 
 
-STRATEGIES: dict[str, Callable[[list[Node], random.Random], Placer]] = {
-    "two-choices policy": PolicyPlacer,
-    "least loaded (stale)": LeastLoadedPlacer,
-    "random": RandomPlacer,
-    "all local": LocalPlacer,
+STRATEGIES: dict[str, Callable[[list[Node], int, random.Random], Placer]] = {
+    "(a) two-choices policy": PolicyPlacer,
+    "(b) least loaded, stale": LeastLoadedPlacer,
+    "(c) random": RandomPlacer,
+    "(d) all local": LocalPlacer,
+    "(a') a, least of all": LeastLoadedChargedPlacer,
+}
+HERD = "(b) least loaded, stale"
+LOCAL = "(d) all local"
+
+#: scenario name -> the nodes the jobs arrive at (split evenly)
+SCENARIOS: dict[str, tuple[int, ...]] = {
+    "burst at n0": (0,),
+    "bursts at n0-n3 at once": (0, 1, 2, 3),
 }
 
 
@@ -164,10 +190,10 @@ class Result:
     load_ratio: float
 
 
-def simulate(strategy: str, seed: int) -> Result:
+def simulate(strategy: str, seed: int, homes: tuple[int, ...] = (0,)) -> Result:
     rng = random.Random(seed)
     nodes = [Node(f"n{i}") for i in range(NODES)]
-    placer = STRATEGIES[strategy](nodes, random.Random(seed + 1))
+    placers = {h: STRATEGIES[strategy](nodes, h, random.Random(seed * 31 + h)) for h in homes}
     events: list[tuple[float, int, str, Any]] = []
     seq = 0
 
@@ -176,9 +202,9 @@ def simulate(strategy: str, seed: int) -> Result:
         seq += 1
         heapq.heappush(events, (t, seq, kind, data))
 
-    for t in sorted(rng.uniform(0.0, BURST) for _ in range(JOBS)):
-        push(t, "arrive")
-    for i in range(1, NODES):
+    for k in range(JOBS):
+        push(rng.uniform(0.0, BURST), "arrive", homes[k % len(homes)])
+    for i in range(NODES):
         push(rng.uniform(0.0, SAMPLE_PERIOD), "sample", i)
     push(LOAD1_TICK, "tick")
 
@@ -215,7 +241,7 @@ def simulate(strategy: str, seed: int) -> Result:
         advance(t)
         if kind == "arrive":
             arrived += 1
-            target = nodes[placer.place(now)]
+            target = nodes[placers[data].place(now)]
             target.jobs.append(JOB_CPU)
             target.placed += 1
         elif kind == "sample":
@@ -223,7 +249,8 @@ def simulate(strategy: str, seed: int) -> Result:
             push(now + SAMPLE_PERIOD, "sample", data)
         elif kind == "deliver":
             i, load = data
-            placer.heard(i, load, now)
+            for placer in placers.values():
+                placer.heard(i, load, now)
         elif kind == "tick":
             for n in nodes:
                 n.load1 = n.load1 * LOAD1_DECAY + len(n.jobs) / QUOTA * (1 - LOAD1_DECAY)
@@ -233,41 +260,52 @@ def simulate(strategy: str, seed: int) -> Result:
     return Result(last_exit, max(placed) / statistics.mean(placed), max_area / mean_area)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.placement_sim", description=__doc__)
-    ap.add_argument("--trials", type=int, default=20)
-    ap.add_argument("--seed", type=int, default=1)
-    args = ap.parse_args(argv)
-    started = time.perf_counter()
+def run_scenario(homes: tuple[int, ...], trials: int, seed: int) -> dict[str, dict[str, float]]:
     rows: dict[str, dict[str, float]] = {}
     for name in STRATEGIES:
-        runs = [simulate(name, args.seed + 1000 * k) for k in range(args.trials)]
+        runs = [simulate(name, seed + 1000 * k, homes) for k in range(trials)]
         rows[name] = {
             "makespan_s": statistics.mean(r.makespan for r in runs),
             "makespan_max_s": max(r.makespan for r in runs),
             "placed_max_over_mean": statistics.mean(r.placed_ratio for r in runs),
             "load_max_over_mean": statistics.mean(r.load_ratio for r in runs),
         }
-    herd = rows["least loaded (stale)"]["makespan_s"]
-    local = rows["all local"]["makespan_s"]
     for row in rows.values():
-        row["makespan_vs_least_loaded"] = row["makespan_s"] / herd
-        row["makespan_vs_all_local"] = row["makespan_s"] / local
-    lower = JOBS * JOB_CPU / (NODES * QUOTA)
-    print(
-        f"{JOBS} jobs x {JOB_CPU:g} s CPU arriving at n0 within {BURST:g} s; {NODES} nodes x "
-        f"{QUOTA:g} CPU; gossip every {SAMPLE_PERIOD:g} s, {GOSSIP_DELAY:g} s late; "
-        f"{args.trials} trials; lower bound {lower:.0f} s"
-    )
+        row["makespan_vs_least_loaded"] = row["makespan_s"] / rows[HERD]["makespan_s"]
+        row["makespan_vs_all_local"] = row["makespan_s"] / rows[LOCAL]["makespan_s"]
+    return rows
+
+
+def print_rows(rows: dict[str, dict[str, float]]) -> None:
     head = ("strategy", "makespan s", "worst s", "vs (b)", "vs (d)", "placed max/mean")
-    print(f"{head[0]:<22}{head[1]:>11}{head[2]:>9}{head[3]:>8}{head[4]:>8}{head[5]:>17}", end="")
+    print(f"{head[0]:<26}{head[1]:>11}{head[2]:>9}{head[3]:>8}{head[4]:>8}{head[5]:>17}", end="")
     print(f"{'load max/mean':>15}")
     for name, r in rows.items():
         print(
-            f"{name:<22}{r['makespan_s']:>11.1f}{r['makespan_max_s']:>9.1f}"
+            f"{name:<26}{r['makespan_s']:>11.1f}{r['makespan_max_s']:>9.1f}"
             f"{r['makespan_vs_least_loaded']:>8.2f}{r['makespan_vs_all_local']:>8.2f}"
             f"{r['placed_max_over_mean']:>17.2f}{r['load_max_over_mean']:>15.2f}"
         )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.placement_sim", description=__doc__)
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args(argv)
+    started = time.perf_counter()
+    lower = JOBS * JOB_CPU / (NODES * QUOTA)
+    print(
+        f"{JOBS} jobs x {JOB_CPU:g} s CPU arriving within {BURST:g} s; {NODES} nodes x "
+        f"{QUOTA:g} CPU; gossip every {SAMPLE_PERIOD:g} s, {GOSSIP_DELAY:g} s late; "
+        f"{args.trials} trials; makespan lower bound {lower:.0f} s"
+    )
+    scenarios: dict[str, Any] = {}
+    for title, homes in SCENARIOS.items():
+        rows = run_scenario(homes, args.trials, args.seed)
+        scenarios[title] = rows
+        print(f"\n-- {title}")
+        print_rows(rows)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     setup = {
         "nodes": NODES,
@@ -281,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "makespan_lower_bound_s": lower,
     }
-    doc = {"setup": setup, "config": vars_of(PlacementConfig()), "strategies": rows}
+    doc = {"setup": setup, "config": vars_of(PlacementConfig()), "scenarios": scenarios}
     RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"({time.perf_counter() - started:.1f} s; {RESULTS.relative_to(ROOT)})")
     return 0

@@ -182,6 +182,7 @@ def test_unknown_home_is_an_error() -> None:
         {"hysteresis": -0.1},
         {"now_weight": 1.5},
         {"max_slots": 0},
+        {"choices": 0},
         {"max_slots": 2.5},
         {"table_ttl": 0.0},
         {"max_load_age": float("inf")},
@@ -207,3 +208,22 @@ def test_a_figure_that_already_shows_the_charges_does_not_count_them_twice() -> 
     # ... or more, from other work: the figure wins
     busier = replace(members[1], load=replace(members[1].load, load_now=5.0, load1=5.0))
     assert pol.peer_load(busier) == pytest.approx(5.0)
+
+
+def test_two_choices_spread_homes_with_the_same_stale_view() -> None:
+    """Many peers, a table too small for all: "the least loaded" sends every home to the
+    same few peers; two random choices send different homes to different ones."""
+    rng = random.Random(5)
+    peers = [rng.uniform(0.0, 0.5) for _ in range(64)]
+    members = cluster(6.0, peers, cpus=4.0)
+
+    def overlap(choices: int) -> float:
+        shared = 0
+        for seed in range(20):
+            a = policy(seed, choices=choices, max_table_slots=16).plan("home", members, NOW)
+            b = policy(seed + 100, choices=choices, max_table_slots=16).plan("home", members, NOW)
+            shared += sum(min(n, b.get(name)) for name, n in a.slots)
+        return shared / (20 * 16)
+
+    assert overlap(64) == 1.0  # herding: identical tables
+    assert overlap(2) < 0.5

@@ -223,6 +223,8 @@ class PlacementPolicy:
                 self._charges[name] = kept
             else:
                 del self._charges[name]
+        for name in [n for n in self._figures if n not in by_name]:
+            del self._figures[name]
 
     # -- loads ----------------------------------------------------------------------------
 

@@ -5,8 +5,9 @@
  *
  * Only exec is stopped by seccomp (SECCOMP_RET_TRACE); fork, clone, exec and exit arrive
  * as ptrace events, so a traced process runs at full speed between those points.
- * Job control stays exact because tracees are attached with PTRACE_SEIZE: a group-stop
- * shows up as PTRACE_EVENT_STOP and is answered with PTRACE_LISTEN (ptrace(2), "Group-stop").
+ *
+ * This file: the command line, the job's first process, the main loop. The other parts
+ * are in dunix-tracer/ (agent.c: protocol; trace.c: stops; place.c: exec placement).
  */
 #define _GNU_SOURCE
 #include <ctype.h>
@@ -21,7 +22,6 @@
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
-#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,21 +30,14 @@
 #include <sys/ptrace.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
-#include <sys/sysmacros.h>
-#include <sys/uio.h>
-#include <sys/user.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
-#define PROG "dunix-tracer"
-#define MSG_MAX (2 * PATH_MAX + 256)
-#define RED_ZONE 128
-#define SETUP_FAILED 125 /* the tracer's own setup of the first process failed (as env(1)) */
+#include "dunix-tracer/tracer.h"
 
-enum mode { MODE_LOCAL, MODE_REMOTE, MODE_AUTO };
+#define SETUP_FAILED 125 /* the tracer's own setup of the first process failed (as env(1)) */
 
 struct options {
 	int sock;
@@ -59,31 +52,13 @@ struct options {
 	struct { int res; struct rlimit lim; } *rlimits;
 	size_t nrlimits;
 	int keep_pgrp;
-	char *argv0_deputy;
-	enum mode mode;
+	const char *deputy;
 	char **argv;
 };
 
-struct tracee {
-	pid_t pid, tgid;
-	int remote;  /* the pending exec was redirected to the deputy */
-	char *path;  /* path of the pending exec, from its seccomp stop */
-};
+static struct options opt = { .sock = -1 };
 
-struct slot {
-	char *node;
-	long count;
-};
-
-static struct options opt = { .sock = -1, .mode = MODE_AUTO };
-static struct tracee *tracees;
-static size_t ntracees, captracees;
-static struct slot *slots;
-static size_t nslots, next_slot;
-static int deputy_ok;
-static int sock_open;
-
-static void die(const char *fmt, ...)
+void die(const char *fmt, ...)
 {
 	va_list ap;
 	va_start(ap, fmt);
@@ -102,563 +77,6 @@ static void usage(const char *why)
 		"       [--sigign HEX --sigblock HEX] [--rlimit RES:SOFT:HARD ...] [--keep-pgrp]\n"
 		"       [--deputy PATH] [--mode local|remote|auto] -- PROGRAM ARGV...\n", why);
 	exit(2);
-}
-
-/* ---------------------------------------------------------------- agent messages */
-
-/* One packet: fields joined by '\0'. A dead agent is not our problem: the job goes on. */
-static void emit(const char *kind, ...)
-{
-	char buf[MSG_MAX];
-	size_t len = 0;
-	const char *field = kind;
-	va_list ap;
-
-	if (!sock_open)
-		return;
-	va_start(ap, kind);
-	while (field) {
-		size_t n = strlen(field);
-		if (len + n + 1 > sizeof buf)
-			n = sizeof buf - len - 1;
-		if (len)
-			buf[len++] = '\0';
-		memcpy(buf + len, field, n);
-		len += n;
-		field = va_arg(ap, const char *);
-	}
-	va_end(ap);
-	while (send(opt.sock, buf, len, MSG_NOSIGNAL) < 0 && errno == EINTR)
-		;
-}
-
-static void emit_pid(const char *kind, pid_t pid, const char *rest)
-{
-	char p[16];
-	snprintf(p, sizeof p, "%d", pid);
-	emit(kind, p, rest, (char *)NULL);
-}
-
-static void set_slots(char **f, int n)
-{
-	for (size_t i = 0; i < nslots; i++)
-		free(slots[i].node);
-	free(slots);
-	slots = NULL;
-	nslots = next_slot = 0;
-	if (n / 2 == 0)
-		return;
-	slots = calloc(n / 2, sizeof *slots);
-	if (!slots)
-		return;
-	for (int i = 0; i + 1 < n; i += 2) {
-		slots[nslots].node = strdup(f[i]);
-		slots[nslots].count = strtol(f[i + 1], NULL, 10);
-		if (slots[nslots].node)
-			nslots++;
-	}
-}
-
-static void detach_all_and_exit(void);
-
-/* Reads every queued agent message without blocking. */
-static void read_agent(void)
-{
-	char buf[65536];
-	for (;;) {
-		ssize_t n = recv(opt.sock, buf, sizeof buf - 1, MSG_DONTWAIT);
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-			return;
-		if (n <= 0) { /* EOF or error: keep tracing, stop listening */
-			sock_open = 0;
-			return;
-		}
-		buf[n] = '\0';
-		if (n > 0 && buf[n - 1] == '\0')
-			n--;
-		char *f[4096];
-		int nf = 0;
-		for (char *p = buf; nf < 4096;) {
-			f[nf++] = p;
-			char *end = memchr(p, '\0', buf + n - p);
-			if (!end)
-				break;
-			p = end + 1;
-		}
-		if (!strcmp(f[0], "slots")) {
-			set_slots(f + 1, nf - 1);
-		} else if (!strcmp(f[0], "mode") && nf > 1) {
-			if (!strcmp(f[1], "local"))
-				opt.mode = MODE_LOCAL;
-			else if (!strcmp(f[1], "remote"))
-				opt.mode = MODE_REMOTE;
-			else if (!strcmp(f[1], "auto"))
-				opt.mode = MODE_AUTO;
-		} else if (!strcmp(f[0], "quit")) {
-			detach_all_and_exit();
-		}
-	}
-}
-
-/* ---------------------------------------------------------------- tracee table */
-
-static struct tracee *find(pid_t pid)
-{
-	for (size_t i = 0; i < ntracees; i++)
-		if (tracees[i].pid == pid)
-			return &tracees[i];
-	return NULL;
-}
-
-static struct tracee *add(pid_t pid, pid_t tgid)
-{
-	if (ntracees == captracees) {
-		size_t cap = captracees ? 2 * captracees : 64;
-		struct tracee *t = realloc(tracees, cap * sizeof *t);
-		if (!t)
-			die("out of memory");
-		tracees = t;
-		captracees = cap;
-	}
-	struct tracee *t = &tracees[ntracees++];
-	*t = (struct tracee){ .pid = pid, .tgid = tgid };
-	return t;
-}
-
-static void forget(pid_t pid)
-{
-	struct tracee *t = find(pid);
-	if (!t)
-		return;
-	free(t->path);
-	*t = tracees[--ntracees];
-}
-
-/* Tgid and PPid of a task from /proc; 0 on success. */
-static int proc_ids(pid_t pid, pid_t *tgid, pid_t *ppid)
-{
-	char path[64], buf[4096];
-	snprintf(path, sizeof path, "/proc/%d/status", pid);
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return -1;
-	ssize_t n = read(fd, buf, sizeof buf - 1);
-	close(fd);
-	if (n <= 0)
-		return -1;
-	buf[n] = '\0';
-	char *tg = strstr(buf, "\nTgid:"), *pp = strstr(buf, "\nPPid:");
-	if (!tg || !pp)
-		return -1;
-	*tgid = (pid_t)strtol(tg + 6, NULL, 10);
-	*ppid = (pid_t)strtol(pp + 6, NULL, 10);
-	return 0;
-}
-
-/*
- * A task we have not met: an auto-attached child whose first stop came before its
- * parent's fork event (the order is not fixed). Processes are reported here, once.
- */
-static struct tracee *meet(pid_t pid)
-{
-	pid_t tgid = pid, ppid = 0;
-	if (proc_ids(pid, &tgid, &ppid) < 0)
-		tgid = pid;
-	struct tracee *t = add(pid, tgid);
-	if (tgid == pid && ppid > 0) {
-		char p[16], c[16];
-		snprintf(p, sizeof p, "%d", ppid);
-		snprintf(c, sizeof c, "%d", pid);
-		emit("fork", p, c, (char *)NULL);
-	}
-	return t;
-}
-
-/* ---------------------------------------------------------------- tracee memory */
-
-static int read_string(pid_t pid, unsigned long addr, char *buf, size_t size)
-{
-	size_t got = 0;
-	long page = sysconf(_SC_PAGESIZE);
-	while (got + 1 < size) {
-		size_t chunk = page - ((addr + got) % page);
-		if (chunk > size - 1 - got)
-			chunk = size - 1 - got;
-		struct iovec local = { buf + got, chunk };
-		struct iovec remote = { (void *)(addr + got), chunk };
-		ssize_t n = process_vm_readv(pid, &local, 1, &remote, 1, 0);
-		if (n <= 0) { /* fall back to one word at a time */
-			errno = 0;
-			long w = ptrace(PTRACE_PEEKDATA, pid, (void *)(addr + got), NULL);
-			if (errno)
-				return -1;
-			n = sizeof w < chunk ? sizeof w : chunk;
-			memcpy(buf + got, &w, n);
-		}
-		char *nul = memchr(buf + got, '\0', n);
-		if (nul)
-			return 0;
-		got += n;
-	}
-	buf[got] = '\0';
-	errno = ENAMETOOLONG;
-	return -1;
-}
-
-static int write_memory(pid_t pid, unsigned long addr, const void *data, size_t len)
-{
-	struct iovec local = { (void *)data, len }, remote = { (void *)addr, len };
-	if (process_vm_writev(pid, &local, 1, &remote, 1, 0) == (ssize_t)len)
-		return 0;
-	/* ptrace writes also work on pages process_vm_writev refuses; addr is word aligned */
-	for (size_t off = 0; off < len; off += sizeof(long)) {
-		long w = 0;
-		size_t n = len - off < sizeof w ? len - off : sizeof w;
-		if (n < sizeof w) {
-			errno = 0;
-			w = ptrace(PTRACE_PEEKDATA, pid, (void *)(addr + off), NULL);
-			if (errno)
-				return -1;
-		}
-		memcpy(&w, (const char *)data + off, n);
-		if (ptrace(PTRACE_POKEDATA, pid, (void *)(addr + off), (void *)w) < 0)
-			return -1;
-	}
-	return 0;
-}
-
-/* ---------------------------------------------------------------- exec decision */
-
-static int allowed_device(dev_t rdev)
-{
-	unsigned ma = major(rdev), mi = minor(rdev);
-	if (ma == 1)                   /* null, zero, random, urandom */
-		return mi == 3 || mi == 5 || mi == 8 || mi == 9;
-	if (ma == 5)                   /* tty, ptmx */
-		return mi == 0 || mi == 2;
-	return ma >= 136 && ma <= 143; /* /dev/pts/N */
-}
-
-static int fd_cloexec(pid_t pid, const char *fd)
-{
-	char path[320], buf[512];
-	if (snprintf(path, sizeof path, "/proc/%d/fdinfo/%s", pid, fd) >= (int)sizeof path)
-		return 0;
-	int f = open(path, O_RDONLY | O_CLOEXEC);
-	if (f < 0)
-		return 0;
-	ssize_t n = read(f, buf, sizeof buf - 1);
-	close(f);
-	if (n <= 0)
-		return 0;
-	buf[n] = '\0';
-	char *flags = strstr(buf, "flags:");
-	return flags && (strtoul(flags + 6, NULL, 8) & O_CLOEXEC);
-}
-
-/* Why this process cannot leave (what it keeps across the exec), or NULL. */
-static const char *unmovable_reason(pid_t pid, char *why, size_t size)
-{
-	char path[64];
-	snprintf(path, sizeof path, "/proc/%d/fd", pid);
-	DIR *d = opendir(path);
-	if (!d) {
-		snprintf(why, size, "cannot read %s", path);
-		return why;
-	}
-	const char *reason = NULL;
-	struct dirent *e;
-	while (!reason && (e = readdir(d))) {
-		struct stat st;
-		if (e->d_name[0] == '.' || fstatat(dirfd(d), e->d_name, &st, 0) < 0)
-			continue;
-		int sock = S_ISSOCK(st.st_mode);
-		int dev = (S_ISCHR(st.st_mode) && !allowed_device(st.st_rdev)) || S_ISBLK(st.st_mode);
-		if ((!sock && !dev) || fd_cloexec(pid, e->d_name))
-			continue;
-		if (sock) {
-			snprintf(why, size, "holds a socket");
-		} else {
-			char target[PATH_MAX];
-			ssize_t n = readlinkat(dirfd(d), e->d_name, target, sizeof target - 1);
-			target[n > 0 ? n : 0] = '\0';
-			snprintf(why, size, "holds device %s", n > 0 ? target : "?");
-		}
-		reason = why;
-	}
-	closedir(d);
-	return reason;
-}
-
-/* The file the exec names, seen from the tracee, is a regular executable file. */
-static int exec_target_ok(pid_t pid, long dirfd, const char *path, int empty_path)
-{
-	char full[PATH_MAX + 64];
-	if (path[0] == '/')
-		snprintf(full, sizeof full, "/proc/%d/root%s", pid, path);
-	else if (dirfd == AT_FDCWD)
-		snprintf(full, sizeof full, "/proc/%d/cwd/%s", pid, path);
-	else if (empty_path && !path[0])
-		snprintf(full, sizeof full, "/proc/%d/fd/%ld", pid, dirfd);
-	else
-		snprintf(full, sizeof full, "/proc/%d/fd/%ld/%s", pid, dirfd, path);
-	struct stat st;
-	return stat(full, &st) == 0 && S_ISREG(st.st_mode) && (st.st_mode & 0111);
-}
-
-/* The peer for a remote exec, or -1: round robin, `auto` only over slots left. */
-static int pick_slot(void)
-{
-	if (opt.mode == MODE_LOCAL || nslots == 0)
-		return -1;
-	for (size_t k = 0; k < nslots; k++) {
-		size_t i = (next_slot + k) % nslots;
-		if (opt.mode == MODE_REMOTE || slots[i].count > 0)
-			return (int)i;
-	}
-	return -1;
-}
-
-/*
- * For execveat with a dirfd, the path the agent gets is made absolute from the dirfd's
- * link in /proc; an fd executed by itself (fexecve) has no path a peer could open.
- */
-static int absolute_path(pid_t pid, long dirfd, const char *path, int empty_path,
-			 char *out, size_t size)
-{
-	if (path[0] == '/' || dirfd == AT_FDCWD) {
-		snprintf(out, size, "%s", path);
-		return 0;
-	}
-	char link[64], dir[PATH_MAX];
-	snprintf(link, sizeof link, "/proc/%d/fd/%ld", pid, dirfd);
-	ssize_t n = readlink(link, dir, sizeof dir - 1);
-	if (n <= 0 || dir[0] != '/')
-		return -1;
-	dir[n] = '\0';
-	if (strstr(dir, " (deleted)") || !strncmp(dir, "/memfd:", 7))
-		return -1;
-	int n2 = empty_path && !path[0] ? snprintf(out, size, "%s", dir)
-					: snprintf(out, size, "%s/%s", dir, path);
-	return n2 < (int)size ? 0 : -1;
-}
-
-/* Points the exec at the deputy: new path below the red zone, path register at it. */
-static int redirect(pid_t pid, struct user_regs_struct *r, int is_at)
-{
-	size_t len = strlen(opt.argv0_deputy) + 1;
-	unsigned long addr = (r->rsp - RED_ZONE - len) & ~15UL;
-	if (write_memory(pid, addr, opt.argv0_deputy, len) < 0)
-		return -1;
-	if (is_at) {
-		r->rdi = (unsigned long)AT_FDCWD;
-		r->rsi = addr;
-		r->r8 &= ~(unsigned long)AT_EMPTY_PATH;
-	} else {
-		r->rdi = addr;
-	}
-	return ptrace(PTRACE_SETREGS, pid, NULL, r) < 0 ? -1 : 0;
-}
-
-static void on_exec_stop(pid_t pid)
-{
-	struct tracee *t = find(pid);
-	if (!t)
-		t = meet(pid);
-	struct user_regs_struct r;
-	if (ptrace(PTRACE_GETREGS, pid, NULL, &r) < 0)
-		return;
-	int is_at = r.orig_rax == __NR_execveat;
-	long dirfd = is_at ? (long)(int)r.rdi : AT_FDCWD;
-	int empty_path = is_at && (r.r8 & AT_EMPTY_PATH);
-	char path[PATH_MAX];
-	if (read_string(pid, is_at ? r.rsi : r.rdi, path, sizeof path) < 0)
-		return; /* the kernel will fail this exec (EFAULT, ENAMETOOLONG) */
-	free(t->path);
-	t->path = strdup(path);
-	t->remote = 0;
-
-	int slot = pick_slot();
-	if (slot < 0 || !exec_target_ok(pid, dirfd, path, empty_path))
-		return;
-	char why[PATH_MAX + 32], abs[PATH_MAX];
-	const char *reason = unmovable_reason(pid, why, sizeof why);
-	if (!reason && !deputy_ok)
-		reason = "no deputy";
-	if (!reason && absolute_path(pid, dirfd, path, empty_path, abs, sizeof abs) < 0)
-		reason = "exec of an fd without a path";
-	if (!reason && redirect(pid, &r, is_at) < 0)
-		reason = "cannot rewrite the exec";
-	if (reason) {
-		emit_pid("unmovable", pid, reason);
-		return;
-	}
-	if (opt.mode == MODE_AUTO)
-		slots[slot].count--;
-	next_slot = (size_t)slot + 1;
-	t->remote = 1;
-	char p[16];
-	snprintf(p, sizeof p, "%d", pid);
-	emit("remote", p, slots[slot].node, abs, (char *)NULL);
-}
-
-/* ---------------------------------------------------------------- stops */
-
-static int is_stop_signal(int sig)
-{
-	return sig == SIGSTOP || sig == SIGTSTP || sig == SIGTTIN || sig == SIGTTOU;
-}
-
-static void on_new_task(pid_t parent, pid_t child, int event)
-{
-	struct tracee *pt = find(parent);
-	if (find(child))
-		return; /* its first stop came first and reported it */
-	pid_t tgid = child, ppid;
-	if (event == PTRACE_EVENT_CLONE && proc_ids(child, &tgid, &ppid) < 0)
-		tgid = child;
-	add(child, tgid);
-	if (tgid == child) {
-		char p[16], c[16];
-		snprintf(p, sizeof p, "%d", pt ? pt->tgid : parent);
-		snprintf(c, sizeof c, "%d", child);
-		emit("fork", p, c, (char *)NULL);
-	}
-}
-
-/*
- * After an exec by a non-leader thread the process continues under the leader's pid;
- * the event message is the thread's old id (ptrace(2), "execve(2) under ptrace").
- */
-static void on_exec_event(pid_t pid)
-{
-	unsigned long old = 0;
-	ptrace(PTRACE_GETEVENTMSG, pid, NULL, &old);
-	struct tracee *t = find(pid);
-	if ((pid_t)old != pid && old) {
-		struct tracee *o = find((pid_t)old);
-		char *path = NULL;
-		int remote = 0;
-		if (o) {
-			path = o->path;
-			remote = o->remote;
-			o->path = NULL;
-			forget((pid_t)old);
-		}
-		t = find(pid);
-		if (!t)
-			t = add(pid, pid);
-		free(t->path);
-		t->path = path;
-		t->remote = remote;
-	}
-	if (!t)
-		t = meet(pid);
-	t->tgid = pid;
-	if (!t->remote) {
-		char exe[PATH_MAX];
-		const char *path = t->path;
-		if (!path) { /* an exec the filter did not stop (another ABI) */
-			char link[64];
-			snprintf(link, sizeof link, "/proc/%d/exe", pid);
-			ssize_t n = readlink(link, exe, sizeof exe - 1);
-			exe[n > 0 ? n : 0] = '\0';
-			path = exe;
-		}
-		emit_pid("exec", pid, path);
-	}
-	free(t->path);
-	t->path = NULL;
-	t->remote = 0;
-}
-
-static void on_status(pid_t pid, int status)
-{
-	if (WIFEXITED(status) || WIFSIGNALED(status)) {
-		struct tracee *t = find(pid);
-		if (!t || t->tgid == pid) {
-			char s[16];
-			snprintf(s, sizeof s, "%d", status);
-			emit_pid("exit", pid, s);
-		}
-		forget(pid);
-		return;
-	}
-	if (!WIFSTOPPED(status))
-		return;
-	if (!find(pid))
-		meet(pid);
-	int sig = WSTOPSIG(status), event = (unsigned)status >> 16;
-	int inject = 0;
-	switch (event) {
-	case 0: /* signal-delivery-stop: deliver it as if we were not here */
-		inject = sig;
-		break;
-	case PTRACE_EVENT_STOP:
-		if (is_stop_signal(sig)) { /* group-stop: stay stopped until SIGCONT */
-			ptrace(PTRACE_LISTEN, pid, NULL, NULL);
-			return;
-		}
-		break; /* first stop of a new task, or the wake-up after LISTEN */
-	case PTRACE_EVENT_FORK:
-	case PTRACE_EVENT_VFORK:
-	case PTRACE_EVENT_CLONE: {
-		unsigned long child = 0;
-		if (ptrace(PTRACE_GETEVENTMSG, pid, NULL, &child) == 0 && child)
-			on_new_task(pid, (pid_t)child, event);
-		break;
-	}
-	case PTRACE_EVENT_SECCOMP:
-		on_exec_stop(pid);
-		break;
-	case PTRACE_EVENT_EXEC:
-		on_exec_event(pid);
-		break;
-	default: /* PTRACE_EVENT_EXIT and anything else */
-		break;
-	}
-	ptrace(PTRACE_CONT, pid, NULL, (void *)(long)inject);
-}
-
-/* Collects every pending wait status; returns 1 once no tracee is left. */
-static int reap(void)
-{
-	for (;;) {
-		int status;
-		pid_t pid = waitpid(-1, &status, __WALL | WNOHANG);
-		if (pid > 0) {
-			on_status(pid, status);
-			continue;
-		}
-		if (pid < 0 && errno == EINTR)
-			continue;
-		return pid < 0 && errno == ECHILD;
-	}
-}
-
-static void detach_all_and_exit(void)
-{
-	alarm(10); /* a tracee that never stops must not keep us: EXITKILL ends it then */
-	for (size_t i = 0; i < ntracees; i++)
-		ptrace(PTRACE_INTERRUPT, tracees[i].pid, NULL, NULL);
-	while (ntracees) {
-		int status;
-		pid_t pid = waitpid(-1, &status, __WALL);
-		if (pid < 0) {
-			if (errno == EINTR)
-				continue;
-			break;
-		}
-		if (WIFSTOPPED(status)) {
-			int event = (unsigned)status >> 16;
-			int sig = event == 0 ? WSTOPSIG(status) : 0;
-			ptrace(PTRACE_DETACH, pid, NULL, (void *)(long)sig);
-		}
-		forget(pid);
-	}
-	exit(0);
 }
 
 /* ---------------------------------------------------------------- the first process */
@@ -837,14 +255,14 @@ static void parse_args(int argc, char **argv)
 			opt.nrlimits++;
 			free(copy);
 		} else if (!strcmp(a, "--deputy")) {
-			opt.argv0_deputy = strdup(v);
+			opt.deputy = v;
 		} else if (!strcmp(a, "--mode")) {
 			if (!strcmp(v, "local"))
-				opt.mode = MODE_LOCAL;
+				placement = MODE_LOCAL;
 			else if (!strcmp(v, "remote"))
-				opt.mode = MODE_REMOTE;
+				placement = MODE_REMOTE;
 			else if (!strcmp(v, "auto"))
-				opt.mode = MODE_AUTO;
+				placement = MODE_AUTO;
 			else
 				usage("--mode is local, remote or auto");
 		} else {
@@ -856,23 +274,6 @@ static void parse_args(int argc, char **argv)
 	if (opt.sock < 0)
 		usage("--sock FD is required");
 	opt.argv = argv + i;
-}
-
-/* dunix-deputy next to our own binary, unless --deputy says otherwise. */
-static void find_deputy(void)
-{
-	if (!opt.argv0_deputy) {
-		char self[PATH_MAX];
-		ssize_t n = readlink("/proc/self/exe", self, sizeof self - 32);
-		if (n > 0) {
-			self[n] = '\0';
-			char *slash = strrchr(self, '/');
-			strcpy(slash ? slash + 1 : self, "dunix-deputy");
-			opt.argv0_deputy = strdup(self);
-		}
-	}
-	deputy_ok = opt.argv0_deputy && opt.argv0_deputy[0] == '/' &&
-		    access(opt.argv0_deputy, X_OK) == 0;
 }
 
 /* The job owns every inherited fd; we keep only stderr (messages), the socket and sigfd. */
@@ -905,8 +306,8 @@ int main(int argc, char **argv)
 	parse_args(argc, argv);
 	if (fcntl(opt.sock, F_SETFD, FD_CLOEXEC) < 0)
 		die("--sock %d: %s", opt.sock, strerror(errno));
-	sock_open = 1;
-	find_deputy();
+	agent_init(opt.sock);
+	place_init(opt.deputy);
 
 	/* SIGCHLD arrives through a signalfd so one poll() serves tracees and the agent */
 	struct sigaction orig_chld, dfl = { .sa_handler = SIG_DFL };
@@ -941,7 +342,7 @@ int main(int argc, char **argv)
 		kill(pid, SIGKILL);
 		die("PTRACE_SEIZE: %s", strerror(e));
 	}
-	add(pid, pid);
+	tracee_add(pid, pid);
 	emit_pid("started", pid, NULL);
 	close(ready[1]); /* the first process may go on */
 	drop_job_fds(sigfd);
@@ -955,7 +356,7 @@ int main(int argc, char **argv)
 	signal(SIGPIPE, SIG_IGN);
 
 	for (;;) {
-		struct pollfd p[2] = { { sigfd, POLLIN, 0 }, { sock_open ? opt.sock : -1, POLLIN, 0 } };
+		struct pollfd p[2] = { { sigfd, POLLIN, 0 }, { agent_fd(), POLLIN, 0 } };
 		if (poll(p, 2, 1000) < 0 && errno != EINTR)
 			die("poll: %s", strerror(errno));
 		if (p[0].revents) { /* SIGCHLD coalesces; reap() collects every status */

@@ -1,0 +1,151 @@
+/* The tracer protocol (docs/run.md): events out, slot table and mode in, no round trip. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#include "tracer.h"
+
+#define MSG_MAX (2 * PATH_MAX + 256)
+#define FIELDS_MAX 4096
+
+struct slot {
+	char *node;
+	long count;
+};
+
+enum mode placement = MODE_AUTO;
+static int sock = -1;
+static struct slot *slots;
+static size_t nslots, next_slot;
+
+void agent_init(int fd)
+{
+	sock = fd;
+}
+
+int agent_fd(void)
+{
+	return sock;
+}
+
+/* One packet: fields joined by '\0'. A dead agent is not our problem: the job goes on. */
+void emit(const char *kind, ...)
+{
+	char buf[MSG_MAX];
+	size_t len = 0;
+	const char *field = kind;
+	va_list ap;
+
+	if (sock < 0)
+		return;
+	va_start(ap, kind);
+	while (field) {
+		size_t n = strlen(field);
+		if (len + n + 1 > sizeof buf)
+			n = sizeof buf - len - 1;
+		if (len)
+			buf[len++] = '\0';
+		memcpy(buf + len, field, n);
+		len += n;
+		field = va_arg(ap, const char *);
+	}
+	va_end(ap);
+	/* blocking: a slow agent slows the job rather than lose its events */
+	while (send(sock, buf, len, MSG_NOSIGNAL) < 0 && errno == EINTR)
+		;
+}
+
+void emit_pid(const char *kind, pid_t pid, const char *rest)
+{
+	char p[16];
+	snprintf(p, sizeof p, "%d", pid);
+	emit(kind, p, rest, (char *)NULL);
+}
+
+static void set_slots(char **f, int n)
+{
+	for (size_t i = 0; i < nslots; i++)
+		free(slots[i].node);
+	free(slots);
+	slots = NULL;
+	nslots = next_slot = 0;
+	if (n / 2 == 0 || !(slots = calloc(n / 2, sizeof *slots)))
+		return;
+	for (int i = 0; i + 1 < n; i += 2) {
+		slots[nslots].node = strdup(f[i]);
+		slots[nslots].count = strtol(f[i + 1], NULL, 10);
+		if (slots[nslots].node)
+			nslots++;
+	}
+}
+
+static void set_mode(const char *m)
+{
+	if (!strcmp(m, "local"))
+		placement = MODE_LOCAL;
+	else if (!strcmp(m, "remote"))
+		placement = MODE_REMOTE;
+	else if (!strcmp(m, "auto"))
+		placement = MODE_AUTO;
+}
+
+/* Reads every queued agent message without blocking. */
+void read_agent(void)
+{
+	static char buf[65536];
+	static char *f[FIELDS_MAX];
+	while (sock >= 0) {
+		ssize_t n = recv(sock, buf, sizeof buf - 1, MSG_DONTWAIT);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+			return;
+		if (n <= 0) { /* EOF or error: keep tracing, stop talking */
+			sock = -1;
+			return;
+		}
+		buf[n] = '\0';
+		if (buf[n - 1] == '\0')
+			n--;
+		int nf = 0;
+		for (char *p = buf; nf < FIELDS_MAX;) {
+			f[nf++] = p;
+			char *end = memchr(p, '\0', buf + n - p);
+			if (!end)
+				break;
+			p = end + 1;
+		}
+		if (!strcmp(f[0], "slots"))
+			set_slots(f + 1, nf - 1);
+		else if (!strcmp(f[0], "mode") && nf > 1)
+			set_mode(f[1]);
+		else if (!strcmp(f[0], "quit"))
+			detach_all_and_exit();
+	}
+}
+
+/* `remote`: any peer in the table; `auto`: only one with a slot left. */
+int pick_slot(void)
+{
+	if (placement == MODE_LOCAL || nslots == 0)
+		return -1;
+	for (size_t k = 0; k < nslots; k++) {
+		size_t i = (next_slot + k) % nslots;
+		if (placement == MODE_REMOTE || slots[i].count > 0)
+			return (int)i;
+	}
+	return -1;
+}
+
+const char *use_slot(int i)
+{
+	if (placement == MODE_AUTO)
+		slots[i].count--;
+	next_slot = (size_t)i + 1;
+	return slots[i].node;
+}

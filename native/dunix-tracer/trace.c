@@ -1,0 +1,251 @@
+/*
+ * The tracee table and every ptrace stop. Tracees are attached with PTRACE_SEIZE, so a
+ * group-stop shows up as PTRACE_EVENT_STOP and is answered with PTRACE_LISTEN: the
+ * process stays stopped, its parent's waitpid(WUNTRACED) sees it, and SIGCONT or SIGKILL
+ * wake it (ptrace(2), "Group-stop", "PTRACE_LISTEN"). Signal-delivery-stops hand the
+ * signal back unchanged.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ptrace.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "tracer.h"
+
+static struct tracee *tracees;
+static size_t ntracees, captracees;
+
+struct tracee *tracee_find(pid_t pid)
+{
+	for (size_t i = 0; i < ntracees; i++)
+		if (tracees[i].pid == pid)
+			return &tracees[i];
+	return NULL;
+}
+
+struct tracee *tracee_add(pid_t pid, pid_t tgid)
+{
+	if (ntracees == captracees) {
+		size_t cap = captracees ? 2 * captracees : 64;
+		struct tracee *t = realloc(tracees, cap * sizeof *t);
+		if (!t)
+			die("out of memory");
+		tracees = t;
+		captracees = cap;
+	}
+	struct tracee *t = &tracees[ntracees++];
+	*t = (struct tracee){ .pid = pid, .tgid = tgid };
+	return t;
+}
+
+static void forget(pid_t pid)
+{
+	struct tracee *t = tracee_find(pid);
+	if (!t)
+		return;
+	free(t->path);
+	*t = tracees[--ntracees];
+}
+
+/* Tgid and PPid of a task from /proc; 0 on success. */
+static int proc_ids(pid_t pid, pid_t *tgid, pid_t *ppid)
+{
+	char path[64], buf[4096];
+	snprintf(path, sizeof path, "/proc/%d/status", pid);
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	ssize_t n = read(fd, buf, sizeof buf - 1);
+	close(fd);
+	if (n <= 0)
+		return -1;
+	buf[n] = '\0';
+	char *tg = strstr(buf, "\nTgid:"), *pp = strstr(buf, "\nPPid:");
+	if (!tg || !pp)
+		return -1;
+	*tgid = (pid_t)strtol(tg + 6, NULL, 10);
+	*ppid = (pid_t)strtol(pp + 6, NULL, 10);
+	return 0;
+}
+
+/*
+ * A task we have not met: an auto-attached child whose first stop came before its
+ * parent's fork event (the order is not fixed). Processes are reported here, once.
+ */
+struct tracee *tracee_meet(pid_t pid)
+{
+	pid_t tgid = pid, ppid = 0;
+	if (proc_ids(pid, &tgid, &ppid) < 0)
+		tgid = pid;
+	struct tracee *t = tracee_add(pid, tgid);
+	if (tgid == pid && ppid > 0) {
+		char p[16], c[16];
+		snprintf(p, sizeof p, "%d", ppid);
+		snprintf(c, sizeof c, "%d", pid);
+		emit("fork", p, c, (char *)NULL);
+	}
+	return t;
+}
+
+static int is_stop_signal(int sig)
+{
+	return sig == SIGSTOP || sig == SIGTSTP || sig == SIGTTIN || sig == SIGTTOU;
+}
+
+static void on_new_task(pid_t parent, pid_t child, int event)
+{
+	struct tracee *pt = tracee_find(parent);
+	if (tracee_find(child))
+		return; /* its first stop came first and reported it */
+	pid_t tgid = child, ppid;
+	if (event == PTRACE_EVENT_CLONE && proc_ids(child, &tgid, &ppid) < 0)
+		tgid = child;
+	tracee_add(child, tgid);
+	if (tgid == child) {
+		char p[16], c[16];
+		snprintf(p, sizeof p, "%d", pt ? pt->tgid : parent);
+		snprintf(c, sizeof c, "%d", child);
+		emit("fork", p, c, (char *)NULL);
+	}
+}
+
+/*
+ * After an exec by a non-leader thread the process continues under the leader's pid;
+ * the event message is the thread's old id (ptrace(2), "execve(2) under ptrace").
+ */
+static void on_exec_event(pid_t pid)
+{
+	unsigned long old = 0;
+	ptrace(PTRACE_GETEVENTMSG, pid, NULL, &old);
+	struct tracee *t = tracee_find(pid);
+	if ((pid_t)old != pid && old) {
+		struct tracee *o = tracee_find((pid_t)old);
+		char *path = NULL;
+		int remote = 0;
+		if (o) {
+			path = o->path;
+			remote = o->remote;
+			o->path = NULL;
+			forget((pid_t)old);
+		}
+		t = tracee_find(pid);
+		if (!t)
+			t = tracee_add(pid, pid);
+		free(t->path);
+		t->path = path;
+		t->remote = remote;
+	}
+	if (!t)
+		t = tracee_meet(pid);
+	t->tgid = pid;
+	if (!t->remote) {
+		char exe[PATH_MAX];
+		const char *path = t->path;
+		if (!path) { /* an exec the filter did not stop (another ABI) */
+			char link[64];
+			snprintf(link, sizeof link, "/proc/%d/exe", pid);
+			ssize_t n = readlink(link, exe, sizeof exe - 1);
+			exe[n > 0 ? n : 0] = '\0';
+			path = exe;
+		}
+		emit_pid("exec", pid, path);
+	}
+	free(t->path);
+	t->path = NULL;
+	t->remote = 0;
+}
+
+static void on_status(pid_t pid, int status)
+{
+	if (WIFEXITED(status) || WIFSIGNALED(status)) {
+		struct tracee *t = tracee_find(pid);
+		if (!t || t->tgid == pid) {
+			char s[16];
+			snprintf(s, sizeof s, "%d", status);
+			emit_pid("exit", pid, s);
+		}
+		forget(pid);
+		return;
+	}
+	if (!WIFSTOPPED(status))
+		return;
+	if (!tracee_find(pid))
+		tracee_meet(pid);
+	int sig = WSTOPSIG(status), event = (unsigned)status >> 16;
+	int inject = 0;
+	switch (event) {
+	case 0: /* signal-delivery-stop: deliver it as if we were not here */
+		inject = sig;
+		break;
+	case PTRACE_EVENT_STOP:
+		if (is_stop_signal(sig)) { /* group-stop: stay stopped until SIGCONT */
+			ptrace(PTRACE_LISTEN, pid, NULL, NULL);
+			return;
+		}
+		break; /* first stop of a new task, or the wake-up after LISTEN */
+	case PTRACE_EVENT_FORK:
+	case PTRACE_EVENT_VFORK:
+	case PTRACE_EVENT_CLONE: {
+		unsigned long child = 0;
+		if (ptrace(PTRACE_GETEVENTMSG, pid, NULL, &child) == 0 && child)
+			on_new_task(pid, (pid_t)child, event);
+		break;
+	}
+	case PTRACE_EVENT_SECCOMP:
+		on_exec_stop(pid);
+		break;
+	case PTRACE_EVENT_EXEC:
+		on_exec_event(pid);
+		break;
+	default: /* PTRACE_EVENT_EXIT and anything else */
+		break;
+	}
+	ptrace(PTRACE_CONT, pid, NULL, (void *)(long)inject);
+}
+
+/* Collects every pending wait status; returns 1 once no tracee is left. */
+int reap(void)
+{
+	for (;;) {
+		int status;
+		pid_t pid = waitpid(-1, &status, __WALL | WNOHANG);
+		if (pid > 0) {
+			on_status(pid, status);
+			continue;
+		}
+		if (pid < 0 && errno == EINTR)
+			continue;
+		return pid < 0 && errno == ECHILD;
+	}
+}
+
+void detach_all_and_exit(void)
+{
+	alarm(10); /* a tracee that never stops must not keep us: EXITKILL ends it then */
+	for (size_t i = 0; i < ntracees; i++)
+		ptrace(PTRACE_INTERRUPT, tracees[i].pid, NULL, NULL);
+	while (ntracees) {
+		int status;
+		pid_t pid = waitpid(-1, &status, __WALL);
+		if (pid < 0) {
+			if (errno == EINTR)
+				continue;
+			break;
+		}
+		if (WIFSTOPPED(status)) {
+			int event = (unsigned)status >> 16;
+			int sig = event == 0 ? WSTOPSIG(status) : 0;
+			ptrace(PTRACE_DETACH, pid, NULL, (void *)(long)sig);
+		}
+		forget(pid);
+	}
+	exit(0);
+}
+

@@ -187,6 +187,21 @@ def test_yes_into_head_dies_of_sigpipe_promptly() -> None:
     run(body)
 
 
+def test_an_idle_reader_going_away_reaches_the_far_writer_before_it_writes() -> None:
+    async def body() -> None:
+        async with linked_hubs() as (a, b):
+            stream, w1, r2 = relay_pipe(a, b)
+            sender, receiver = a.endpoints[stream], b.endpoints[stream]
+            os.close(r2)
+            assert await receiver.wait() is Outcome.BROKEN
+            assert await sender.wait() is Outcome.PEER_GONE
+            with pytest.raises(BrokenPipeError):
+                os.write(w1, b"x")
+            os.close(w1)
+
+    run(body)
+
+
 def test_a_slow_reader_keeps_in_flight_bytes_within_the_window() -> None:
     window = 256 * 1024
     data = os.urandom(8 * MiB)
@@ -281,8 +296,9 @@ def test_a_lost_link_closes_every_fd() -> None:
     async def body() -> None:
         async with linked_hubs() as (a, b):
             stream, w1, r2 = relay_pipe(a, b)
+            sender = a.endpoints[stream]
             a.link_lost()
-            assert await a.endpoints[stream].wait() is Outcome.LOST
+            assert await sender.wait() is Outcome.LOST
             with pytest.raises(BrokenPipeError):
                 os.write(w1, b"x")
             os.close(w1)

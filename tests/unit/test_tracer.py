@@ -223,6 +223,21 @@ def test_statically_linked_busybox_shell() -> None:
     assert len(r.of("exec")) >= 3
 
 
+def test_done_waits_for_orphans() -> None:
+    r = trace(["sh", "-c", "(sleep 0.3; echo late) & for i in 1 2 3 4 5; do (true &); done"])
+    check_protocol_frame(r)
+    assert r.stdout == "late\n"
+    assert len(r.of("fork")) >= 11
+
+
+def test_a_departed_agent_does_not_stop_the_job() -> None:
+    run = TracerRun(["sh", "-c", "read x; /bin/echo $x"], stdin=subprocess.PIPE)
+    wait_exec(run, "/sh")
+    run.hang_up()
+    r = run.finish(input=b"alone\n")
+    assert r.returncode == 0 and r.stdout == "alone\n"
+
+
 def test_loop_of_200_execs_completes() -> None:
     r = trace(["sh", "-c", "i=0; while [ $i -lt 200 ]; do /bin/true; i=$((i+1)); done; echo end"])
     check_protocol_frame(r)

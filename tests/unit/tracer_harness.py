@@ -94,6 +94,10 @@ class TracerRun:
     def send(self, *fields: str) -> None:
         self._sock.send("\0".join(fields).encode())
 
+    def hang_up(self) -> None:
+        """The agent goes away: the tracer sees EOF on its socket."""
+        self._sock.shutdown(socket.SHUT_RDWR)
+
     def wait_for(self, match: Callable[[Message], bool], timeout: float = 10.0) -> Message:
         deadline = time.monotonic() + timeout
         with self._cond:

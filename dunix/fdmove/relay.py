@@ -276,11 +276,12 @@ class StreamEndpoint:
                 await self._send_all(mux.local_eof(stream))
                 return Outcome.LOST if self._lost else Outcome.EOF
             await self._send_all(mux.read(stream, data))
+        if info.state is State.PEER_GONE:
+            self._io.shutdown(socket.SHUT_RD)  # before the close: our other fd may hold it
         self._close()
         if self._lost:
             return Outcome.LOST
         if info.state is State.PEER_GONE:
-            self._io.shutdown(socket.SHUT_RD)
             await self._send_all(mux.finish(stream))
             return Outcome.PEER_GONE
         await self._send_all(mux.local_eof(stream))  # stopped by the agent

@@ -385,6 +385,60 @@ def test_a_socket_reader_sees_eof_while_we_still_read_the_same_socket() -> None:
     run(body)
 
 
+def test_a_socket_writer_gets_epipe_while_we_still_write_the_same_socket() -> None:
+    async def body() -> None:
+        async with linked_hubs() as (a, b):
+            ours, theirs = socket.socketpair()
+            r1, w1 = os.pipe()
+            r2, w2 = os.pipe()
+            a.open_sender(1, r1)
+            b.open_receiver(1, os.dup(ours.fileno()))  # far pipe -> process: stays open
+            sender = b.open_sender(3, ours.detach())  # process -> far pipe
+            a.open_receiver(3, w2)
+            os.close(r2)  # the far reader goes away
+            assert await sender.wait() is Outcome.PEER_GONE
+            with pytest.raises(BrokenPipeError):
+                theirs.send(b"x")
+            os.close(w1)
+            theirs.setblocking(False)
+            await trio.lowlevel.wait_readable(theirs)
+            assert theirs.recv(10) == b""  # and the other direction still ends cleanly
+            theirs.close()
+
+    run(body)
+
+
+def test_public_names_are_pinned() -> None:
+    import dunix.fdmove
+
+    assert sorted(dunix.fdmove.__all__) == sorted(
+        [
+            "DEFAULT_CHUNK",
+            "DEFAULT_WINDOW",
+            "PIPE_SIZE",
+            "STREAM_MESSAGES",
+            "TRANSITIONS",
+            "Event",
+            "Outcome",
+            "Role",
+            "Send",
+            "State",
+            "StreamCredit",
+            "StreamData",
+            "StreamEnd",
+            "StreamEndpoint",
+            "StreamGone",
+            "StreamHub",
+            "StreamInfo",
+            "StreamMessage",
+            "StreamMux",
+            "odd_side",
+        ]
+    )
+    for name in dunix.fdmove.__all__:
+        assert hasattr(dunix.fdmove, name)
+
+
 # -- over a real TLS channel ------------------------------------------------------------------
 
 

@@ -39,10 +39,20 @@
 
 static int sig_pipe[2] = {-1, -1};
 
-static void on_signal(int sig)
+static void on_signal(int sig, siginfo_t *info, void *uc)
 {
 	int saved = errno;
 	unsigned char b = (unsigned char)sig;
+
+	(void)uc;
+	/* A fault of the deputy's own (SIGSEGV from the kernel, si_code > 0) must not loop
+	 * forever: let it take the default action when the instruction runs again. Faults
+	 * sent with kill(2) have si_code <= 0 and are forwarded. */
+	if (info->si_code > 0 && (sig == SIGSEGV || sig == SIGBUS || sig == SIGILL ||
+				  sig == SIGFPE || sig == SIGSYS)) {
+		signal(sig, SIG_DFL);
+		return;
+	}
 	/* Non-blocking: when the pipe is full the signal is dropped, as the kernel
 	 * coalesces a pending standard signal anyway. */
 	if (write(sig_pipe[1], &b, 1) < 0) {
@@ -177,8 +187,8 @@ static void become_deputy(int sock)
 	if (pipe2(sig_pipe, O_CLOEXEC | O_NONBLOCK) < 0)
 		die_lost();
 	memset(&sa, 0, sizeof(sa));
-	sa.sa_handler = on_signal;
-	sa.sa_flags = SA_RESTART;
+	sa.sa_sigaction = on_signal;
+	sa.sa_flags = SA_RESTART | SA_SIGINFO;
 	sigfillset(&sa.sa_mask);
 	for (sig = 1; sig < NSIG; sig++) {
 		if (sig == SIGKILL || sig == SIGSTOP || sig == SIGCHLD)

@@ -201,6 +201,21 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
+@pytest.mark.parametrize(
+    "sig",
+    [signal.SIGHUP, signal.SIGSEGV, signal.SIGPIPE, signal.SIGTSTP, signal.SIGRTMIN + 1],
+)
+def test_signals_are_forwarded(deputy_bin: Path, tmp_path: Path, sig: int) -> None:
+    async def main() -> None:
+        async with running_deputy(deputy_bin, tmp_path / "deputy.sock") as d:
+            await d.hello()
+            await d.ready()
+            os.kill(d.pid, sig)  # from kill(2): a SIGSEGV too is the user's, not a fault
+            assert await d.recv() == ["signal", str(int(sig))]
+
+    trio.run(main)
+
+
 @pytest.mark.parametrize("after_ready", [False, True])
 def test_exit(deputy_bin: Path, tmp_path: Path, after_ready: bool) -> None:
     async def main() -> None:

@@ -370,5 +370,7 @@ int main(int argc, char **argv)
 			emit("done", (char *)NULL);
 			return 0;
 		}
+		if (quit_requested)
+			detach_all_and_exit();
 	}
 }

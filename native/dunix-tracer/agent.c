@@ -19,6 +19,7 @@ struct slot {
 };
 
 enum mode placement = MODE_AUTO;
+int quit_requested;
 static int sock = -1;
 static struct slot *slots;
 static size_t nslots, next_slot;
@@ -125,7 +126,7 @@ void read_agent(void)
 		else if (!strcmp(f[0], "mode") && nf > 1)
 			set_mode(f[1]);
 		else if (!strcmp(f[0], "quit"))
-			detach_all_and_exit();
+			quit_requested = 1; /* by the main loop, when no tracee is in our hands */
 	}
 }
 

@@ -232,6 +232,7 @@ void on_exec_stop(pid_t pid)
 	t->path = strdup(path);
 	t->remote = 0;
 
+	read_agent(); /* decide with the latest table, even if its SIGCHLD came first */
 	int slot = pick_slot();
 	if (slot < 0 || !exec_target_ok(pid, dirfd, path, empty_path))
 		return;

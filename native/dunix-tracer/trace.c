@@ -165,8 +165,9 @@ static void on_exec_event(pid_t pid)
 static void on_status(pid_t pid, int status)
 {
 	if (WIFEXITED(status) || WIFSIGNALED(status)) {
+		/* a task never met was killed before its first stop: nobody heard of it */
 		struct tracee *t = tracee_find(pid);
-		if (!t || t->tgid == pid) {
+		if (t && t->tgid == pid) {
 			char s[16];
 			snprintf(s, sizeof s, "%d", status);
 			emit_pid("exit", pid, s);
@@ -242,6 +243,13 @@ void detach_all_and_exit(void)
 		if (WIFSTOPPED(status)) {
 			int event = (unsigned)status >> 16;
 			int sig = event == 0 ? WSTOPSIG(status) : 0;
+			unsigned long msg = 0;
+			ptrace(PTRACE_GETEVENTMSG, pid, NULL, &msg);
+			if ((event == PTRACE_EVENT_FORK || event == PTRACE_EVENT_VFORK ||
+			     event == PTRACE_EVENT_CLONE) && msg && !tracee_find((pid_t)msg))
+				tracee_add((pid_t)msg, (pid_t)msg); /* attached already: wait for it */
+			if (event == PTRACE_EVENT_EXEC && (pid_t)msg != pid)
+				forget((pid_t)msg); /* gone in the exec, without a status */
 			ptrace(PTRACE_DETACH, pid, NULL, (void *)(long)sig);
 		}
 		forget(pid);

@@ -20,11 +20,12 @@ void die(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
 
 /* agent.c: the tracer protocol of docs/run.md, one '\0'-joined message per packet */
 extern enum mode placement;
+extern int quit_requested;
 void agent_init(int sock);
 int agent_fd(void);                   /* -1 once the agent is gone */
 void emit(const char *kind, ...);     /* fields up to a NULL */
 void emit_pid(const char *kind, pid_t pid, const char *rest);
-void read_agent(void);
+void read_agent(void);                /* never blocks */
 int pick_slot(void);                  /* a peer for a remote exec, or -1 */
 const char *use_slot(int slot);       /* takes it: round robin, auto counts down */
 

@@ -6,7 +6,9 @@ Rows (SIZE bytes of zeros from ``dd``, read by ``dd of=/dev/null``):
 * ``relay, in-memory link``: both hubs in one process joined by trio memory channels
   (what the relay code itself costs, no TLS, no socket);
 * ``relay, loopback TLS``: the home hub in this process, the peer hub in a child process,
-  joined by a real ``dunix.wire`` mutual-TLS channel on 127.0.0.1 (two agents' view).
+  joined by a real ``dunix.wire`` mutual-TLS channel on 127.0.0.1 (two agents' view);
+* ``channel only, loopback TLS``: the same ``StreamData`` messages sent on the same kind
+  of channel with no fds and no relay: the ceiling the wire layer sets.
 
 All processes share this machine's cores (2 here), as in DESIGN.md's reference: a Python
 ``os.splice`` relay over plain TCP carried 4 GiB in 6.9 s (~620 MB/s), a local pipe in
@@ -25,13 +27,23 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from dunix.fdmove import DEFAULT_CHUNK, DEFAULT_WINDOW, PIPE_SIZE, Outcome, StreamHub
-from dunix.fdmove.streams import StreamMessage
+from dunix.fdmove import (
+    DEFAULT_CHUNK,
+    DEFAULT_WINDOW,
+    PIPE_SIZE,
+    Outcome,
+    StreamData,
+    StreamEnd,
+    StreamGone,
+    StreamHub,
+    StreamMessage,
+)
 from dunix.wire import Channel, TLSIdentity, keygen, listener_addresses, open_channel, serve_tls
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,12 +83,13 @@ def local_pipe(size: int) -> float:
     return time.perf_counter() - start
 
 
-def in_memory(size: int) -> float:
+def in_memory(size: int, *, chunk: int = DEFAULT_CHUNK, window: int = DEFAULT_WINDOW) -> float:
     async def main() -> float:
         async with trio.open_nursery() as nursery:
             to_b, from_a = trio.open_memory_channel[StreamMessage](4)
             to_a, from_b = trio.open_memory_channel[StreamMessage](4)
-            a, b = StreamHub(to_b.send, odd=True), StreamHub(to_a.send, odd=False)
+            a = StreamHub(to_b.send, odd=True, chunk=chunk, window=window)
+            b = StreamHub(to_a.send, odd=False, chunk=chunk, window=window)
 
             async def pump(
                 source: trio.MemoryReceiveChannel[StreamMessage], hub: StreamHub
@@ -112,16 +125,25 @@ async def _pump(channel: Channel, hub: StreamHub) -> None:
         hub.link_lost()
 
 
-def peer(pki: str) -> None:
-    """The child: serve TLS as n1, relay stream 1 into a ``dd`` sink, exit at hang-up."""
+def peer(pki: str, drain: bool, window: int) -> None:
+    """The child: serve TLS as n1, relay stream 1 into a ``dd`` sink, exit at hang-up.
+
+    ``drain``: no relay; read messages until a ``StreamEnd``, answer ``StreamGone``.
+    """
     identity = TLSIdentity.load(pki, "n1", "node")
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
 
             async def handler(channel: Channel) -> None:
+                if drain:
+                    async for msg in channel:
+                        if isinstance(msg, StreamEnd):
+                            await channel.send(StreamGone(msg.stream))
+                    nursery.cancel_scope.cancel()
+                    return
                 async with trio.open_nursery() as inner:
-                    hub = StreamHub(channel.send, odd=False)
+                    hub = StreamHub(channel.send, odd=False, window=window)
                     await inner.start(hub.run)
                     sink, w = _sink()
                     hub.open_receiver(STREAM, w)
@@ -136,11 +158,14 @@ def peer(pki: str) -> None:
     trio.run(main)
 
 
-def over_tls(size: int) -> float:
+def over_tls(
+    size: int, *, chunk: int = DEFAULT_CHUNK, window: int = DEFAULT_WINDOW, drain: bool = False
+) -> float:
     with tempfile.TemporaryDirectory() as pki:
         keygen(pki, ["n1", "n2"], [])
         child = subprocess.Popen(
-            [sys.executable, "-m", "bench.relay_bench", "--peer", pki],
+            [sys.executable, "-m", "bench.relay_bench", "--peer", pki, "--window", str(window)]
+            + (["--drain"] if drain else []),
             stdout=subprocess.PIPE,
             cwd=ROOT,
         )
@@ -148,10 +173,22 @@ def over_tls(size: int) -> float:
         address = child.stdout.readline().decode().strip()
         identity = TLSIdentity.load(pki, "n2", "node")
 
+        async def channel_only() -> float:
+            channel = await open_channel(address, identity)
+            payload = bytes(chunk)
+            start = time.perf_counter()
+            for _ in range(size // chunk):
+                await channel.send(StreamData(STREAM, payload))
+            await channel.send(StreamEnd(STREAM))
+            assert isinstance(await channel.receive(), StreamGone)
+            elapsed = time.perf_counter() - start
+            await channel.aclose()
+            return elapsed
+
         async def main() -> float:
             channel = await open_channel(address, identity)
             async with trio.open_nursery() as nursery:
-                hub = StreamHub(channel.send, odd=True)
+                hub = StreamHub(channel.send, odd=True, chunk=chunk)
                 await nursery.start(hub.run)
                 nursery.start_soon(_pump, channel, hub)
                 start = time.perf_counter()
@@ -166,7 +203,7 @@ def over_tls(size: int) -> float:
             await channel.aclose()
             return elapsed
 
-        elapsed = trio.run(main)
+        elapsed = trio.run(channel_only if drain else main)
         child.wait(timeout=30)
         return elapsed
 
@@ -175,20 +212,25 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.relay_bench", description=__doc__)
     ap.add_argument("--size", type=int, default=GiB, help="bytes per run (whole MiB)")
     ap.add_argument("--json", type=Path, default=RESULTS)
+    ap.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="bytes per StreamData")
+    ap.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="receive window")
     ap.add_argument("--peer", metavar="PKI", help=argparse.SUPPRESS)
+    ap.add_argument("--drain", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.peer:
-        peer(args.peer)
+        peer(args.peer, args.drain, args.window)
         return 0
-    size = args.size
+    size, chunk, window = args.size, args.chunk, args.window
     rows: list[dict[str, Any]] = []
     baseline = local_pipe(size)
-    for name, fn in (
-        ("local pipe", local_pipe),
-        ("relay, in-memory link", in_memory),
-        ("relay, loopback TLS", over_tls),
-    ):
-        seconds = baseline if name == "local pipe" else fn(size)
+    cases: list[tuple[str, Callable[[], float]]] = [
+        ("local pipe", lambda: baseline),
+        ("relay, in-memory link", lambda: in_memory(size, chunk=chunk, window=window)),
+        ("relay, loopback TLS", lambda: over_tls(size, chunk=chunk, window=window)),
+        ("channel only, loopback TLS", lambda: over_tls(size, chunk=chunk, drain=True)),
+    ]
+    for name, fn in cases:
+        seconds = fn()
         rows.append(
             {
                 "case": name,
@@ -198,21 +240,21 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     print(
-        f"{size / GiB:.2f} GiB per run, window {DEFAULT_WINDOW // 1024} KiB, "
-        f"chunk {DEFAULT_CHUNK // 1024} KiB, pipe {PIPE_SIZE // 1024} KiB, "
+        f"{size / GiB:.2f} GiB per run, window {window // 1024} KiB, "
+        f"chunk {chunk // 1024} KiB, pipe {PIPE_SIZE // 1024} KiB, "
         f"{os.cpu_count()} cores"
     )
-    print(f"{'case':<24} {'seconds':>8} {'MB/s':>8} {'x pipe':>7}")
+    print(f"{'case':<28} {'seconds':>8} {'MB/s':>8} {'x pipe':>7}")
     for row in rows:
         print(
-            f"{row['case']:<24} {row['seconds']:>8.2f} {row['mb_per_s']:>8.0f} "
+            f"{row['case']:<28} {row['seconds']:>8.2f} {row['mb_per_s']:>8.0f} "
             f"{row['ratio_to_pipe']:>7.2f}"
         )
     result = {
         "benchmark": "relay",
         "bytes": size,
-        "window": DEFAULT_WINDOW,
-        "chunk": DEFAULT_CHUNK,
+        "window": window,
+        "chunk": chunk,
         "pipe_size": PIPE_SIZE,
         "cores": os.cpu_count(),
         "reference": "DESIGN.md: Python os.splice relay over plain TCP ~620 MB/s "

@@ -12,7 +12,8 @@
  *
  * Protocol: SOCK_SEQPACKET, one message per packet, fields separated by '\0'.
  *   deputy -> agent: `hello` SOCKFD, `signal` SIG
- *   agent -> deputy: `ready`, `exit` CODE, `killed` SIG, `stop` SIG
+ *   agent -> deputy: `ready`, `exit` CODE, `killed` SIG, `stop` SIG, and before `ready`
+ *   only: `local` PATH (the remote start failed: exec PATH here, as the program asked)
  * The socket is /run/dunix/hosts/<nodename>/deputy.sock, else /run/dunix/deputy.sock;
  * DUNIX_DEPUTY_SOCKET overrides both (a test and debug knob).
  */
@@ -215,8 +216,32 @@ static long field_num(const char *s, long lo, long hi, int *ok)
 	return v;
 }
 
+/* Run the program here after all: phase 1 changed nothing, and the socket is CLOEXEC. */
+static void exec_local(const char *path, char **argv)
+{
+	char **sh_argv;
+	int argc = 0, err;
+
+	execv(path, argv);
+	err = errno;
+	if (err == ENOEXEC) { /* what execvp(3) does with a script without #! */
+		while (argv[argc])
+			argc++;
+		sh_argv = calloc((size_t)argc + 2, sizeof(*sh_argv));
+		if (sh_argv) {
+			sh_argv[0] = "sh";
+			sh_argv[1] = (char *)path;
+			memcpy(sh_argv + 2, argv + (argc ? 1 : 0),
+			       (size_t)(argc ? argc - 1 : 0) * sizeof(*sh_argv));
+			execv("/bin/sh", sh_argv);
+		}
+	}
+	dprintf(2, "dunix-deputy: %s: %s\n", path, strerror(err));
+	_exit(err == ENOENT ? 127 : 126);
+}
+
 /* One message from the agent; returns 1 for `ready`. */
-static int obey(char *buf, ssize_t n)
+static int obey(char *buf, ssize_t n, int ready, char **argv)
 {
 	const char *cmd = buf, *arg = "";
 	size_t cmdlen = strlen(buf);
@@ -235,6 +260,9 @@ static int obey(char *buf, ssize_t n)
 		v = field_num(arg, 1, NSIG - 1, &ok);
 		if (ok)
 			die_by((int)v);
+	} else if (strcmp(cmd, "local") == 0) {
+		if (!ready && *arg)
+			exec_local(arg, argv);
 	} else if (strcmp(cmd, "stop") == 0) {
 		/* The remote program stopped; SIG says which signal stopped it. The parent
 		 * sees WSTOPSIG == SIGSTOP: a default-action SIGTSTP would be dropped in an
@@ -259,7 +287,7 @@ static ssize_t recv_msg(int sock, char *buf, size_t size)
 	return n;
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
 	char buf[4096];
 	struct pollfd pfd[2];
@@ -267,10 +295,12 @@ int main(void)
 	ssize_t n, i;
 	int sock = connect_agent();
 
+	(void)argc;
+
 	send_msg(sock, "hello", sock);
 	for (;;) {
 		n = recv_msg(sock, buf, sizeof(buf));
-		if (obey(buf, n))
+		if (obey(buf, n, 0, argv))
 			break;
 	}
 	become_deputy(sock);
@@ -292,7 +322,7 @@ int main(void)
 		}
 		if (pfd[0].revents & (POLLIN | POLLHUP | POLLERR)) {
 			n = recv_msg(sock, buf, sizeof(buf));
-			obey(buf, n); /* a second `ready` changes nothing */
+			obey(buf, n, 1, argv); /* a second `ready` changes nothing */
 		}
 	}
 }

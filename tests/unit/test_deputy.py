@@ -102,6 +102,7 @@ async def running_deputy(
     stdout: int = subprocess.DEVNULL,
     preexec_fn: Callable[[], None] | None = None,
     cwd: Path | None = None,
+    argv: tuple[str, ...] = ("the-program", "arg"),
 ) -> AsyncIterator[Deputy]:
     send, recv = trio.open_memory_channel[tuple[int, DeputyConnection]](1)
 
@@ -112,7 +113,8 @@ async def running_deputy(
     async with trio.open_nursery() as nursery:
         await nursery.start(DeputyListener(sock, handler).serve)
         proc = subprocess.Popen(
-            [str(deputy_bin), "the-program", "arg"],
+            list(argv),  # as after a redirected exec: the program's argv, the deputy's image
+            executable=deputy_bin,
             env={**os.environ, "DUNIX_DEPUTY_SOCKET": str(sock)},
             stdin=subprocess.DEVNULL,
             stdout=stdout,
@@ -273,6 +275,51 @@ def test_stop_and_continue(deputy_bin: Path, tmp_path: Path) -> None:
             assert os.WIFCONTINUED(status)
             await d.conn.send("killed", int(signal.SIGTERM))
             assert os.WTERMSIG(await d.wait()) == signal.SIGTERM
+
+    trio.run(main)
+
+
+def test_local_runs_the_program_here_unchanged(deputy_bin: Path, tmp_path: Path) -> None:
+    """`local` PATH: the remote start failed; the program runs in the deputy's place."""
+    script = tmp_path / "no-shebang"
+    script.write_text('grep SigIgn /proc/$$/status; echo "$$ $0 $1"; exit 4\n')
+    script.chmod(0o755)
+
+    def ignore_int() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    async def main() -> None:
+        r, w = os.pipe()
+        async with running_deputy(
+            deputy_bin,
+            tmp_path / "deputy.sock",
+            stdout=w,
+            preexec_fn=ignore_int,
+            argv=("the-program", "arg"),
+        ) as d:
+            os.close(w)
+            await d.hello()
+            # ENOEXEC: run by sh, as execvp(3) would
+            await d.conn.send("local", str(script))
+            assert await d.recv() is None  # the socket was close-on-exec
+            status = await d.wait()
+            assert os.WIFEXITED(status)
+            assert os.WEXITSTATUS(status) == 4
+            ignored, ran = _read_all(r).decode().splitlines()
+            assert int(ignored.split()[1], 16) >> (signal.SIGINT - 1) & 1
+            assert ran == f"{d.pid} {script} arg"
+
+    trio.run(main)
+
+
+def test_local_of_a_missing_program(deputy_bin: Path, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with running_deputy(deputy_bin, tmp_path / "deputy.sock") as d:
+            await d.hello()
+            await d.conn.send("local", str(tmp_path / "missing"))
+            status = await d.wait()
+            assert os.WIFEXITED(status)
+            assert os.WEXITSTATUS(status) == 127
 
     trio.run(main)
 

@@ -39,6 +39,7 @@
 #endif
 
 static int sig_pipe[2] = {-1, -1};
+static volatile sig_atomic_t continued;
 
 static void on_signal(int sig, siginfo_t *info, void *uc)
 {
@@ -54,6 +55,8 @@ static void on_signal(int sig, siginfo_t *info, void *uc)
 		signal(sig, SIG_DFL);
 		return;
 	}
+	if (sig == SIGCONT)
+		continued = 1;
 	/* Non-blocking: when the pipe is full the signal is dropped, as the kernel
 	 * coalesces a pending standard signal anyway. */
 	if (write(sig_pipe[1], &b, 1) < 0) {
@@ -216,6 +219,28 @@ static long field_num(const char *s, long lo, long hi, int *ok)
 	return v;
 }
 
+/* The remote program stopped: stop with the same signal, so the parent's WSTOPSIG (and
+ * the shell's "Stopped (tty input)") is right. The kernel drops a default-action
+ * SIGTSTP/SIGTTIN/SIGTTOU in an orphaned process group (kernel/signal.c, get_signal);
+ * then no SIGCONT has come when raise() returns, and SIGSTOP, never dropped, is used. */
+static void stop_by(int sig, int ready)
+{
+	struct sigaction dfl, old;
+
+	if (!ready || (sig != SIGTSTP && sig != SIGTTIN && sig != SIGTTOU)) {
+		raise(SIGSTOP);
+		return;
+	}
+	memset(&dfl, 0, sizeof(dfl));
+	dfl.sa_handler = SIG_DFL;
+	continued = 0;
+	sigaction(sig, &dfl, &old);
+	raise(sig); /* returns after SIGCONT (its handler has run by then) or at once */
+	sigaction(sig, &old, NULL);
+	if (!continued)
+		raise(SIGSTOP);
+}
+
 /* Run the program here after all: phase 1 changed nothing, and the socket is CLOEXEC. */
 static void exec_local(const char *path, char **argv)
 {
@@ -264,10 +289,8 @@ static int obey(char *buf, ssize_t n, int ready, char **argv)
 		if (!ready && *arg)
 			exec_local(arg, argv);
 	} else if (strcmp(cmd, "stop") == 0) {
-		/* The remote program stopped; SIG says which signal stopped it. The parent
-		 * sees WSTOPSIG == SIGSTOP: a default-action SIGTSTP would be dropped in an
-		 * orphaned process group and leave the two sides out of step. */
-		raise(SIGSTOP);
+		v = field_num(arg, 1, NSIG - 1, &ok);
+		stop_by(ok ? (int)v : SIGSTOP, ready);
 	}
 	return 0; /* unknown messages are ignored, for newer agents */
 }

@@ -7,7 +7,9 @@ one message, its fields separated by ``\\0``:
 deputy -> agent           ``hello`` SOCKFD (the fd number of its socket, to leave out
                           of the inventory), ``signal`` SIG (a signal it caught)
 agent -> deputy           ``ready`` (fds and signal state taken), ``exit`` CODE,
-                          ``killed`` SIG, ``stop`` SIG; before ``ready`` only:
+                          ``killed`` SIG, ``stop`` SIG (stops by SIG when it is
+                          SIGTSTP/SIGTTIN/SIGTTOU and the kernel does not drop it,
+                          else by SIGSTOP); before ``ready`` only:
                           ``local`` PATH (the remote start failed: exec PATH here with
                           the deputy's argv, env and fds; ENOEXEC runs it with /bin/sh)
 ========================  =========================================================

@@ -259,20 +259,40 @@ def test_killed_by_the_remote_signal_without_core(
     trio.run(main)
 
 
-def test_stop_and_continue(deputy_bin: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("sig", "setup", "stopped_by"),
+    [
+        (signal.SIGSTOP, os.setpgrp, signal.SIGSTOP),
+        (signal.SIGTSTP, os.setpgrp, signal.SIGTSTP),
+        (signal.SIGTTIN, os.setpgrp, signal.SIGTTIN),
+        # an orphaned process group: the kernel drops a default-action SIGTSTP
+        (signal.SIGTSTP, os.setsid, signal.SIGSTOP),
+    ],
+)
+def test_stop_and_continue(
+    deputy_bin: Path,
+    tmp_path: Path,
+    sig: signal.Signals,
+    setup: Callable[[], None],
+    stopped_by: signal.Signals,
+) -> None:
     async def main() -> None:
-        async with running_deputy(deputy_bin, tmp_path / "deputy.sock") as d:
+        async with running_deputy(deputy_bin, tmp_path / "deputy.sock", preexec_fn=setup) as d:
             await d.hello()
             await d.ready()
-            await d.conn.send("stop", int(signal.SIGSTOP))
+            await d.conn.send("stop", int(sig))
             status = await d.wait(os.WUNTRACED)
             assert os.WIFSTOPPED(status)
-            assert os.WSTOPSIG(status) == signal.SIGSTOP
+            assert os.WSTOPSIG(status) == stopped_by
             # the agent sends nothing for continue: the deputy forwards SIGCONT
             os.kill(d.pid, signal.SIGCONT)
             assert await d.recv() == ["signal", str(int(signal.SIGCONT))]
             status = await d.wait(os.WCONTINUED)
             assert os.WIFCONTINUED(status)
+            # it catches the stop signal again
+            again = sig if sig != signal.SIGSTOP else signal.SIGTSTP
+            os.kill(d.pid, again)
+            assert await d.recv() == ["signal", str(int(again))]
             await d.conn.send("killed", int(signal.SIGTERM))
             assert os.WTERMSIG(await d.wait()) == signal.SIGTERM
 

@@ -310,6 +310,18 @@ def test_a_lost_link_closes_every_fd() -> None:
     run(body)
 
 
+def test_cancelling_the_hub_closes_every_fd() -> None:
+    async def body() -> None:
+        async with linked_hubs() as (a, b):
+            _, w1, r2 = relay_pipe(a, b)
+        with pytest.raises(BrokenPipeError):
+            os.write(w1, b"x")
+        os.close(w1)
+        assert await read_all(r2) == b""
+
+    run(body)
+
+
 def test_a_failing_send_is_a_lost_link() -> None:
     async def broken(msg: StreamMessage) -> None:
         raise PeerUnreachable("gone")

@@ -469,33 +469,43 @@ async def pump_channel(channel: Channel, hub: StreamHub) -> None:
         hub.link_lost()
 
 
-def test_over_a_real_tls_channel(identities: tuple[TLSIdentity, TLSIdentity]) -> None:
+@contextlib.asynccontextmanager
+async def tls_hubs(
+    identities: tuple[TLSIdentity, TLSIdentity],
+) -> AsyncIterator[tuple[StreamHub, StreamHub]]:
+    """A client hub and a server hub on the two ends of a real mutual-TLS channel."""
     n1, n2 = identities
+    opened: list[Channel] = []
+    async with trio.open_nursery() as nursery:
+        server_hub: list[StreamHub] = []
+        ready = trio.Event()
+
+        async def handler(channel: Channel) -> None:
+            async with trio.open_nursery() as inner:
+                hub = StreamHub(channel.send, odd=False)
+                await inner.start(hub.run)
+                server_hub.append(hub)
+                ready.set()
+                await pump_channel(channel, hub)
+                inner.cancel_scope.cancel()
+
+        listeners = await nursery.start(serve_tls, "127.0.0.1:0", n1, handler)
+        channel = await open_channel(listener_addresses(listeners)[0], n2)
+        opened.append(channel)
+        client = StreamHub(channel.send, odd=True)
+        await nursery.start(client.run)
+        nursery.start_soon(pump_channel, channel, client)
+        await ready.wait()
+        yield client, server_hub[0]
+        nursery.cancel_scope.cancel()
+    await opened[0].aclose()
+
+
+def test_over_a_real_tls_channel(identities: tuple[TLSIdentity, TLSIdentity]) -> None:
     data = os.urandom(24 * MiB)
 
     async def body() -> None:
-        opened: list[Channel] = []
-        async with trio.open_nursery() as nursery:
-            server_hub: list[StreamHub] = []
-            ready = trio.Event()
-
-            async def handler(channel: Channel) -> None:
-                async with trio.open_nursery() as inner:
-                    hub = StreamHub(channel.send, odd=False)
-                    await inner.start(hub.run)
-                    server_hub.append(hub)
-                    ready.set()
-                    await pump_channel(channel, hub)
-                    inner.cancel_scope.cancel()
-
-            listeners = await nursery.start(serve_tls, "127.0.0.1:0", n1, handler)
-            channel = await open_channel(listener_addresses(listeners)[0], n2)
-            opened.append(channel)
-            client = StreamHub(channel.send, odd=True)
-            await nursery.start(client.run)
-            nursery.start_soon(pump_channel, channel, client)
-            await ready.wait()
-            server = server_hub[0]
+        async with tls_hubs(identities) as (client, server):
             results: list[bytes] = [b"", b""]
 
             async def one(i: int, src: StreamHub, dst: StreamHub) -> None:
@@ -512,8 +522,26 @@ def test_over_a_real_tls_channel(identities: tuple[TLSIdentity, TLSIdentity]) ->
                 both.start_soon(one, 0, client, server)
                 both.start_soon(one, 1, server, client)
             assert results == [data, data]
-            nursery.cancel_scope.cancel()
-        await opened[0].aclose()
+
+    run(body)
+
+
+def test_yes_into_head_over_tls(identities: tuple[TLSIdentity, TLSIdentity]) -> None:
+    async def body() -> None:
+        async with tls_hubs(identities) as (client, server):
+            _, w1, r2 = relay_pipe(client, server)
+            yes = subprocess.Popen(["yes"], stdout=w1)
+            os.close(w1)
+            head = subprocess.Popen(["head", "-1"], stdin=r2, stdout=subprocess.PIPE)
+            os.close(r2)
+            try:
+                with trio.fail_after(3):
+                    out, _ = await trio.to_thread.run_sync(head.communicate)
+                    assert out == b"y\n"
+                    assert await trio.to_thread.run_sync(yes.wait) == -signal.SIGPIPE
+            finally:
+                yes.kill()
+                yes.wait()
 
     run(body)
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from dunix.errors import ProtocolError
@@ -149,7 +149,6 @@ class StreamInfo:
     max_buffered: int = 0
     sent: int = 0
     received: int = 0
-    early: list[Event] = field(default_factory=list)
 
     @property
     def in_flight(self) -> int:

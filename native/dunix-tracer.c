@@ -87,6 +87,25 @@ static void child_fail(const char *what, const char *arg)
 	_exit(SETUP_FAILED);
 }
 
+/*
+ * A hard limit above ours needs CAP_SYS_RESOURCE, which even root may lack (see
+ * DESIGN.md, "Facts"): then the job gets our hard limit, as a shell's ulimit would cap it.
+ */
+static void set_limit(int res, struct rlimit lim)
+{
+	struct rlimit now;
+	if (setrlimit(res, &lim) == 0)
+		return;
+	if (errno == EPERM && getrlimit(res, &now) == 0 && lim.rlim_max > now.rlim_max) {
+		lim.rlim_max = now.rlim_max;
+		if (lim.rlim_cur > lim.rlim_max)
+			lim.rlim_cur = lim.rlim_max;
+		if (setrlimit(res, &lim) == 0)
+			return;
+	}
+	child_fail("setrlimit", NULL);
+}
+
 /* Only execve and execveat of x86_64 stop; everything else runs untouched. */
 static void install_filter(void)
 {
@@ -146,8 +165,7 @@ static void run_child(int ready, const sigset_t *orig_mask, const struct sigacti
 	}
 	sigprocmask(SIG_SETMASK, &mask, NULL);
 	for (size_t i = 0; i < opt.nrlimits; i++)
-		if (setrlimit(opt.rlimits[i].res, &opt.rlimits[i].lim) < 0)
-			child_fail("setrlimit", NULL);
+		set_limit(opt.rlimits[i].res, opt.rlimits[i].lim);
 	execvp(opt.argv[0], opt.argv);
 	/* as a shell reports it */
 	int code = errno == ENOENT ? 127 : 126;

@@ -6,6 +6,7 @@ compiler; docs/run.md fixes the command line and the protocol tested here."""
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -145,6 +146,15 @@ def test_first_process_gets_ids_umask_cwd_signals_and_rlimits() -> None:
     assert r.stdout == "/usr\n"
     r = trace(["pwd"], "--cwd", "/no/such/dir")
     assert os.WEXITSTATUS(r.first_status) == 125 and "/no/such/dir" in r.stderr
+
+
+def test_rlimit_above_our_hard_limit_is_capped() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("no hard limit to exceed")
+    r = trace(["sh", "-c", "ulimit -Sn; ulimit -Hn"], "--rlimit", f"NOFILE:{soft}:{hard + 1000}")
+    check_protocol_frame(r)
+    assert r.stdout.split() == [str(soft), str(hard)]
 
 
 def test_usage_errors() -> None:

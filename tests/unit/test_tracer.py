@@ -403,20 +403,35 @@ def test_remote_with_a_missing_program_stays_a_local_failure(fake_deputy: Path) 
     assert r.stdout.splitlines()[1] == "127"
 
 
-SOCKET_EXEC = r"""
+HOLDER_EXEC = r"""
 import os, socket, sys
 sys.stdin.readline()
-s = socket.socket()
-s.set_inheritable(sys.argv[1] == "inherit")
-os.execv("/bin/echo", ["/bin/echo", "real", sys.argv[1]])
+kind = sys.argv[1]
+if kind.startswith("socket"):
+    s = socket.socket()
+    s.set_inheritable(kind == "socket")
+else:
+    fds = [os.open(d, os.O_RDWR) for d in ("/dev/null", "/dev/zero", "/dev/urandom")]
+    fds += os.openpty() if kind == "pty" else [os.open(kind, os.O_RDWR)]
+    [os.set_inheritable(fd, True) for fd in fds]
+os.execv("/bin/echo", ["/bin/echo", "real"])
 """
 
 
-@pytest.mark.parametrize("inherit", [True, False])
-def test_socket_holder_is_unmovable(fake_deputy: Path, inherit: bool) -> None:
-    arg = "inherit" if inherit else "cloexec"
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("socket", "holds a socket"),
+        ("socket-cloexec", None),  # gone in the exec: nothing holds the process
+        ("/dev/full", "holds device /dev/full"),
+        ("pty", None),  # /dev/ptmx and /dev/pts/N, with null, zero and urandom
+    ],
+)
+def test_what_a_process_holds_decides_unmovable(
+    fake_deputy: Path, kind: str, reason: str | None
+) -> None:
     run = TracerRun(
-        [PY, "-c", SOCKET_EXEC, arg],
+        [PY, "-c", HOLDER_EXEC, kind],
         ["--mode", "local", "--deputy", str(fake_deputy)],
         stdin=subprocess.PIPE,
     )
@@ -425,12 +440,12 @@ def test_socket_holder_is_unmovable(fake_deputy: Path, inherit: bool) -> None:
     run.send("mode", "remote")
     r = run.finish(input=b"go\n")
     check_protocol_frame(r)
-    if inherit:
-        assert r.stdout == "real inherit\n"
-        assert r.of("unmovable") == [("unmovable", pid, "holds a socket")]
+    if reason:
+        assert r.stdout == "real\n"
+        assert r.of("unmovable") == [("unmovable", pid, reason)]
         assert ("exec", pid, "/bin/echo") in r.messages
-    else:  # a close-on-exec socket does not survive the exec: nothing holds the process
-        assert r.stdout == f"DEPUTY pid={pid} argv /bin/echo real cloexec\n"
+    else:
+        assert r.stdout == f"DEPUTY pid={pid} argv /bin/echo real\n"
         assert r.of("remote") == [("remote", pid, "n1", "/bin/echo")]
 
 

@@ -137,6 +137,8 @@ static void run_child(int ready, const sigset_t *orig_mask, const struct sigacti
 	if (!opt.keep_pgrp && setpgid(0, 0) < 0)
 		child_fail("setpgid", NULL);
 	install_filter();
+	for (size_t i = 0; i < opt.nrlimits; i++) /* while root: a hard limit may go up */
+		set_limit(opt.rlimits[i].res, opt.rlimits[i].lim);
 	if (opt.have_groups || opt.have_uid)
 		if (setgroups(opt.ngroups, opt.groups) < 0)
 			child_fail("setgroups", NULL);
@@ -164,8 +166,6 @@ static void run_child(int ready, const sigset_t *orig_mask, const struct sigacti
 				sigaddset(&mask, s);
 	}
 	sigprocmask(SIG_SETMASK, &mask, NULL);
-	for (size_t i = 0; i < opt.nrlimits; i++)
-		set_limit(opt.rlimits[i].res, opt.rlimits[i].lim);
 	execvp(opt.argv[0], opt.argv);
 	/* as a shell reports it */
 	int code = errno == ENOENT ? 127 : 126;

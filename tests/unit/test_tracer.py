@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import resource
+import select
 import shutil
 import signal
 import subprocess
@@ -268,11 +269,19 @@ until_state() {
     done
     echo "timeout waiting for $2: $(state "$1")"
 }
+until_running() {  # or already done: a stop that outlived the sleep ends it at once
+    i=0
+    while [ $i -lt 200 ]; do
+        case "$(state "$1")" in [SRZ]|"") return 0;; esac
+        sleep 0.02; i=$((i+1))
+    done
+    echo "timeout waiting to run: $(state "$1")"
+}
 sleep 1 & c=$!
 kill -STOP $c
 until_state $c '[Tt]' && echo stopped
 kill -CONT $c
-until_state $c '[SR]' && echo running
+until_running $c && echo running
 wait $c; echo "status=$?"
 sleep 30 & d=$!
 kill -STOP $d; until_state $d '[Tt]'
@@ -330,6 +339,7 @@ def test_sigint_reaches_a_handler_and_sigterm_kills() -> None:
     run = TracerRun([PY, "-c", HANDLER], stdin=subprocess.DEVNULL)
     pid = int(run.wait_for(lambda m: m[0] == "started")[1])
     assert run.proc.stdout is not None
+    assert select.select([run.proc.stdout], [], [], 10)[0], "no ready line"
     assert run.proc.stdout.readline() == b"ready\n"
     os.kill(pid, signal.SIGINT)
     r = run.finish()

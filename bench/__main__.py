@@ -15,6 +15,12 @@ def main() -> int:
 
     print("== membership, 10 / 100 / 1,000 simulated members (sans-IO core, 1% loss)")
     gossip_sim.main([] if not args.quick else ["--quick"])
+    from bench import placement_sim, relay_bench
+
+    print("\n== exec-time placement of a burst (simulation)")
+    placement_sim.main([])
+    print("\n== fd relay throughput: pipe -> TLS link -> pipe vs a local pipe")
+    relay_bench.main([])
     if os.geteuid() != 0:
         print("(the real-cluster benchmark needs root: skipped)", file=sys.stderr)
         return 0

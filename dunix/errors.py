@@ -72,6 +72,10 @@ class ClusterError(DunixError):
     """Setting up or tearing down the local simulated cluster failed."""
 
 
+class FdCaptureFailed(DunixError):
+    """Taking a process's fd (pidfd_getfd) failed for a reason other than rights or exit."""
+
+
 class RemoteError(DunixError):
     """A peer reported an error of a kind this side does not know."""
 
@@ -91,6 +95,7 @@ ERROR_TYPES: dict[str, type[DunixError]] = {
         NoSuchProcess,
         MigrationFailed,
         ClusterError,
+        FdCaptureFailed,
         RemoteError,
     )
 }

@@ -14,7 +14,7 @@ import errno
 import os
 import platform
 
-from dunix.errors import AccessDenied, DunixError, NoSuchProcess
+from dunix.errors import AccessDenied, DunixError, FdCaptureFailed, NoSuchProcess
 
 # pidfd_getfd is 438 in the generic table (include/uapi/asm-generic/unistd.h) and in the
 # x86 and arm tables; alpha and mips offset their numbers.
@@ -34,10 +34,6 @@ _PIDFD_GETFD: dict[str, int] = {
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
-
-
-class FdCaptureFailed(DunixError):
-    """Taking or opening a pidfd failed for a reason other than a gone process or rights."""
 
 
 def translate_oserror(err: OSError, what: str) -> DunixError:

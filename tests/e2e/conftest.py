@@ -30,9 +30,8 @@ def require_root() -> None:
 
 def dunix(*args: str, check: bool = True, timeout: float = 30, **kw: Any) -> Any:
     """Run the CLI as a user would; returns the CompletedProcess."""
-    proc = subprocess.run(
-        [*DUNIX, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, **kw
-    )
+    kw.setdefault("cwd", REPO)
+    proc = subprocess.run([*DUNIX, *args], capture_output=True, text=True, timeout=timeout, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"dunix {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
     return proc

@@ -16,10 +16,13 @@ native:
 test: setup
 	$(PY) -m pytest -q
 
-# The cluster comes down even when `nodes` fails; the make exit code is that of `nodes`.
+# The main job: a local 3-host cluster runs examples/demo.sh with `dunix run`, shows where
+# each process ran, and comes down again (also when the job fails; make exits with its code).
 demo: setup
-	$(DUNIX) cluster up -n 3
-	$(DUNIX) nodes; rc=$$?; $(DUNIX) cluster down; exit $$rc
+	$(DUNIX) cluster up -n 3 --cpu-quota 0.5
+	$(DUNIX) nodes
+	cd $(CURDIR) && $(DUNIX) run --node n1 -- ./examples/demo.sh; rc=$$?; \
+	$(DUNIX) cluster down; exit $$rc
 
 bench: setup
 	$(PY) -m bench

@@ -158,6 +158,13 @@ def test_rlimit_above_our_hard_limit_is_capped() -> None:
     assert r.stdout.split() == [str(soft), str(hard)]
 
 
+def test_first_process_leads_a_new_group_unless_keep_pgrp() -> None:
+    r = trace(["sh", "-c", "ps -o pgid= -p $$"])
+    assert int(r.stdout) == r.first_pid
+    r = trace(["sh", "-c", "ps -o pgid= -p $$"], "--keep-pgrp")
+    assert int(r.stdout) == os.getpgrp()
+
+
 def test_usage_errors() -> None:
     p = subprocess.run([str(TRACER), "--", "true"], capture_output=True, text=True)
     assert p.returncode != 0 and "--sock" in p.stderr

@@ -226,11 +226,12 @@ void on_exec_stop(pid_t pid)
 	long dirfd = is_at ? (long)(int)r.rdi : AT_FDCWD;
 	int empty_path = is_at && (r.r8 & AT_EMPTY_PATH);
 	char path[PATH_MAX];
+	free(t->path);
+	t->path = NULL;
+	t->remote = 0;
 	if (read_string(pid, is_at ? r.rsi : r.rdi, path, sizeof path) < 0)
 		return; /* the kernel will fail this exec (EFAULT, ENAMETOOLONG) */
-	free(t->path);
 	t->path = strdup(path);
-	t->remote = 0;
 
 	read_agent(); /* decide with the latest table, even if its SIGCHLD came first */
 	int slot = pick_slot();

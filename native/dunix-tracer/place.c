@@ -232,6 +232,11 @@ void on_exec_stop(pid_t pid)
 	if (read_string(pid, is_at ? r.rsi : r.rdi, path, sizeof path) < 0)
 		return; /* the kernel will fail this exec (EFAULT, ENAMETOOLONG) */
 	t->path = strdup(path);
+	if (t->deputy) {
+		/* a deputy whose program could not run elsewhere runs it here (`local`) */
+		t->deputy = 0;
+		return;
+	}
 
 	read_agent(); /* decide with the latest table, even if its SIGCHLD came first */
 	int slot = pick_slot();

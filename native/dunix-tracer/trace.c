@@ -157,6 +157,7 @@ static void on_exec_event(pid_t pid)
 		}
 		emit_pid("exec", pid, path);
 	}
+	t->deputy = t->remote;
 	free(t->path);
 	t->path = NULL;
 	t->remote = 0;

@@ -12,6 +12,7 @@ enum mode { MODE_LOCAL, MODE_REMOTE, MODE_AUTO };
 struct tracee {
 	pid_t pid, tgid;
 	int remote; /* the pending exec was redirected to the deputy */
+	int deputy; /* it is the deputy now: its next exec (the agent's `local`) stays here */
 	char *path; /* path of the pending exec, from its seccomp stop */
 };
 

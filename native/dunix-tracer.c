@@ -52,6 +52,7 @@ struct options {
 	struct { int res; struct rlimit lim; } *rlimits;
 	size_t nrlimits;
 	int keep_pgrp;
+	int first_local; /* the first exec was placed already: it runs here */
 	const char *deputy;
 	char **argv;
 };
@@ -75,6 +76,7 @@ static void usage(const char *why)
 		PROG ": %s\n"
 		"usage: " PROG " --sock FD [--uid U --gid G --groups G1,G2 --umask 022 --cwd DIR]\n"
 		"       [--sigign HEX --sigblock HEX] [--rlimit RES:SOFT:HARD ...] [--keep-pgrp]\n"
+		"       [--first-local]\n"
 		"       [--deputy PATH] [--mode local|remote|auto] -- PROGRAM ARGV...\n", why);
 	exit(2);
 }
@@ -226,6 +228,10 @@ static void parse_args(int argc, char **argv)
 			opt.keep_pgrp = 1;
 			continue;
 		}
+		if (!strcmp(a, "--first-local")) {
+			opt.first_local = 1;
+			continue;
+		}
 		if (strncmp(a, "--", 2))
 			usage("expected an option or --");
 		if (i + 1 >= argc)
@@ -360,7 +366,8 @@ int main(int argc, char **argv)
 		kill(pid, SIGKILL);
 		die("PTRACE_SEIZE: %s", strerror(e));
 	}
-	tracee_add(pid, pid);
+	struct tracee *first = tracee_add(pid, pid);
+	first->deputy = opt.first_local; /* its next exec stays here, like a deputy's */
 	emit_pid("started", pid, NULL);
 	close(ready[1]); /* the first process may go on */
 	drop_job_fds(sigfd);

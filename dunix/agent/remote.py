@@ -369,6 +369,7 @@ class RemoteService:
                 uid=req.uid, gid=req.gid, groups=req.groups, umask=req.umask, cwd=req.cwd,
                 env=dict(req.env), sigign=req.sigign, sigblock=req.sigblock,
                 rlimits=req.rlimits, mode=req.mode,
+                extra=("--first-local",),  # it was placed here: no second hop for this exec
             )  # fmt: skip
             tracer = Tracer.spawn(ctx, list(req.argv), child_fds)
         except (DunixError, OSError) as exc:

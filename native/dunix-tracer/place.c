@@ -232,11 +232,9 @@ void on_exec_stop(pid_t pid)
 	if (read_string(pid, is_at ? r.rsi : r.rdi, path, sizeof path) < 0)
 		return; /* the kernel will fail this exec (EFAULT, ENAMETOOLONG) */
 	t->path = strdup(path);
-	if (t->deputy) {
-		/* a deputy whose program could not run elsewhere runs it here (`local`) */
-		t->deputy = 0;
-		return;
-	}
+	if (t->deputy)
+		return; /* a deputy running its program here after all (`local`), or a first exec
+			 * placed here already (--first-local); cleared by the exec event */
 
 	read_agent(); /* decide with the latest table, even if its SIGCHLD came first */
 	int slot = pick_slot();

@@ -525,3 +525,18 @@ def test_overhead_of_1000_execs_is_printed(capsys: pytest.CaptureFixture[str]) -
             f"\n1000 x /bin/true: untraced {plain:.3f} s, traced {traced:.3f} s "
             f"({traced / plain:.2f}x, {(traced - plain) / 1000 * 1e3:.3f} ms per exec)"
         )
+
+
+def test_first_local_keeps_only_the_first_exec_here() -> None:
+    """A guest was placed already: its first exec (through execvp's PATH tries) stays."""
+    run = TracerRun(
+        ["sh", "-c", "echo hi; /bin/true"],
+        options=["--mode", "remote", "--first-local", "--deputy", "/bin/echo"],
+        before=[("slots", "nX", "5")],
+    )
+    result = run.finish()
+    first = result.first_pid
+    assert result.messages[1] == ("exec", str(first), "/usr/bin/sh")
+    child = next(m[2] for m in result.messages if m[0] == "fork")
+    assert ("remote", child, "nX", "/bin/true") in result.messages
+    assert result.stdout.startswith("hi\n")

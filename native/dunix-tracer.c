@@ -154,10 +154,15 @@ static void run_child(int ready, const sigset_t *orig_mask, const struct sigacti
 		child_fail("chdir", opt.cwd);
 	sigaction(SIGCHLD, orig_chld, NULL);
 	if (opt.have_sigign) {
+		/* The raw syscall, not sigaction(3): glibc refuses its internal signals 32 and
+		 * 33, which an agent's threads may have left ignored and exec would keep. */
 		for (int s = 1; s < 65; s++) {
-			if (s == SIGKILL || s == SIGSTOP || (s > 31 && s < SIGRTMIN))
+			if (s == SIGKILL || s == SIGSTOP)
 				continue;
-			signal(s, (opt.sigign >> (s - 1)) & 1 ? SIG_IGN : SIG_DFL);
+			struct { void *handler; unsigned long flags; void *restorer; uint64_t mask; } ka = {
+				.handler = (opt.sigign >> (s - 1)) & 1 ? SIG_IGN : SIG_DFL,
+			};
+			syscall(SYS_rt_sigaction, s, &ka, NULL, sizeof ka.mask);
 		}
 	}
 	sigset_t mask = *orig_mask;

@@ -250,7 +250,7 @@ class RemoteService:
                     deputy.peer, reason)  # fmt: skip
         for endpoint in deputy.senders + deputy.receivers:
             endpoint.stop()
-        deputy.proc.state = f"unmovable: {reason}"
+        deputy.proc.state, deputy.proc.node = f"unmovable: {reason}", ""
         await conn.send("local", deputy.path)
 
     _receiver_fds: dict[int, list[tuple[int, int]]] = {}

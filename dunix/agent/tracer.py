@@ -159,8 +159,17 @@ class Tracer:
             high_sock = _park(theirs.fileno())
             parked.append(high_sock)
             actions.append((os.POSIX_SPAWN_DUP2, high_sock, SOCK_FD))
+            # The agent ignores or catches signals of its own (Python ignores SIGPIPE, glibc
+            # and trio hold some real-time ones): the job starts from defaults, then the
+            # tracer applies the dispositions exec would have kept (--sigign).
             pid = os.posix_spawn(
-                str(TRACER), tracer_argv(ctx, argv), ctx.env, file_actions=actions, setsid=True
+                str(TRACER),
+                tracer_argv(ctx, argv),
+                ctx.env,
+                file_actions=actions,
+                setsid=True,
+                setsigdef=_ALL_SIGNALS,
+                setsigmask=(),
             )
         except OSError as exc:
             ours.close()
@@ -201,6 +210,9 @@ class Tracer:
 
     def close(self) -> None:
         self._sock.close()
+
+
+_ALL_SIGNALS = tuple(s for s in range(1, signal.NSIG) if s not in (signal.SIGKILL, signal.SIGSTOP))
 
 
 def _park(fd: int) -> int:

@@ -109,7 +109,7 @@ def test_non_root_job_runs_as_that_user_everywhere(work: Path) -> None:
 
 def test_parallel_cpu_work_spreads_over_hosts(work: Path) -> None:
     worker = (
-        "awk 'BEGIN { for (i = 0; i < 4e6; i++) s += i }'; "
+        'awk "BEGIN { for (i = 0; i < 4e6; i++) s += i }"; '
         "read h < /proc/sys/kernel/hostname; echo $h"
     )
     script = f"for i in 1 2 3 4 5 6; do sh -c '{worker}' & sleep 0.7; done; wait"
@@ -120,10 +120,10 @@ def test_parallel_cpu_work_spreads_over_hosts(work: Path) -> None:
 
 
 def test_ps_shows_remote_processes_and_kill_by_gpid(work: Path) -> None:
-    job = subprocess.Popen(
+    job = subprocess.Popen(  # stdio not in this machine's /tmp, which hosts do not see
         [*DUNIX, "run", "--control", N1, "--placement", "remote", "--", "sleep", "60"],
-        cwd=work,
-    )
+        cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
     try:
 
         def sleeper() -> dict[str, Any] | None:
@@ -149,7 +149,7 @@ def test_sigint_to_dunix_run_ends_the_job_everywhere(work: Path) -> None:
     job = subprocess.Popen(
         [*DUNIX, "run", "--control", N1, "--placement", "remote", "--",
          "sh", "-c", f"{marker} & {marker}; wait"],
-        cwd=work,
+        cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         wait_for(

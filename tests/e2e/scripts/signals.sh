@@ -1,7 +1,7 @@
 sleep 5 & p=$!
 kill -TERM $p; wait $p; echo "term $?"
 sleep 5 & p=$!
-kill -INT $p; kill -0 $p && echo "background ignores INT"; kill -KILL $p; wait $p; echo "kill $?"
+sleep 0.3; kill -INT $p; sleep 0.2; kill -0 $p && echo "background ignores INT"; kill -KILL $p; wait $p; echo "kill $?"
 sh -c 'sleep 0.5; exit 6' & p=$!
 kill -STOP $p; sleep 0.2; kill -CONT $p; wait $p; echo "stop cont $?"
 trap 'echo trapped USR1' USR1

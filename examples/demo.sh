@@ -2,10 +2,10 @@
 # The demo job: CPU-bound workers started one after another on one host spread over the
 # cluster as that host gets busy; each says where it ran. Then a pipeline across hosts.
 for i in 1 2 3 4 5 6; do
-    sh -c 'awk "BEGIN { for (i = 0; i < 6e6; i++) s += i }"
+    sh -c 'awk "BEGIN { t = systime(); while (systime() - t < 4) s++ }"
            read h < /proc/sys/kernel/hostname
            echo "worker '"$i"' (pid $$) ran on $h"' &
-    sleep 0.6
+    sleep 1
 done
 wait
 seq 1 100000 | sh -c 'read h < /proc/sys/kernel/hostname; echo "counted $(wc -l) lines on $h"'

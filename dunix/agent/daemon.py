@@ -68,6 +68,7 @@ class Agent:
         self.jobs = JobService(self)
         self.jobs.default_mode = config.placement
         self.placement = PlacementPolicy(PlacementConfig(), random.Random())
+        self._runnable: float | None = None  # runnable threads here, from the last sample
         self.membership = Membership(
             config.name,
             config.address,
@@ -224,6 +225,8 @@ class Agent:
         while True:
             await trio.sleep(self.config.sample_interval)
             for job in list(self.jobs.jobs.values()):
+                if job.mode == "local":
+                    continue
                 table = self.slot_table(job.mode)
                 for tracer in list(job.tracers):
                     with contextlib.suppress(OSError, trio.ClosedResourceError):
@@ -232,6 +235,7 @@ class Agent:
     async def _sample_loop(self) -> None:
         while True:
             sample = await trio.to_thread.run_sync(self.sampler.sample, time.monotonic())
+            self._runnable = sample.load_now * sample.cpus
             self.membership.set_local_load(self._load_record(sample))
             await trio.sleep(self.config.sample_interval)
 

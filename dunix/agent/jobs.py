@@ -191,17 +191,17 @@ class JobService:
 
     # -- ending a job -------------------------------------------------------------------
 
-    def _of(self, job: Job) -> list[Proc]:
+    def of(self, job: Job) -> list[Proc]:
         return [p for p in self.procs.values() if p.key == job.id]
 
     def kill_job(self, job: Job, sig: int = signal.SIGKILL) -> None:
         """Signal every process of the job on this node (the tracer's EXITKILL does the rest)."""
-        for proc in self._of(job):
+        for proc in self.of(job):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, sig)
 
     def forget(self, job: Job) -> None:
-        for proc in self._of(job):
+        for proc in self.of(job):
             self.procs.pop(proc.pid, None)
         for tracer in job.tracers:
             tracer.kill()

@@ -239,7 +239,7 @@ class RemoteService:
                 continue
             with contextlib.suppress(DunixError):
                 await self.links.send(
-                    deputy.peer, RemoteSignal(deputy.proc.job, deputy.proc.pid, sig)
+                    deputy.peer, RemoteSignal(deputy.proc.job, deputy.proc.pid, sig, False)
                 )
             if msg is None:
                 cancel.cancel()
@@ -347,9 +347,33 @@ class RemoteService:
                 deputy.exited.set()
         elif isinstance(msg, RemoteSignal):
             guest = self.guests.get((msg.job, msg.home_pid))
-            if guest is not None and guest.pid:
+            if guest is None or not guest.pid:
+                return
+            if msg.group:
+                job = self.agent.jobs.jobs.get(f"{msg.job}/{msg.home_pid}")
+                if job is not None:
+                    self.signal_group(job, msg.signal)
+                return
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(guest.pid, msg.signal)
+
+    def signal_group(self, job: Job, sig: int) -> None:
+        """Signal every process of ``job`` on this node once, and its guests elsewhere.
+
+        A deputy is not signalled itself (it would forward the signal one process wide);
+        its guest's whole part of the job is, through ``RemoteSignal(group=True)``.
+        """
+        for proc in self.agent.jobs.of(job):
+            if proc.state == "deputy" and proc.node:
+                msg = RemoteSignal(proc.job, proc.pid, sig, True)
+                self.agent.nursery.start_soon(self._send_quietly, proc.node, msg)
+            else:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(guest.pid, msg.signal)
+                    os.kill(proc.pid, sig)
+
+    async def _send_quietly(self, peer: str, msg: Any) -> None:
+        with contextlib.suppress(DunixError):
+            await self.links.send(peer, msg)
 
     # -- guest side ---------------------------------------------------------------------
 
@@ -394,6 +418,7 @@ class RemoteService:
             guest=(home, req.job, req.gpid),
         )  # fmt: skip
         job.tracers.append(tracer)
+        self.agent.jobs.jobs[job.id] = job
         status = 0x7F00 | signal.SIGKILL
         try:
             async with trio.open_nursery() as nursery:

@@ -9,7 +9,6 @@ that goes away takes the job with it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -106,8 +105,7 @@ async def _client_signals(
     try:
         async for msg in channel:
             if isinstance(msg, RunSignal) and job.first_pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(job.first_pid, msg.signal)
+                jobs.agent.remote.signal_group(job, msg.signal)
     except DunixError:
         pass
     if job.status is None:

@@ -154,6 +154,7 @@ class RemoteSignal:
     job: str
     home_pid: int
     signal: int
+    group: bool  # to every process of that guest's part of the job (a terminal's Ctrl-C)
 
 
 @message

@@ -19,6 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 DUNIX = [sys.executable, "-m", "dunix"]
 LOCK = Path("/run/dunix-tests.lock")
+LOGS = Path("/var/tmp/dunix-e2e-logs")
 
 
 def require_root() -> None:
@@ -79,4 +80,12 @@ def cluster3() -> Iterator[list[Any]]:
             hosts = cluster.up(3, 0.5)
             yield hosts
         finally:
+            keep_logs()
             cluster.down()
+
+
+def keep_logs() -> None:
+    """The agents' logs outlive the cluster, for whoever reads a failure."""
+    LOGS.mkdir(parents=True, exist_ok=True)
+    for log in Path("/run/dunix/hosts").glob("*/agent.log"):
+        shutil.copy(log, LOGS / f"{log.parent.name}.log")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -49,8 +50,13 @@ def run_both(argv: list[str], cwd: Path, **kw: Any) -> tuple[Any, Any]:
 def test_script_behaves_as_under_plain_bash(work: Path, script: Path) -> None:
     local, remote = run_both(["bash", str(script)], work)
     assert remote.stdout.decode() == local.stdout.decode()
-    assert remote.stderr.decode() == local.stderr.decode()
+    assert job_pids_as_n(remote.stderr) == job_pids_as_n(local.stderr)
     assert remote.returncode == local.returncode
+
+
+def job_pids_as_n(stderr: bytes) -> str:
+    """bash's job notices name pids, which differ between any two runs."""
+    return re.sub(r"(line \d+:) +\d+ ", r"\1 N ", stderr.decode())
 
 
 def test_processes_really_ran_elsewhere(work: Path) -> None:
@@ -109,20 +115,21 @@ def test_non_root_job_runs_as_that_user_everywhere(work: Path) -> None:
 
 def test_parallel_cpu_work_spreads_over_hosts(work: Path) -> None:
     worker = (
-        'awk "BEGIN { for (i = 0; i < 4e6; i++) s += i }"; '
+        'awk "BEGIN { t = systime(); while (systime() - t < 4) s++ }"; '
         "read h < /proc/sys/kernel/hostname; echo $h"
     )
-    script = f"for i in 1 2 3 4 5 6; do sh -c '{worker}' & sleep 0.7; done; wait"
-    out = dunix("run", "--control", N1, "--", "bash", "-c", script, cwd=work, timeout=180)
+    script = f"for i in 1 2 3 4 5 6 7 8; do sh -c '{worker}' & sleep 1; done; wait"
+    out = dunix("run", "--control", N1, "--", "bash", "-c", script, cwd=work, timeout=300,
+                stdin=subprocess.DEVNULL)  # fmt: skip
     hosts = out.stdout.split()
-    assert len(hosts) == 6
+    assert len(hosts) == 8
     assert len(set(hosts)) >= 2, hosts
 
 
 def test_ps_shows_remote_processes_and_kill_by_gpid(work: Path) -> None:
     job = subprocess.Popen(  # stdio not in this machine's /tmp, which hosts do not see
         [*DUNIX, "run", "--control", N1, "--placement", "remote", "--", "sleep", "60"],
-        cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
 
@@ -149,7 +156,7 @@ def test_sigint_to_dunix_run_ends_the_job_everywhere(work: Path) -> None:
     job = subprocess.Popen(
         [*DUNIX, "run", "--control", N1, "--placement", "remote", "--",
          "sh", "-c", f"{marker} & {marker}; wait"],
-        cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         wait_for(

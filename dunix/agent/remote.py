@@ -33,6 +33,7 @@ from dunix.errors import DunixError, PeerUnreachable
 from dunix.fdmove import StreamEndpoint, StreamHub, odd_side
 from dunix.fdmove.deputy import DeputyConnection
 from dunix.fdmove.inventory import FdInfo, inventory, movable, rlimits, signal_state
+from dunix.fdmove.openas import open_as
 from dunix.fdmove.pidfd import pidfd_getfd, pidfd_open
 from dunix.wire import Channel, open_channel
 from dunix.wire.jobs import (
@@ -388,7 +389,7 @@ class RemoteService:
         try:
             hub = await self.links.hub(home)
             for rf in req.fds:
-                child_fds[rf.fd] = self._recreate(rf, hub, guest)
+                child_fds[rf.fd] = self._recreate(rf, hub, guest, req)
             ctx = JobContext(
                 uid=req.uid, gid=req.gid, groups=req.groups, umask=req.umask, cwd=req.cwd,
                 env=dict(req.env), sigign=req.sigign, sigblock=req.sigblock,
@@ -450,7 +451,7 @@ class RemoteService:
         with contextlib.suppress(DunixError):
             await self.links.send(home, RemoteExited(req.job, req.home_pid, status))
 
-    def _recreate(self, rf: RemoteFd, hub: StreamHub, guest: Guest) -> int:
+    def _recreate(self, rf: RemoteFd, hub: StreamHub, guest: Guest, req: RemoteExec) -> int:
         """This side's fd for the guest's fd ``rf.fd``; the caller closes it after spawn."""
         if rf.kind == "pipe":
             r, w = os.pipe2(os.O_CLOEXEC)
@@ -461,7 +462,7 @@ class RemoteService:
             return r
         flags = rf.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY) | os.O_CLOEXEC
         path = "/dev/null" if rf.kind == "null" and not rf.path else rf.path
-        fd = os.open(path, flags)
+        fd = open_as(req.uid, req.gid, req.groups, path, flags)  # the user's rights, not ours
         if rf.kind == "file" and rf.pos and not rf.flags & os.O_APPEND:
             os.lseek(fd, rf.pos, os.SEEK_SET)
         return fd

@@ -280,6 +280,7 @@ class Agent:
             self.job_links = JobLinks(self, nursery)
             self.remote = RemoteService(self, self.job_links)
             self.jobs.on_remote = self.remote.went_remote
+            self.jobs.on_stopped = self.remote.stopped
             deputy_socket = cfg.control.parent / "deputy.sock"
             await nursery.start(DeputyListener(deputy_socket, self.remote.serve_deputy).serve)
             nursery.start_soon(self._slots_loop)

@@ -29,6 +29,7 @@ from dunix.agent.tracer import (
     Forked,
     JobContext,
     Started,
+    Stopped,
     Tracer,
     TracerEvent,
     Unmovable,
@@ -105,6 +106,7 @@ class JobService:
         self.default_mode = "auto"
         self.on_remote: Callable[[Job, WentRemote], None] | None = None
         self.on_started: dict[str, Callable[[Started], None]] = {}
+        self.on_stopped: Callable[[Job, Stopped], None] | None = None
 
     @property
     def name(self) -> str:
@@ -183,6 +185,9 @@ class JobService:
             known = self.procs.get(event.pid)
             if known is not None:
                 known.state = f"unmovable: {event.reason}"
+        elif isinstance(event, Stopped):
+            if self.on_stopped is not None:
+                self.on_stopped(job, event)
         elif isinstance(event, Exited):
             self.procs.pop(event.pid, None)
             if event.pid == job.first_pid and job.status is None:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from dunix.agent.jobs import Job, Proc
-from dunix.agent.tracer import JobContext, Started, Tracer, WentRemote
+from dunix.agent.tracer import JobContext, Started, Stopped, Tracer, WentRemote
 from dunix.errors import DunixError, PeerUnreachable
 from dunix.fdmove import StreamEndpoint, StreamHub, odd_side
 from dunix.fdmove.deputy import DeputyConnection
@@ -43,6 +43,7 @@ from dunix.wire.jobs import (
     RemoteFd,
     RemoteSignal,
     RemoteStarted,
+    RemoteStopped,
 )
 
 if TYPE_CHECKING:
@@ -50,7 +51,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dunix.agent.remote")
 
-JOB_MESSAGES = (RemoteExec, RemoteStarted, RemoteFailed, RemoteSignal, RemoteExited)
+JOB_MESSAGES = (
+    RemoteExec, RemoteStarted, RemoteFailed, RemoteSignal, RemoteStopped, RemoteExited,
+)  # fmt: skip
 HELLO_TIMEOUT = 10.0
 START_TIMEOUT = 15.0
 DRAIN_TIMEOUT = 2.0  # output held open by a process's own children does not hold its exit
@@ -116,6 +119,8 @@ class Deputy:
     status: int = 0
     receivers: list[StreamEndpoint] = field(default_factory=list)
     senders: list[StreamEndpoint] = field(default_factory=list)
+    conn: DeputyConnection | None = None
+    mirrored_stop: bool = False  # stopped because its guest stopped: do not echo it back
 
 
 @dataclass
@@ -127,6 +132,10 @@ class Guest:
     pid: int = 0
     senders: list[StreamEndpoint] = field(default_factory=list)
     receivers: list[StreamEndpoint] = field(default_factory=list)
+    stopped_by_home: bool = False  # its deputy was stopped first: do not echo the stop
+
+
+STOP_SIGNALS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
 
 
 def _status_fields(pid: int) -> dict[str, str]:
@@ -209,6 +218,7 @@ class RemoteService:
             await self._fail_home(deputy, conn, deputy.failed or f"{peer} did not start it")
             return
         deputy.proc.state, deputy.proc.node = "deputy", peer
+        deputy.conn = conn
         await conn.send("ready")
         log.info("pid %d of job %s runs on %s as pid %d", pid, deputy.proc.job, peer,
                  deputy.proc.remote_pid)  # fmt: skip
@@ -333,6 +343,11 @@ class RemoteService:
         """Job messages from peer ``sender`` (its node name), in link order."""
         if isinstance(msg, RemoteExec):
             self._guest_exec(sender, msg)
+        elif isinstance(msg, RemoteStopped):
+            deputy = self.deputies.get((msg.job, msg.home_pid))
+            if deputy is not None and deputy.conn is not None:
+                deputy.mirrored_stop = True
+                self.agent.nursery.start_soon(self._tell_deputy, deputy.conn, "stop", msg.signal)
         elif isinstance(msg, RemoteStarted | RemoteFailed | RemoteExited):
             deputy = self.deputies.get((msg.job, msg.home_pid))
             if deputy is None:
@@ -355,8 +370,40 @@ class RemoteService:
                 if job is not None:
                     self.signal_group(job, msg.signal)
                 return
+            if msg.signal in STOP_SIGNALS:
+                guest.stopped_by_home = True
             with contextlib.suppress(ProcessLookupError):
                 os.kill(guest.pid, msg.signal)
+
+    async def _tell_deputy(self, conn: DeputyConnection, *fields: str | int) -> None:
+        with contextlib.suppress(DunixError):
+            await conn.send(*fields)
+
+    def stopped(self, job: Job, event: Stopped) -> None:
+        """A traced process stopped: mirror it across the home/guest pair it is part of."""
+        if job.guest is not None:
+            home, job_id, _ = job.guest
+            if event.pid == job.first_pid:  # the guest itself: its deputy stops too
+                home_pid = int(job.id.rsplit("/", 1)[1])
+                guest = self.guests.get((job_id, home_pid))
+                if guest is not None and guest.stopped_by_home:
+                    guest.stopped_by_home = False
+                    return
+                msg = RemoteStopped(job_id, home_pid, event.signal)
+                self.agent.nursery.start_soon(self._send_quietly, home, msg)
+            return
+        proc = self.agent.jobs.procs.get(event.pid)
+        if proc is None or proc.state != "deputy":
+            return
+        deputy = self.deputies.get((proc.job, proc.pid))
+        if deputy is None:
+            return
+        if deputy.mirrored_stop:
+            deputy.mirrored_stop = False
+            return
+        # someone here stopped the deputy (kill -STOP $pid): the program stops there too
+        stop = RemoteSignal(proc.job, proc.pid, signal.SIGSTOP, False)
+        self.agent.nursery.start_soon(self._send_quietly, deputy.peer, stop)
 
     def signal_group(self, job: Job, sig: int) -> None:
         """Signal every process of ``job`` on this node once, and its guests elsewhere.

@@ -63,11 +63,24 @@ class Exited:
 
 
 @dataclass(frozen=True)
+class Stopped:
+    pid: int
+    signal: int
+
+
+@dataclass(frozen=True)
+class Continued:
+    pid: int
+
+
+@dataclass(frozen=True)
 class Done:
     pass
 
 
-TracerEvent = Started | Forked | Execed | WentRemote | Unmovable | Exited | Done
+TracerEvent = (
+    Started | Forked | Execed | WentRemote | Unmovable | Exited | Stopped | Continued | Done
+)
 
 
 def parse_event(packet: bytes) -> TracerEvent:
@@ -87,6 +100,10 @@ def parse_event(packet: bytes) -> TracerEvent:
             return Unmovable(int(args[0]), args[1])
         if kind == "exit":
             return Exited(int(args[0]), int(args[1]))
+        if kind == "stopped":
+            return Stopped(int(args[0]), int(args[1]))
+        if kind == "continued":
+            return Continued(int(args[0]))
         if kind == "done":
             return Done()
     except (IndexError, ValueError):

@@ -159,6 +159,16 @@ class RemoteSignal:
 
 @message
 @dataclass(frozen=True)
+class RemoteStopped:
+    """The guest stopped (SIGSTOP, SIGTSTP ...): its deputy stops too, so the parent sees it."""
+
+    job: str
+    home_pid: int
+    signal: int
+
+
+@message
+@dataclass(frozen=True)
 class RemoteExited:
     job: str
     home_pid: int

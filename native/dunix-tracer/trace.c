@@ -186,12 +186,26 @@ static void on_status(pid_t pid, int status)
 	case 0: /* signal-delivery-stop: deliver it as if we were not here */
 		inject = sig;
 		break;
-	case PTRACE_EVENT_STOP:
+	case PTRACE_EVENT_STOP: {
+		struct tracee *t = tracee_find(pid);
 		if (is_stop_signal(sig)) { /* group-stop: stay stopped until SIGCONT */
+			if (t && t->tgid == pid && !t->stopped) {
+				char s[16];
+				snprintf(s, sizeof s, "%d", sig);
+				emit_pid("stopped", pid, s); /* the agent mirrors it on the far side */
+			}
+			if (t)
+				t->stopped = 1;
 			ptrace(PTRACE_LISTEN, pid, NULL, NULL);
 			return;
 		}
+		if (t && t->stopped) { /* the wake-up after LISTEN: SIGCONT arrived */
+			t->stopped = 0;
+			if (t->tgid == pid)
+				emit_pid("continued", pid, NULL);
+		}
 		break; /* first stop of a new task, or the wake-up after LISTEN */
+	}
 	case PTRACE_EVENT_FORK:
 	case PTRACE_EVENT_VFORK:
 	case PTRACE_EVENT_CLONE: {

@@ -13,6 +13,7 @@ struct tracee {
 	pid_t pid, tgid;
 	int remote; /* the pending exec was redirected to the deputy */
 	int deputy; /* it is the deputy now: its next exec (the agent's `local`) stays here */
+	int stopped; /* in a group-stop (reported once as `stopped`, then `continued`) */
 	char *path; /* path of the pending exec, from its seccomp stop */
 };
 

@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -180,3 +181,42 @@ def test_sigint_to_dunix_run_ends_the_job_everywhere(work: Path) -> None:
 
     wait_for(nothing_left, 20, "no process of the job left on any host")
     assert time.monotonic() > 0
+
+
+PARENT_SEES_STOPS = """
+import os, signal, sys
+def child(argv):
+    pid = os.fork()
+    if pid == 0:
+        os.execvp(argv[0], argv)
+    return pid
+def state(pid, flags):
+    _, status = os.waitpid(pid, flags)
+    if os.WIFSTOPPED(status):
+        return "stopped by %s" % signal.Signals(os.WSTOPSIG(status)).name
+    if os.WIFCONTINUED(status):
+        return "continued"
+    return "exited %d" % os.waitstatus_to_exitcode(status)
+p = child(["sh", "-c", "kill -STOP $$; exit 5"])
+print("self:", state(p, os.WUNTRACED), flush=True)
+os.kill(p, signal.SIGCONT)
+print("self:", state(p, 0), flush=True)
+p = child(["sleep", "2"])
+os.kill(p, signal.SIGSTOP)
+print("parent:", state(p, os.WUNTRACED), flush=True)
+os.kill(p, signal.SIGCONT)
+print("parent:", state(p, os.WCONTINUED), flush=True)
+print("parent:", state(p, 0), flush=True)
+"""
+
+
+def test_stops_cross_hosts_both_ways(work: Path) -> None:
+    """A guest that stops itself stops its deputy (the parent's waitpid sees it), and a
+    deputy stopped by its parent stops the guest; SIGCONT undoes both."""
+    local, remote = run_both([sys.executable, "-c", PARENT_SEES_STOPS], work)
+    expected = (
+        "self: stopped by SIGSTOP\nself: exited 5\n"
+        "parent: stopped by SIGSTOP\nparent: continued\nparent: exited 0\n"
+    )
+    assert local.stdout.decode() == expected
+    assert remote.stdout.decode() == expected, remote.stderr

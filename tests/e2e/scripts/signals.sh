@@ -7,3 +7,7 @@ kill -STOP $p; sleep 0.2; kill -CONT $p; wait $p; echo "stop cont $?"
 trap 'echo trapped USR1' USR1
 kill -USR1 $$
 echo after trap
+sh -c 'kill -STOP $$; echo resumed' & p=$!
+sleep 1; kill -CONT $p; wait $p; echo "self stop $?"
+sleep 3 & p=$!
+kill -STOP $p; sleep 0.5; kill -CONT $p; wait $p; echo "stopped by parent $?"

@@ -19,7 +19,7 @@ import trio
 
 from dunix.agent.jobs import Job, JobService, user_groups
 from dunix.agent.tracer import Started
-from dunix.errors import AccessDenied, DunixError, ProtocolError
+from dunix.errors import AccessDenied, ConfigError, DunixError, ProtocolError
 from dunix.wire import Channel
 from dunix.wire.jobs import RunAccepted, RunExited, RunRequest, RunSignal, RunStarted
 
@@ -58,6 +58,11 @@ async def serve_run(jobs: JobService, channel: Channel, req: RunRequest) -> None
         raise DunixError("nothing to run")
     if not 0 <= req.nfds <= MAX_FDS:
         raise ProtocolError(f"{req.nfds} fds is outside 0..{MAX_FDS}")
+    if not os.path.isdir(req.cwd):
+        raise ConfigError(
+            f"the working directory {req.cwd} does not exist on {jobs.name} "
+            "(each host has its own /tmp): run from a folder every host sees"
+        )
     uid, gid = cred.uid, cred.gid
     groups = tuple(req.groups) if uid == 0 else user_groups(uid, gid)
     mode = req.mode or jobs.default_mode

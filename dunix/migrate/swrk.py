@@ -1,0 +1,384 @@
+"""CRIU's RPC, driven by hand over ``criu swrk`` so notify callbacks can be answered.
+
+``pycriu.criu`` sends one request and reads one response, so it cannot answer CRIU's
+notifications (``pre-dump``, ``post-dump``, ``post-restore``, ...). Here the request, the
+notifications and their answers are exchanged on a SOCK_SEQPACKET socketpair whose other
+end criu gets as ``criu swrk FD`` (criu/crtools.c, CR_SWRK). One criu process serves one
+dump or restore and exits.
+
+Why the options look as they do:
+
+- images go by path, ``/proc/self/fd/N``, never as ``images_dir_fd``: for a number CRIU
+  opens ``/proc/PEER/fd/N`` with the peer pid from SO_PEERCRED (criu/cr-service.c,
+  resolve_images_dir_path), which is 0 when criu runs in another host's PID namespace;
+- to act inside a simulated host, criu itself runs under ``nsenter -t INIT -p -m -u -n``
+  (``CriuCommand.in_host``): ``join_ns`` cannot join a PID namespace;
+- the log goes into the images folder, and a failure comes out as ``MigrationFailed``
+  carrying CRIU's first error (``cr_errmsg``) and the error lines of that log. This module
+  is the only edge where CRIU's errors are translated.
+
+A ``post-dump`` answered with failure makes CRIU thaw the source (criu/cr-dump.c,
+cr_dump_finish): ``dump`` then returns ``DumpResult(resumed=True)`` instead of raising,
+since the caller chose it. That is the commit point of ``lifecycle.Migration``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from dunix.errors import MigrationFailed
+
+#: CRIU's RPC messages are small; notify packets carry at most one fd
+_RECV_SIZE = 1 << 16
+_EXIT_GRACE = 5.0
+_STDERR_KEEP = 4096
+
+
+def default_binary() -> str:
+    """The criu that scripts/setup.sh links into the venv, else the one on PATH."""
+    venv = Path(sys.prefix) / "bin" / "criu"
+    if os.access(venv, os.X_OK):
+        return str(venv)
+    return shutil.which("criu") or "criu"
+
+
+@dataclass(frozen=True)
+class CriuCommand:
+    """How to start criu: the binary, a prefix such as ``nsenter ...``, a preexec hook
+    (e.g. joining the host's cgroup, so a restored tree is accounted there)."""
+
+    binary: str = field(default_factory=default_binary)
+    prefix: tuple[str, ...] = ()
+    preexec_fn: Callable[[], None] | None = None
+
+    @classmethod
+    def in_host(
+        cls,
+        init_pid: int,
+        *,
+        binary: str | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> CriuCommand:
+        """criu inside the PID, mount, UTS and network namespaces of ``init_pid``.
+
+        nsenter forks for ``-p`` (setns on a PID namespace affects children only) and
+        keeps the fds it inherited, so the swrk socket and image folder reach criu.
+        A tree restored there without ``rst_sibling`` is criu's child and is adopted by
+        the host's PID 1 when criu exits.
+        """
+        prefix = ("nsenter", "-t", str(init_pid), "-p", "-m", "-u", "-n", "--")
+        return cls(binary or default_binary(), prefix, preexec_fn)
+
+    def argv(self, sock_fd: int) -> list[str]:
+        return [*self.prefix, self.binary, "swrk", str(sock_fd)]
+
+
+@dataclass(frozen=True)
+class Notification:
+    """One CRIU notify: the action-script name, the root pid for some, an fd for
+    ``orphan-pts-master`` (valid during the callback only; closed afterwards)."""
+
+    script: str
+    pid: int | None = None
+    fd: int | None = None
+
+
+#: answers a notification: True lets CRIU go on, False makes it fail (and roll back)
+Notify = Callable[[Notification], Awaitable[bool]]
+
+
+@dataclass(frozen=True)
+class DumpResult:
+    pid: int
+    #: True when our notify refused (e.g. post-dump) and CRIU thawed the source
+    resumed: bool
+    #: seconds from the request to the post-dump notify (images complete), if one came
+    dumped_after: float | None
+    #: seconds for the whole criu call
+    seconds: float
+    notifications: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    #: the restored root's pid as criu saw it (in criu's PID namespace)
+    pid: int
+    seconds: float
+    notifications: tuple[str, ...]
+
+
+def _rpc() -> Any:
+    try:
+        from pycriu import rpc_pb2
+    except ImportError as e:
+        raise MigrationFailed(f"pycriu is not importable ({e}): run scripts/setup.sh") from e
+    return rpc_pb2
+
+
+def _base_opts(rpc: Any, images_dir_fd: int, log_file: str, log_level: int) -> Any:
+    opts = rpc.criu_opts()
+    opts.images_dir_fd = -1  # a required field; the folder goes by path (module doc)
+    opts.images_dir = f"/proc/self/fd/{images_dir_fd}"
+    opts.log_file = log_file
+    opts.log_level = log_level
+    return opts
+
+
+def criu_errors(images_dir_fd: int, log_file: str, limit: int = 6) -> list[str]:
+    """The error lines of a criu log in the images folder (CRIU marks them ``Error``)."""
+    try:
+        fd = os.open(log_file, os.O_RDONLY | os.O_CLOEXEC, dir_fd=images_dir_fd)
+    except OSError:
+        return []
+    with os.fdopen(fd, "r", errors="replace") as f:
+        lines = [ln.rstrip() for ln in f if "Error (" in ln]
+    return lines[-limit:]
+
+
+class _Call:
+    """One request to one ``criu swrk`` process, with its notify exchanges."""
+
+    def __init__(
+        self,
+        what: str,
+        command: CriuCommand,
+        images_dir_fd: int,
+        log_file: str,
+        notify: Notify | None,
+        extra_fds: Sequence[int] = (),
+    ) -> None:
+        self.what = what
+        self.command = command
+        self.images_dir_fd = images_dir_fd
+        self.log_file = log_file
+        self.notify = notify
+        self.extra_fds = tuple(extra_fds)
+        self.refused = False
+        self.seen: list[tuple[str, float]] = []
+        self.stderr = b""
+
+    def failure(self, detail: str) -> MigrationFailed:
+        """The error for the user: CRIU's most specific error line first (its first error,
+        ``cr_errmsg``, is often a harmless warning-level one), the log's errors after."""
+        lines = criu_errors(self.images_dir_fd, self.log_file)
+        specific = [ln for ln in lines if not ln.endswith("FAILED.")]
+        if specific:
+            detail = specific[-1].split("): ", 1)[-1]
+        text = f"criu {self.what} failed: {detail}"
+        if lines:
+            text += f"\n(from {self.log_file} in the images folder)\n" + "\n".join(lines)
+        elif self.stderr.strip():
+            text += "\n" + self.stderr.decode(errors="replace").strip()
+        return MigrationFailed(text)
+
+    async def run(self, req: Any) -> Any:
+        rpc = _rpc()
+        started = time.monotonic()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # criu's stderr (what it says before its log is set up) goes to an unnamed file:
+        # no reader task, so errors raised here stay plain, not exception groups.
+        with tempfile.TemporaryFile() as errors:
+            try:
+                fds = (theirs.fileno(), self.images_dir_fd, *self.extra_fds)
+                proc = await trio.lowlevel.open_process(
+                    self.command.argv(theirs.fileno()),
+                    pass_fds=fds,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=errors,
+                    preexec_fn=self.command.preexec_fn,
+                )
+            except OSError as e:
+                ours.close()
+                raise MigrationFailed(f"cannot start criu ({self.command.binary}): {e}") from e
+            finally:
+                theirs.close()
+            sock = trio.socket.from_stdlib_socket(ours)
+            try:
+                return await self._exchange(rpc, sock, req, started)
+            finally:
+                # EOF on the socket is a failed notify answer to a criu still waiting:
+                # it rolls back (thaws the source) rather than hanging.
+                sock.close()
+                await self._reap(proc)
+                errors.seek(0)
+                self.stderr = errors.read()[-_STDERR_KEEP:]
+
+    async def _exchange(self, rpc: Any, sock: Any, req: Any, started: float) -> Any:
+        await sock.send(req.SerializeToString())
+        while True:
+            data, ancdata, _, _ = await sock.recvmsg(_RECV_SIZE, socket.CMSG_SPACE(4))
+            fds = _fds_from(ancdata)
+            if not data:
+                for fd in fds:
+                    os.close(fd)
+                raise self.failure("criu exited without answering")
+            resp = rpc.criu_resp()
+            resp.ParseFromString(data)
+            if resp.type != rpc.NOTIFY:
+                for fd in fds:
+                    os.close(fd)
+                return resp
+            note = Notification(
+                resp.notify.script,
+                resp.notify.pid if resp.notify.HasField("pid") else None,
+                fds[0] if fds else None,
+            )
+            self.seen.append((note.script, time.monotonic() - started))
+            try:
+                ok = True if self.notify is None else bool(await self.notify(note))
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            if not ok:
+                self.refused = True
+            answer = rpc.criu_req(type=rpc.NOTIFY, notify_success=ok)
+            await sock.send(answer.SerializeToString())
+
+    async def _reap(self, proc: trio.Process) -> None:
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(_EXIT_GRACE):
+                await proc.wait()
+                return
+            proc.kill()
+            await proc.wait()
+
+
+def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            fds += list(memoryview(data[:usable]).cast("i"))
+    return fds
+
+
+async def dump(
+    pid: int,
+    images_dir_fd: int,
+    *,
+    leave_running: bool = False,
+    tcp_established: bool = False,
+    shell_job: bool = False,
+    ext_unix_sk: bool = False,
+    file_locks: bool = False,
+    external: Sequence[str] = (),
+    notify: Notify | None = None,
+    command: CriuCommand | None = None,
+    log_file: str = "dump.log",
+    log_level: int = 4,
+) -> DumpResult:
+    """Dump the tree rooted at ``pid`` (as criu sees it) into the folder ``images_dir_fd``.
+
+    Without ``leave_running`` CRIU kills the tree once ``post-dump`` is answered with
+    success; answering it with failure thaws the tree (``resumed=True``). Raises
+    ``MigrationFailed`` with CRIU's message when CRIU fails on its own.
+    """
+    rpc = _rpc()
+    opts = _base_opts(rpc, images_dir_fd, log_file, log_level)
+    opts.pid = pid
+    opts.leave_running = leave_running
+    opts.tcp_established = tcp_established
+    opts.shell_job = shell_job
+    opts.ext_unix_sk = ext_unix_sk
+    opts.file_locks = file_locks
+    opts.external.extend(external)
+    opts.notify_scripts = True
+    call = _Call(f"dump of pid {pid}", command or CriuCommand(), images_dir_fd, log_file, notify)
+    started = time.monotonic()
+    resp = await call.run(rpc.criu_req(type=rpc.DUMP, opts=opts))
+    seconds = time.monotonic() - started
+    if resp.type != rpc.DUMP:
+        raise call.failure(f"unexpected response type {resp.type}: {resp.cr_errmsg}")
+    dumped_after = next((t for name, t in call.seen if name == "post-dump"), None)
+    names = tuple(name for name, _ in call.seen)
+    if not resp.success:
+        if call.refused:
+            return DumpResult(pid, True, dumped_after, seconds, names)
+        raise call.failure(resp.cr_errmsg or f"errno {resp.cr_errno}")
+    return DumpResult(pid, leave_running, dumped_after, seconds, names)
+
+
+async def restore(
+    images_dir_fd: int,
+    *,
+    inherit_fd: Sequence[tuple[str, int]] = (),
+    rst_sibling: bool = False,
+    tcp_established: bool = False,
+    shell_job: bool = False,
+    ext_unix_sk: bool = False,
+    file_locks: bool = False,
+    external: Sequence[str] = (),
+    notify: Notify | None = None,
+    command: CriuCommand | None = None,
+    log_file: str = "restore.log",
+    log_level: int = 4,
+) -> RestoreResult:
+    """Restore the images in ``images_dir_fd``; returns once the tree runs.
+
+    ``inherit_fd`` pairs a CRIU key (``pipe:[INODE]``, ``file[MNT:INODE]``, ...) with an
+    fd of ours that replaces that object; the fd keeps its number in criu. The tree keeps
+    its pids, so each must be free in criu's PID namespace (else "Can't fork for PID:
+    File exists"). A ``post-restore`` answered with failure makes CRIU kill the restored
+    tree (criu/cr-restore.c) before it ran, and this raises ``MigrationFailed``.
+    """
+    rpc = _rpc()
+    opts = _base_opts(rpc, images_dir_fd, log_file, log_level)
+    opts.rst_sibling = rst_sibling
+    opts.tcp_established = tcp_established
+    opts.shell_job = shell_job
+    opts.ext_unix_sk = ext_unix_sk
+    opts.file_locks = file_locks
+    opts.external.extend(external)
+    opts.notify_scripts = True
+    for key, fd in inherit_fd:
+        opts.inherit_fd.add(key=key, fd=fd)
+    call = _Call(
+        "restore",
+        command or CriuCommand(),
+        images_dir_fd,
+        log_file,
+        notify,
+        [fd for _, fd in inherit_fd],
+    )
+    started = time.monotonic()
+    resp = await call.run(rpc.criu_req(type=rpc.RESTORE, opts=opts))
+    seconds = time.monotonic() - started
+    if resp.type != rpc.RESTORE or not resp.success:
+        raise call.failure(resp.cr_errmsg or f"errno {resp.cr_errno}")
+    return RestoreResult(resp.restore.pid, seconds, tuple(name for name, _ in call.seen))
+
+
+async def cpuinfo_dump(images_dir_fd: int, *, command: CriuCommand | None = None) -> None:
+    """Write this host's ``cpuinfo.img`` into the folder (``criu cpuinfo dump``)."""
+    rpc = _rpc()
+    opts = _base_opts(rpc, images_dir_fd, "cpuinfo-dump.log", 4)
+    call = _Call("cpuinfo dump", command or CriuCommand(), images_dir_fd, opts.log_file, None)
+    resp = await call.run(rpc.criu_req(type=rpc.CPUINFO_DUMP, opts=opts))
+    if not resp.success:
+        raise call.failure(resp.cr_errmsg or f"errno {resp.cr_errno}")
+
+
+async def cpuinfo_check(images_dir_fd: int, *, command: CriuCommand | None = None) -> str | None:
+    """None when this host can run what the folder's ``cpuinfo.img`` describes, else
+    CRIU's reason (``criu cpuinfo check``: xsave layout and feature bits, criu/arch/x86/cpu.c).
+    """
+    rpc = _rpc()
+    opts = _base_opts(rpc, images_dir_fd, "cpuinfo-check.log", 4)
+    call = _Call("cpuinfo check", command or CriuCommand(), images_dir_fd, opts.log_file, None)
+    resp = await call.run(rpc.criu_req(type=rpc.CPUINFO_CHECK, opts=opts))
+    if resp.success:
+        return None
+    return str(call.failure(resp.cr_errmsg or "CPU not compatible"))

@@ -1,0 +1,214 @@
+"""Sans-IO core of the peer lookup: who has a name this host does not have?
+
+The rule (issue 5): ``open()`` looks on the local disk first; on a miss the host asks every
+peer at once and waits up to a deadline. The first peer that has the name answers the
+caller; when every peer has said no, or the deadline passes, the answer is "no such file".
+That negative answer is cached for a short time, and dropped as soon as any host creates
+the name (each host broadcasts :class:`NameCreated` when it does).
+
+:class:`Lookup` is a plain state machine as in h11: the agent feeds it events (a local miss,
+a peer's reply, the clock, a creation) with the current time, and carries out the actions it
+returns (send a query to peers, answer callers, broadcast a creation). Nothing here sleeps
+or touches a socket, so tests drive it with a fake clock and 1,000 simulated peers.
+
+Several callers missing the same name while a query is out share that query. A creation
+seen while a query is out marks it stale: its negative outcome is still returned (the
+caller asked before the name existed) but not cached.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+from dunix.errors import ConfigError
+from dunix.wire import message
+
+
+@message
+@dataclass(frozen=True)
+class LookupQuery:
+    """Does anyone have ``path`` (a tree path such as ``build/foo.o``)?"""
+
+    query_id: int
+    origin: int
+    path: str
+
+
+@message
+@dataclass(frozen=True)
+class LookupReply:
+    """A peer's answer to a :class:`LookupQuery`; the attributes are set when ``found``."""
+
+    query_id: int
+    node: int
+    path: str
+    found: bool
+    ino: int = 0
+    mode: int = 0
+    size: int = 0
+    mtime_ns: int = 0
+
+
+@message
+@dataclass(frozen=True)
+class NameCreated:
+    """Host ``node`` created ``path``: forget any cached "no such file" for it."""
+
+    node: int
+    path: str
+
+
+@dataclass(frozen=True)
+class SendQuery:
+    """Action: send ``query`` to each of ``peers`` (in parallel)."""
+
+    peers: frozenset[int]
+    query: LookupQuery
+
+
+@dataclass(frozen=True)
+class Answer:
+    """Action: tell ``callers`` the outcome; ``found`` is None for "no such file"."""
+
+    callers: tuple[int, ...]
+    path: str
+    found: LookupReply | None
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """Action: send ``message`` to every peer (no reply expected)."""
+
+    message: NameCreated
+
+
+Action = SendQuery | Answer | Broadcast
+
+
+@dataclass(frozen=True)
+class LookupConfig:
+    """Timings of the lookup, in seconds (from the agent's config)."""
+
+    deadline: float = 0.05
+    negative_ttl: float = 1.0
+    max_negative: int = 65536
+
+    def __post_init__(self) -> None:
+        if self.deadline <= 0 or self.negative_ttl < 0 or self.max_negative < 0:
+            raise ConfigError(f"bad lookup timings {self}")
+
+
+@dataclass
+class _Query:
+    query_id: int
+    path: str
+    waiting: set[int]
+    callers: list[int]
+    deadline: float
+    stale: bool = False
+
+
+@dataclass
+class Lookup:
+    """The lookup state of one host (see the module docstring)."""
+
+    node_id: int
+    config: LookupConfig = field(default_factory=LookupConfig)
+    _queries: dict[int, _Query] = field(default_factory=dict, init=False)
+    _by_path: dict[str, int] = field(default_factory=dict, init=False)
+    _negative: dict[str, float] = field(default_factory=dict, init=False)
+    _next_id: int = field(default=1, init=False)
+
+    def local_miss(
+        self, caller: int, path: str, peers: Collection[int], now: float
+    ) -> list[Action]:
+        """The name is not on the local disk: answer from the cache or ask ``peers``."""
+        expires = self._negative.get(path)
+        if expires is not None:
+            if now < expires:
+                return [Answer((caller,), path, None)]
+            del self._negative[path]
+        running = self._by_path.get(path)
+        if running is not None:
+            self._queries[running].callers.append(caller)
+            return []
+        asked = frozenset(peers) - {self.node_id}
+        if not asked:
+            return [Answer((caller,), path, None)]
+        query = LookupQuery(self._next_id, self.node_id, path)
+        self._next_id += 1
+        self._queries[query.query_id] = _Query(
+            query.query_id, path, set(asked), [caller], now + self.config.deadline
+        )
+        self._by_path[path] = query.query_id
+        return [SendQuery(asked, query)]
+
+    def peer_reply(self, reply: LookupReply, now: float) -> list[Action]:
+        """A peer answered; late, duplicate and unasked-for replies are ignored."""
+        query = self._queries.get(reply.query_id)
+        if query is None or reply.node not in query.waiting or reply.path != query.path:
+            return []
+        query.waiting.discard(reply.node)
+        if reply.found:
+            return [self._finish(query, reply, now)]
+        if not query.waiting:
+            return [self._finish(query, None, now)]
+        return []
+
+    def peer_gone(self, peer: int, now: float) -> list[Action]:
+        """A peer left or died: stop waiting for it."""
+        actions: list[Action] = []
+        for query in list(self._queries.values()):
+            if peer in query.waiting:
+                query.waiting.discard(peer)
+                if not query.waiting:
+                    actions.append(self._finish(query, None, now))
+        return actions
+
+    def tick(self, now: float) -> list[Action]:
+        """Time passed: queries past their deadline answer "no such file"."""
+        return [
+            self._finish(query, None, now)
+            for query in list(self._queries.values())
+            if now >= query.deadline
+        ]
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`tick` next has something to do (None: nothing pending)."""
+        return min((q.deadline for q in self._queries.values()), default=None)
+
+    def name_created(self, path: str) -> list[Action]:
+        """Some host (this one or a peer) created ``path``."""
+        self._negative.pop(path, None)
+        running = self._by_path.get(path)
+        if running is not None:
+            self._queries[running].stale = True
+        return []
+
+    def created_here(self, path: str) -> list[Action]:
+        """This host created ``path``: invalidate here and tell every peer."""
+        self.name_created(path)
+        return [Broadcast(NameCreated(self.node_id, path))]
+
+    def cached_negatives(self) -> int:
+        return len(self._negative)
+
+    def _finish(self, query: _Query, found: LookupReply | None, now: float) -> Answer:
+        del self._queries[query.query_id]
+        del self._by_path[query.path]
+        if found is None and not query.stale and self.config.max_negative:
+            while len(self._negative) >= self.config.max_negative:
+                del self._negative[next(iter(self._negative))]  # oldest first
+            self._negative[query.path] = now + self.config.negative_ttl
+        return Answer(tuple(query.callers), query.path, found)
+
+
+def reply_for(query: LookupQuery, node_id: int, st: os.stat_result | None, ino: int) -> LookupReply:
+    """The answering side: this host's reply given its local stat of the name (or None)."""
+    if st is None:
+        return LookupReply(query.query_id, node_id, query.path, False)
+    return LookupReply(
+        query.query_id, node_id, query.path, True, ino, st.st_mode, st.st_size, st.st_mtime_ns
+    )

@@ -1,0 +1,159 @@
+import os
+
+import pytest
+
+from dunix.errors import ConfigError
+from dunix.storagefs.lookup import (
+    Answer,
+    Broadcast,
+    Lookup,
+    LookupConfig,
+    LookupQuery,
+    LookupReply,
+    NameCreated,
+    SendQuery,
+    reply_for,
+)
+from dunix.wire import decode, encode
+
+PEERS = {2, 3, 4}
+
+
+def make() -> Lookup:
+    return Lookup(1, LookupConfig(deadline=0.05, negative_ttl=1.0))
+
+
+def start(lookup: Lookup, path: str = "a/b", now: float = 0.0, caller: int = 7) -> LookupQuery:
+    (action,) = lookup.local_miss(caller, path, PEERS | {1}, now)
+    assert isinstance(action, SendQuery)
+    assert action.peers == frozenset(PEERS)  # never asks itself
+    return action.query
+
+
+def no(query: LookupQuery, node: int) -> LookupReply:
+    return LookupReply(query.query_id, node, query.path, False)
+
+
+def test_first_positive_reply_answers() -> None:
+    lookup = make()
+    query = start(lookup)
+    assert lookup.peer_reply(no(query, 2), 0.01) == []
+    found = LookupReply(query.query_id, 3, "a/b", True, 99, 0o100644, 5, 1)
+    assert lookup.peer_reply(found, 0.02) == [Answer((7,), "a/b", found)]
+    assert lookup.peer_reply(no(query, 4), 0.03) == []  # late: ignored
+    assert lookup.next_deadline() is None
+
+
+def test_all_negative_answers_and_caches() -> None:
+    lookup = make()
+    query = start(lookup)
+    lookup.peer_reply(no(query, 2), 0.01)
+    lookup.peer_reply(no(query, 3), 0.01)
+    assert lookup.peer_reply(no(query, 4), 0.02) == [Answer((7,), "a/b", None)]
+    # cached: answered at once, no query
+    assert lookup.local_miss(8, "a/b", PEERS, 0.5) == [Answer((8,), "a/b", None)]
+    # expired: asks again
+    assert isinstance(lookup.local_miss(8, "a/b", PEERS, 1.1)[0], SendQuery)
+
+
+def test_deadline_means_no_such_file() -> None:
+    lookup = make()
+    query = start(lookup, now=10.0)
+    lookup.peer_reply(no(query, 2), 10.01)
+    assert lookup.next_deadline() == pytest.approx(10.05)
+    assert lookup.tick(10.04) == []
+    assert lookup.tick(10.05) == [Answer((7,), "a/b", None)]
+    assert lookup.peer_reply(no(query, 3), 10.06) == []
+
+
+def test_callers_share_a_running_query() -> None:
+    lookup = make()
+    query = start(lookup, caller=1)
+    assert lookup.local_miss(2, "a/b", PEERS, 0.01) == []
+    assert lookup.tick(0.1) == [Answer((1, 2), "a/b", None)]
+    assert query.query_id == 1
+
+
+def test_creation_invalidates_cache() -> None:
+    lookup = make()
+    start(lookup)
+    lookup.tick(0.1)
+    assert lookup.cached_negatives() == 1
+    assert lookup.name_created("a/b") == []
+    assert lookup.cached_negatives() == 0
+    assert isinstance(lookup.local_miss(7, "a/b", PEERS, 0.2)[0], SendQuery)
+
+
+def test_creation_during_query_is_not_cached_as_negative() -> None:
+    lookup = make()
+    start(lookup)
+    lookup.name_created("a/b")
+    assert lookup.tick(0.1) == [Answer((7,), "a/b", None)]
+    assert lookup.cached_negatives() == 0
+
+
+def test_created_here_broadcasts() -> None:
+    lookup = make()
+    assert lookup.created_here("x") == [Broadcast(NameCreated(1, "x"))]
+
+
+def test_no_peers_means_no_such_file() -> None:
+    lookup = make()
+    assert lookup.local_miss(7, "a", [], 0.0) == [Answer((7,), "a", None)]
+    assert lookup.local_miss(7, "a", [1], 0.0) == [Answer((7,), "a", None)]
+
+
+def test_peer_gone_stops_waiting() -> None:
+    lookup = make()
+    query = start(lookup)
+    lookup.peer_reply(no(query, 2), 0.0)
+    lookup.peer_reply(no(query, 3), 0.0)
+    assert lookup.peer_gone(4, 0.01) == [Answer((7,), "a/b", None)]
+
+
+def test_unasked_and_mismatched_replies_ignored() -> None:
+    lookup = make()
+    query = start(lookup)
+    assert lookup.peer_reply(LookupReply(query.query_id, 9, "a/b", True), 0.0) == []
+    assert lookup.peer_reply(LookupReply(query.query_id, 2, "other", True), 0.0) == []
+    assert lookup.peer_reply(LookupReply(999, 2, "a/b", True), 0.0) == []
+
+
+def test_negative_cache_is_bounded() -> None:
+    lookup = Lookup(1, LookupConfig(max_negative=2))
+    for i, path in enumerate(["a", "b", "c"]):
+        lookup.local_miss(i, path, PEERS, 0.0)
+    lookup.tick(1.0)
+    assert lookup.cached_negatives() == 2
+
+
+def test_thousand_peers_one_query() -> None:
+    lookup = make()
+    peers = set(range(2, 1002))
+    (send,) = lookup.local_miss(1, "x", peers, 0.0)
+    assert isinstance(send, SendQuery) and len(send.peers) == 1000
+    for peer in sorted(peers)[:-1]:
+        assert lookup.peer_reply(no(send.query, peer), 0.001) == []
+    assert lookup.peer_reply(no(send.query, 1001), 0.002) == [Answer((1,), "x", None)]
+
+
+def test_messages_cross_the_wire() -> None:
+    for msg in (
+        LookupQuery(1, 2, "a/b"),
+        LookupReply(1, 3, "a/b", True, 2**62, 0o100644, 10, 5),
+        NameCreated(4, "c"),
+    ):
+        assert decode(encode(msg)) == msg
+
+
+def test_reply_for() -> None:
+    query = LookupQuery(5, 1, "f")
+    assert reply_for(query, 2, None, 0) == LookupReply(5, 2, "f", False)
+    st = os.stat("/")
+    reply = reply_for(query, 2, st, 77)
+    assert reply.found and reply.ino == 77 and reply.mode == st.st_mode
+
+
+def test_bad_config() -> None:
+    with pytest.raises(ConfigError):
+        LookupConfig(deadline=0)

@@ -64,12 +64,23 @@ class RemoteResolver(Protocol):
         """The owner's reply for ``path``, or None when no peer has it."""
         ...
 
+    def created(self, path: str) -> None:
+        """A name appeared on this host (create, mkdir, mknod, symlink, link, rename target).
+
+        The agent drops its cached "no such file" for it and broadcasts ``NameCreated``
+        (``Lookup.created_here``). Must not block: it runs on the FUSE request path.
+        """
+        ...
+
 
 class NoPeers:
     """A resolver for a host that knows no peers: nothing is remote."""
 
     async def lookup(self, path: str) -> LookupReply | None:
         return None
+
+    def created(self, path: str) -> None:
+        pass
 
 
 @contextlib.contextmanager
@@ -291,7 +302,9 @@ class StorageFS(pyfuse3.Operations):
         except BaseException:
             os.close(fd)
             raise
-        return self._entry(fd)
+        entry = self._entry(fd)
+        self.resolver.created(self._tree_path(parent_fd, name))
+        return entry
 
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
@@ -312,6 +325,7 @@ class StorageFS(pyfuse3.Operations):
             except BaseException:
                 os.close(fh)
                 raise
+            self.resolver.created(self._tree_path(parent_fd, name))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -338,10 +352,10 @@ class StorageFS(pyfuse3.Operations):
         old_fd, new_fd = self._fd(parent_inode_old), self._fd(parent_inode_new)
         with _fuse_errors():
             _syscalls.renameat2(old_fd, name_old, new_fd, name_new, flags)
+            new_path = self._tree_path(new_fd, name_new)
             if not flags & pyfuse3.RENAME_EXCHANGE:
-                self.store.renamed(
-                    self._tree_path(old_fd, name_old), self._tree_path(new_fd, name_new)
-                )
+                self.store.renamed(self._tree_path(old_fd, name_old), new_path)
+            self.resolver.created(new_path)
 
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
@@ -351,7 +365,9 @@ class StorageFS(pyfuse3.Operations):
             # linkat of the /proc magic link with AT_SYMLINK_FOLLOW links the descriptor's own
             # inode (open(2), O_TMPFILE), so a symlink is linked, not its target.
             os.link(_proc(fd), new_name, dst_dir_fd=parent_fd, follow_symlinks=True)
-            return self._entry(self._open_path(parent_fd, new_name))
+            entry = self._entry(self._open_path(parent_fd, new_name))
+            self.resolver.created(self._tree_path(parent_fd, new_name))
+            return entry
 
     # --- file contents --------------------------------------------------------------------
 

@@ -26,10 +26,14 @@ CTX: Any = SimpleNamespace(uid=1234, gid=5678, pid=1, umask=0o022)
 class Finder:
     def __init__(self) -> None:
         self.asked: list[str] = []
+        self.new_names: list[str] = []
 
     async def lookup(self, path: str) -> LookupReply | None:
         self.asked.append(path)
         return LookupReply(1, 9, path, True, 5, 0o100644, 3, 0) if path == "d/remote" else None
+
+    def created(self, path: str) -> None:
+        self.new_names.append(path)
 
 
 @pytest.fixture
@@ -76,6 +80,9 @@ def test_folders_links_and_rename(fs: StorageFS) -> None:
     run(fs.unlink, ROOT, b"c", CTX)
     run(fs.rmdir, ROOT, b"d", CTX)
     assert sorted(os.listdir(fs.store.tree)) == ["b", "s"]
+    # every new name reaches the resolver, which tells the peers
+    assert isinstance(fs.resolver, Finder)
+    assert fs.resolver.new_names == ["d", "d/a", "b", "s", "c"]
 
 
 def test_setgid_folder_gives_its_group(fs: StorageFS) -> None:

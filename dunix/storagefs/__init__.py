@@ -2,7 +2,8 @@
 
 Single-host core so far: :class:`LocalStore` (the host's local disk folder and its SQLite
 metadata), the sans-IO peer lookup :class:`Lookup`, and :class:`StorageFS`, the pyfuse3 file
-system serving the store with a pluggable :class:`RemoteResolver`. README.md in this folder
+system serving the store with a pluggable :class:`RemoteResolver`, and :class:`PeerResolver`,
+the trio driver of the lookup over any message transport. README.md in this folder
 says how the agent wires them together.
 """
 
@@ -19,6 +20,7 @@ from dunix.storagefs.lookup import (
     SendQuery,
     reply_for,
 )
+from dunix.storagefs.resolver import LookupMessage, PeerResolver
 from dunix.storagefs.store import (
     FileMeta,
     IncomingFile,
@@ -38,11 +40,13 @@ __all__ = [
     "LocalStore",
     "Lookup",
     "LookupConfig",
+    "LookupMessage",
     "LookupQuery",
     "LookupReply",
     "MetaStore",
     "NameCreated",
     "NoPeers",
+    "PeerResolver",
     "RemoteResolver",
     "SendQuery",
     "StorageFS",

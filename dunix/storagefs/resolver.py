@@ -1,0 +1,172 @@
+"""The trio driver of the peer lookup: a :class:`RemoteResolver` over any message transport.
+
+:class:`PeerResolver` runs :class:`~dunix.storagefs.lookup.Lookup` (the sans-IO state
+machine) for :class:`~dunix.storagefs.fs.StorageFS`, and answers the peers' queries from the
+local store. It knows nothing about sockets: the agent gives it
+
+- ``send(peer, message)``: an async function that delivers one lookup message to a peer over
+  the agent's links (raising :class:`~dunix.errors.PeerUnreachable` or ``OSError`` when it
+  cannot), and
+- ``peers()``: the node ids of the peers currently alive (from membership),
+
+and hands every lookup message that arrives to :meth:`PeerResolver.received`. Tests wire
+several resolvers together with a fake network and trio's ``MockClock``.
+
+Sends go out from tasks of :meth:`PeerResolver.run` (in parallel, one task per message), so
+neither ``created`` (called on the FUSE request path) nor ``lookup`` waits for a slow peer
+beyond the lookup deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass, field
+
+import trio
+
+from dunix.errors import DunixError
+from dunix.storagefs.lookup import (
+    Action,
+    Answer,
+    Broadcast,
+    Lookup,
+    LookupQuery,
+    LookupReply,
+    NameCreated,
+    SendQuery,
+    reply_for,
+)
+from dunix.storagefs.store import LocalStore, StoreError
+
+log = logging.getLogger(__name__)
+
+LookupMessage = LookupQuery | LookupReply | NameCreated
+Send = Callable[[int, LookupMessage], Awaitable[None]]
+
+
+@dataclass
+class _Waiter:
+    done: trio.Event = field(default_factory=trio.Event)
+    found: LookupReply | None = None
+
+
+class PeerResolver:
+    """Finds names on the peers for StorageFS, and answers the peers' lookups."""
+
+    def __init__(
+        self,
+        store: LocalStore,
+        lookup: Lookup,
+        send: Send,
+        peers: Callable[[], Collection[int]],
+    ) -> None:
+        self.store = store
+        self.lookup_state = lookup
+        self._send = send
+        self._peers = peers
+        self._waiters: dict[int, _Waiter] = {}
+        self._next_caller = 1
+        self._outgoing_in, self._outgoing = trio.open_memory_channel[tuple[int, LookupMessage]](
+            math.inf
+        )
+        self._kick = trio.Event()
+
+    @property
+    def node_id(self) -> int:
+        return self.store.node_id
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Send queued messages and fire deadlines; run it in the agent's nursery."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._deadlines)
+            task_status.started()
+            async for peer, message in self._outgoing:
+                nursery.start_soon(self._deliver, peer, message)
+
+    # --- RemoteResolver -------------------------------------------------------------------
+
+    async def lookup(self, path: str) -> LookupReply | None:
+        caller = self._next_caller
+        self._next_caller += 1
+        waiter = self._waiters[caller] = _Waiter()
+        try:
+            self._apply(
+                self.lookup_state.local_miss(caller, path, self._peers(), trio.current_time())
+            )
+            await waiter.done.wait()
+        finally:
+            self._waiters.pop(caller, None)
+        return waiter.found
+
+    def created(self, path: str) -> None:
+        self._apply(self.lookup_state.created_here(path))
+
+    # --- from the agent -------------------------------------------------------------------
+
+    async def received(self, peer: int, message: LookupMessage) -> None:
+        """A lookup message arrived from ``peer``."""
+        now = trio.current_time()
+        if isinstance(message, LookupQuery):
+            # inline, as in fs.py: one lstat on the local disk is cheaper than a thread hop
+            self._queue(message.origin, self._answer(message))
+        elif isinstance(message, LookupReply):
+            self._apply(self.lookup_state.peer_reply(message, now))
+        elif isinstance(message, NameCreated):
+            self._apply(self.lookup_state.name_created(message.path))
+
+    def peer_gone(self, peer: int) -> None:
+        """Membership declared ``peer`` dead or gone: stop waiting for it."""
+        self._apply(self.lookup_state.peer_gone(peer, trio.current_time()))
+
+    # --- inside ---------------------------------------------------------------------------
+
+    def _answer(self, query: LookupQuery) -> LookupReply:
+        try:
+            st = os.lstat(self.store.backing_path(query.path))
+            return reply_for(query, self.node_id, st, self.store.inode_number(st))
+        except (OSError, StoreError):
+            return reply_for(query, self.node_id, None, 0)
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, SendQuery):
+                for peer in action.peers:
+                    self._queue(peer, action.query)
+            elif isinstance(action, Answer):
+                for caller in action.callers:
+                    waiter = self._waiters.get(caller)
+                    if waiter is not None:
+                        waiter.found = action.found
+                        waiter.done.set()
+            elif isinstance(action, Broadcast):
+                for peer in self._peers():
+                    if peer != self.node_id:
+                        self._queue(peer, action.message)
+        self._kick.set()  # a new deadline may be earlier than the one being waited for
+
+    def _queue(self, peer: int, message: LookupMessage) -> None:
+        self._outgoing_in.send_nowait((peer, message))
+
+    async def _deliver(self, peer: int, message: LookupMessage) -> None:
+        try:
+            await self._send(peer, message)
+        except (DunixError, OSError) as exc:
+            log.info("storagefs: lookup message to node %d lost: %s", peer, exc)
+            if isinstance(message, LookupQuery):
+                self.peer_gone(peer)
+
+    async def _deadlines(self) -> None:
+        while True:
+            deadline = self.lookup_state.next_deadline()
+            self._kick = trio.Event()
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                await self._kick.wait()
+            self._apply_tick()
+
+    def _apply_tick(self) -> None:
+        actions = self.lookup_state.tick(trio.current_time())
+        if actions:
+            self._apply(actions)

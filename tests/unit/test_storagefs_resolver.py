@@ -1,0 +1,135 @@
+"""PeerResolver: several hosts' lookups over a fake network, on trio's MockClock."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from dunix.errors import PeerUnreachable
+from dunix.pid.devino import split_ino
+from dunix.storagefs.lookup import Lookup, LookupConfig, LookupQuery, NameCreated
+from dunix.storagefs.resolver import LookupMessage, PeerResolver
+from dunix.storagefs.store import LocalStore
+
+
+class Net:
+    """Delivers messages between resolvers; nodes in ``silent`` never answer."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[int, PeerResolver] = {}
+        self.silent: set[int] = set()
+        self.unreachable: set[int] = set()
+        self.sent: list[tuple[int, int, LookupMessage]] = []
+
+    def sender(self, src: int):  # type: ignore[no-untyped-def]
+        async def send(dst: int, message: LookupMessage) -> None:
+            if dst in self.unreachable:
+                raise PeerUnreachable(f"node {dst}")
+            self.sent.append((src, dst, message))
+            await trio.sleep(0.001)  # one link hop
+            if dst not in self.silent:
+                await self.nodes[dst].received(src, message)
+
+        return send
+
+
+@pytest.fixture
+def stores(tmp_path: Path) -> Iterator[dict[int, LocalStore]]:
+    stores = {n: LocalStore(tmp_path / f"n{n}", n) for n in (1, 2, 3)}
+    yield stores
+    for store in stores.values():
+        store.close()
+
+
+def cluster(stores: dict[int, LocalStore], net: Net) -> dict[int, PeerResolver]:
+    config = LookupConfig(deadline=0.05, negative_ttl=1.0)
+    for n, store in stores.items():
+        net.nodes[n] = PeerResolver(store, Lookup(n, config), net.sender(n), lambda: set(stores))
+    return net.nodes
+
+
+def run(scenario, stores: dict[int, LocalStore], net: Net) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> None:
+        nodes = cluster(stores, net)
+        async with trio.open_nursery() as nursery:
+            for node in nodes.values():
+                await nursery.start(node.run)
+            await scenario(nodes)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_found_on_a_peer(stores: dict[int, LocalStore]) -> None:
+    (stores[3].tree / "build").mkdir()
+    (stores[3].tree / "build/foo.o").write_bytes(b"obj")
+    net = Net()
+
+    async def scenario(nodes: dict[int, PeerResolver]) -> None:
+        start = trio.current_time()
+        found = await nodes[1].lookup("build/foo.o")
+        assert found is not None and found.node == 3 and found.size == 3
+        assert split_ino(found.ino).node_id == 3
+        assert trio.current_time() - start < 0.05  # answered before the deadline
+        assert await nodes[2].lookup("build") is not None
+
+    run(scenario, stores, net)
+
+
+def test_missing_everywhere_then_created(stores: dict[int, LocalStore]) -> None:
+    net = Net()
+
+    async def scenario(nodes: dict[int, PeerResolver]) -> None:
+        assert await nodes[1].lookup("x") is None
+        queries = sum(isinstance(m, LookupQuery) for _, _, m in net.sent)
+        assert queries == 2
+        assert await nodes[1].lookup("x") is None  # negative cache: no new query
+        assert sum(isinstance(m, LookupQuery) for _, _, m in net.sent) == queries
+        (stores[2].tree / "x").write_bytes(b"")
+        nodes[2].created("x")
+        await trio.sleep(0.01)
+        assert (2, 1, NameCreated(2, "x")) in net.sent
+        found = await nodes[1].lookup("x")
+        assert found is not None and found.node == 2
+
+    run(scenario, stores, net)
+
+
+def test_silent_peer_hits_the_deadline(stores: dict[int, LocalStore]) -> None:
+    net = Net()
+    net.silent.add(3)
+
+    async def scenario(nodes: dict[int, PeerResolver]) -> None:
+        start = trio.current_time()
+        assert await nodes[1].lookup("nope") is None
+        assert trio.current_time() - start == pytest.approx(0.05)
+
+    run(scenario, stores, net)
+
+
+def test_unreachable_peer_is_not_waited_for(stores: dict[int, LocalStore]) -> None:
+    net = Net()
+    net.unreachable.add(3)
+
+    async def scenario(nodes: dict[int, PeerResolver]) -> None:
+        start = trio.current_time()
+        assert await nodes[1].lookup("nope") is None
+        assert trio.current_time() - start < 0.05
+
+    run(scenario, stores, net)
+
+
+def test_query_escaping_the_tree_is_answered_no(stores: dict[int, LocalStore]) -> None:
+    net = Net()
+
+    async def scenario(nodes: dict[int, PeerResolver]) -> None:
+        await nodes[2].received(1, LookupQuery(99, 1, "../../etc/passwd"))
+        await trio.sleep(0.01)
+        replies = [m for src, dst, m in net.sent if src == 2 and dst == 1]
+        assert len(replies) == 1 and not getattr(replies[0], "found", True)
+
+    run(scenario, stores, net)

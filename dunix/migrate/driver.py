@@ -1,0 +1,264 @@
+"""Runs ``lifecycle.Migration`` with real CRIU at the source and a pluggable target.
+
+The source's CRIU dump is one long swrk call: its ``post-dump`` notify is where the
+process is frozen with complete images, and the driver keeps CRIU waiting there while it
+carries out the table's actions against the ``Target`` (prepare, send, restore). The
+answer it finally gives is the table's: success only after ``KILL_SOURCE`` (the target's
+restore succeeded), failure after ``RESUME_SOURCE``.
+
+``Target`` is what the agent implements over the wire (images streamed to the peer, the
+peer's agent running criu in its own namespaces). ``HostTarget`` is the local case the
+e2e tests use: a simulated host on this machine that shares the images folder.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import trio
+
+from dunix.errors import MigrationFailed
+from dunix.migrate import swrk
+from dunix.migrate.lifecycle import Action, Event, EventKind, Migration, State
+
+
+class Target(Protocol):
+    """The receiving side of a move. Each step raises ``MigrationFailed`` to refuse or
+    fail; ``abort`` must be safe at any time and kill a tree a late restore left behind."""
+
+    async def prepare(self, pid: int) -> None: ...
+
+    async def send(self, images_dir_fd: int) -> None: ...
+
+    async def restore(self, images_dir_fd: int) -> int: ...
+
+    async def abort(self, pid: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class MoveReport:
+    pid: int
+    restored_pid: int
+    #: dump call start to the post-dump notify (freezing plus writing the images)
+    dump_seconds: float
+    #: the target's restore step
+    restore_seconds: float
+    #: dump call start to restore confirmed: how long the process did not run anywhere
+    downtime_seconds: float
+    total_seconds: float
+    history: tuple[tuple[State, EventKind, State], ...]
+
+
+@dataclass
+class _Clock:
+    started: float = field(default_factory=time.monotonic)
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = time.monotonic() - self.started
+
+
+async def move(
+    pid: int,
+    images_dir_fd: int,
+    target: Target,
+    *,
+    source: swrk.CriuCommand | None = None,
+    tcp_established: bool = False,
+    shell_job: bool = False,
+    ext_unix_sk: bool = False,
+    external: Sequence[str] = (),
+    phase_timeout: float = 30.0,
+) -> MoveReport:
+    """Move ``pid`` (as the source's criu sees it) to ``target``; raises
+    ``MigrationFailed`` when it did not move (then it runs where it was, or was lost)."""
+    machine = Migration()
+    clock = _Clock()
+    machine.handle(Event(EventKind.START))  # -> START_DUMP, carried out below
+
+    async def perform(action: Action) -> Event | None:
+        with trio.move_on_after(phase_timeout) as scope:
+            try:
+                if action is Action.PREPARE_TARGET:
+                    await target.prepare(pid)
+                    return Event(EventKind.TARGET_READY)
+                if action is Action.SEND_IMAGES:
+                    await target.send(images_dir_fd)
+                    return Event(EventKind.SENT)
+                if action is Action.START_RESTORE:
+                    started = time.monotonic()
+                    restored = await target.restore(images_dir_fd)
+                    clock.marks["restore"] = time.monotonic() - started
+                    clock.mark("restored")
+                    return Event(EventKind.RESTORE_OK, pid=restored)
+            except MigrationFailed as e:
+                failed = {
+                    Action.PREPARE_TARGET: EventKind.TARGET_REFUSED,
+                    Action.SEND_IMAGES: EventKind.SEND_FAILED,
+                    Action.START_RESTORE: EventKind.RESTORE_FAILED,
+                }[action]
+                return Event(failed, str(e))
+        if scope.cancelled_caught:
+            return Event(EventKind.TIMEOUT, f"{action.value} took over {phase_timeout} s")
+        if action is Action.ABORT_TARGET:
+            with trio.CancelScope(shield=True):
+                await target.abort(pid)
+        return None  # KILL/RESUME_SOURCE are the notify answer; REPORT_* the outcome
+
+    async def on_notify(note: swrk.Notification) -> bool:
+        if note.script != "post-dump":
+            return machine.state is State.FREEZING
+        clock.mark("dumped")
+        pending = list(machine.handle(Event(EventKind.DUMP_OK)))
+        answer = False
+        while pending:
+            action = pending.pop(0)
+            if action is Action.KILL_SOURCE:
+                answer = True
+            elif action is Action.RESUME_SOURCE:
+                answer = False
+            event = await perform(action)
+            if event is not None:
+                pending += machine.handle(event)
+        return answer
+
+    try:
+        result = await swrk.dump(
+            pid,
+            images_dir_fd,
+            tcp_established=tcp_established,
+            shell_job=shell_job,
+            ext_unix_sk=ext_unix_sk,
+            external=external,
+            notify=on_notify,
+            command=source,
+        )
+    except MigrationFailed as e:
+        if machine.state not in (State.FREEZING, State.FAILED):
+            raise  # CRIU failed after the commit: nothing the table can undo
+        machine.handle(Event(EventKind.DUMP_FAILED, str(e)))
+    else:
+        if result.resumed:
+            machine.handle(Event(EventKind.SOURCE_RESUMED))
+        else:
+            machine.handle(Event(EventKind.SOURCE_KILLED))
+    clock.mark("end")
+    machine.raise_for_outcome()
+    assert machine.restored_pid is not None
+    return MoveReport(
+        pid=pid,
+        restored_pid=machine.restored_pid,
+        dump_seconds=clock.marks["dumped"],
+        restore_seconds=clock.marks["restore"],
+        downtime_seconds=clock.marks["restored"],
+        total_seconds=clock.marks["end"],
+        history=tuple(machine.history),
+    )
+
+
+def _signal_in(proc: Path, pid: int, sig: int) -> bool:
+    """Send ``sig`` to ``pid`` of the PID namespace whose procfs is ``proc``.
+
+    A /proc/PID directory fd works as a pidfd (pidfd_send_signal(2)), also for a
+    descendant PID namespace's procfs, so no pid translation is needed.
+    """
+    try:
+        fd = os.open(proc / str(pid), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        signal.pidfd_send_signal(fd, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(fd)
+
+
+class HostTarget:
+    """A host whose procfs and criu this process can reach, sharing the images folder.
+
+    For a simulated host seen from the machine: ``HostTarget.simulated(init_pid)``; for
+    the agent on its own host: ``HostTarget(swrk.CriuCommand(), Path("/proc"))``.
+    """
+
+    def __init__(
+        self,
+        command: swrk.CriuCommand,
+        proc: Path,
+        *,
+        tcp_established: bool = False,
+        shell_job: bool = False,
+        ext_unix_sk: bool = False,
+        inherit_fd: Sequence[tuple[str, int]] = (),
+    ) -> None:
+        self.command = command
+        self.proc = proc
+        self.tcp_established = tcp_established
+        self.shell_job = shell_job
+        self.ext_unix_sk = ext_unix_sk
+        self.inherit_fd = tuple(inherit_fd)
+        #: test hook: answer post-restore with failure (CRIU then kills the restored tree)
+        self.fail_post_restore = False
+        # True from the start of a restore until CRIU reports it failed (then CRIU has
+        # killed what it made): only then may ``abort`` kill the pid. A pid found busy
+        # in ``prepare`` or a failed restore's EEXIST belongs to someone else.
+        self._maybe_restored = False
+
+    @classmethod
+    def simulated(
+        cls,
+        init_pid: int,
+        *,
+        tcp_established: bool = False,
+        shell_job: bool = False,
+        ext_unix_sk: bool = False,
+        inherit_fd: Sequence[tuple[str, int]] = (),
+    ) -> HostTarget:
+        """A simulated host of the local cluster, reached from the machine."""
+        return cls(
+            swrk.CriuCommand.in_host(init_pid),
+            Path(f"/proc/{init_pid}/root/proc"),
+            tcp_established=tcp_established,
+            shell_job=shell_job,
+            ext_unix_sk=ext_unix_sk,
+            inherit_fd=inherit_fd,
+        )
+
+    async def prepare(self, pid: int) -> None:
+        if (self.proc / str(pid)).exists():
+            raise MigrationFailed(f"pid {pid} is in use on the target")
+
+    async def send(self, images_dir_fd: int) -> None:
+        return  # the folder is shared
+
+    async def restore(self, images_dir_fd: int) -> int:
+        async def notify(note: swrk.Notification) -> bool:
+            return not (note.script == "post-restore" and self.fail_post_restore)
+
+        self._maybe_restored = True
+        try:
+            result = await swrk.restore(
+                images_dir_fd,
+                inherit_fd=self.inherit_fd,
+                tcp_established=self.tcp_established,
+                shell_job=self.shell_job,
+                ext_unix_sk=self.ext_unix_sk,
+                notify=notify,
+                command=self.command,
+            )
+        except MigrationFailed:
+            self._maybe_restored = False
+            raise
+        return result.pid
+
+    async def abort(self, pid: int) -> None:
+        if self._maybe_restored:
+            _signal_in(self.proc, pid, signal.SIGKILL)
+            self._maybe_restored = False

@@ -1,13 +1,13 @@
 """storagefs: one file tree for every process on every host (issue 5).
 
 Single-host core so far: :class:`LocalStore` (the host's local disk folder and its SQLite
-metadata), the sans-IO peer lookup :class:`Lookup`, and :class:`StorageFS`, the pyfuse3 file
-system serving the store with a pluggable :class:`RemoteResolver`, and :class:`PeerResolver`,
-the trio driver of the lookup over any message transport. README.md in this folder
-says how the agent wires them together.
+metadata), the sans-IO peer lookup :class:`Lookup`, and :class:`PeerResolver`, its trio
+driver over any message transport. The FUSE side (``StorageFS``, ``serve``,
+``RemoteResolver``) is imported from ``dunix.storagefs.fs`` on its own, so importing this
+package does not load pyfuse3 and ``python -m dunix.storagefs.fs`` runs cleanly. README.md
+in this folder says how the agent wires them together.
 """
 
-from dunix.storagefs.fs import MOUNT_OPTIONS, NoPeers, RemoteResolver, StorageFS, serve
 from dunix.storagefs.lookup import (
     Action,
     Answer,
@@ -31,7 +31,6 @@ from dunix.storagefs.store import (
 )
 
 __all__ = [
-    "MOUNT_OPTIONS",
     "Action",
     "Answer",
     "Broadcast",
@@ -45,13 +44,9 @@ __all__ = [
     "LookupReply",
     "MetaStore",
     "NameCreated",
-    "NoPeers",
     "PeerResolver",
-    "RemoteResolver",
     "SendQuery",
-    "StorageFS",
     "StoreError",
     "clean_relpath",
     "reply_for",
-    "serve",
 ]

@@ -539,13 +539,18 @@ async def serve(
 
 
 async def _serve_until_signal(store: LocalStore, mountpoint: str) -> None:
+    """Serve until SIGTERM or SIGINT (then unmount), or until someone unmounts it."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve, store, mountpoint)
+
+            async def serve_then_stop(task_status: trio.TaskStatus[None]) -> None:
+                await serve(store, mountpoint, task_status=task_status)
+                nursery.cancel_scope.cancel()
+
+            await nursery.start(serve_then_stop)
             print(f"storagefs: serving {store.tree} at {mountpoint}", flush=True)
             async for _ in signals:
                 nursery.cancel_scope.cancel()
-                break
 
 
 def main(argv: Sequence[str] | None = None) -> int:

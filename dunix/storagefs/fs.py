@@ -88,10 +88,17 @@ def _fuse_errors() -> Iterator[None]:
     """OS errors become the errno the caller sees; our own errors become EIO."""
     try:
         yield
+    except pyfuse3.FUSEError:
+        raise
     except OSError as exc:
         raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
     except DunixError as exc:
         log.error("storagefs: %s", exc)
+        raise pyfuse3.FUSEError(errno.EIO) from None
+    except Exception:
+        # Anything else escaping a handler would end pyfuse3's main loop: one bad request
+        # must not take the mount down.
+        log.exception("storagefs: request failed")
         raise pyfuse3.FUSEError(errno.EIO) from None
 
 
@@ -217,6 +224,8 @@ class StorageFS(pyfuse3.Operations):
             try:
                 fd = self._open_path(parent_fd, name)
             except FileNotFoundError:
+                if os.fstat(parent_fd).st_nlink == 0:
+                    raise  # the folder itself was removed: nothing to ask the peers
                 path = self._tree_path(parent_fd, name)
                 found = await self.resolver.lookup(path)
                 if found is None:

@@ -339,7 +339,10 @@ class LocalStore:
 
     def relpath_of(self, backing: str | os.PathLike[str]) -> str:
         """The tree path of a backing path (inverse of :meth:`backing_path`)."""
-        rel = Path(backing).relative_to(self.tree).as_posix()
+        try:
+            rel = Path(backing).relative_to(self.tree).as_posix()
+        except ValueError:
+            raise StoreError(f"{backing} is outside the store's tree") from None
         return "" if rel == "." else rel
 
     def local_ino(self, st: os.stat_result) -> int:

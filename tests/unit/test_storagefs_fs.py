@@ -129,3 +129,23 @@ def test_dot_dot_of_root_is_root(fs: StorageFS) -> None:
 
 def test_statfs(fs: StorageFS) -> None:
     assert run(fs.statfs, CTX).f_namemax > 0
+
+
+def test_lookup_in_a_removed_folder_asks_nobody(fs: StorageFS) -> None:
+    d = run(fs.mkdir, ROOT, b"d", 0o40755, CTX)
+    run(fs.rmdir, ROOT, b"d", CTX)
+    with pytest.raises(pyfuse3.FUSEError) as err:
+        run(fs.lookup, d.st_ino, b"x", CTX)
+    assert err.value.errno == errno.ENOENT
+    assert isinstance(fs.resolver, Finder) and fs.resolver.asked == []
+
+
+def test_unexpected_errors_become_eio(fs: StorageFS) -> None:
+    class Broken(Finder):
+        async def lookup(self, path: str) -> LookupReply | None:
+            raise KeyError(path)
+
+    fs.resolver = Broken()
+    with pytest.raises(pyfuse3.FUSEError) as err:
+        run(fs.lookup, ROOT, b"x", CTX)
+    assert err.value.errno == errno.EIO

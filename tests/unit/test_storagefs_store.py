@@ -23,6 +23,8 @@ def test_layout_and_wal(tmp_path: Path) -> None:
         assert store.backing_path("/x/y") == store.tree / "x/y"
         assert store.relpath_of(store.tree / "x/y") == "x/y"
         assert store.relpath_of(store.tree) == ""
+        with pytest.raises(StoreError):
+            store.relpath_of("/etc/passwd")
     db = sqlite3.connect(tmp_path / "meta.sqlite3")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     db.close()

@@ -45,11 +45,13 @@ class Target(Protocol):
 class MoveReport:
     pid: int
     restored_pid: int
+    #: dump call start to the tree being seized (CRIU's query-ext-files notify)
+    freeze_seconds: float
     #: dump call start to the post-dump notify (freezing plus writing the images)
     dump_seconds: float
     #: the target's restore step
     restore_seconds: float
-    #: dump call start to restore confirmed: how long the process did not run anywhere
+    #: frozen to restore confirmed: how long the process ran nowhere
     downtime_seconds: float
     total_seconds: float
     history: tuple[tuple[State, EventKind, State], ...]
@@ -112,6 +114,9 @@ async def move(
         return None  # KILL/RESUME_SOURCE are the notify answer; REPORT_* the outcome
 
     async def on_notify(note: swrk.Notification) -> bool:
+        if note.script == "query-ext-files":  # sent right after seizing (cr-dump.c)
+            clock.mark("frozen")
+            machine.handle(Event(EventKind.FREEZE_OK))
         if note.script != "post-dump":
             return machine.state is State.FREEZING
         clock.mark("dumped")
@@ -151,12 +156,14 @@ async def move(
     clock.mark("end")
     machine.raise_for_outcome()
     assert machine.restored_pid is not None
+    frozen = clock.marks.get("frozen", 0.0)
     return MoveReport(
         pid=pid,
         restored_pid=machine.restored_pid,
+        freeze_seconds=frozen,
         dump_seconds=clock.marks["dumped"],
         restore_seconds=clock.marks["restore"],
-        downtime_seconds=clock.marks["restored"],
+        downtime_seconds=clock.marks["restored"] - frozen,
         total_seconds=clock.marks["end"],
         history=tuple(machine.history),
     )

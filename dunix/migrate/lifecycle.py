@@ -41,6 +41,7 @@ class State(enum.Enum):
 
 class EventKind(enum.Enum):
     START = "start"
+    FREEZE_OK = "freeze_ok"  # CRIU's query-ext-files notify: the tree is seized (frozen)
     DUMP_OK = "dump_ok"  # CRIU's post-dump notify: frozen, images written
     DUMP_FAILED = "dump_failed"  # CRIU's dump failed on its own (it thaws the source)
     TARGET_READY = "target_ready"  # the target accepted (pid free, CPU fits, space)
@@ -87,6 +88,7 @@ TRANSITIONS: dict[tuple[State, EventKind], tuple[State, tuple[Action, ...]]] = {
     (S.RUNNING, E.START): (S.FREEZING, (A.START_DUMP,)),
     (S.RUNNING, E.CANCEL): (S.RESUMED, (A.REPORT_FAILED,)),
     # CRIU thaws the source itself when its dump fails before post-dump.
+    (S.FREEZING, E.FREEZE_OK): (S.FREEZING, ()),
     (S.FREEZING, E.DUMP_OK): (S.DUMPED, (A.PREPARE_TARGET,)),
     (S.FREEZING, E.DUMP_FAILED): (S.RESUMED, (A.REPORT_FAILED,)),
     (S.FREEZING, E.SOURCE_LOST): (S.LOST, (A.REPORT_LOST,)),
@@ -117,6 +119,7 @@ TRANSITIONS: dict[tuple[State, EventKind], tuple[State, tuple[Action, ...]]] = {
     (S.RUNNING_THERE, E.SOURCE_KILLED): (S.RUNNING_THERE, ()),
     # The source host died after the commit: the copy that matters runs at the target.
     (S.RUNNING_THERE, E.SOURCE_LOST): (S.RUNNING_THERE, ()),
+    (S.FAILED, E.FREEZE_OK): (S.FAILED, ()),
     (S.FAILED, E.DUMP_OK): (S.FAILED, (A.RESUME_SOURCE,)),
     (S.FAILED, E.DUMP_FAILED): (S.RESUMED, (A.REPORT_FAILED,)),
     (S.FAILED, E.SOURCE_RESUMED): (S.RESUMED, (A.REPORT_FAILED,)),

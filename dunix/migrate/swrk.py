@@ -42,7 +42,8 @@ from dunix.errors import MigrationFailed
 
 #: CRIU's RPC messages are small; notify packets carry at most one fd
 _RECV_SIZE = 1 << 16
-_EXIT_GRACE = 5.0
+#: how long a criu told to stop (socket closed) may take to roll back before SIGKILL
+_EXIT_GRACE = 30.0
 _STDERR_KEEP = 4096
 
 

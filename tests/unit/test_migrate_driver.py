@@ -69,7 +69,9 @@ def test_a_move_runs_every_step_and_commits(setup: tuple[swrk.CriuCommand, int])
     report = move(setup, target)
     assert target.calls == ["prepare", "send", "restore"]
     assert report.restored_pid == 4321 and report.history[-1][2] is State.RUNNING_THERE
-    assert 0 <= report.dump_seconds <= report.downtime_seconds <= report.total_seconds
+    assert 0 <= report.dump_seconds <= report.total_seconds
+    assert 0 <= report.freeze_seconds <= report.dump_seconds
+    assert 0 <= report.downtime_seconds <= report.total_seconds
 
 
 @pytest.mark.parametrize(

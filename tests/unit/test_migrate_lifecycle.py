@@ -29,7 +29,7 @@ def run(*kinds: EventKind) -> tuple[Migration, list[Action]]:
 
 
 def test_happy_path_kills_the_source_only_at_restore_ok() -> None:
-    m, actions = run(E.START, E.DUMP_OK, E.TARGET_READY, E.SENT)
+    m, actions = run(E.START, E.FREEZE_OK, E.DUMP_OK, E.TARGET_READY, E.SENT)
     assert m.state is State.RESTORING
     assert Action.KILL_SOURCE not in actions
     assert actions == [

@@ -57,7 +57,7 @@ FAKE = textwrap.dedent(
 
     if mode == "dump":
         assert req.type == rpc.DUMP and req.opts.notify_scripts
-        ok = notify("pre-dump") and notify("post-dump")
+        ok = notify("pre-dump") and notify("query-ext-files") and notify("post-dump")
         if ok:
             sk.send(rpc.criu_resp(type=rpc.DUMP, success=True).SerializeToString())
         else:
@@ -110,7 +110,7 @@ def test_dump_answers_notifications(
         return True
 
     result = trio.run(lambda: swrk.dump(77, images, notify=notify, command=fake_criu))
-    assert seen == ["pre-dump", "post-dump"]
+    assert seen == ["pre-dump", "query-ext-files", "post-dump"]
     assert not result.resumed and result.pid == 77
     assert result.dumped_after is not None and result.notifications == tuple(seen)
 

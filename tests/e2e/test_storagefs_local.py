@@ -206,3 +206,34 @@ def test_sequential_throughput(mount: Mount) -> None:
         mount.sh(f"rm {folder}/tp")
     table = "\n  ".join(rows)
     print(f"\nsequential 1 MiB blocks, {size_mib} MiB:\n  {table}")
+
+
+METADATA_SCRIPT = """
+import os, sys, time
+os.chdir(sys.argv[1])
+os.mkdir("meta")
+rates = []
+for step in ("create", "stat", "unlink"):
+    start = time.perf_counter()
+    for i in range(2000):
+        name = f"meta/f{i}"
+        if step == "create":
+            os.close(os.open(name, os.O_CREAT | os.O_WRONLY, 0o644))
+        elif step == "stat":
+            os.stat(name)
+        else:
+            os.unlink(name)
+    rates.append(f"{step} {2000 / (time.perf_counter() - start):8.0f}/s")
+os.rmdir("meta")
+print("   ".join(rates))
+"""
+
+
+def test_metadata_rates(mount: Mount) -> None:
+    """Not a pass/fail test: creates, stats and unlinks per second, mount against backing."""
+    rows = []
+    for label, folder in (("storagefs", mount.mnt), ("backing", mount.store / "tree")):
+        out = mount.sh(f"{sys.executable} -c '{METADATA_SCRIPT}' {folder}")
+        rows.append(f"{label:10} {out.strip()}")
+    table = "\n  ".join(rows)
+    print(f"\nmetadata, 2000 files:\n  {table}")

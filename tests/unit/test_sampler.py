@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,11 @@ def test_counts_a_busy_thread_and_averages(tmp_path: Path) -> None:
     try:
         tasks = tmp_path / "tasks"
         tasks.write_text(f"{busy.pid}\n{idle.pid}\n{os.getpid()}\n")
+        # `sleep` is runnable while it starts up; wait until it sleeps
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{idle.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "S":
+            assert time.monotonic() < deadline, "sleep never went to sleep"
+            time.sleep(0.01)
         # a busy loop is R nearly always; sample a few times to avoid a preemption blip
         assert max(count_runnable(tasks, exclude={os.getpid()}) for _ in range(20)) == 1
         sampler = LoadSampler(CgroupView(tasks, 0.5), window=60.0)

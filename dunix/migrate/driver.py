@@ -223,14 +223,16 @@ class HostTarget:
         cls,
         init_pid: int,
         *,
+        cgroups: Sequence[str | os.PathLike[str]] = (),
         tcp_established: bool = False,
         shell_job: bool = False,
         ext_unix_sk: bool = False,
         inherit_fd: Sequence[tuple[str, int]] = (),
     ) -> HostTarget:
-        """A simulated host of the local cluster, reached from the machine."""
+        """A simulated host of the local cluster, reached from the machine; the restored
+        tree joins ``cgroups`` (the host's, ``HostInfo.cgroup``)."""
         return cls(
-            swrk.CriuCommand.in_host(init_pid),
+            swrk.CriuCommand.in_host(init_pid, cgroups=cgroups),
             Path(f"/proc/{init_pid}/root/proc"),
             tcp_established=tcp_established,
             shell_job=shell_job,

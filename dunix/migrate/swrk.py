@@ -70,9 +70,11 @@ class CriuCommand:
         init_pid: int,
         *,
         binary: str | None = None,
-        preexec_fn: Callable[[], None] | None = None,
+        cgroups: Sequence[str | os.PathLike[str]] = (),
     ) -> CriuCommand:
-        """criu inside the PID, mount, UTS and network namespaces of ``init_pid``.
+        """criu inside the PID, mount, UTS and network namespaces of ``init_pid``, and in
+        ``cgroups`` (cgroup folders; a restored tree stays in criu's cgroups, see
+        ``restore``).
 
         nsenter forks for ``-p`` (setns on a PID namespace affects children only) and
         keeps the fds it inherited, so the swrk socket and image folder reach criu.
@@ -80,10 +82,24 @@ class CriuCommand:
         the host's PID 1 when criu exits.
         """
         prefix = ("nsenter", "-t", str(init_pid), "-p", "-m", "-u", "-n", "--")
-        return cls(binary or default_binary(), prefix, preexec_fn)
+        paths = tuple(os.fspath(p) for p in cgroups)
+        return cls(binary or default_binary(), prefix, _joiner(paths) if paths else None)
 
     def argv(self, sock_fd: int) -> list[str]:
         return [*self.prefix, self.binary, "swrk", str(sock_fd)]
+
+
+def _joiner(paths: tuple[str, ...]) -> Callable[[], None]:
+    def join() -> None:  # between fork and exec: plain os calls only
+        pid = str(os.getpid()).encode()
+        for path in paths:
+            fd = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY)
+            try:
+                os.write(fd, pid)
+            finally:
+                os.close(fd)
+
+    return join
 
 
 @dataclass(frozen=True)
@@ -276,6 +292,7 @@ async def dump(
     ext_unix_sk: bool = False,
     file_locks: bool = False,
     external: Sequence[str] = (),
+    cgroups: bool = False,
     notify: Notify | None = None,
     command: CriuCommand | None = None,
     log_file: str = "dump.log",
@@ -285,7 +302,8 @@ async def dump(
 
     Without ``leave_running`` CRIU kills the tree once ``post-dump`` is answered with
     success; answering it with failure thaws the tree (``resumed=True``). Raises
-    ``MigrationFailed`` with CRIU's message when CRIU fails on its own.
+    ``MigrationFailed`` with CRIU's message when CRIU fails on its own. ``cgroups``
+    False (CRIU's "ignore" mode) leaves cgroups out of the images: the target decides.
     """
     rpc = _rpc()
     opts = _base_opts(rpc, images_dir_fd, log_file, log_level)
@@ -296,6 +314,7 @@ async def dump(
     opts.ext_unix_sk = ext_unix_sk
     opts.file_locks = file_locks
     opts.external.extend(external)
+    opts.manage_cgroups = cgroups
     opts.notify_scripts = True
     call = _Call(f"dump of pid {pid}", command or CriuCommand(), images_dir_fd, log_file, notify)
     started = time.monotonic()
@@ -322,6 +341,7 @@ async def restore(
     ext_unix_sk: bool = False,
     file_locks: bool = False,
     external: Sequence[str] = (),
+    cgroups: bool = False,
     notify: Notify | None = None,
     command: CriuCommand | None = None,
     log_file: str = "restore.log",
@@ -334,6 +354,9 @@ async def restore(
     its pids, so each must be free in criu's PID namespace (else "Can't fork for PID:
     File exists"). A ``post-restore`` answered with failure makes CRIU kill the restored
     tree (criu/cr-restore.c) before it ran, and this raises ``MigrationFailed``.
+    With ``cgroups`` False the tree stays in criu's own cgroups (``CriuCommand`` puts
+    criu where the target wants it); True is CRIU's "soft" mode: back into the dumped
+    cgroup paths, which on another host are the wrong ones.
     """
     rpc = _rpc()
     opts = _base_opts(rpc, images_dir_fd, log_file, log_level)
@@ -343,6 +366,7 @@ async def restore(
     opts.ext_unix_sk = ext_unix_sk
     opts.file_locks = file_locks
     opts.external.extend(external)
+    opts.manage_cgroups = cgroups
     opts.notify_scripts = True
     for key, fd in inherit_fd:
         opts.inherit_fd.add(key=key, fd=fd)

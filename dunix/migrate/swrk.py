@@ -119,7 +119,8 @@ Notify = Callable[[Notification], Awaitable[bool]]
 @dataclass(frozen=True)
 class DumpResult:
     pid: int
-    #: True when our notify refused (e.g. post-dump) and CRIU thawed the source
+    #: the source still runs: ``leave_running``, or our notify refused (e.g. post-dump)
+    #: and CRIU thawed it
     resumed: bool
     #: seconds from the request to the post-dump notify (images complete), if one came
     dumped_after: float | None

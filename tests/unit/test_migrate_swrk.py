@@ -171,3 +171,25 @@ def test_missing_binary_is_a_migration_failure(images: int) -> None:
 def test_in_host_enters_the_hosts_namespaces() -> None:
     argv = swrk.CriuCommand.in_host(4242, binary="/x/criu").argv(9)
     assert argv == ["nsenter", "-t", "4242", "-p", "-m", "-u", "-n", "--", "/x/criu", "swrk", "9"]
+
+
+def test_cancelling_at_post_dump_makes_criu_roll_back(
+    fake_criu: swrk.CriuCommand, images: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancelled caller closes the socket: CRIU reads that as a refused notify."""
+    monkeypatch.setenv("FAKE_CRIU", "dump")
+
+    async def hang(note: swrk.Notification) -> bool:
+        if note.script == "post-dump":
+            await trio.sleep_forever()
+        return True
+
+    async def main() -> bool:
+        with trio.move_on_after(0.5) as scope:
+            await swrk.dump(77, images, notify=hang, command=fake_criu)
+        return scope.cancelled_caught
+
+    assert trio.run(main)
+    log = os.open("dump.log", os.O_RDONLY, dir_fd=images)
+    with os.fdopen(log) as f:
+        assert "RPC client reported script error" in f.read()

@@ -28,6 +28,10 @@ def main() -> int:
 
     print("\n== membership on a real simulated cluster of 8 hosts")
     cluster_bench.main(["--kills", "5", "--soak", "60"] if args.quick else [])
+    from bench import run_bench
+
+    print("\n== dunix run: remote exec latency and a fork-heavy script on 3 simulated hosts")
+    run_bench.main(["--quick"] if args.quick else [])
     return 0
 
 

@@ -6,6 +6,8 @@ bounded polls on behaviour, not timing assertions.
 
 from __future__ import annotations
 
+import random
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,28 @@ from dunix.errors import AccessDenied, PeerUnreachable
 from dunix.wire import keygen
 
 FAST = {"probe_interval": 0.2, "probe_timeout": 0.08, "pushpull_interval": 2.0}
+_base = 27900  # set per test by the `tls` fixture: runs on one machine must not share ports
+
+
+def _free_base() -> int:
+    """A port base whose 127.0.0.N:base+N (N = 1..3) are free for TCP and UDP right now."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 60000)
+        try:
+            for n in (1, 2, 3):
+                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                    with socket.socket(socket.AF_INET, kind) as s:
+                        s.bind((f"127.0.0.{n}", base + n))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free loopback ports")
+
+
+def addr(name: str) -> str:
+    index = int(name[1:])
+    return f"127.0.0.{index}:{_base + index}"
 
 
 @dataclass
@@ -29,12 +53,11 @@ class Running:
 
 
 async def start(nursery: trio.Nursery, tmp: Path, name: str, seed: str | None) -> Running:
-    index = int(name[1:])
     config = load_config(
         None,
         {
             "name": name,
-            "listen": f"127.0.0.{index}:{27900 + index}",
+            "listen": addr(name),
             "join": [seed] if seed else None,
             "control": tmp / f"{name}.sock",
             "tls_dir": tmp / "tls",
@@ -65,6 +88,8 @@ def states(agent: Agent) -> dict[str, str]:
 
 @pytest.fixture
 def tls(tmp_path: Path) -> Path:
+    global _base
+    _base = _free_base()
     keygen(tmp_path / "tls", nodes=["a1", "a2", "a3"], clients=["admin"])
     return tmp_path
 
@@ -73,8 +98,8 @@ def test_three_agents_join_list_and_see_a_death_and_a_leave(tls: Path) -> None:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             a1 = await start(nursery, tls, "a1", None)
-            a2 = await start(nursery, tls, "a2", "127.0.0.1:27901")
-            a3 = await start(nursery, tls, "a3", "127.0.0.2:27902")  # join via any member
+            a2 = await start(nursery, tls, "a2", addr("a1"))
+            a3 = await start(nursery, tls, "a3", addr("a2"))  # join via any member
             everyone = dict.fromkeys(["a1", "a2", "a3"], "alive")
             for r in (a1, a2, a3):
                 await until(lambda r=r: states(r.agent) == everyone)
@@ -87,7 +112,7 @@ def test_three_agents_join_list_and_see_a_death_and_a_leave(tls: Path) -> None:
                 assert info.name == "a1" and info.node_id == a1.agent.node_id
 
             # a remote admin client over mutual TLS sees the same
-            address = "127.0.0.2:27902"
+            address = addr("a2")
             async with await Client.connect(address=address, tls_dir=tls / "tls") as remote:
                 assert {n.name for n in await remote.nodes()} == set(everyone)
 
@@ -116,13 +141,13 @@ def test_restarted_agent_rejoins_with_higher_incarnation(tls: Path) -> None:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             a1 = await start(nursery, tls, "a1", None)
-            a2 = await start(nursery, tls, "a2", "127.0.0.1:27901")
+            a2 = await start(nursery, tls, "a2", addr("a1"))
             await until(lambda: states(a1.agent).get("a2") == "alive")
             before = a1.agent.membership.member("a2").incarnation
             a2.scope.cancel()
             await until(lambda: states(a1.agent).get("a2") == "dead")
             await trio.sleep(1.1)  # a new process: the incarnation comes from the clock
-            a2 = await start(nursery, tls, "a2", "127.0.0.1:27901")
+            a2 = await start(nursery, tls, "a2", addr("a1"))
             await until(lambda: states(a1.agent).get("a2") == "alive")
             assert a1.agent.membership.member("a2").incarnation > before
             nursery.cancel_scope.cancel()

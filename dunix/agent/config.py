@@ -11,6 +11,7 @@ Example ``/etc/dunix/dunix.toml``::
     sample_interval = 1.0          # seconds between load samples
     discover = false               # UDP multicast discovery on the local segment
     cpu_flags = []                 # advertise only these CPU flags (empty: all)
+    pid_ranges = true              # job pids from this node's range (needs pid_max 2**22)
 
     [membership]                   # any field of MembershipConfig
     probe_interval = 0.5
@@ -52,6 +53,7 @@ class AgentConfig:
     peer_queue: int = 256
     query_timeout: float = 1.0  # seconds to wait for peers' answers (ps, kill)
     placement: str = "auto"  # default placement mode of jobs: auto, local, remote
+    pid_ranges: bool = True  # keep job pids in this node's range (dunix/pid/steer.py)
     membership: dict[str, Any] = field(default_factory=dict)
 
     @property

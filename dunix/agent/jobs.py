@@ -37,6 +37,7 @@ from dunix.agent.tracer import (
 )
 from dunix.errors import AccessDenied, ConfigError, DunixError, NoSuchProcess
 from dunix.pid import make_gpid, split_gpid
+from dunix.pid.steer import PidSteer
 from dunix.wire.jobs import ProcInfo
 
 if TYPE_CHECKING:
@@ -107,6 +108,7 @@ class JobService:
         self.on_remote: Callable[[Job, WentRemote], None] | None = None
         self.on_started: dict[str, Callable[[Started], None]] = {}
         self.on_stopped: Callable[[Job, Stopped], None] | None = None
+        self.pid_steer = PidSteer() if agent.config.pid_ranges else None
 
     @property
     def name(self) -> str:
@@ -153,6 +155,9 @@ class JobService:
                 job.tracers.remove(tracer)
 
     def _on_event(self, job: Job, tracer: Tracer, event: TracerEvent, argv0: str) -> None:
+        if self.pid_steer is not None and isinstance(event, Started | Forked):
+            new = event.child if isinstance(event, Forked) else event.pid
+            self.pid_steer.forked(self.agent.node_id, new)
         if isinstance(event, Started):
             job.first_pid = job.first_pid or event.pid
             if job.guest is not None:

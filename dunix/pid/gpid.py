@@ -15,12 +15,15 @@ the node's own slice of the pid space, inside that host's dunix PID namespace::
 
     range(node_id) = [node_id * RANGE_SIZE, (node_id + 1) * RANGE_SIZE)   RANGE_SIZE = 4096
 
-so the pid alone already names the origin node, and a process restored anywhere finds its
-pid free there unless that pid's own origin node reused it (which the allocator prevents by
-not handing out a pid whose process is still alive anywhere). The kernel wraps allocation to
-300 after ``pid_max``, not to a lower bound, so the allocator steers each fork by writing
-``ns_last_pid`` and checks the result rather than trusting two writes (see
-:class:`PidRangeAllocator`).
+so the pid alone names the node it was born on, and a process restored anywhere finds its
+pid free there unless that host strayed out of its own range. The kernel wraps allocation to
+300 after ``pid_max``, not to a lower bound, so ``pid_max`` alone cannot confine a host;
+what the agent does (``dunix.pid.steer``): point the namespace's ``ns_last_pid`` cursor at
+the range's start, and put it back whenever the tracer reports a fork that left the range
+(one stray pid per lap, no cost per fork). A stray pid can still collide, so a migration
+target refuses a busy pid and the process stays where it was.
+:class:`PidRangeAllocator` is the exact variant (a pid chosen before each fork, skipping
+pids alive anywhere) for when forks get steered one by one.
 
 Nothing here does IO: the allocator is told which pids are in use and returns the next one.
 """

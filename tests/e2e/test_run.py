@@ -220,3 +220,21 @@ def test_stops_cross_hosts_both_ways(work: Path) -> None:
     )
     assert local.stdout.decode() == expected
     assert remote.stdout.decode() == expected, remote.stderr
+
+
+def test_job_pids_come_from_the_home_nodes_range(work: Path) -> None:
+    from dunix.pid.gpid import PidRange
+    from tests.e2e.conftest import nodes_json
+
+    node_id = next(n["node_id"] for n in nodes_json("n1") if n["name"] == "n1")
+    span = PidRange.for_node(node_id)
+    done = subprocess.run(
+        [*DUNIX, "run", "--control", N1, "--placement", "local", "--",
+         "sh", "-c", 'for i in 1 2 3 4 5; do sh -c "echo \\$\\$"; done'],
+        capture_output=True, cwd=work, timeout=60, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    pids = [int(p) for p in done.stdout.split()]
+    assert len(pids) == 5
+    # the job's first process may be the one that put the cursor back into the range
+    assert all(p in span for p in pids), (pids, span)

@@ -80,6 +80,10 @@ class RemoteError(DunixError):
     """A peer reported an error of a kind this side does not know."""
 
 
+class StoreError(DunixError):
+    """A storagefs local store is unusable (wrong node, bad path, damaged metadata)."""
+
+
 ERROR_TYPES: dict[str, type[DunixError]] = {
     cls.__name__: cls
     for cls in (
@@ -97,6 +101,7 @@ ERROR_TYPES: dict[str, type[DunixError]] = {
         ClusterError,
         FdCaptureFailed,
         RemoteError,
+        StoreError,
     )
 }
 

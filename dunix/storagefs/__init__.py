@@ -8,6 +8,7 @@ package does not load pyfuse3 and ``python -m dunix.storagefs.fs`` runs cleanly.
 in this folder says how the agent wires them together.
 """
 
+from dunix.errors import StoreError
 from dunix.storagefs.lookup import (
     Action,
     Answer,
@@ -20,13 +21,13 @@ from dunix.storagefs.lookup import (
     SendQuery,
     reply_for,
 )
+from dunix.storagefs.peerfiles import FileReply, FileRequest, FileServer, PeerFiles
 from dunix.storagefs.resolver import LookupMessage, PeerResolver
 from dunix.storagefs.store import (
     FileMeta,
     IncomingFile,
     LocalStore,
     MetaStore,
-    StoreError,
     clean_relpath,
 )
 
@@ -35,6 +36,9 @@ __all__ = [
     "Answer",
     "Broadcast",
     "FileMeta",
+    "FileReply",
+    "FileRequest",
+    "FileServer",
     "IncomingFile",
     "LocalStore",
     "Lookup",
@@ -44,6 +48,7 @@ __all__ = [
     "LookupReply",
     "MetaStore",
     "NameCreated",
+    "PeerFiles",
     "PeerResolver",
     "SendQuery",
     "StoreError",

@@ -15,6 +15,9 @@ import os
 AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
 AT_SYMLINK_NOFOLLOW = 0x100
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+MNT_DETACH = 2
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 
@@ -30,6 +33,8 @@ _fchownat = _libc.fchownat
 _fchownat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_int]
 _utimensat = _libc.utimensat
 _utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
+_umount2 = _libc.umount2
+_umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
 def _check(result: int, what: str) -> None:
@@ -65,3 +70,8 @@ def utimens_fd(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
 
     times = (_Timespec * 2)(spec(atime_ns), spec(mtime_ns))
     _check(_utimensat(fd, b"", times, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW), "utimensat")
+
+
+def detach_mount(path: str) -> None:
+    """umount2(MNT_DETACH): drop a mount (a stale FUSE mount of a dead server included)."""
+    _check(_umount2(os.fsencode(path), MNT_DETACH), "umount2")

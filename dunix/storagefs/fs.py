@@ -6,9 +6,16 @@ here, and an unlinked file that is still open stays reachable until the kernel f
 Inode numbers come from :mod:`dunix.pid.devino` (owner node in the high bits, the backing
 inode below); FUSE cannot set st_dev per file (see that module).
 
-A name that is not on the local disk goes to the :class:`RemoteResolver`. The agent will
-implement it with :mod:`dunix.storagefs.lookup` over its peer links; until then
-:class:`NoPeers` answers every remote lookup with ENOENT.
+A name that is not on the local disk goes to the :class:`RemoteResolver` (the agent's
+:class:`~dunix.storagefs.resolver.PeerResolver`). A name found on a peer becomes a *remote
+node*: the inode number the owner gave it (its node id in the high bits), the tree path, and
+every operation on it is asked of the owner through :class:`~dunix.storagefs.peerfiles.
+PeerFiles` (contents in 1 MiB blocks with a read-ahead block per open file). Folders are
+merged: a folder exists on every host that has a file below it, a listing joins the names of
+all alive hosts, and creating a file in a folder this host does not have yet creates the
+folder here first (files live where they are created). A rename stays on the file's owner
+(the owner creates the target's folders), so no bytes move; a target name held by another
+host is then removed there, as rename replaces it.
 
 The kernel checks permissions (``default_permissions``); the server runs as root and gives
 new files the caller's uid and gid. It must run with umask 0: the kernel already applied the
@@ -27,21 +34,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import itertools
 import logging
 import os
+import posixpath
 import signal
 import stat
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import pyfuse3
 import trio
 
-from dunix.errors import DunixError
+from dunix.errors import DunixError, PeerUnreachable, StoreError
 from dunix.storagefs import _syscalls
 from dunix.storagefs.lookup import LookupReply
+from dunix.storagefs.peerfiles import BLOCK, PeerFiles
 from dunix.storagefs.store import LocalStore
 
 log = logging.getLogger(__name__)
@@ -55,6 +65,10 @@ MOUNT_OPTIONS = frozenset(
 )
 # O_NOFOLLOW: the kernel resolved the name already; the /proc magic link must be followed
 _OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW
+#: file handles of files open on a peer start here (local handles are descriptors)
+REMOTE_FH_BASE = 1 << 40
+#: how long a listing waits for the peers' part of a folder
+LIST_DEADLINE = 2.0
 
 
 class RemoteResolver(Protocol):
@@ -113,10 +127,47 @@ class _Node:
 
 
 @dataclass
+class _Remote:
+    """A name the kernel knows that a peer owns: asked of ``owner`` by ``path``."""
+
+    owner: int
+    path: str
+    lookups: int
+    attrs: tuple[int, ...]
+
+
+@dataclass
+class _Block:
+    ready: trio.Event = field(default_factory=trio.Event)
+    data: bytes = b""
+    error: BaseException | None = None
+
+
+@dataclass
+class _RemoteFile:
+    owner: int
+    handle: int
+    path: str
+    blocks: dict[int, _Block] = field(default_factory=dict)
+
+
+@dataclass
 class _Dir:
-    fd: int  # O_PATH descriptor of the directory
+    fd: int | None  # O_PATH descriptor of the local folder (None: no local part)
     ino: int
+    path: str
+    owned: bool = False  # fd was opened for this listing (a remote folder's local part)
     names: list[bytes] = field(default_factory=list)
+    remote: dict[bytes, tuple[int, tuple[int, ...]]] = field(default_factory=dict)
+
+
+def _join(parent: str, name: bytes) -> str:
+    child = os.fsdecode(name)
+    if child == ".":
+        return parent
+    if child == "..":
+        return posixpath.dirname(parent)
+    return f"{parent}/{child}" if parent else child
 
 
 class StorageFS(pyfuse3.Operations):
@@ -125,14 +176,29 @@ class StorageFS(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, store: LocalStore, resolver: RemoteResolver | None = None) -> None:
+    def __init__(
+        self,
+        store: LocalStore,
+        resolver: RemoteResolver | None = None,
+        *,
+        files: PeerFiles | None = None,
+        peers: Callable[[], Collection[int]] = tuple,
+    ) -> None:
         super().__init__()
         self.store = store
         self.resolver: RemoteResolver = resolver or NoPeers()
+        self.files = files
+        self.peers = peers
+        self.nursery: trio.Nursery | None = None  # set by serve_fs: read-ahead runs there
+        self.mounted = False
         root_fd = os.open(store.tree, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         root_st = os.fstat(root_fd)
         self._root_key = (root_st.st_dev, root_st.st_ino)
         self._nodes: dict[int, _Node] = {ROOT: _Node(root_fd, 1)}
+        self._remote: dict[int, _Remote] = {}
+        self._remote_paths: dict[str, int] = {}
+        self._rfiles: dict[int, _RemoteFile] = {}
+        self._next_rfh = itertools.count(REMOTE_FH_BASE)
         self._dirs: dict[int, _Dir] = {}
         self._next_dir = 1
 
@@ -143,6 +209,17 @@ class StorageFS(pyfuse3.Operations):
         if node is None:
             raise pyfuse3.FUSEError(errno.ESTALE)
         return node.fd
+
+    def _remote_node(self, ino: int) -> _Remote:
+        node = self._remote.get(ino)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return node
+
+    def _owner_files(self) -> PeerFiles:
+        if self.files is None:
+            raise pyfuse3.FUSEError(errno.EREMOTE)  # no transport to the owners (tests)
+        return self.files
 
     def _ino(self, st: os.stat_result) -> int:
         if (st.st_dev, st.st_ino) == self._root_key:
@@ -158,6 +235,32 @@ class StorageFS(pyfuse3.Operations):
             node.lookups += 1
             os.close(fd)
 
+    def _remember_remote(self, owner: int, path: str, attrs: tuple[int, ...]) -> None:
+        ino = attrs[0]
+        node = self._remote.get(ino)
+        if node is None:
+            self._remote[ino] = _Remote(owner, path, 1, attrs)
+        else:
+            if self._remote_paths.get(node.path) == ino:
+                del self._remote_paths[node.path]
+            node.lookups += 1
+            node.owner, node.path, node.attrs = owner, path, attrs
+        self._remote_paths[path] = ino
+
+    def _drop_remote(self, ino: int) -> None:
+        node = self._remote.pop(ino)
+        if self._remote_paths.get(node.path) == ino:
+            del self._remote_paths[node.path]
+
+    def _moved(self, old: str, new: str) -> None:
+        """Remote nodes at or below ``old`` are now at ``new`` (a rename)."""
+        prefix = old + "/"
+        for ino, node in list(self._remote.items()):
+            if node.path == old or node.path.startswith(prefix):
+                self._remote_paths.pop(node.path, None)
+                node.path = new + node.path[len(old) :]
+                self._remote_paths[node.path] = ino
+
     def _entry(self, fd: int) -> pyfuse3.EntryAttributes:
         """Register an O_PATH descriptor just opened for a reply that creates a kernel entry."""
         try:
@@ -170,22 +273,21 @@ class StorageFS(pyfuse3.Operations):
         return self._attr(st, ino)
 
     def _attr(self, st: os.stat_result, ino: int) -> pyfuse3.EntryAttributes:
+        return self._attr_of(
+            (ino, st.st_mode, st.st_nlink, st.st_uid, st.st_gid, st.st_rdev, st.st_size,
+             st.st_blksize, st.st_blocks, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)
+        )  # fmt: skip
+
+    @staticmethod
+    def _attr_of(attrs: tuple[int, ...]) -> pyfuse3.EntryAttributes:
+        """Entry attributes from a stat tuple (peerfiles.stat_tuple order)."""
         attr = pyfuse3.EntryAttributes()
-        attr.st_ino = ino
+        (attr.st_ino, attr.st_mode, attr.st_nlink, attr.st_uid, attr.st_gid, attr.st_rdev,
+         attr.st_size, attr.st_blksize, attr.st_blocks, attr.st_atime_ns, attr.st_mtime_ns,
+         attr.st_ctime_ns) = attrs[:12]  # fmt: skip
         attr.generation = 0
         attr.entry_timeout = ATTR_TIMEOUT
         attr.attr_timeout = ATTR_TIMEOUT
-        attr.st_mode = st.st_mode
-        attr.st_nlink = st.st_nlink
-        attr.st_uid = st.st_uid
-        attr.st_gid = st.st_gid
-        attr.st_rdev = st.st_rdev
-        attr.st_size = st.st_size
-        attr.st_blksize = st.st_blksize
-        attr.st_blocks = st.st_blocks
-        attr.st_atime_ns = st.st_atime_ns
-        attr.st_mtime_ns = st.st_mtime_ns
-        attr.st_ctime_ns = st.st_ctime_ns
         return attr
 
     def _open_path(self, parent_fd: int, name: bytes) -> int:
@@ -196,6 +298,59 @@ class StorageFS(pyfuse3.Operations):
         child = os.fsdecode(name)
         return f"{parent}/{child}" if parent else child
 
+    def _path_of(self, ino: int) -> str:
+        """The tree path of a node the kernel knows."""
+        if ino == ROOT:
+            return ""
+        node = self._nodes.get(ino)
+        if node is not None:
+            return self.store.relpath_of(os.readlink(_proc(node.fd)))
+        return self._remote_node(ino).path
+
+    def _try_local(self, path: str) -> int | None:
+        """An O_PATH descriptor of ``path`` on the local disk, or None if it is not here."""
+        try:
+            return os.open(self.store.backing_path(path), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    @contextlib.contextmanager
+    def _local_dir(self, ino: int, *, create: bool = False) -> Iterator[int | None]:
+        """The local part of folder ``ino``: its descriptor, or None when this host has none.
+
+        With ``create``, a folder only peers have is created here first (with the
+        attributes the kernel was told), so a new file in it lives on this host.
+        """
+        node = self._nodes.get(ino)
+        if node is not None:
+            yield node.fd
+            return
+        path = self._remote_node(ino).path
+        fd = self._try_local(path)
+        if fd is None and create:
+            self._make_folders(path)
+            fd = self._try_local(path)
+        try:
+            yield fd
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _make_folders(self, path: str) -> None:
+        parts = path.split("/")
+        for n in range(1, len(parts) + 1):
+            sub = "/".join(parts[:n])
+            backing = self.store.backing_path(sub)
+            if os.path.lexists(backing):
+                continue
+            known = self._remote.get(self._remote_paths.get(sub, 0))
+            mode, uid, gid = (known.attrs[1], known.attrs[3], known.attrs[4]) if known else (
+                0o40755, 0, 0)  # fmt: skip
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(backing, 0o700)
+            os.chown(backing, uid, gid)
+            os.chmod(backing, stat.S_IMODE(mode))
+
     def _new_owner(self, parent_fd: int, ctx: pyfuse3.RequestContext) -> tuple[int, int]:
         """uid and gid of a new file: the caller's, or the folder's group if it is setgid."""
         parent = os.fstat(parent_fd)
@@ -204,6 +359,12 @@ class StorageFS(pyfuse3.Operations):
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
+            remote = self._remote.get(ino)
+            if remote is not None:
+                remote.lookups -= count
+                if remote.lookups <= 0:
+                    self._drop_remote(ino)
+                continue
             node = self._nodes.get(ino)
             if node is None or ino == ROOT:
                 continue
@@ -212,32 +373,81 @@ class StorageFS(pyfuse3.Operations):
                 del self._nodes[ino]
                 os.close(node.fd)
 
+    # --- the owner side's kernel caches ---------------------------------------------------
+
+    def notify_changed(self, path: str, contents: bool) -> None:
+        """A peer changed ``path`` on this host's disk: drop what this kernel cached of it.
+
+        Safe on the request path: without the writeback cache, invalidating an inode does
+        not wait for the file system (pyfuse3.invalidate_inode); entries go through
+        pyfuse3's invalidation thread.
+        """
+        if not self.mounted:
+            return
+        try:
+            if contents:
+                ino = self._ino(os.lstat(self.store.backing_path(path)))
+                if ino in self._nodes:
+                    pyfuse3.invalidate_inode(ino, attr_only=False)
+            else:
+                parent = posixpath.dirname(path)
+                pino = self._ino(os.lstat(self.store.backing_path(parent)))
+                if pino in self._nodes:
+                    name = os.fsencode(posixpath.basename(path))
+                    pyfuse3.invalidate_entry_async(pino, name, ignore_enoent=True)
+        except (OSError, StoreError) as exc:
+            log.debug("storagefs: no invalidation for %s: %s", path, exc)
+
     # --- names ----------------------------------------------------------------------------
 
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        parent_fd = self._fd(parent_inode)
-        if name == b".." and parent_inode == ROOT:
-            name = b"."
         with _fuse_errors():
-            try:
-                fd = self._open_path(parent_fd, name)
-            except FileNotFoundError:
-                if os.fstat(parent_fd).st_nlink == 0:
-                    raise  # the folder itself was removed: nothing to ask the peers
-                path = self._tree_path(parent_fd, name)
-                found = await self.resolver.lookup(path)
-                if found is None:
-                    raise
-                # Serving a peer's file (streaming, remote inodes) is the agent's next step.
-                log.warning("storagefs: %s is on node %d; remote files not served yet",
-                            path, found.node)  # fmt: skip
-                raise pyfuse3.FUSEError(errno.EREMOTE) from None
-            return self._entry(fd)
+            node = self._nodes.get(parent_inode)
+            if node is not None:
+                if name == b".." and parent_inode == ROOT:
+                    name = b"."
+                try:
+                    return self._entry(self._open_path(node.fd, name))
+                except FileNotFoundError:
+                    if os.fstat(node.fd).st_nlink == 0:
+                        raise  # the folder itself was removed: nothing to ask the peers
+                    path = self._tree_path(node.fd, name)
+            else:
+                path = _join(self._remote_node(parent_inode).path, name)
+                fd = self._try_local(path)
+                if fd is not None:
+                    return self._entry(fd)
+            return await self._lookup_remote(path)
+
+    async def _lookup_remote(self, path: str) -> pyfuse3.EntryAttributes:
+        found = await self.resolver.lookup(path)
+        if found is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        attrs = found.attrs
+        if len(attrs) < 12:
+            attrs = (await self._owner_files().call(found.node, "stat", path=path)).attrs
+        self._remember_remote(found.node, path, attrs)
+        return self._attr_of(attrs)
+
+    async def _holder(self, path: str) -> int | None:
+        """Which host has ``path``: this one, a peer, or None (nobody)."""
+        if os.path.lexists(self.store.backing_path(path)):
+            return self.store.node_id
+        known = self._remote_paths.get(path)
+        if known is not None:
+            return self._remote[known].owner
+        found = await self.resolver.lookup(path)
+        return None if found is None else found.node
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         with _fuse_errors():
+            remote = self._remote.get(inode)
+            if remote is not None:
+                reply = await self._owner_files().call(remote.owner, "stat", path=remote.path)
+                remote.attrs = reply.attrs
+                return self._attr_of(reply.attrs)
             return self._attr(os.fstat(self._fd(inode)), inode)
 
     async def setattr(
@@ -248,8 +458,11 @@ class StorageFS(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        fd = self._fd(inode)
         with _fuse_errors():
+            remote = self._remote.get(inode)
+            if remote is not None:
+                return await self._setattr_remote(remote, attr, fields, fh)
+            fd = self._fd(inode)
             if fields.update_size:
                 if fh is not None:
                     os.ftruncate(fh, attr.st_size)
@@ -271,31 +484,62 @@ class StorageFS(pyfuse3.Operations):
                 )
             return self._attr(os.fstat(fd), inode)
 
+    async def _setattr_remote(
+        self,
+        remote: _Remote,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+    ) -> pyfuse3.EntryAttributes:
+        change = (
+            attr.st_size if fields.update_size else None,
+            attr.st_mode if fields.update_mode else None,
+            attr.st_uid if fields.update_uid else None,
+            attr.st_gid if fields.update_gid else None,
+            attr.st_atime_ns if fields.update_atime else None,
+            attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        opened = self._rfiles.get(fh) if fh is not None else None
+        handle = opened.handle if opened is not None and opened.owner == remote.owner else 0
+        if fields.update_size:
+            for rf in self._rfiles.values():
+                if rf.path == remote.path:
+                    rf.blocks.clear()
+        reply = await self._owner_files().call(
+            remote.owner, "setattr", path=remote.path, handle=handle, setattr=change
+        )
+        remote.attrs = reply.attrs
+        return self._attr_of(reply.attrs)
+
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         with _fuse_errors():
+            remote = self._remote.get(inode)
+            if remote is not None:
+                reply = await self._owner_files().call(remote.owner, "readlink", path=remote.path)
+                return reply.data
             return os.readlink(b"", dir_fd=self._fd(inode))
 
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        parent_fd = self._fd(parent_inode)
-        with _fuse_errors():
+        with _fuse_errors(), self._local_dir(parent_inode, create=True) as parent_fd:
+            assert parent_fd is not None
             os.mknod(name, mode, rdev, dir_fd=parent_fd)
             return self._created(parent_fd, name, mode, ctx)
 
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        parent_fd = self._fd(parent_inode)
-        with _fuse_errors():
+        with _fuse_errors(), self._local_dir(parent_inode, create=True) as parent_fd:
+            assert parent_fd is not None
             os.mkdir(name, stat.S_IMODE(mode), dir_fd=parent_fd)
             return self._created(parent_fd, name, None, ctx)
 
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        parent_fd = self._fd(parent_inode)
-        with _fuse_errors():
+        with _fuse_errors(), self._local_dir(parent_inode, create=True) as parent_fd:
+            assert parent_fd is not None
             os.symlink(target, name, dir_fd=parent_fd)
             return self._created(parent_fd, name, None, ctx)
 
@@ -318,8 +562,8 @@ class StorageFS(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        parent_fd = self._fd(parent_inode)
-        with _fuse_errors():
+        with _fuse_errors(), self._local_dir(parent_inode, create=True) as parent_fd:
+            assert parent_fd is not None
             fh = os.open(
                 name,
                 (flags & ~os.O_NOCTTY) | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
@@ -338,16 +582,47 @@ class StorageFS(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        parent_fd = self._fd(parent_inode)
-        with _fuse_errors():
-            os.unlink(name, dir_fd=parent_fd)
-            self.store.removed(self._tree_path(parent_fd, name))
+        await self._remove(parent_inode, name, "unlink")
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        parent_fd = self._fd(parent_inode)
+        await self._remove(parent_inode, name, "rmdir")
+
+    async def _remove(self, parent_inode: int, name: bytes, op: str) -> None:
         with _fuse_errors():
-            os.rmdir(name, dir_fd=parent_fd)
-            self.store.removed(self._tree_path(parent_fd, name))
+            path = _join(self._path_of(parent_inode), name)
+            peers = [p for p in self.peers() if p != self.store.node_id]
+            if op == "rmdir" and peers and self.files is not None:
+                # a folder is merged over hosts: empty everywhere, then gone everywhere
+                listed = await self._list_peers(path, peers)
+                if any(entries for entries in listed.values()):
+                    raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+                removed = False
+                with self._local_dir(parent_inode) as parent_fd:
+                    if parent_fd is not None:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.rmdir(name, dir_fd=parent_fd)
+                            self.store.removed(path)
+                            removed = True
+                for peer in listed:
+                    with contextlib.suppress(FileNotFoundError):
+                        await self.files.call(peer, "rmdir", path=path)
+                        removed = True
+                if not removed:
+                    raise pyfuse3.FUSEError(errno.ENOENT)
+                return
+            with self._local_dir(parent_inode) as parent_fd:
+                if parent_fd is not None:
+                    try:
+                        (os.rmdir if op == "rmdir" else os.unlink)(name, dir_fd=parent_fd)
+                        self.store.removed(path)
+                        return
+                    except FileNotFoundError:
+                        if self.files is None:
+                            raise
+            owner = await self._holder(path)
+            if owner is None or owner == self.store.node_id:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            await self._owner_files().call(owner, op, path=path)
 
     async def rename(
         self,
@@ -358,31 +633,93 @@ class StorageFS(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
-        old_fd, new_fd = self._fd(parent_inode_old), self._fd(parent_inode_new)
         with _fuse_errors():
-            _syscalls.renameat2(old_fd, name_old, new_fd, name_new, flags)
-            new_path = self._tree_path(new_fd, name_new)
-            if not flags & pyfuse3.RENAME_EXCHANGE:
-                self.store.renamed(self._tree_path(old_fd, name_old), new_path)
-            self.resolver.created(new_path)
+            old = _join(self._path_of(parent_inode_old), name_old)
+            new = _join(self._path_of(parent_inode_new), name_new)
+            me = self.store.node_id
+            source = self._try_local(old)
+            if source is not None:
+                is_dir = stat.S_ISDIR(os.fstat(source).st_mode)
+                os.close(source)
+                owner = me
+            else:
+                holder = await self._holder(old)
+                if holder is None:
+                    raise pyfuse3.FUSEError(errno.ENOENT)
+                owner = holder
+                is_dir = stat.S_ISDIR(self._remote[self._remote_paths[old]].attrs[1]) if (
+                    old in self._remote_paths) else False  # fmt: skip
+            target = None if self.files is None else await self._holder(new)
+            if target is not None and target != owner:
+                if flags & pyfuse3.RENAME_NOREPLACE:
+                    raise pyfuse3.FUSEError(errno.EEXIST)
+                if flags & pyfuse3.RENAME_EXCHANGE:
+                    raise pyfuse3.FUSEError(errno.EXDEV)
+            if owner == me:
+                with (
+                    self._local_dir(parent_inode_old) as old_fd,
+                    self._local_dir(parent_inode_new, create=True) as new_fd,
+                ):
+                    assert old_fd is not None and new_fd is not None
+                    _syscalls.renameat2(old_fd, name_old, new_fd, name_new, flags)
+                if not flags & pyfuse3.RENAME_EXCHANGE:
+                    self.store.renamed(old, new)
+                self.resolver.created(new)
+            else:
+                await self._owner_files().call(owner, "rename", path=old, path2=new, flags=flags)
+            if is_dir and self.files is not None:
+                # the folder's parts on the other hosts follow it
+                for peer in self.peers():
+                    if peer not in (owner, me):
+                        with contextlib.suppress(OSError, PeerUnreachable):
+                            await self.files.call(peer, "rename", path=old, path2=new)
+            self._moved(old, new)
+            if target is not None and target != owner and not is_dir:
+                # rename replaces the target: its copy on another host goes
+                if target == me:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.store.backing_path(new))
+                        self.store.removed(new)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        await self._owner_files().call(target, "unlink", path=new)
 
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        fd, parent_fd = self._fd(inode), self._fd(new_parent_inode)
         with _fuse_errors():
-            # linkat of the /proc magic link with AT_SYMLINK_FOLLOW links the descriptor's own
-            # inode (open(2), O_TMPFILE), so a symlink is linked, not its target.
-            os.link(_proc(fd), new_name, dst_dir_fd=parent_fd, follow_symlinks=True)
-            entry = self._entry(self._open_path(parent_fd, new_name))
-            self.resolver.created(self._tree_path(parent_fd, new_name))
-            return entry
+            remote = self._remote.get(inode)
+            if remote is not None:
+                path = _join(self._path_of(new_parent_inode), new_name)
+                reply = await self._owner_files().call(
+                    remote.owner, "link", path=remote.path, path2=path
+                )
+                self._remember_remote(remote.owner, path, reply.attrs)
+                return self._attr_of(reply.attrs)
+            fd = self._fd(inode)
+            with self._local_dir(new_parent_inode, create=True) as parent_fd:
+                assert parent_fd is not None
+                # linkat of the /proc magic link with AT_SYMLINK_FOLLOW links the descriptor's
+                # own inode (open(2), O_TMPFILE), so a symlink is linked, not its target.
+                os.link(_proc(fd), new_name, dst_dir_fd=parent_fd, follow_symlinks=True)
+                entry = self._entry(self._open_path(parent_fd, new_name))
+                self.resolver.created(self._tree_path(parent_fd, new_name))
+                return entry
 
     # --- file contents --------------------------------------------------------------------
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        fd = self._fd(inode)
         with _fuse_errors():
+            remote = self._remote.get(inode)
+            if remote is not None:
+                reply = await self._owner_files().call(
+                    remote.owner, "open", path=remote.path, flags=flags
+                )
+                fh = next(self._next_rfh)
+                self._rfiles[fh] = _RemoteFile(remote.owner, reply.handle, remote.path)
+                # other hosts may write it meanwhile: no page cache across opens
+                return pyfuse3.FileInfo(fh=fh, keep_cache=False)
+            fd = self._fd(inode)
             # O_APPEND stays: pwrite on an O_APPEND descriptor appends (pwrite(2), BUGS),
             # which keeps appends atomic against other writers of the backing file.
             fh = os.open(_proc(fd), (flags & ~_OPEN_DROP) | os.O_CLOEXEC)
@@ -390,10 +727,59 @@ class StorageFS(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         with _fuse_errors():
+            rf = self._rfiles.get(fh)
+            if rf is not None:
+                return await self._read_remote(rf, off, size)
             return os.pread(fh, size, off)
+
+    async def _read_remote(self, rf: _RemoteFile, off: int, size: int) -> bytes:
+        """Serve a read from 1 MiB blocks of the owner's file, fetching the next ahead."""
+        start = off - off % BLOCK
+        data = await self._block(rf, start)
+        piece = data[off - start : off - start + size]
+        if len(piece) < size and len(data) == BLOCK:
+            piece += (await self._block(rf, start + BLOCK))[: size - len(piece)]
+        for old in [b for b in rf.blocks if b < start]:
+            del rf.blocks[old]
+        ahead = start + BLOCK
+        if len(data) == BLOCK and ahead not in rf.blocks and self.nursery is not None:
+            block = rf.blocks[ahead] = _Block()
+            self.nursery.start_soon(self._fetch, rf, ahead, block)
+        return piece
+
+    async def _block(self, rf: _RemoteFile, start: int) -> bytes:
+        block = rf.blocks.get(start)
+        if block is None:
+            block = rf.blocks[start] = _Block()
+            await self._fetch(rf, start, block)
+        else:
+            await block.ready.wait()
+        if block.error is not None:
+            raise block.error
+        return block.data
+
+    async def _fetch(self, rf: _RemoteFile, start: int, block: _Block) -> None:
+        try:
+            reply = await self._owner_files().call(
+                rf.owner, "read", handle=rf.handle, offset=start, size=BLOCK
+            )
+            block.data = reply.data
+        except (OSError, DunixError, pyfuse3.FUSEError) as exc:
+            block.error = exc
+            if rf.blocks.get(start) is block:
+                del rf.blocks[start]  # the next read asks again
+        finally:
+            block.ready.set()
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         with _fuse_errors():
+            rf = self._rfiles.get(fh)
+            if rf is not None:
+                rf.blocks.clear()
+                reply = await self._owner_files().call(
+                    rf.owner, "write", handle=rf.handle, offset=off, data=bytes(buf)
+                )
+                return reply.size
             return os.pwrite(fh, buf, off)
 
     async def flush(self, fh: int) -> None:
@@ -401,20 +787,63 @@ class StorageFS(pyfuse3.Operations):
 
     async def release(self, fh: int) -> None:
         with _fuse_errors():
+            rf = self._rfiles.pop(fh, None)
+            if rf is not None:
+                try:
+                    await self._owner_files().call(rf.owner, "release", handle=rf.handle)
+                except PeerUnreachable as exc:
+                    log.info("storagefs: release of %s on node %d: %s", rf.path, rf.owner, exc)
+                return
             os.close(fh)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         with _fuse_errors():
+            rf = self._rfiles.get(fh)
+            if rf is not None:
+                await self._owner_files().call(
+                    rf.owner, "fsync", handle=rf.handle, flags=int(datasync)
+                )
+                return
             await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fh)
 
     # --- folders --------------------------------------------------------------------------
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        fd = self._fd(inode)
+        with _fuse_errors():
+            node = self._nodes.get(inode)
+            if node is not None:
+                folder = _Dir(node.fd, inode, self._path_of(inode))
+            else:
+                path = self._remote_node(inode).path
+                fd = self._try_local(path)
+                folder = _Dir(fd, inode, path, owned=fd is not None)
         handle = self._next_dir
         self._next_dir += 1
-        self._dirs[handle] = _Dir(fd, inode)
+        self._dirs[handle] = folder
         return handle
+
+    async def _list_peers(
+        self, path: str, peers: Collection[int]
+    ) -> dict[int, tuple[tuple[str, tuple[int, ...]], ...]]:
+        """The peers' parts of folder ``path`` (peers without it or silent are left out)."""
+        files = self.files
+        out: dict[int, tuple[tuple[str, tuple[int, ...]], ...]] = {}
+        if files is None:
+            return out
+
+        async def ask(peer: int) -> None:
+            try:
+                out[peer] = (await files.call(peer, "listdir", path=path)).entries
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+            except (OSError, DunixError) as exc:
+                log.info("storagefs: node %d did not list %s: %s", peer, path, exc)
+
+        with trio.move_on_after(LIST_DEADLINE):
+            async with trio.open_nursery() as nursery:
+                for peer in peers:
+                    nursery.start_soon(ask, peer)
+        return out
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         folder = self._dirs[fh]
@@ -422,12 +851,23 @@ class StorageFS(pyfuse3.Operations):
             if start_id == 0:
                 # A snapshot per listing, so entries added or removed meanwhile cannot make
                 # others be skipped or repeated (the readdir contract).
-                real = os.open(_proc(folder.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                try:
-                    folder.names = sorted(os.fsencode(n) for n in os.listdir(real))
-                finally:
-                    os.close(real)
-                here = self._attr(os.fstat(folder.fd), folder.ino)
+                local: set[bytes] = set()
+                if folder.fd is not None:
+                    real = os.open(_proc(folder.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    try:
+                        local = {os.fsencode(n) for n in os.listdir(real)}
+                    finally:
+                        os.close(real)
+                peers = [p for p in self.peers() if p != self.store.node_id]
+                listed = await self._list_peers(folder.path, peers) if peers else {}
+                folder.remote = {}
+                for peer in sorted(listed):
+                    for entry_name, attrs in listed[peer]:
+                        key = os.fsencode(entry_name)
+                        if key not in local and key not in folder.remote:
+                            folder.remote[key] = (peer, attrs)
+                folder.names = sorted(local | set(folder.remote))
+                here = self._dir_attr(folder)
                 # "." and ".." do not count as lookups (see Operations.readdir)
                 if not pyfuse3.readdir_reply(token, b".", here, 1):
                     return
@@ -439,6 +879,13 @@ class StorageFS(pyfuse3.Operations):
                 start_id = 2
             for index in range(start_id - 2, len(folder.names)):
                 name = folder.names[index]
+                if name in folder.remote:
+                    owner, attrs = folder.remote[name]
+                    if not pyfuse3.readdir_reply(token, name, self._attr_of(attrs), index + 3):
+                        return
+                    self._remember_remote(owner, _join(folder.path, name), attrs)
+                    continue
+                assert folder.fd is not None
                 try:
                     fd = self._open_path(folder.fd, name)
                 except FileNotFoundError:
@@ -455,17 +902,30 @@ class StorageFS(pyfuse3.Operations):
                     return
                 self._remember(ino, fd)
 
+    def _dir_attr(self, folder: _Dir) -> pyfuse3.EntryAttributes:
+        remote = self._remote.get(folder.ino)
+        if remote is not None:
+            return self._attr_of(remote.attrs)
+        assert folder.fd is not None
+        return self._attr(os.fstat(folder.fd), folder.ino)
+
     def _dot_dot(self, folder: _Dir) -> pyfuse3.EntryAttributes:
         if folder.ino == ROOT:
-            return self._attr(os.fstat(folder.fd), ROOT)
+            return self._attr(os.fstat(self._fd(ROOT)), ROOT)
+        if folder.fd is None:
+            return self._dir_attr(folder)  # the parent's number is not known here
         st = os.stat(b"..", dir_fd=folder.fd, follow_symlinks=False)
         return self._attr(st, self._ino(st))
 
     async def releasedir(self, fh: int) -> None:
-        self._dirs.pop(fh, None)
+        folder = self._dirs.pop(fh, None)
+        if folder is not None and folder.owned and folder.fd is not None:
+            os.close(folder.fd)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         folder = self._dirs[fh]
+        if folder.fd is None:
+            return
         with _fuse_errors():
             real = os.open(_proc(folder.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
@@ -492,7 +952,10 @@ class StorageFS(pyfuse3.Operations):
 
     def _xattr_target(self, inode: int) -> str | None:
         """The path that reaches the inode's xattrs; None for a symlink, which has none here
-        (the /proc magic link would follow it, and user.* xattrs are not allowed on one)."""
+        (the /proc magic link would follow it, and user.* xattrs are not allowed on one),
+        and for a peer's file (xattrs are not forwarded yet)."""
+        if inode in self._remote:
+            return None
         fd = self._fd(inode)
         return None if stat.S_ISLNK(os.fstat(fd).st_mode) else _proc(fd)
 
@@ -536,14 +999,33 @@ async def serve(
 
     The mount is gone when this returns, whatever the reason.
     """
+    await serve_fs(StorageFS(store, resolver), mountpoint, task_status=task_status)
+
+
+async def serve_fs(
+    fs: StorageFS,
+    mountpoint: str,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Mount ``fs`` at ``mountpoint`` and serve until unmounted or cancelled (see serve).
+
+    A failed mount raises RuntimeError (pyfuse3's way) before ``task_status.started``.
+    """
     os.umask(0)
-    pyfuse3.init(StorageFS(store, resolver), mountpoint, set(MOUNT_OPTIONS))
+    pyfuse3.init(fs, mountpoint, set(MOUNT_OPTIONS))
     unmounted = False
     try:
-        task_status.started()
-        await pyfuse3.main()
-        unmounted = True  # the loop ends by itself only when the file system was unmounted
+        async with trio.open_nursery() as nursery:
+            fs.nursery = nursery
+            fs.mounted = True
+            task_status.started()
+            await pyfuse3.main()
+            unmounted = True  # the loop ends by itself only when the file system was unmounted
+            nursery.cancel_scope.cancel()  # read-ahead of files nobody can read any more
     finally:
+        fs.mounted = False
+        fs.nursery = None
         pyfuse3.close(unmount=not unmounted)
 
 

@@ -23,6 +23,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from dunix.errors import ConfigError
+from dunix.storagefs.peerfiles import stat_tuple
 from dunix.wire import message
 
 
@@ -49,6 +50,7 @@ class LookupReply:
     mode: int = 0
     size: int = 0
     mtime_ns: int = 0
+    attrs: tuple[int, ...] = ()  # the full stat (peerfiles.stat_tuple), so no second trip
 
 
 @message
@@ -210,5 +212,6 @@ def reply_for(query: LookupQuery, node_id: int, st: os.stat_result | None, ino: 
     if st is None:
         return LookupReply(query.query_id, node_id, query.path, False)
     return LookupReply(
-        query.query_id, node_id, query.path, True, ino, st.st_mode, st.st_size, st.st_mtime_ns
-    )
+        query.query_id, node_id, query.path, True, ino, st.st_mode, st.st_size, st.st_mtime_ns,
+        stat_tuple(st, ino),
+    )  # fmt: skip

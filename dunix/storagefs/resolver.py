@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from dunix.errors import DunixError
+from dunix.errors import DunixError, StoreError
 from dunix.storagefs.lookup import (
     Action,
     Answer,
@@ -39,7 +39,7 @@ from dunix.storagefs.lookup import (
     SendQuery,
     reply_for,
 )
-from dunix.storagefs.store import LocalStore, StoreError
+from dunix.storagefs.store import LocalStore
 
 log = logging.getLogger(__name__)
 

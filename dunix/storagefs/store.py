@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from dunix.errors import ConfigError, DunixError
+from dunix.errors import ConfigError, StoreError
 from dunix.pid.devino import allocated_local, direct_local, make_ino
 from dunix.pid.gpid import MAX_NODE_ID
 
@@ -50,10 +50,6 @@ CREATE TABLE IF NOT EXISTS files (
 -- per-folder replication factor (`dunix fs replicas N PATH`); placeholder for part 4
 CREATE TABLE IF NOT EXISTS folders (path TEXT PRIMARY KEY, replicas INTEGER NOT NULL);
 """
-
-
-class StoreError(DunixError):
-    """The local backing store is unusable (wrong node, bad path, damaged metadata)."""
 
 
 @dataclass(frozen=True)

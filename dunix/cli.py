@@ -45,6 +45,11 @@ EPILOG_KILL = """examples:
   $ dunix kill 4194305
   $ dunix kill -s INT 1:4100
 """
+EPILOG_MIGRATE = """examples:
+  $ dunix migrate 4194305 n3
+  $ dunix migrate 1:4100 home
+exit status: 0 when it moved; 1 (with the reason) when it still runs where it was.
+"""
 EPILOG_KEYGEN = """examples:
   $ dunix keygen --dir /etc/dunix/tls --node n1 --node n2 --client admin
 """
@@ -228,6 +233,29 @@ def cmd_kill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from dunix.pid import parse_gpid
+
+    gpid = parse_gpid(args.gpid)
+
+    async def main() -> Any:
+        async with await _client(args) as client:
+            return await client.migrate(gpid, args.node)
+
+    reply = trio.run(main)
+    if args.json:
+        print(json.dumps(asdict(reply), indent=2))
+        return 0
+    print(f"gpid {reply.gpid} moved {reply.source} -> {reply.target} (pid {reply.pid}, "
+          f"move {reply.moves})")  # fmt: skip
+    for phase in reply.phases:
+        print(f"  {phase.name:<14} {phase.ms:9.1f} ms")
+    mb = reply.image_bytes / 1e6
+    print(f"frozen for {reply.downtime_ms:.1f} ms (freezing took {reply.freeze_ms:.1f} ms); "
+          f"{mb:.1f} MB of images; {reply.total_ms:.1f} ms in all")  # fmt: skip
+    return 0
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     from dunix.agent import run_agent
     from dunix.agent.config import load_config
@@ -367,6 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("gpid", nargs="+")
     _client_args(p)
     p.set_defaults(func=cmd_kill)
+
+    p = sub.add_parser("migrate", help="move a running process to another node",
+                       epilog=EPILOG_MIGRATE, formatter_class=fmt)  # fmt: skip
+    p.add_argument("gpid", help="as `dunix ps` shows it, or NODE_ID:PID")
+    p.add_argument("node", help="a node name, or `home`")
+    p.add_argument("--json", action="store_true")
+    _client_args(p)
+    p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("agent", help="run the node agent", epilog=EPILOG_AGENT,
                        formatter_class=fmt)  # fmt: skip

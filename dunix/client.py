@@ -45,6 +45,7 @@ from dunix.wire.jobs import (
     RunSignal,
     RunStarted,
 )
+from dunix.wire.migrate import MigrateReply, MigrateRequest
 
 CLUSTER_HOSTS = Path("/run/dunix/hosts")
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -212,6 +213,12 @@ class Client:
 
     async def kill(self, gpid: int, signum: int) -> None:
         await self._request(KillRequest(gpid, signum), KillReply)
+
+    async def migrate(self, gpid: int, node: str) -> MigrateReply:
+        """Move a running process to ``node`` (a name, or "home"); raises
+        ``MigrationFailed`` with the reason when it stays where it was."""
+        reply: MigrateReply = await self._request(MigrateRequest(gpid, node), MigrateReply)
+        return reply
 
     async def watch(self) -> AsyncIterator[NodeEvent]:
         """Subscribe to membership events; iterate the result to receive them.

@@ -45,6 +45,7 @@ from dunix.wire.jobs import (
     PsRequest,
     RunRequest,
 )
+from dunix.wire.migrate import MigrateRequest
 
 if TYPE_CHECKING:
     from dunix.agent.daemon import Agent
@@ -103,6 +104,9 @@ class ControlService:
             await serve_run(agent.jobs, channel, request)
         elif isinstance(request, PsRequest):
             await channel.send(await self._ps())
+        elif isinstance(request, MigrateRequest):
+            uid = None if caller.is_admin else caller.uid
+            await channel.send(await agent.migration.request(request.gpid, request.node, uid))
         elif isinstance(request, KillRequest):
             await self._kill(caller, request)
             await channel.send(KillReply())

@@ -30,6 +30,7 @@ from dunix.agent.config import AgentConfig
 from dunix.agent.control import ControlService
 from dunix.agent.fanout import PeerQueries
 from dunix.agent.jobs import JobService
+from dunix.agent.migration import MigrationService
 from dunix.agent.peers import PeerLinks
 from dunix.agent.remote import JOB_MESSAGES, JobLinks, RemoteService
 from dunix.errors import DunixError
@@ -51,6 +52,7 @@ from dunix.migrate.cpufeatures import read_cpu_features
 from dunix.wire import Channel, TLSIdentity, serve_tls, serve_unix
 from dunix.wire.control import NodeEvent, NodeInfo
 from dunix.wire.jobs import KillAnswer, KillQuery, PsAnswer, PsQuery
+from dunix.wire.migrate import MIGRATE_PEER_MESSAGES, MigrateAnswer, MigrateQuery
 
 log = logging.getLogger("dunix.agent")
 
@@ -190,8 +192,10 @@ class Agent:
             self._wake.set()
         elif isinstance(msg, PsQuery):
             self.send_peer(sender, PsAnswer(msg.query, tuple(self.jobs.ps())))
-        elif isinstance(msg, PsAnswer | KillAnswer):
+        elif isinstance(msg, PsAnswer | KillAnswer | MigrateAnswer):
             self.queries.answer(sender, msg.query, msg)
+        elif isinstance(msg, MigrateQuery):
+            self.migration.on_query(sender, msg)
         elif isinstance(msg, KillQuery):
             self.send_peer(sender, self._kill_answer(msg))
         else:
@@ -250,6 +254,8 @@ class Agent:
                     hub.deliver(msg)
                 elif isinstance(msg, JOB_MESSAGES):
                     self.remote.on_peer_message(peer, msg)
+                elif isinstance(msg, MIGRATE_PEER_MESSAGES):
+                    self.migration.on_peer_message(peer, msg)
                 else:
                     self.receive_gossip(channel.peer_address, msg)
         else:
@@ -279,6 +285,7 @@ class Agent:
             self.nursery = nursery
             self.job_links = JobLinks(self, nursery)
             self.remote = RemoteService(self, self.job_links)
+            self.migration = MigrationService(self)
             self.jobs.on_remote = self.remote.went_remote
             self.jobs.on_stopped = self.remote.stopped
             deputy_socket = cfg.control.parent / "deputy.sock"

@@ -62,6 +62,7 @@ class Proc:
     remote_pid: int = 0
     cmd: str = ""
     key: str = ""  # the Job (on this node) it belongs to; a guest job has its own
+    moves: int = 0  # how often `dunix migrate` moved it
 
 
 @dataclass
@@ -239,6 +240,7 @@ class JobService:
                     cmd=proc_cmd(proc.pid) or proc.cmd,
                     cpu=round(cpu, 2),
                     rss=rss,
+                    moves=proc.moves,
                 )
             )
         return out

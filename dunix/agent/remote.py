@@ -121,6 +121,8 @@ class Deputy:
     senders: list[StreamEndpoint] = field(default_factory=list)
     conn: DeputyConnection | None = None
     mirrored_stop: bool = False  # stopped because its guest stopped: do not echo it back
+    moving: bool = False  # a `dunix migrate` is re-pointing it (agent/migration.py)
+    held_exit: int | None = None  # an exit status that arrived while moving
 
 
 @dataclass
@@ -133,6 +135,9 @@ class Guest:
     senders: list[StreamEndpoint] = field(default_factory=list)
     receivers: list[StreamEndpoint] = field(default_factory=list)
     stopped_by_home: bool = False  # its deputy was stopped first: do not echo the stop
+    #: relayed pipes: (stream, pipe inode, the program writes it): what a move re-creates
+    pipes: list[tuple[int, int, bool]] = field(default_factory=list)
+    moved: bool = False  # moved away: its end here is not its exit
 
 
 STOP_SIGNALS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
@@ -358,6 +363,8 @@ class RemoteService:
             elif isinstance(msg, RemoteFailed):
                 deputy.failed = msg.reason
                 deputy.started.set()
+            elif deputy.moving:  # from the new node before the relays were re-pointed
+                deputy.held_exit = msg.status
             else:
                 deputy.status = msg.status
                 deputy.exited.set()
@@ -489,12 +496,16 @@ class RemoteService:
         except PeerUnreachable:
             log.warning("home %s of job %s is gone: killing its guest", home, req.job)
         finally:
+            if guest.moved and guest.pid:  # CRIU killed our copy; the pid is not ours now
+                self.agent.jobs.procs.pop(guest.pid, None)
             self.agent.jobs.on_started.pop(job.id, None)
             self.agent.jobs.kill_job(job)
             self.agent.jobs.forget(job)
             self.guests.pop(key, None)
             for endpoint in guest.receivers:
                 endpoint.stop()
+        if guest.moved:
+            return  # its exit status will come from where it runs now
         with contextlib.suppress(DunixError):
             await self.links.send(home, RemoteExited(req.job, req.home_pid, status))
 
@@ -502,6 +513,7 @@ class RemoteService:
         """This side's fd for the guest's fd ``rf.fd``; the caller closes it after spawn."""
         if rf.kind == "pipe":
             r, w = os.pipe2(os.O_CLOEXEC)
+            guest.pipes.append((rf.stream, os.fstat(r).st_ino, rf.writable))
             if rf.writable:  # the program writes; we read and send home
                 guest.senders.append(hub.open_sender(rf.stream, r))
                 return w

@@ -193,6 +193,17 @@ class StreamEndpoint:
         assert self.outcome is not None
         return self.outcome
 
+    @property
+    def running(self) -> bool:
+        """True until the endpoint is done with its fd."""
+        return not self.finished.is_set() and (self._io.sock is not None or self._io.fd >= 0)
+
+    def duplicate(self) -> int:
+        """A close-on-exec duplicate of the local fd, e.g. to relay it again elsewhere once
+        this endpoint has ended (a migrated process's stream, dunix/agent/migration.py)."""
+        fd = self._io.sock.fileno() if self._io.sock is not None else self._io.fd
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0)
+
     def stop(self) -> None:
         """Stop relaying: a sender closes its fd and ends the stream, a receiver drops
         what it holds, closes its fd and tells the sender it is gone."""

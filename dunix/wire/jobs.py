@@ -67,6 +67,7 @@ class ProcInfo:
     cmd: str
     cpu: float  # seconds
     rss: int  # bytes
+    moves: int = 0  # how often `dunix migrate` moved it
 
 
 @message

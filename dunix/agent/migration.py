@@ -1,0 +1,722 @@
+"""`dunix migrate`: moving a running guest between nodes while its home sees nothing.
+
+Three agents take part (see ``dunix/wire/migrate.py`` for the messages):
+
+* the **home** (where the deputy is) takes the request, keeps a spare duplicate of every
+  fd its deputy relays (so no relay closing on the way can make a reader see EOF), orders
+  the move from the node that runs the process, and afterwards re-points its relays from
+  the old node to the new one: an output stream is re-opened on the new link only after
+  the old one has ended (the source's copy is dead and its pipe drained), so every byte
+  arrives once and in order; the target holds the rest in its pipe meanwhile;
+* the **source** checks the process may move (before freezing: CPU features, the
+  target's answer), has its tracer let go (CRIU must be the only tracer), dumps it with
+  ``dunix.migrate.driver.move`` into a tmpfs folder, streams the images to the target and
+  lets CRIU kill its copy only once the target runs it (any failure: CRIU thaws it and the
+  tracer takes it back); what the source does with its copy after the restore is the
+  ``after_restore`` of :func:`move_process` (kill it for a guest; a process at home will
+  become a deputy in place);
+* the **target** restores it in the job's context with ``inherit_fd``: one new pipe per
+  relayed pipe, whose other end it relays to the home's same streams; its tracer takes
+  the process over, and its exit status reaches the home's deputy as ``RemoteExited``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import secrets
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from dunix.agent.jobs import Job, Proc
+from dunix.agent.remote import DRAIN_TIMEOUT, Deputy, Guest
+from dunix.agent.tracer import JobContext, Tracer
+from dunix.errors import (
+    AccessDenied,
+    DunixError,
+    MigrationFailed,
+    NoSuchNode,
+    NoSuchProcess,
+    PeerUnreachable,
+    error_from_wire,
+)
+from dunix.fdmove import StreamEndpoint, StreamHub
+from dunix.migrate import driver, swrk
+from dunix.migrate.cpufeatures import CpuFeatures
+from dunix.migrate.eligibility import cpu_reason, require_movable
+from dunix.pid import split_gpid
+from dunix.wire.jobs import RemoteExited
+from dunix.wire.migrate import (
+    MigrateAbort,
+    MigrateAnswer,
+    MigrateDone,
+    MigrateImage,
+    MigrateOrder,
+    MigratePhase,
+    MigratePipe,
+    MigratePrepare,
+    MigrateQuery,
+    MigrateReply,
+    MigrateRestore,
+    MigrateStatus,
+)
+
+if TYPE_CHECKING:
+    from dunix.agent.daemon import Agent
+
+log = logging.getLogger("dunix.agent.migration")
+
+#: where images are written and received: tmpfs, never a disk
+IMAGES_ROOT = Path("/run/dunix/migrate")
+#: the whole move, as the home waits for it
+MOVE_TIMEOUT = 60.0
+#: one step between source and target (prepare, restore)
+STEP_TIMEOUT = 30.0
+IMAGE_CHUNK = 1024 * 1024
+#: test knob: while this file exists in the agent's runtime folder, its restores are
+#: answered with failure at ``post-restore`` (CRIU then kills what it restored)
+FAIL_RESTORE_KNOB = "migrate-fail-restore"
+
+AfterRestore = Callable[[int], Awaitable[None]]
+
+
+@dataclass
+class _Outgoing:
+    """The source's view of one move: answers from the target arrive here."""
+
+    move: str
+    target: str
+    answers: trio.MemorySendChannel[MigrateStatus]
+    inbox: trio.MemoryReceiveChannel[MigrateStatus]
+    ready: bool = False
+    streams: tuple[tuple[int, int], ...] = ()
+    nbytes: int = 0
+
+
+@dataclass
+class _Incoming:
+    """The target's view of one move."""
+
+    move: str
+    source: str
+    prepare: MigratePrepare
+    folder: Path
+    dir_fd: int
+    restored_pid: int = 0
+    aborted: bool = False
+    files: dict[str, int] = field(default_factory=dict)
+
+
+class RemoteTarget:
+    """``driver.Target`` over the job links: the target is another agent."""
+
+    def __init__(self, service: MigrationService, out: _Outgoing, prepare: MigratePrepare):
+        self.service = service
+        self.out = out
+        self.prepare_msg = prepare
+
+    async def _ask(self, msg: Any, step: str) -> MigrateStatus:
+        await self.service.links.send(self.out.target, msg)
+        with trio.move_on_after(STEP_TIMEOUT):
+            status = await self.out.inbox.receive()
+            if status.error_kind:
+                raise MigrationFailed(f"{self.out.target}: {status.error}")
+            if status.step != step:
+                raise MigrationFailed(f"{self.out.target} answered {status.step}, not {step}")
+            return status
+        raise MigrationFailed(f"{self.out.target} did not answer ({step}) in {STEP_TIMEOUT} s")
+
+    async def prepare(self, pid: int) -> None:
+        if self.out.ready:
+            return  # asked before freezing already (CPU, pid, space)
+        try:
+            await self._ask(self.prepare_msg, "ready")
+        except PeerUnreachable as exc:
+            raise MigrationFailed(f"{self.out.target} unreachable: {exc}") from None
+        self.out.ready = True
+
+    async def send(self, images_dir_fd: int) -> None:
+        move, target = self.out.move, self.out.target
+        try:
+            for name in sorted(os.listdir(f"/proc/self/fd/{images_dir_fd}")):
+                if name.endswith(".log"):
+                    continue
+                fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=images_dir_fd)
+                try:
+                    offset = 0
+                    while True:
+                        data = os.pread(fd, IMAGE_CHUNK, offset)
+                        image = MigrateImage(move, name, offset, data)
+                        await self.service.links.send(target, image)
+                        offset += len(data)
+                        self.out.nbytes += len(data)
+                        if len(data) < IMAGE_CHUNK:
+                            break
+                finally:
+                    os.close(fd)
+        except PeerUnreachable as exc:
+            raise MigrationFailed(f"{target} unreachable while sending images: {exc}") from None
+
+    async def restore(self, images_dir_fd: int) -> int:
+        try:
+            status = await self._ask(MigrateRestore(self.out.move, 0, self.out.nbytes), "restored")
+        except PeerUnreachable as exc:
+            raise MigrationFailed(f"{self.out.target} unreachable: {exc}") from None
+        self.out.streams = status.streams
+        return status.pid
+
+    async def abort(self, pid: int) -> None:
+        with contextlib.suppress(DunixError):
+            await self.service.links.send(self.out.target, MigrateAbort(self.out.move, "aborted"))
+
+
+def _guest_pipes(guest: Guest) -> tuple[MigratePipe, ...]:
+    return tuple(MigratePipe(inode, writable, stream) for stream, inode, writable in guest.pipes)
+
+
+def _phases(report: driver.MoveReport, sent: float) -> tuple[MigratePhase, ...]:
+    ms = 1000.0
+    return (
+        MigratePhase("frozen", round(report.freeze_seconds * ms, 1)),
+        MigratePhase("dumped", round(report.dump_seconds * ms, 1)),
+        MigratePhase("sent", round(sent * ms, 1)),
+        MigratePhase("restored", round((report.freeze_seconds + report.downtime_seconds) * ms, 1)),
+        MigratePhase("source killed", round(report.total_seconds * ms, 1)),
+    )
+
+
+class MigrationService:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self._ids = itertools.count(1)
+        self._outgoing: dict[str, _Outgoing] = {}
+        self._incoming: dict[str, _Incoming] = {}
+        self._done: dict[str, trio.MemorySendChannel[MigrateDone]] = {}
+
+    @property
+    def links(self) -> Any:
+        return self.agent.job_links
+
+    @property
+    def remote(self) -> Any:
+        return self.agent.remote
+
+    @property
+    def name(self) -> str:
+        return self.agent.config.name
+
+    # -- entry: any agent ---------------------------------------------------------------
+
+    async def request(self, gpid: int, node: str, uid: int | None) -> MigrateReply:
+        """Move ``gpid`` to ``node`` for ``uid`` (None: an administrator)."""
+        agent = self.agent
+        node_id, _ = split_gpid(gpid)
+        if node_id == agent.node_id:
+            return await self.migrate_from_home(gpid, node, uid)
+        peer = agent.peer_by_node_id(node_id)
+        if peer is None:
+            raise NoSuchProcess(f"gpid {gpid}: its home node (id {node_id}) is not alive")
+
+        def query(q: int) -> MigrateQuery:
+            return MigrateQuery(q, gpid, node, -1 if uid is None else uid)
+
+        answers, _ = await agent.queries.ask([peer], query, MOVE_TIMEOUT)
+        answer = answers.get(peer[0])
+        if answer is None:
+            raise PeerUnreachable(f"{peer[0]} (the home of gpid {gpid}) did not answer")
+        if answer.error_kind:
+            raise error_from_wire(answer.error_kind, answer.error)
+        assert answer.reply is not None
+        return answer.reply  # type: ignore[no-any-return]
+
+    def on_query(self, sender_address: str, q: MigrateQuery) -> None:
+        async def answer() -> None:
+            try:
+                reply = await self.migrate_from_home(q.gpid, q.node, None if q.uid < 0 else q.uid)
+            except DunixError as exc:
+                msg = MigrateAnswer(q.query, None, type(exc).__name__, str(exc))
+            else:
+                msg = MigrateAnswer(q.query, reply, "", "")
+            self.agent.send_peer(sender_address, msg)
+
+        self.agent.nursery.start_soon(answer)
+
+    # -- home side ----------------------------------------------------------------------
+
+    async def migrate_from_home(self, gpid: int, node: str, uid: int | None) -> MigrateReply:
+        proc = self.agent.jobs.find_home_pid(gpid)
+        if uid is not None and uid != 0 and uid != proc.uid:
+            raise AccessDenied(f"uid {uid} may not move gpid {gpid} (owned by {proc.uid})")
+        target = self.name if node in ("home", self.name) else node
+        if proc.state != "deputy":
+            raise MigrationFailed(
+                f"gpid {gpid} runs at its home {self.name}; moving a process away from home "
+                "needs the tracer's deputize (not wired yet)"
+            )
+        deputy: Deputy | None = self.remote.deputies.get((proc.job, proc.pid))
+        if deputy is None or deputy.conn is None:
+            raise MigrationFailed(f"gpid {gpid} is still starting on {proc.node}")
+        source = deputy.peer
+        if target == source:
+            raise MigrationFailed(f"gpid {gpid} already runs on {target}")
+        if target == self.name:
+            raise MigrationFailed("moving a guest back to its home is not wired yet")
+        if target not in {n for n, _ in self.agent.alive_peers()}:
+            raise NoSuchNode(f"{target} is not an alive node")
+        if deputy.moving:
+            raise MigrationFailed(f"gpid {gpid} is moving already")
+        deputy.moving = True
+        spares = {e.stream: e.duplicate() for e in deputy.senders + deputy.receivers if e.running}
+        move = f"{self.name}-{next(self._ids)}-{secrets.token_hex(3)}"
+        send, receive = trio.open_memory_channel[MigrateDone](1)
+        self._done[move] = send
+        started = time.monotonic()
+        try:
+            features = self.agent.features
+            order = MigrateOrder(move, proc.job, proc.pid, target, features.flags, features.level)
+            await self.links.send(source, order)
+            done: MigrateDone | None = None
+            with trio.move_on_after(MOVE_TIMEOUT):
+                done = await receive.receive()
+            if done is None:
+                raise MigrationFailed(f"{source} did not finish the move in {MOVE_TIMEOUT} s")
+            if done.error_kind:
+                raise error_from_wire(done.error_kind, done.error)
+            assert done.reply is not None
+            await self._repoint(deputy, source, target, done.streams, spares)
+        except BaseException:
+            for fd in spares.values():
+                os.close(fd)
+            self._release_exit(deputy)
+            raise
+        finally:
+            self._done.pop(move, None)
+        proc.moves += 1
+        proc.node = target
+        log.info("gpid %d moved %s → %s (%d moves)", gpid, source, target, proc.moves)
+        total = (time.monotonic() - started) * 1000.0
+        reply = done.reply
+        phases = (*reply.phases, MigratePhase("repointed", round(total, 1)))
+        return MigrateReply(
+            gpid, source, target, reply.pid, phases, reply.freeze_ms, reply.downtime_ms,
+            round(total, 1), reply.image_bytes, proc.moves,
+        )  # fmt: skip
+
+    async def _repoint(
+        self,
+        deputy: Deputy,
+        source: str,
+        target: str,
+        streams: tuple[tuple[int, int], ...],
+        spares: dict[int, int],
+    ) -> None:
+        """Point the deputy's relays at ``target``: outputs once the old stream ended."""
+        hub: StreamHub = await self.links.hub(target)
+        mapping = dict(streams)
+        receivers: list[StreamEndpoint] = []
+        senders: list[StreamEndpoint] = []
+        for old in deputy.receivers:
+            new = mapping.get(old.stream)
+            spare = spares.pop(old.stream, None)
+            if new is None or spare is None:
+                if spare is not None:
+                    os.close(spare)
+                continue
+            with trio.move_on_after(MOVE_TIMEOUT):
+                await old.wait()  # the source's copy is dead: its pipe drains, then EOF
+            old.stop()
+            receivers.append(hub.open_receiver(new, spare, shared=True))
+        for old in deputy.senders:
+            new = mapping.get(old.stream)
+            spare = spares.pop(old.stream, None)
+            old.stop()  # bytes it had sent to the source and the process had not read are lost
+            if new is None or spare is None:
+                if spare is not None:
+                    os.close(spare)
+                continue
+            senders.append(hub.open_sender(new, spare, shared=True))
+        for fd in spares.values():
+            os.close(fd)
+        deputy.receivers, deputy.senders = receivers, senders
+        deputy.peer = target
+        deputy.proc.node = target
+        self._release_exit(deputy)
+
+    def _release_exit(self, deputy: Deputy) -> None:
+        deputy.moving = False
+        if deputy.held_exit is not None:
+            deputy.status, deputy.held_exit = deputy.held_exit, None
+            deputy.exited.set()
+
+    # -- source side --------------------------------------------------------------------
+
+    def _on_order(self, home: str, order: MigrateOrder) -> None:
+        async def run() -> None:
+            try:
+                reply, streams = await self._move_guest(home, order)
+            except DunixError as exc:
+                log.warning("move %s of %s/%d failed: %s", order.move, order.job,
+                            order.home_pid, exc)  # fmt: skip
+                done = MigrateDone(order.move, None, (), type(exc).__name__, str(exc))
+            else:
+                done = MigrateDone(order.move, reply, streams, "", "")
+            with contextlib.suppress(DunixError):
+                await self.links.send(home, done)
+
+        self.agent.nursery.start_soon(run)
+
+    async def _move_guest(
+        self, home: str, order: MigrateOrder
+    ) -> tuple[MigrateReply, tuple[tuple[int, int], ...]]:
+        guest: Guest | None = self.remote.guests.get((order.job, order.home_pid))
+        job = self.agent.jobs.jobs.get(f"{order.job}/{order.home_pid}")
+        if guest is None or job is None or not guest.pid or guest.tracer is None:
+            raise NoSuchProcess(f"{order.job}/{order.home_pid} does not run on {self.name}")
+        pid, tracer = guest.pid, guest.tracer
+        if len(self.agent.jobs.of(job)) > 1:
+            raise MigrationFailed("it has child processes here; moving a tree is not wired yet")
+        origin = CpuFeatures(order.origin_level, order.origin_flags)
+        member = self.agent.membership.member(order.target)
+        seen = CpuFeatures(member.load.cpu_level, member.load.cpu_flags)
+        reason = cpu_reason(origin, seen, order.target)
+        if reason is not None:
+            raise MigrationFailed(f"cannot move: {reason}")
+        require_movable(pid, allowed_tracers={tracer.pid})
+        proc = self.agent.jobs.procs.get(pid)
+        prepare = MigratePrepare(
+            move=order.move, job=order.job, home=home, home_pid=order.home_pid,
+            gpid=proc.gpid if proc else 0, pid=pid, uid=job.uid, gid=job.gid,
+            groups=job.groups, mode=job.mode, cmd=proc.cmd if proc else "",
+            origin_flags=order.origin_flags, origin_level=order.origin_level,
+            pipes=_guest_pipes(guest), moves=(proc.moves if proc else 0) + 1,
+        )  # fmt: skip
+
+        async def kill_source(pid: int) -> None:
+            return  # CRIU kills the frozen copy when post-dump is answered with success
+
+        report, out = await move_process(self, pid, order.target, prepare, tracer, kill_source)
+        # the copy here is gone: this guest job ends without a word to the home
+        guest.moved = True
+        if proc is not None:
+            self.agent.jobs.procs.pop(pid, None)
+        job.status = 0
+        job.finished.set()
+        sent = report.dump_seconds  # images go out right after the dump
+        reply = MigrateReply(
+            gpid=prepare.gpid, source=self.name, target=order.target, pid=report.restored_pid,
+            phases=_phases(report, sent), freeze_ms=round(report.freeze_seconds * 1000, 1),
+            downtime_ms=round(report.downtime_seconds * 1000, 1),
+            total_ms=round(report.total_seconds * 1000, 1), image_bytes=out.nbytes,
+            moves=prepare.moves,
+        )  # fmt: skip
+        return reply, out.streams
+
+    # -- target side --------------------------------------------------------------------
+
+    def _on_prepare(self, source: str, prep: MigratePrepare) -> None:
+        async def run() -> None:
+            status = MigrateStatus(prep.move, "ready", 0, (), "", "")
+            try:
+                self._check_prepare(prep)
+                IMAGES_ROOT.mkdir(parents=True, exist_ok=True)
+                folder = Path(tempfile.mkdtemp(prefix=f"in-{prep.move}-", dir=IMAGES_ROOT))
+                dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                self._incoming[prep.move] = _Incoming(prep.move, source, prep, folder, dir_fd)
+            except (DunixError, OSError) as exc:
+                kind = type(exc).__name__ if isinstance(exc, DunixError) else "MigrationFailed"
+                status = MigrateStatus(prep.move, "ready", 0, (), kind, str(exc))
+            with contextlib.suppress(DunixError):
+                await self.links.send(source, status)
+
+        self.agent.nursery.start_soon(run)
+
+    def _check_prepare(self, prep: MigratePrepare) -> None:
+        origin = CpuFeatures(prep.origin_level, prep.origin_flags)
+        reason = cpu_reason(origin, self.agent.features, self.name)
+        if reason is not None:
+            raise MigrationFailed(f"cannot move: {reason}")
+        if Path(f"/proc/{prep.pid}").exists():
+            raise MigrationFailed(f"pid {prep.pid} is in use on {self.name}")
+        if prep.move in self._incoming:
+            raise MigrationFailed(f"move {prep.move} is known already")
+
+    def _on_image(self, msg: MigrateImage) -> None:
+        inc = self._incoming.get(msg.move)
+        if inc is None or inc.aborted:
+            return
+        fd = inc.files.get(msg.name)
+        if fd is None:
+            if "/" in msg.name or msg.name.startswith("."):
+                inc.aborted = True
+                return
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            fd = inc.files[msg.name] = os.open(msg.name, flags, 0o600, dir_fd=inc.dir_fd)
+        os.pwrite(fd, msg.data, msg.offset)
+
+    def _on_restore(self, source: str, msg: MigrateRestore) -> None:
+        inc = self._incoming.get(msg.move)
+
+        async def run() -> None:
+            if inc is None or inc.aborted:
+                why = f"{self.name} has no images for move {msg.move}"
+                status = MigrateStatus(msg.move, "restored", 0, (), "MigrationFailed", why)
+            else:
+                status = await self._restore(inc)
+            with contextlib.suppress(DunixError):
+                await self.links.send(source, status)
+
+        self.agent.nursery.start_soon(run)
+
+    async def _restore(self, inc: _Incoming) -> MigrateStatus:
+        prep = inc.prepare
+        for fd in inc.files.values():
+            os.close(fd)
+        inc.files.clear()
+        ours: list[tuple[MigratePipe, int]] = []  # (pipe, the end this agent relays)
+        theirs: list[tuple[str, int]] = []  # inherit_fd: (pipe:[INODE], the process's end)
+        try:
+            for pipe in prep.pipes:
+                r, w = os.pipe2(os.O_CLOEXEC)
+                ours.append((pipe, r if pipe.writable else w))
+                theirs.append((f"pipe:[{pipe.inode}]", w if pipe.writable else r))
+            fail = (self.agent.config.control.parent / FAIL_RESTORE_KNOB).exists()
+
+            async def notify(note: swrk.Notification) -> bool:
+                return not (fail and note.script == "post-restore")
+
+            result = await swrk.restore(
+                inc.dir_fd, inherit_fd=theirs, rst_sibling=True, shell_job=True, notify=notify
+            )
+        except (DunixError, OSError) as exc:
+            for _, fd in ours:
+                os.close(fd)
+            self._forget_incoming(inc)
+            return MigrateStatus(inc.move, "restored", 0, (), "MigrationFailed", str(exc))
+        finally:
+            for _, fd in theirs:
+                os.close(fd)
+        inc.restored_pid = result.pid
+        hub = await self.links.hub(prep.home)
+        guest = Guest(prep.job, prep.home, prep.home_pid, pid=result.pid)
+        streams = []
+        for pipe, fd in ours:
+            new = hub.allocate()
+            inode = os.fstat(fd).st_ino
+            if pipe.writable:
+                guest.senders.append(hub.open_sender(new, fd))
+            else:
+                guest.receivers.append(hub.open_receiver(new, fd))
+            guest.pipes.append((new, inode, pipe.writable))
+            streams.append((pipe.stream, new))
+        self._forget_incoming(inc, keep=True)
+        self.agent.nursery.start_soon(self._host_guest, guest, prep)
+        return MigrateStatus(inc.move, "restored", result.pid, tuple(streams), "", "")
+
+    def _on_abort(self, msg: MigrateAbort) -> None:
+        inc = self._incoming.get(msg.move)
+        if inc is None:
+            return
+        inc.aborted = True
+        if inc.restored_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(inc.restored_pid, signal.SIGKILL)
+        self._forget_incoming(inc)
+
+    def _forget_incoming(self, inc: _Incoming, *, keep: bool = False) -> None:
+        for fd in inc.files.values():
+            os.close(fd)
+        inc.files.clear()
+        if not keep:
+            self._incoming.pop(inc.move, None)
+        with contextlib.suppress(OSError):
+            os.close(inc.dir_fd)
+        shutil.rmtree(inc.folder, ignore_errors=True)
+
+    async def _host_guest(self, guest: Guest, prep: MigratePrepare) -> None:
+        """Run a restored guest here as if it had been started here: signals from its
+        home reach it, its tracer follows it, its exit goes home after its output."""
+        pid = guest.pid
+        key = (prep.job, prep.home_pid)
+        job = Job(f"{prep.job}/{prep.home_pid}", prep.uid, prep.gid, prep.groups, prep.mode,
+                  first_pid=pid, guest=(prep.home, prep.job, prep.gpid))  # fmt: skip
+        proc = Proc(pid, prep.job, prep.uid, prep.home, prep.gpid, "guest", cmd=prep.cmd,
+                    key=job.id, moves=prep.moves)  # fmt: skip
+        self.agent.jobs.jobs[job.id] = job
+        self.agent.jobs.procs[pid] = proc
+        self.remote.guests[key] = guest
+        self._incoming.pop(prep.move, None)
+        status = 0x7F00 | signal.SIGKILL
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            pidfd = -1
+        try:
+            async with trio.open_nursery() as nursery:
+                tracer = await self._trace(guest, job, prep, nursery)
+                guest.tracer = tracer
+                if pidfd >= 0:
+                    await trio.lowlevel.wait_readable(pidfd)
+                    _, status = os.waitpid(pid, 0)  # rst_sibling: the restored root is ours
+                if not guest.moved:
+                    with trio.move_on_after(DRAIN_TIMEOUT):
+                        for endpoint in guest.senders:
+                            await endpoint.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+            self.agent.jobs.forget(job)
+            if self.remote.guests.get(key) is guest:
+                self.remote.guests.pop(key, None)
+            for endpoint in guest.receivers:
+                endpoint.stop()
+        if guest.moved:
+            return
+        with contextlib.suppress(DunixError):
+            await self.links.send(prep.home, RemoteExited(prep.job, prep.home_pid, status))
+
+    async def _trace(
+        self, guest: Guest, job: Job, prep: MigratePrepare, nursery: trio.Nursery
+    ) -> Tracer | None:
+        """A tracer for this job here that seizes the restored process (its execs are
+        then placed as before; without a tracer its seccomp filter fails them)."""
+        seize = getattr(Tracer, "seize", None)
+        if seize is None:
+            log.warning("pid %d of job %s runs untraced on %s: the tracer has no seize yet",
+                        guest.pid, prep.job, self.name)  # fmt: skip
+            return None
+        try:
+            cwd = os.readlink(f"/proc/{guest.pid}/cwd")
+        except OSError:
+            cwd = "/"
+        ctx = JobContext(prep.uid, prep.gid, prep.groups, 0o022, cwd, {}, mode="local",
+                         extra=("--first-local", "--keep-pgrp"))  # fmt: skip
+        tracer = Tracer.spawn(ctx, ["/bin/sleep", "infinity"], {})  # a placeholder first
+        job.tracers.append(tracer)
+        first = trio.Event()
+        holder: list[int] = []
+
+        def on_started(event: Any) -> None:
+            holder.append(event.pid)
+            first.set()
+
+        self.agent.jobs.on_started[job.id] = on_started
+        nursery.start_soon(self.agent.jobs.follow, job, tracer, prep.cmd)
+        try:
+            with trio.move_on_after(STEP_TIMEOUT):
+                await first.wait()
+            await seize(tracer, guest.pid)
+        except (DunixError, OSError) as exc:
+            log.warning("the tracer on %s could not take pid %d: %s", self.name, guest.pid, exc)
+        finally:
+            self.agent.jobs.on_started.pop(job.id, None)
+            for placeholder in holder:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(placeholder, signal.SIGKILL)
+        return tracer
+
+    # -- dispatch -----------------------------------------------------------------------
+
+    def on_peer_message(self, sender: str, msg: Any) -> None:
+        """Migration messages from peer ``sender`` on the job links, in link order."""
+        if isinstance(msg, MigrateImage):
+            self._on_image(msg)
+        elif isinstance(msg, MigrateStatus):
+            out = self._outgoing.get(msg.move)
+            if out is not None:
+                with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+                    out.answers.send_nowait(msg)
+        elif isinstance(msg, MigratePrepare):
+            self._on_prepare(sender, msg)
+        elif isinstance(msg, MigrateRestore):
+            self._on_restore(sender, msg)
+        elif isinstance(msg, MigrateAbort):
+            self._on_abort(msg)
+        elif isinstance(msg, MigrateOrder):
+            self._on_order(sender, msg)
+        elif isinstance(msg, MigrateDone):
+            done = self._done.get(msg.move)
+            if done is not None:
+                with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+                    done.send_nowait(msg)
+
+
+async def move_process(
+    service: MigrationService,
+    pid: int,
+    target_node: str,
+    prepare: MigratePrepare,
+    tracer: Tracer,
+    after_restore: AfterRestore,
+) -> tuple[driver.MoveReport, _Outgoing]:
+    """Move ``pid`` (traced by ``tracer`` here) to ``target_node``.
+
+    Asks the target first (before freezing), has the tracer let go, dumps with the swrk
+    driver into tmpfs and streams the images; ``after_restore(pid)`` runs once the
+    target confirmed the restore, before CRIU's post-dump answer (a guest: nothing, CRIU
+    kills the copy; a process at home: turn it into a deputy). On failure the process
+    runs here again, traced as before, and ``MigrationFailed`` says why.
+    """
+    send, receive = trio.open_memory_channel[MigrateStatus](4)
+    out = _Outgoing(prepare.move, target_node, send, receive)
+    service._outgoing[out.move] = out
+    target = RemoteTarget(service, out, prepare)
+    folder: Path | None = None
+    try:
+        await target.prepare(pid)  # refused before freezing: CPU, busy pid, no space
+        IMAGES_ROOT.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f"out-{out.move}-", dir=IMAGES_ROOT))
+        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            release = getattr(tracer, "release", None)
+            if release is None:
+                raise MigrationFailed("the tracer cannot release a process yet (no `release`)")
+            await release(pid)
+            try:
+                report = await _move_with_hook(pid, dir_fd, target, after_restore)
+            except MigrationFailed:
+                with contextlib.suppress(DunixError, OSError):
+                    await tracer.seize(pid)  # type: ignore[attr-defined]
+                raise
+        finally:
+            os.close(dir_fd)
+    except MigrationFailed:
+        with contextlib.suppress(DunixError):
+            await service.links.send(target_node, MigrateAbort(out.move, "failed"))
+        raise
+    finally:
+        service._outgoing.pop(out.move, None)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+    return report, out
+
+
+async def _move_with_hook(
+    pid: int, dir_fd: int, target: RemoteTarget, after_restore: AfterRestore
+) -> driver.MoveReport:
+    class Hooked:
+        async def prepare(self, pid: int) -> None:
+            await target.prepare(pid)
+
+        async def send(self, images_dir_fd: int) -> None:
+            await target.send(images_dir_fd)
+
+        async def restore(self, images_dir_fd: int) -> int:
+            restored = await target.restore(images_dir_fd)
+            await after_restore(pid)
+            return restored
+
+        async def abort(self, pid: int) -> None:
+            await target.abort(pid)
+
+    return await driver.move(pid, dir_fd, Hooked(), shell_job=True, phase_timeout=STEP_TIMEOUT)

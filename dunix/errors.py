@@ -84,6 +84,10 @@ class StoreError(DunixError):
     """A storagefs local store is unusable (wrong node, bad path, damaged metadata)."""
 
 
+class TracerRefused(DunixError):
+    """A job's tracer could not release, seize or deputize a process; it says why."""
+
+
 ERROR_TYPES: dict[str, type[DunixError]] = {
     cls.__name__: cls
     for cls in (
@@ -102,6 +106,7 @@ ERROR_TYPES: dict[str, type[DunixError]] = {
         FdCaptureFailed,
         RemoteError,
         StoreError,
+        TracerRefused,
     )
 }
 

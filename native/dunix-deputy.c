@@ -11,11 +11,16 @@
  * that is not ignored (SIGCHLD excepted) and forwards it as `signal SIG`.
  *
  * Protocol: SOCK_SEQPACKET, one message per packet, fields separated by '\0'.
- *   deputy -> agent: `hello` SOCKFD, `signal` SIG
+ *   deputy -> agent: `hello` SOCKFD [`migrated`], `signal` SIG
  *   agent -> deputy: `ready`, `exit` CODE, `killed` SIG, `stop` SIG, and before `ready`
  *   only: `local` PATH (the remote start failed: exec PATH here, as the program asked)
  * The socket is /run/dunix/hosts/<nodename>/deputy.sock, else /run/dunix/deputy.sock;
  * DUNIX_DEPUTY_SOCKET overrides both (a test and debug knob).
+ *
+ * A migration deputy: the tracer made a process that ran here exec us (`deputize`) after
+ * CRIU moved it; argv is exactly {"dunix-deputy", "--migrated"}. Its hello carries
+ * `migrated`: the agent attaches it to the restored process instead of starting a program,
+ * and `local` means nothing to it (there is no program to run here).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -130,15 +135,24 @@ static void die_lost(void)
 	_exit(128 + SIGKILL);
 }
 
-static void send_msg(int sock, const char *a, long n)
+static void send_fields(int sock, const char *a, long n, const char *extra)
 {
 	char buf[64];
 	int len = snprintf(buf, sizeof(buf), "%s%c%ld", a, '\0', n);
+	if (extra)
+		len += snprintf(buf + len, sizeof(buf) - (size_t)len, "%c%s", '\0', extra);
 	while (send(sock, buf, (size_t)len, MSG_NOSIGNAL) < 0) {
 		if (errno != EINTR)
 			die_lost();
 	}
 }
+
+static void send_msg(int sock, const char *a, long n)
+{
+	send_fields(sock, a, n, NULL);
+}
+
+static int migrated; /* a migration deputy (see the top of this file) */
 
 static void die_by(int sig)
 {
@@ -286,7 +300,7 @@ static int obey(char *buf, ssize_t n, int ready, char **argv)
 		if (ok)
 			die_by((int)v);
 	} else if (strcmp(cmd, "local") == 0) {
-		if (!ready && *arg)
+		if (!ready && !migrated && *arg)
 			exec_local(arg, argv);
 	} else if (strcmp(cmd, "stop") == 0) {
 		v = field_num(arg, 1, NSIG - 1, &ok);
@@ -318,9 +332,9 @@ int main(int argc, char **argv)
 	ssize_t n, i;
 	int sock = connect_agent();
 
-	(void)argc;
-
-	send_msg(sock, "hello", sock);
+	migrated = argc == 2 && strcmp(argv[0], "dunix-deputy") == 0 &&
+		   strcmp(argv[1], "--migrated") == 0;
+	send_fields(sock, "hello", sock, migrated ? "migrated" : NULL);
 	for (;;) {
 		n = recv_msg(sock, buf, sizeof(buf));
 		if (obey(buf, n, 0, argv))

@@ -363,10 +363,7 @@ int main(int argc, char **argv)
 	close(ready[0]);
 	if (!opt.keep_pgrp)
 		setpgid(pid, pid); /* also here, so the group exists before anyone signals it */
-	long options = PTRACE_O_TRACEFORK | PTRACE_O_TRACEVFORK | PTRACE_O_TRACECLONE |
-		       PTRACE_O_TRACEEXEC | PTRACE_O_TRACESECCOMP | PTRACE_O_TRACEEXIT |
-		       PTRACE_O_EXITKILL;
-	if (ptrace(PTRACE_SEIZE, pid, NULL, (void *)options) < 0) {
+	if (ptrace(PTRACE_SEIZE, pid, NULL, (void *)(long)TRACE_OPTIONS) < 0) {
 		int e = errno;
 		kill(pid, SIGKILL);
 		die("PTRACE_SEIZE: %s", strerror(e));
@@ -386,8 +383,10 @@ int main(int argc, char **argv)
 	signal(SIGPIPE, SIG_IGN);
 
 	for (;;) {
-		struct pollfd p[2] = { { sigfd, POLLIN, 0 }, { agent_fd(), POLLIN, 0 } };
-		if (poll(p, 2, 1000) < 0 && errno != EINTR)
+		/* the released processes' pidfds wake us when one ends: maybe the last one */
+		struct pollfd p[2 + 64] = { { sigfd, POLLIN, 0 }, { agent_fd(), POLLIN, 0 } };
+		int np = 2 + released_pollfds(p + 2, 64);
+		if (poll(p, np, 1000) < 0 && errno != EINTR)
 			die("poll: %s", strerror(errno));
 		if (p[0].revents) { /* SIGCHLD coalesces; reap() collects every status */
 			struct signalfd_siginfo si[16];
@@ -396,7 +395,8 @@ int main(int argc, char **argv)
 		}
 		if (p[1].revents)
 			read_agent();
-		if (reap()) {
+		run_commands();
+		if (reap() && !released_pending()) {
 			emit("done", (char *)NULL);
 			return 0;
 		}

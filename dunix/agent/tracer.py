@@ -17,7 +17,7 @@ from pathlib import Path
 
 import trio
 
-from dunix.errors import DunixError
+from dunix.errors import DunixError, NoSuchProcess, TracerRefused
 
 NATIVE = Path(__file__).resolve().parents[2] / "native" / "build"
 TRACER = NATIVE / "dunix-tracer"
@@ -78,9 +78,52 @@ class Done:
     pass
 
 
+@dataclass(frozen=True)
+class Released:
+    """Answer to ``release``: no longer traced, left group-stopped (for CRIU)."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
+class Seized:
+    """Answer to ``seize``: traced again; a stop the release made is undone."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
+class Deputized:
+    """Answer to ``deputize``: the process execs the deputy in place (same PID, parent)."""
+
+    pid: int
+    node: str
+
+
+@dataclass(frozen=True)
+class CommandFailed:
+    """``error PID REASON``: a release, seize or deputize of ``pid`` did not happen."""
+
+    pid: int
+    reason: str
+
+
 TracerEvent = (
-    Started | Forked | Execed | WentRemote | Unmovable | Exited | Stopped | Continued | Done
+    Started
+    | Forked
+    | Execed
+    | WentRemote
+    | Unmovable
+    | Exited
+    | Stopped
+    | Continued
+    | Done
+    | Released
+    | Seized
+    | Deputized
+    | CommandFailed
 )
+Answer = Released | Seized | Deputized | CommandFailed
 
 
 def parse_event(packet: bytes) -> TracerEvent:
@@ -106,6 +149,14 @@ def parse_event(packet: bytes) -> TracerEvent:
             return Continued(int(args[0]))
         if kind == "done":
             return Done()
+        if kind == "released":
+            return Released(int(args[0]))
+        if kind == "seized":
+            return Seized(int(args[0]))
+        if kind == "deputized":
+            return Deputized(int(args[0]), args[1])
+        if kind == "error":
+            return CommandFailed(int(args[0]), args[1])
     except (IndexError, ValueError):
         pass
     raise DunixError(f"tracer sent an unreadable message: {packet[:80]!r}")
@@ -151,14 +202,29 @@ def tracer_argv(ctx: JobContext, argv: Sequence[str]) -> list[str]:
     return [*out, *ctx.extra, "--", *argv]
 
 
+class _Waiter:
+    """One ``release``/``seize``/``deputize`` waiting for the tracer's answer."""
+
+    def __init__(self, answer: type[Answer]) -> None:
+        self.answer = answer
+        self.done = trio.Event()
+        self.reply: Answer | None = None
+
+
 class Tracer:
-    """A running tracer: ``events()`` yields what it reports, ``send`` pushes data to it."""
+    """A running tracer: ``events()`` yields what it reports, ``send`` pushes data to it.
+
+    ``release``, ``seize`` and ``deputize`` return when the tracer answered; the answers
+    arrive through ``next_event`` (which also returns them), so the job's event reader
+    (``JobService.follow`` in the agent) must be running meanwhile.
+    """
 
     def __init__(self, pid: int, sock: socket.socket) -> None:
         self.pid = pid
         self._sock = trio.socket.from_stdlib_socket(sock)
         self._pidfd = os.pidfd_open(pid)
         self.returncode: int | None = None
+        self._waiters: dict[int, list[_Waiter]] = {}
 
     @classmethod
     def spawn(cls, ctx: JobContext, argv: Sequence[str], fds: dict[int, int]) -> Tracer:
@@ -209,7 +275,76 @@ class Tracer:
     async def next_event(self) -> TracerEvent | None:
         """The next event; None once the tracer has closed its socket."""
         data = await self._sock.recv(65536)
-        return parse_event(data) if data else None
+        if not data:
+            self._answer_all(CommandFailed(0, "the tracer is gone"))
+            return None
+        event = parse_event(data)
+        if isinstance(event, Released | Seized | Deputized | CommandFailed):
+            self._answer(event)
+        return event
+
+    async def release(self, pid: int) -> None:
+        """Stop tracing ``pid`` (only it) and leave it stopped, so CRIU can seize it.
+
+        Until ``seize`` or ``deputize``, it must stay stopped: under the job's seccomp
+        filter an exec without a tracer fails with ENOSYS."""
+        await self._command(Released, "release", pid)
+
+    async def seize(self, pid: int) -> None:
+        """Trace ``pid`` again; if the release stopped it, it goes on."""
+        await self._command(Seized, "seize", pid)
+
+    async def deputize(self, pid: int, node: str) -> None:
+        """Turn ``pid`` into the deputy of a process now running on ``node`` (x86_64).
+
+        The tracer makes it exec the deputy in place (same PID, parent, fds); the deputy
+        then says ``hello`` with a ``migrated`` flag (docs/run.md)."""
+        await self._command(Deputized, "deputize", pid, node)
+
+    async def hold_forks(self, on: bool) -> None:
+        """New processes stay at their first stop (not run yet) until ``resume``,
+        ``release`` or ``deputize`` (groundwork for placement at fork time)."""
+        await self.send("hold", int(on))
+
+    async def resume(self, pid: int) -> None:
+        await self.send("resume", pid)
+
+    async def _command(self, answer: type[Answer], kind: str, pid: int, *rest: str) -> Answer:
+        waiter = _Waiter(answer)
+        self._waiters.setdefault(pid, []).append(waiter)
+        try:
+            await self.send(kind, pid, *rest)
+        except OSError as exc:
+            self._waiters[pid].remove(waiter)
+            raise TracerRefused(f"{kind} {pid}: tracer unreachable: {exc}") from None
+        await waiter.done.wait()
+        reply = waiter.reply
+        if isinstance(reply, CommandFailed):
+            if reply.reason in ("no such process traced", "exited") or "No such process" in (
+                reply.reason
+            ):
+                raise NoSuchProcess(f"{kind} {pid}: {reply.reason}")
+            raise TracerRefused(f"{kind} {pid}: {reply.reason}")
+        assert reply is not None
+        return reply
+
+    def _answer(self, event: Answer) -> None:
+        waiters = self._waiters.get(event.pid, [])
+        for waiter in waiters:
+            if isinstance(event, CommandFailed | waiter.answer):
+                waiters.remove(waiter)
+                waiter.reply = event
+                waiter.done.set()
+                break
+        if not waiters:
+            self._waiters.pop(event.pid, None)
+
+    def _answer_all(self, failure: CommandFailed) -> None:
+        for pid, waiters in self._waiters.items():
+            for waiter in waiters:
+                waiter.reply = CommandFailed(pid, failure.reason)
+                waiter.done.set()
+        self._waiters.clear()
 
     async def wait(self) -> int:
         """Reap the tracer (it exits after ``done``); its raw wait status."""

@@ -125,6 +125,10 @@ void read_agent(void)
 			set_slots(f + 1, nf - 1);
 		else if (!strcmp(f[0], "mode") && nf > 1)
 			set_mode(f[1]);
+		else if (!strcmp(f[0], "release") || !strcmp(f[0], "seize") ||
+			 !strcmp(f[0], "deputize") || !strcmp(f[0], "hold") ||
+			 !strcmp(f[0], "resume"))
+			queue_command(f, nf);
 		else if (!strcmp(f[0], "quit"))
 			quit_requested = 1; /* by the main loop, when no tracee is in our hands */
 	}

@@ -45,6 +45,11 @@ void place_init(const char *path)
 	deputy_ok = deputy && deputy[0] == '/' && access(deputy, X_OK) == 0;
 }
 
+const char *deputy_path(void)
+{
+	return deputy_ok ? deputy : NULL;
+}
+
 static int read_string(pid_t pid, unsigned long addr, char *buf, size_t size)
 {
 	size_t got = 0;
@@ -74,7 +79,7 @@ static int read_string(pid_t pid, unsigned long addr, char *buf, size_t size)
 	return -1;
 }
 
-static int write_memory(pid_t pid, unsigned long addr, const void *data, size_t len)
+int write_memory(pid_t pid, unsigned long addr, const void *data, size_t len)
 {
 	struct iovec local = { (void *)data, len }, remote = { (void *)addr, len };
 	if (process_vm_writev(pid, &local, 1, &remote, 1, 0) == (ssize_t)len)

@@ -45,13 +45,41 @@ struct tracee *tracee_add(pid_t pid, pid_t tgid)
 	return t;
 }
 
-static void forget(pid_t pid)
+void forget(pid_t pid)
 {
 	struct tracee *t = tracee_find(pid);
 	if (!t)
 		return;
 	free(t->path);
+	free(t->node);
+	free(t->saved);
 	*t = tracees[--ntracees];
+}
+
+int tracee_any_of(pid_t tgid)
+{
+	for (size_t i = 0; i < ntracees; i++)
+		if (tracees[i].tgid == tgid)
+			return 1;
+	return 0;
+}
+
+void want_process(pid_t tgid, enum want want)
+{
+	for (size_t i = 0; i < ntracees; i++) {
+		if (tracees[i].tgid != tgid)
+			continue;
+		tracees[i].want = want;
+		ptrace(PTRACE_INTERRUPT, tracees[i].pid, NULL, NULL);
+	}
+}
+
+/* A new thread of a process being released is released with it. */
+static void inherit_want(struct tracee *t)
+{
+	struct tracee *leader = t->tgid != t->pid ? tracee_find(t->tgid) : NULL;
+	if (leader && leader->want == WANT_RELEASE)
+		t->want = WANT_RELEASE;
 }
 
 /* Tgid and PPid of a task from /proc; 0 on success. */
@@ -85,6 +113,8 @@ struct tracee *tracee_meet(pid_t pid)
 	if (proc_ids(pid, &tgid, &ppid) < 0)
 		tgid = pid;
 	struct tracee *t = tracee_add(pid, tgid);
+	t->fresh = 1;
+	inherit_want(t);
 	if (tgid == pid && ppid > 0) {
 		char p[16], c[16];
 		snprintf(p, sizeof p, "%d", ppid);
@@ -94,7 +124,7 @@ struct tracee *tracee_meet(pid_t pid)
 	return t;
 }
 
-static int is_stop_signal(int sig)
+int is_stop_signal(int sig)
 {
 	return sig == SIGSTOP || sig == SIGTSTP || sig == SIGTTIN || sig == SIGTTOU;
 }
@@ -107,7 +137,9 @@ static void on_new_task(pid_t parent, pid_t child, int event)
 	pid_t tgid = child, ppid;
 	if (event == PTRACE_EVENT_CLONE && proc_ids(child, &tgid, &ppid) < 0)
 		tgid = child;
-	tracee_add(child, tgid);
+	struct tracee *t = tracee_add(child, tgid);
+	t->fresh = 1;
+	inherit_want(t);
 	if (tgid == child) {
 		char p[16], c[16];
 		snprintf(p, sizeof p, "%d", pt ? pt->tgid : parent);
@@ -173,13 +205,18 @@ static void on_status(pid_t pid, int status)
 			snprintf(s, sizeof s, "%d", status);
 			emit_pid("exit", pid, s);
 		}
+		if (t)
+			on_wanted_exit(t);
 		forget(pid);
 		return;
 	}
 	if (!WIFSTOPPED(status))
 		return;
-	if (!tracee_find(pid))
-		tracee_meet(pid);
+	struct tracee *me = tracee_find(pid);
+	if (!me)
+		me = tracee_meet(pid);
+	if ((me->want != WANT_NONE || me->injected) && on_wanted_stop(me, status))
+		return; /* release, deputize: see control.c */
 	int sig = WSTOPSIG(status), event = (unsigned)status >> 16;
 	int inject = 0;
 	switch (event) {
@@ -188,6 +225,24 @@ static void on_status(pid_t pid, int status)
 		break;
 	case PTRACE_EVENT_STOP: {
 		struct tracee *t = tracee_find(pid);
+		if (t && t->quiet && is_stop_signal(sig)) { /* our stop: the SIGCONT is on its way */
+			ptrace(PTRACE_LISTEN, pid, NULL, NULL);
+			return;
+		}
+		if (t && t->quiet) {
+			t->quiet = 0;
+			break;
+		}
+		int first = t && t->fresh;
+		if (t)
+			t->fresh = 0;
+		if (first && !is_stop_signal(sig)) { /* the first stop of a new task */
+			if (hold_forks && t->tgid == pid) {
+				t->held = 1; /* until `resume`, `release` or `deputize` */
+				return;
+			}
+			break;
+		}
 		if (is_stop_signal(sig)) { /* group-stop: stay stopped until SIGCONT */
 			if (t && t->tgid == pid && !t->stopped) {
 				char s[16];
@@ -217,13 +272,19 @@ static void on_status(pid_t pid, int status)
 	case PTRACE_EVENT_SECCOMP:
 		on_exec_stop(pid);
 		break;
-	case PTRACE_EVENT_EXEC:
+	case PTRACE_EVENT_EXEC: {
 		on_exec_event(pid);
+		struct tracee *t = tracee_find(pid);
+		if (t && t->injected)
+			on_deputy_exec(t); /* the deputy runs only after the agent heard of it */
 		break;
+	}
 	default: /* PTRACE_EVENT_EXIT and anything else */
 		break;
 	}
-	ptrace(PTRACE_CONT, pid, NULL, (void *)(long)inject);
+	struct tracee *t = tracee_find(pid);
+	/* an injected exec is followed to its syscall-exit-stop, where a failure shows */
+	ptrace(t && t->injected ? PTRACE_SYSCALL : PTRACE_CONT, pid, NULL, (void *)(long)inject);
 }
 
 /* Collects every pending wait status; returns 1 once no tracee is left. */

@@ -144,3 +144,44 @@ def untraced(argv: Sequence[str], timeout: float = 30.0) -> subprocess.Completed
 def wait_exec(run: TracerRun, path_end: str, timeout: float = 10.0) -> int:
     m = run.wait_for(lambda m: m[0] == "exec" and m[2].endswith(path_end), timeout)
     return int(m[1])
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    """/proc/PID/status as a dict (State, TracerPid, SigBlk ...)."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            out[key] = value.strip()
+    return out
+
+
+class FakeAgent:
+    """The agent's deputy socket, as far as one deputy needs it: it answers `hello` with
+    `ready` and then `exit CODE` (DUNIX_DEPUTY_SOCKET=path points a deputy here)."""
+
+    def __init__(self, path: Path, code: int) -> None:
+        self.path = path
+        self.code = code
+        self.hello: list[str] = []
+        self.peer_pid = 0
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._listener.bind(str(path))
+        self._listener.listen(1)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self._listener.accept()
+        with conn:
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            self.peer_pid = int.from_bytes(creds[:4], "little")
+            self.hello = conn.recv(4096).decode().split("\0")
+            conn.send(b"ready")
+            time.sleep(0.1)  # the deputy closes its fds after `ready`
+            conn.send(f"exit\0{self.code}".encode())
+            conn.recv(4096)  # EOF once it exited
+
+    def join(self, timeout: float = 10.0) -> None:
+        self._thread.join(timeout)
+        self._listener.close()

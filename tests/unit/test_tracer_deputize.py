@@ -1,0 +1,231 @@
+"""The tracer's `release`, `seize` and `deputize` (docs/run.md, "Tracer protocol"): a
+process at home is handed to CRIU and back, or turned into a deputy in place.
+
+Needs root and a C compiler, as tests/unit/test_tracer.py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import time
+
+import pytest
+import trio
+from tracer_harness import (
+    TRACER,
+    Message,
+    TracerRun,
+    build_native,
+    proc_status,
+    wait_exec,
+)
+
+from dunix.agent.tracer import (
+    CommandFailed,
+    Done,
+    Exited,
+    JobContext,
+    Released,
+    Seized,
+    Tracer,
+)
+from dunix.errors import NoSuchProcess, TracerRefused
+
+pytestmark = pytest.mark.skipif(
+    sys.platform != "linux" or os.geteuid() != 0 or shutil.which("cc") is None,
+    reason="needs Linux, root and a C compiler",
+)
+
+PY = sys.executable
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tracer_built() -> None:
+    build_native()
+    assert TRACER.exists()
+
+
+def command(run: TracerRun, *fields: str, timeout: float = 10.0) -> Message:
+    """Sends a command about a pid and returns the tracer's answer to it (or `error`)."""
+    kind, pid = fields[0], fields[1]
+    reply = {"release": "released", "seize": "seized", "deputize": "deputized"}[kind]
+    seen = len(run.messages)
+    run.send(*fields)
+    return run.wait_for(
+        lambda m: m[0] in (reply, "error") and m[1] == pid and run.messages.index(m) >= seen,
+        timeout,
+    )
+
+
+def wait_state(pid: int, state: str, timeout: float = 10.0) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = proc_status(pid)
+        if status["State"].startswith(state) or time.monotonic() > deadline:
+            return status
+        time.sleep(0.01)
+
+
+def release(run: TracerRun, pid: int) -> None:
+    assert command(run, "release", str(pid)) == ("released", str(pid))
+
+
+# ------------------------------------------------------------------ release and seize
+
+
+def test_release_leaves_it_stopped_and_untraced_seize_lets_it_go_on() -> None:
+    run = TracerRun(["sh", "-c", "sleep 0.2; echo x; exit 7"])
+    pid = wait_exec(run, "/sh")
+    release(run, pid)
+    status = wait_state(pid, "T")
+    assert status["State"].startswith("T (stopped)") and status["TracerPid"] == "0"
+    time.sleep(0.3)  # the sleep ends meanwhile; the shell stays stopped
+    assert proc_status(pid)["State"].startswith("T")
+    assert command(run, "seize", str(pid)) == ("seized", str(pid))
+    r = run.finish()
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "x\n"
+    assert os.WEXITSTATUS(r.first_status) == 7
+    kinds = [m[0] for m in r.messages]
+    assert kinds.index("released") < kinds.index("seized") < kinds.index("done")
+    # nothing about the shell between its release and its seize
+    between = r.messages[kinds.index("released") + 1 : kinds.index("seized")]
+    assert all(m[1] != str(pid) for m in between), r.messages
+
+
+def test_a_stopped_process_stays_stopped_across_release_and_seize() -> None:
+    run = TracerRun(["sleep", "30"])
+    pid = wait_exec(run, "/sleep")
+    os.kill(pid, signal.SIGSTOP)
+    run.wait_for(lambda m: m[0] == "stopped")
+    release(run, pid)
+    assert command(run, "seize", str(pid)) == ("seized", str(pid))
+    time.sleep(0.1)
+    assert proc_status(pid)["State"].startswith("t")  # stopped, traced by us again
+    os.kill(pid, signal.SIGCONT)
+    run.wait_for(lambda m: m[0] == "continued")
+    os.kill(pid, signal.SIGTERM)
+    r = run.finish()
+    assert os.WTERMSIG(r.first_status) == signal.SIGTERM
+
+
+THREADS = r"""
+import threading, time
+done = []
+def work(i):
+    time.sleep(0.3)
+    done.append(i)
+ts = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+[t.start() for t in ts]
+print("up", flush=True)
+[t.join() for t in ts]
+print(sorted(done))
+"""
+
+
+def test_release_takes_every_thread_and_seize_brings_them_back() -> None:
+    run = TracerRun([PY, "-c", THREADS])
+    pid = wait_exec(run, os.path.basename(PY))
+    assert run.proc.stdout is not None
+    assert run.proc.stdout.readline() == b"up\n"
+    release(run, pid)
+    tasks = os.listdir(f"/proc/{pid}/task")
+    assert len(tasks) == 4
+    for tid in tasks:
+        status = wait_state(int(tid), "T")
+        assert status["State"].startswith("T") and status["TracerPid"] == "0", (tid, status)
+    assert command(run, "seize", str(pid)) == ("seized", str(pid))
+    r = run.finish()
+    assert r.stdout == "[0, 1, 2]\n"
+    assert os.WEXITSTATUS(r.first_status) == 0
+
+
+def test_the_tracer_waits_for_a_released_orphan() -> None:
+    """Its last tracee released, the tracer stays (the agent may seize it again), and
+    says `done` when that process is gone."""
+    for seize_again in (True, False):
+        run = TracerRun(["sh", "-c", "sleep 0.5 & exit 0"])
+        first, child = run_first(run), wait_exec(run, "/sleep")
+        release(run, child)
+        run.wait_for(lambda m, first=first: m[:2] == ("exit", str(first)))
+        time.sleep(0.2)
+        assert run.proc.poll() is None and ("done",) not in run.messages
+        if seize_again:
+            assert command(run, "seize", str(child)) == ("seized", str(child))
+            r = run.finish()
+            assert (("exit", str(child), "0")) in r.messages
+        else:
+            os.kill(child, signal.SIGKILL)
+            r = run.finish()
+            assert not [m for m in r.messages if m[0] == "exit" and m[1] == str(child)]
+        assert r.messages[-1] == ("done",) and r.returncode == 0
+
+
+def run_first(run: TracerRun) -> int:
+    return int(run.wait_for(lambda m: m[0] == "started")[1])
+
+
+def test_errors() -> None:
+    run = TracerRun(["sleep", "30"])
+    pid = wait_exec(run, "/sleep")
+    assert command(run, "release", "999999") == ("error", "999999", "no such process traced")
+    assert command(run, "seize", str(pid)) == ("error", str(pid), "traced already")
+    release(run, pid)
+    assert command(run, "release", str(pid)) == ("error", str(pid), "released already")
+    assert command(run, "seize", str(pid)) == ("seized", str(pid))
+    os.kill(pid, signal.SIGKILL)
+    r = run.finish()
+    assert os.WTERMSIG(r.first_status) == signal.SIGKILL
+
+
+# ------------------------------------------------------------------ the agent's methods
+
+
+def job_context() -> JobContext:
+    return JobContext(0, 0, (0,), 0o022, "/", dict(os.environ))
+
+
+def test_python_release_and_seize() -> None:
+    async def main() -> None:
+        out_r, out_w = os.pipe()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        try:
+            tracer = Tracer.spawn(
+                job_context(), ["sh", "-c", "sleep 0.2; echo back"], {0: devnull, 1: out_w, 2: 2}
+            )
+        finally:
+            os.close(out_w)
+            os.close(devnull)
+        events: list[object] = []
+
+        async def follow() -> None:
+            while (event := await tracer.next_event()) is not None:
+                events.append(event)
+                if isinstance(event, Done):
+                    return
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follow)
+            while not events:
+                await trio.sleep(0.01)
+            first = events[0].pid  # type: ignore[attr-defined]
+            await tracer.release(first)
+            assert proc_status(first)["TracerPid"] == "0"
+            with pytest.raises(TracerRefused, match="released already"):
+                await tracer.release(first)
+            with pytest.raises(NoSuchProcess):
+                await tracer.seize(999999)
+            await tracer.seize(first)
+            with pytest.raises(TracerRefused, match="traced already"):
+                await tracer.seize(first)
+        assert os.read(out_r, 100) == b"back\n"
+        os.close(out_r)
+        await tracer.wait()
+        tracer.close()
+        assert Released(first) in events and Seized(first) in events
+        assert any(isinstance(e, CommandFailed) for e in events)
+        assert Exited(first, 0) in events
+
+    trio.run(main)

@@ -269,6 +269,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         "tls_dir": args.tls_dir,
         "state_dir": args.state_dir,
         "discover": True if args.discover else None,
+        "storagefs": True if args.storagefs else None,
     }
     config = load_config(args.config, overrides)
     logging.basicConfig(
@@ -415,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-dir", type=Path, help="folder with ca.pem, NAME.pem, NAME.key")
     p.add_argument("--state-dir", type=Path, help="folder for the agent's own files")
     p.add_argument("--discover", action="store_true", help="find peers by UDP multicast")
+    p.add_argument("--storagefs", action="store_true", help="mount the shared tree at /dunix/fs")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_agent)
 

@@ -9,6 +9,7 @@ Example ``/etc/dunix/dunix.toml``::
     control = "/run/dunix/control.sock"
     tls_dir = "/etc/dunix/tls"
     sample_interval = 1.0          # seconds between load samples
+    storagefs = true               # mount the shared file tree at /dunix/fs
     discover = false               # UDP multicast discovery on the local segment
     cpu_flags = []                 # advertise only these CPU flags (empty: all)
     pid_ranges = true              # job pids from this node's range (needs pid_max 2**22)
@@ -53,6 +54,16 @@ class AgentConfig:
     peer_queue: int = 256
     query_timeout: float = 1.0  # seconds to wait for peers' answers (ps, kill)
     placement: str = "auto"  # default placement mode of jobs: auto, local, remote
+    # storagefs (dunix/agent/storage.py): the one file tree, mounted in the agent's mount
+    # namespace. Off unless asked for (`storagefs = true`, `dunix agent --storagefs`; the
+    # simulated cluster's agents ask), so an agent started on a machine by a test never
+    # mounts over the machine's /dunix/fs.
+    storagefs: bool = False
+    storagefs_mount: Path = Path("/dunix/fs")
+    storagefs_store: Path = DEFAULT_STATE_DIR / "local" / "storagefs"  # the local disk folder
+    storagefs_timeout: float = 10.0  # seconds an owner may take to answer a file request
+    storagefs_deadline: float = 1.0  # seconds a lookup waits for silent peers
+    storagefs_negative_ttl: float = 5.0  # "no such file" is cached; any creation drops it
     pid_ranges: bool = True  # keep job pids in this node's range (dunix/pid/steer.py)
     membership: dict[str, Any] = field(default_factory=dict)
 
@@ -72,7 +83,7 @@ def split_address(address: str, default_port: int = DEFAULT_PORT) -> tuple[str, 
         raise ConfigError(f"bad address {address!r}: the port must be a number") from None
 
 
-_PATHS = {"control", "tls_dir", "state_dir"}
+_PATHS = {"control", "tls_dir", "state_dir", "storagefs_mount", "storagefs_store"}
 
 
 def load_config(path: Path | None, overrides: dict[str, Any]) -> AgentConfig:

@@ -33,6 +33,7 @@ from dunix.agent.jobs import JobService
 from dunix.agent.migration import MigrationService
 from dunix.agent.peers import PeerLinks
 from dunix.agent.remote import JOB_MESSAGES, JobLinks, RemoteService
+from dunix.agent.storage import STORAGE_MESSAGES, StorageService
 from dunix.errors import DunixError
 from dunix.fdmove import STREAM_MESSAGES
 from dunix.fdmove.deputy import DeputyListener
@@ -85,6 +86,7 @@ class Agent:
         self._wake = trio.Event()
         self._links: PeerLinks | None = None
         self.control = ControlService(self)
+        self.storage = StorageService(self)
 
     # -- views used by the control service --------------------------------------------
 
@@ -155,6 +157,8 @@ class Agent:
         log.info("member %s (%s) is now %s", member.name, member.address, event.kind)
         if event.kind in ("dead", "left") and self._links is not None:
             self._links.forget(member.address)
+        if event.kind in ("dead", "left"):
+            self.storage.peer_gone(member.node_id)
         record = NodeEvent(event.kind, self.node_info(member), time.time())
         for send in list(self._watchers):
             try:
@@ -254,6 +258,8 @@ class Agent:
                     hub.deliver(msg)
                 elif isinstance(msg, JOB_MESSAGES):
                     self.remote.on_peer_message(peer, msg)
+                elif isinstance(msg, STORAGE_MESSAGES):
+                    self.storage.on_peer_message(msg)
                 elif isinstance(msg, MIGRATE_PEER_MESSAGES):
                     self.migration.on_peer_message(peer, msg)
                 else:
@@ -299,6 +305,8 @@ class Agent:
                 connect_timeout=cfg.connect_timeout,
             )
             await nursery.start(serve_tls, cfg.listen, self.identity, self._on_tls)
+            if cfg.storagefs:
+                await nursery.start(self.storage.run)
             await nursery.start(
                 functools.partial(serve_unix, str(cfg.control), self.control.serve, name=cfg.name)
             )

@@ -75,6 +75,7 @@ def default_agent_argv(host: HostInfo) -> list[str]:
         argv += ["--join", f"{SUBNET}.1:{AGENT_PORT}"]
     argv += ["--control", str(host.control_socket), "--tls-dir", str(host.tls_dir)]
     argv += ["--state-dir", str(host.runtime_dir)]
+    argv += ["--storagefs"]  # /dunix/fs in every host (dunix/agent/storage.py)
     return argv
 
 

@@ -12,9 +12,12 @@ cluster CA (``dunix keygen --client NAME``).
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import signal
 import socket
+import termios
+import tty
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -44,6 +47,7 @@ from dunix.wire.jobs import (
     RunRequest,
     RunSignal,
     RunStarted,
+    RunStopped,
 )
 from dunix.wire.migrate import MigrateReply, MigrateRequest
 
@@ -68,6 +72,49 @@ def control_sockets() -> list[Path]:
     found = [DEFAULT_CONTROL] if DEFAULT_CONTROL.exists() else []
     found += sorted(CLUSTER_HOSTS.glob("*/control.sock"))
     return found
+
+
+class _TerminalMode:
+    """The caller's terminal during a run: raw while the job has it, as it was otherwise."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.saved = termios.tcgetattr(fd)
+
+    def raw(self) -> None:
+        with contextlib.suppress(termios.error, OSError):
+            tty.setraw(self.fd, termios.TCSADRAIN)
+
+    def restore(self) -> None:
+        with contextlib.suppress(termios.error, OSError):
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+
+
+def _orphaned_group() -> bool:
+    """Whether our process group is orphaned (no member's parent is in another group of
+    our session): the kernel then drops SIGTSTP, SIGTTIN and SIGTTOU (signal(7))."""
+    pgrp, sid = os.getpgrp(), os.getsid(0)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry)) != pgrp:
+                continue
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if os.getpgid(ppid) != pgrp and os.getsid(ppid) == sid:
+                return False
+        except (OSError, ValueError, IndexError):
+            continue
+    return True
+
+
+def _stop_self(signum: int) -> None:
+    """Stop as the job did, so our shell sees a stopped job; SIGCONT continues us."""
+    stops = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+    if signum not in stops or _orphaned_group():
+        signum = signal.SIGSTOP
+    os.kill(os.getpid(), signum)
 
 
 class Client:
@@ -165,6 +212,11 @@ class Client:
         The job runs as the caller (the agent reads the uid from the socket), in ``cwd``
         with ``env`` (default: this process's), and gets ``fds`` as its 0, 1, 2, ....
         Signals in ``forward_signals`` that this process receives go to the job.
+
+        When ``fds[0]`` is a terminal, the job gets a pty of its own relayed to it
+        (docs/run.md, "Terminal"): this terminal is raw while the job runs and restored
+        after; when the job stops (Ctrl-Z) this process stops too, and SIGCONT continues
+        both; window size changes follow.
         """
         if umask is None:
             umask = os.umask(0o022)
@@ -182,29 +234,45 @@ class Client:
         stream = self.channel.stream
         if not isinstance(stream, trio.SocketStream):
             raise PeerUnreachable("`dunix run` needs a local agent (the control socket)")
+        terminal = _TerminalMode(fds[0]) if fds and os.isatty(fds[0]) else None
+        watched = tuple(forward_signals)
+        if terminal is not None:
+            watched += (signal.SIGWINCH, signal.SIGCONT)
         await stream.socket.sendmsg(
             [b"F"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
         )
-        with trio.open_signal_receiver(*forward_signals) as signals:
-            async with trio.open_nursery() as nursery:
+        try:
+            with trio.open_signal_receiver(*watched) as signals:
+                async with trio.open_nursery() as nursery:
 
-                async def forward() -> None:
-                    async for signum in signals:
-                        await self.channel.send(RunSignal(signum))
+                    async def forward() -> None:
+                        async for signum in signals:
+                            if signum == signal.SIGCONT and terminal is not None:
+                                terminal.raw()  # our shell gave the terminal back
+                            await self.channel.send(RunSignal(signum))
 
-                nursery.start_soon(forward)
-                while True:
-                    reply = await self.channel.receive()
-                    if isinstance(reply, ErrorReply):
-                        raise reply.to_exc()
-                    if isinstance(reply, RunStarted):
-                        if on_started is not None:
-                            on_started(reply)
-                    elif isinstance(reply, RunExited):
-                        nursery.cancel_scope.cancel()
-                        return reply.status
-                    else:
-                        raise ProtocolError(f"unexpected {type(reply).__name__} during a run")
+                    nursery.start_soon(forward)
+                    while True:
+                        reply = await self.channel.receive()
+                        if isinstance(reply, ErrorReply):
+                            raise reply.to_exc()
+                        if isinstance(reply, RunStarted):
+                            if terminal is not None:
+                                terminal.raw()  # the agent has copied its settings
+                            if on_started is not None:
+                                on_started(reply)
+                        elif isinstance(reply, RunStopped):
+                            if terminal is not None:
+                                terminal.restore()
+                            _stop_self(reply.signal)
+                        elif isinstance(reply, RunExited):
+                            nursery.cancel_scope.cancel()
+                            return reply.status
+                        else:
+                            raise ProtocolError(f"unexpected {type(reply).__name__} during a run")
+        finally:
+            if terminal is not None:
+                terminal.restore()
         raise AssertionError("unreachable")
 
     async def ps(self) -> PsReply:
@@ -237,3 +305,26 @@ class Client:
             if not isinstance(event, NodeEvent):
                 raise ProtocolError(f"expected NodeEvent, got {type(event).__name__}")
             yield event
+
+
+# --- storagefs ----------------------------------------------------------------------------
+
+
+def storagefs_owner(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(owner node id, inode number) of a file under a storagefs mount; no agent is asked.
+
+    The owner is in the inode number's high bits (dunix.pid.devino; FUSE cannot set st_dev
+    per file). Node id 0 is the merged root, which every host has.
+    """
+    from dunix.errors import ConfigError
+    from dunix.pid.devino import split_ino
+
+    st = os.lstat(path)
+    dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    with open("/proc/self/mountinfo") as f:
+        fstypes = {line.split()[2]: line.split(" - ")[1].split()[0] for line in f}
+    if fstypes.get(dev) != "fuse.storagefs":
+        raise ConfigError(f"{path} is not in storagefs (/dunix/fs)")
+    if st.st_ino == 1:
+        return 0, 1
+    return split_ino(st.st_ino).node_id, st.st_ino

@@ -26,6 +26,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/ptrace.h>
 #include <sys/resource.h>
@@ -52,12 +53,13 @@ struct options {
 	struct { int res; struct rlimit lim; } *rlimits;
 	size_t nrlimits;
 	int keep_pgrp;
+	int ctty; /* --ctty FD: the job's controlling terminal */
 	int first_local; /* the first exec was placed already: it runs here */
 	const char *deputy;
 	char **argv;
 };
 
-static struct options opt = { .sock = -1 };
+static struct options opt = { .sock = -1, .ctty = -1 };
 
 void die(const char *fmt, ...)
 {
@@ -76,7 +78,7 @@ static void usage(const char *why)
 		PROG ": %s\n"
 		"usage: " PROG " --sock FD [--uid U --gid G --groups G1,G2 --umask 022 --cwd DIR]\n"
 		"       [--sigign HEX --sigblock HEX] [--rlimit RES:SOFT:HARD ...] [--keep-pgrp]\n"
-		"       [--first-local]\n"
+		"       [--first-local] [--ctty FD]\n"
 		"       [--deputy PATH] [--mode local|remote|auto] -- PROGRAM ARGV...\n", why);
 	exit(2);
 }
@@ -127,6 +129,23 @@ static void install_filter(void)
 	if (errno != EACCES || prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 ||
 	    prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) < 0)
 		child_fail("seccomp", NULL);
+}
+
+/* --ctty FD: the job's own terminal (a pty the agent relays). The tracer, a session
+ * leader, takes it as its controlling terminal; the first process's group becomes the
+ * foreground one. So Ctrl-C, Ctrl-Z and SIGWINCH reach the job's foreground group,
+ * /dev/tty opens, and that group is not orphaned (its parent, the tracer, is in the same
+ * session): the kernel drops SIGTSTP from the terminal to an orphaned group. */
+static void take_terminal(int fd)
+{
+	if (ioctl(fd, TIOCSCTTY, 0) < 0)
+		die("TIOCSCTTY on fd %d: %s", fd, strerror(errno));
+}
+
+static void give_terminal(int fd, pid_t pgrp)
+{
+	if (tcsetpgrp(fd, pgrp) < 0)
+		fprintf(stderr, PROG ": tcsetpgrp: %s\n", strerror(errno));
 }
 
 static void run_child(int ready, const sigset_t *orig_mask, const struct sigaction *orig_chld)
@@ -244,6 +263,8 @@ static void parse_args(int argc, char **argv)
 		const char *v = argv[++i];
 		if (!strcmp(a, "--sock")) {
 			opt.sock = (int)number(v, 10, "--sock");
+		} else if (!strcmp(a, "--ctty")) {
+			opt.ctty = (int)number(v, 10, "--ctty");
 		} else if (!strcmp(a, "--uid")) {
 			opt.uid = (uid_t)number(v, 10, "--uid");
 			opt.have_uid = 1;
@@ -349,6 +370,8 @@ int main(int argc, char **argv)
 	if (sigfd < 0)
 		die("signalfd: %s", strerror(errno));
 
+	if (opt.ctty >= 0)
+		take_terminal(opt.ctty);
 	int ready[2];
 	if (pipe2(ready, O_CLOEXEC) < 0)
 		die("pipe: %s", strerror(errno));
@@ -363,6 +386,8 @@ int main(int argc, char **argv)
 	close(ready[0]);
 	if (!opt.keep_pgrp)
 		setpgid(pid, pid); /* also here, so the group exists before anyone signals it */
+	if (opt.ctty >= 0)
+		give_terminal(opt.ctty, opt.keep_pgrp ? getpgrp() : pid);
 	if (ptrace(PTRACE_SEIZE, pid, NULL, (void *)(long)TRACE_OPTIONS) < 0) {
 		int e = errno;
 		kill(pid, SIGKILL);

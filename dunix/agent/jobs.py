@@ -109,6 +109,8 @@ class JobService:
         self.on_remote: Callable[[Job, WentRemote], None] | None = None
         self.on_started: dict[str, Callable[[Started], None]] = {}
         self.on_stopped: Callable[[Job, Stopped], None] | None = None
+        #: per job id: its first process stopped (`dunix run` then stops too)
+        self.on_first_stopped: dict[str, Callable[[Stopped], None]] = {}
         self.pid_steer = PidSteer() if agent.config.pid_ranges else None
 
     @property
@@ -194,6 +196,9 @@ class JobService:
         elif isinstance(event, Stopped):
             if self.on_stopped is not None:
                 self.on_stopped(job, event)
+            first_stopped = self.on_first_stopped.get(job.id)
+            if first_stopped is not None and event.pid == job.first_pid:
+                first_stopped(event)
         elif isinstance(event, Exited):
             self.procs.pop(event.pid, None)
             if event.pid == job.first_pid and job.status is None:

@@ -4,27 +4,37 @@ The client is a local process (the kernel vouches for its uid and gid); its stdi
 over the same socket by SCM_RIGHTS right after ``RunAccepted``, so the job's first process
 writes to the caller's own terminal or pipes. Signals the client receives arrive as
 ``RunSignal`` and go to the job's process group, as a terminal's Ctrl-C would; a client
-that goes away takes the job with it.
+that goes away takes the job with it. When the caller's fd 0 is a terminal, the job gets
+a pty of its own relayed to it (see ``dunix.agent.pty``); the first process stopping
+(Ctrl-Z) is sent as ``RunStopped`` so `dunix run` stops too, and its SIGCONT continues
+the job.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 import signal
 import socket
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import trio
 
 from dunix.agent.jobs import Job, JobService, user_groups
-from dunix.agent.tracer import Started
+from dunix.agent.pty import JobTerminal, same_terminal
+from dunix.agent.tracer import Started, Stopped
 from dunix.errors import AccessDenied, ConfigError, DunixError, ProtocolError
 from dunix.wire import Channel
-from dunix.wire.jobs import RunAccepted, RunExited, RunRequest, RunSignal, RunStarted
-
-if TYPE_CHECKING:
-    pass
+from dunix.wire.jobs import (
+    RunAccepted,
+    RunExited,
+    RunRequest,
+    RunSignal,
+    RunStarted,
+    RunStopped,
+)
 
 log = logging.getLogger("dunix.agent.run")
 
@@ -70,11 +80,25 @@ async def serve_run(jobs: JobService, channel: Channel, req: RunRequest) -> None
     job = Job(jobs.new_job_id(), uid, gid, groups, mode)
     await channel.send(RunAccepted(job.id))
     fds = await receive_fds(channel, req.nfds)
+    terminal: JobTerminal | None = None
     try:
-        tracer = jobs.start(job, ctx, list(req.argv), dict(enumerate(fds)))
+        child_fds = dict(enumerate(fds))
+        if fds and os.isatty(fds[0]):
+            terminal = JobTerminal(fds[0])
+            for n, fd in enumerate(fds):
+                if same_terminal(fds[0], fd):
+                    child_fds[n] = terminal.slave
+            ctx = dataclasses.replace(ctx, extra=(*ctx.extra, "--ctty", "0"))
+        tracer = jobs.start(job, ctx, list(req.argv), child_fds)
+    except BaseException:
+        if terminal is not None:
+            terminal.close()
+        raise
     finally:
         for fd in fds:
             os.close(fd)
+        if terminal is not None:
+            terminal.slave_given()
     await tracer.push_slots(jobs.agent.slot_table(mode))
     log.info("job %s for uid %d: %s", job.id, uid, " ".join(req.argv))
     try:
@@ -85,32 +109,68 @@ async def serve_run(jobs: JobService, channel: Channel, req: RunRequest) -> None
                 started.set()
 
             jobs.on_started[job.id] = on_started
+            if terminal is not None:
+                jobs.on_first_stopped[job.id] = _stopper(terminal, channel, nursery)
+                nursery.start_soon(terminal.run)
             nursery.start_soon(jobs.follow, job, tracer, req.argv[0])
-            nursery.start_soon(_client_signals, jobs, job, channel, nursery.cancel_scope)
+            nursery.start_soon(_client_signals, jobs, job, channel, nursery.cancel_scope, terminal)
             with trio.move_on_after(30):
                 await started.wait()
             if started.is_set():
                 await channel.send(RunStarted(job.id, jobs.gpid(job.first_pid), jobs.name))
             await job.finished.wait()
+            if terminal is not None:
+                await terminal.drained()
             status = job.status if job.status is not None else 0x7F00 | signal.SIGKILL
             await channel.send(RunExited(status))
             jobs.kill_job(job)  # an exited job leaves nothing behind
             nursery.cancel_scope.cancel()
     finally:
         jobs.on_started.pop(job.id, None)
+        jobs.on_first_stopped.pop(job.id, None)
+        if terminal is not None:
+            terminal.close()
         jobs.kill_job(job)
         jobs.forget(job)
         log.info("job %s ended with status %s", job.id, job.status)
 
 
+def _stopper(
+    terminal: JobTerminal, channel: Channel, nursery: trio.Nursery
+) -> Callable[[Stopped], None]:
+    """What to do when the job's first process stops: leave the caller's terminal to its
+    shell and tell the client, which stops itself (a shell then shows `dunix run` stopped)."""
+
+    def stopped(event: Stopped) -> None:
+        terminal.pause()
+
+        async def tell() -> None:
+            with contextlib.suppress(DunixError):
+                await channel.send(RunStopped(event.signal))
+
+        nursery.start_soon(tell)
+
+    return stopped
+
+
 async def _client_signals(
-    jobs: JobService, job: Job, channel: Channel, cancel: trio.CancelScope
+    jobs: JobService,
+    job: Job,
+    channel: Channel,
+    cancel: trio.CancelScope,
+    terminal: JobTerminal | None = None,
 ) -> None:
     """Forward the client's signals to the job; a client that hangs up ends the job."""
     try:
         async for msg in channel:
-            if isinstance(msg, RunSignal) and job.first_pid:
-                jobs.agent.remote.signal_group(job, msg.signal)
+            if not isinstance(msg, RunSignal) or not job.first_pid:
+                continue
+            if terminal is not None and msg.signal == signal.SIGWINCH:
+                terminal.resize()  # the kernel signals the job's foreground group
+                continue
+            if terminal is not None and msg.signal == signal.SIGCONT:
+                terminal.resume()
+            jobs.agent.remote.signal_group(job, msg.signal)
     except DunixError:
         pass
     if job.status is None:

@@ -2,7 +2,8 @@
 
 Client ⇄ agent (control socket): ``RunRequest`` → ``RunAccepted`` → the client passes its
 stdio with SCM_RIGHTS (one byte, right after ``RunAccepted``) → ``RunStarted`` →
-``RunSignal``* → ``RunExited``. ``PsRequest`` → ``PsReply``; ``KillRequest`` → ``KillReply``.
+``RunSignal``* / ``RunStopped``* → ``RunExited``. ``PsRequest`` → ``PsReply``;
+``KillRequest`` → ``KillReply``.
 
 Agent ⇄ agent (TLS link, fire and forget, answered by messages the other way):
 ``RemoteExec`` → ``RemoteStarted`` | ``RemoteFailed``; ``RemoteSignal``; ``RemoteExited``;
@@ -45,6 +46,14 @@ class RunStarted:
 @message
 @dataclass(frozen=True)
 class RunSignal:
+    signal: int
+
+
+@message
+@dataclass(frozen=True)
+class RunStopped:
+    """The job's first process stopped (Ctrl-Z in its terminal): the client stops too."""
+
     signal: int
 
 

@@ -223,6 +223,8 @@ int injected_stop(struct tracee *t, int status, char *err, size_t errsize)
 	int sig = WSTOPSIG(status), event = (unsigned)status >> 16;
 	if (event == PTRACE_EVENT_SECCOMP)
 		return 1; /* our execve at the job's filter: let it run */
+	if (event == PTRACE_EVENT_STOP)
+		return 1; /* a second trap of ours (seize of a stopped process, then interrupt) */
 	if (event != 0 || sig != (SIGTRAP | 0x80))
 		return 0;
 	struct __ptrace_syscall_info info;

@@ -8,13 +8,17 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import trio
 from tracer_harness import (
+    NATIVE,
     TRACER,
+    FakeAgent,
     Message,
     TracerRun,
     build_native,
@@ -24,7 +28,9 @@ from tracer_harness import (
 
 from dunix.agent.tracer import (
     CommandFailed,
+    Deputized,
     Done,
+    Execed,
     Exited,
     JobContext,
     Released,
@@ -44,7 +50,11 @@ PY = sys.executable
 @pytest.fixture(scope="session", autouse=True)
 def tracer_built() -> None:
     build_native()
-    assert TRACER.exists()
+    subprocess.run(["make", "-s", "-C", str(NATIVE), "build/dunix-deputy"], check=True)
+    assert TRACER.exists() and DEPUTY.exists()
+
+
+DEPUTY = NATIVE / "build" / "dunix-deputy"
 
 
 def command(run: TracerRun, *fields: str, timeout: float = 10.0) -> Message:
@@ -148,8 +158,10 @@ def test_the_tracer_waits_for_a_released_orphan() -> None:
     for seize_again in (True, False):
         run = TracerRun(["sh", "-c", "sleep 0.5 & exit 0"])
         first, child = run_first(run), wait_exec(run, "/sleep")
-        release(run, child)
+        # first the shell ends: a group orphaned while it has a stopped member gets
+        # SIGHUP and SIGCONT from the kernel (kernel/exit.c, kill_orphaned_pgrp)
         run.wait_for(lambda m, first=first: m[:2] == ("exit", str(first)))
+        release(run, child)
         time.sleep(0.2)
         assert run.proc.poll() is None and ("done",) not in run.messages
         if seize_again:
@@ -178,6 +190,106 @@ def test_errors() -> None:
     os.kill(pid, signal.SIGKILL)
     r = run.finish()
     assert os.WTERMSIG(r.first_status) == signal.SIGKILL
+
+
+# ------------------------------------------------------------------ deputize
+
+
+def deputize_job(
+    tmp: Path, program: str, *, deputy: Path = DEPUTY, before: tuple[Message, ...] = ()
+) -> tuple[TracerRun, FakeAgent, int, int]:
+    """A shell runs `program 7>file &` and waits for it; returns the run, the fake agent
+    the deputy will meet, the shell's pid and the program's pid."""
+    sock = tmp / "agent.sock"
+    agent = FakeAgent(sock, 5)
+    script = f"{program} 7>{tmp / 'held'} & c=$!; echo child=$c; wait $c; echo status=$?"
+    run = TracerRun(
+        ["sh", "-c", script],
+        ["--deputy", str(deputy)],
+        before=before,
+        env=dict(os.environ, DUNIX_DEPUTY_SOCKET=str(sock)),
+    )
+    first = int(run.wait_for(lambda m: m[0] == "started")[1])
+    child = int(run.wait_for(lambda m: m[0] == "fork" and m[1] == str(first))[2])
+    return run, agent, first, child
+
+
+def check_deputy(
+    run: TracerRun, agent: FakeAgent, first: int, child: int, held: bool = True
+) -> None:
+    """The deputy met the agent as the same process, with its fds (7: the file the shell
+    opened for it after the fork), and the shell's wait saw the agent's code."""
+    agent.join()
+    assert agent.hello[0] == "hello" and agent.hello[2:] == ["migrated"]
+    assert agent.peer_pid == child
+    seen = agent.at_hello
+    assert seen["exe"] == str(DEPUTY) and seen["ppid"] == first
+    fds = seen["fds"]
+    assert isinstance(fds, dict) and {0, 1, 2} <= set(fds)
+    assert fds.get(7, "/held").endswith("/held") and (7 in fds) == held
+    r = run.finish()
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"child={child}\nstatus=5\n"
+    assert ("exit", str(child), str(5 << 8)) in r.messages
+    assert r.messages[-1] == ("done",)
+
+
+BUSY = f"{PY} -c 'while True: pass'"
+STATIC_BUSY = "/bin/busybox sh -c 'while :; do :; done'"
+
+
+@pytest.mark.parametrize(
+    ("program", "state"),
+    [
+        ("sleep 30", "S"),  # stopped in a system call: rip-2
+        (BUSY, "R"),  # in user code: a syscall instruction from the vDSO or libc
+        ("/bin/busybox sleep 30", "S"),  # statically linked
+        (STATIC_BUSY, "R"),
+    ],
+)
+def test_deputize_keeps_pid_parent_and_fds(tmp_path: Path, program: str, state: str) -> None:
+    if program.startswith("/bin/busybox") and not os.path.exists("/bin/busybox"):
+        pytest.skip("busybox-static not installed")
+    run, agent, first, child = deputize_job(tmp_path, program)
+    run.wait_for(lambda m: m[0] == "exec" and m[1] == str(child))
+    assert wait_state(child, state)["State"][0] == state
+    assert command(run, "deputize", str(child), "n2") == ("deputized", str(child), "n2")
+    check_deputy(run, agent, first, child)
+
+
+def test_deputize_after_release_as_after_a_criu_dump(tmp_path: Path) -> None:
+    run, agent, first, child = deputize_job(tmp_path, "sleep 30")
+    run.wait_for(lambda m: m[0] == "exec" and m[1] == str(child))
+    release(run, child)
+    assert wait_state(child, "T")["TracerPid"] == "0"
+    assert command(run, "deputize", str(child), "n3") == ("deputized", str(child), "n3")
+    check_deputy(run, agent, first, child)
+
+
+def test_deputize_a_child_held_at_its_fork(tmp_path: Path) -> None:
+    run, agent, first, child = deputize_job(tmp_path, "sleep 30", before=(("hold", "1"),))
+    time.sleep(0.1)
+    assert wait_state(child, "t")["State"][0] == "t"  # held at its first stop
+    assert command(run, "deputize", str(child), "n2") == ("deputized", str(child), "n2")
+    check_deputy(run, agent, first, child, held=False)  # it had not run: no fd 7 yet
+    assert not [m for m in run.messages if m[0] == "exec" and m[1] == str(child)]
+
+
+@pytest.mark.parametrize("program", ["sleep 0.5", f"{PY} -c 'print(sum(range(10**7)))'"])
+def test_a_failed_exec_of_the_deputy_leaves_the_process_as_it_was(
+    tmp_path: Path, program: str
+) -> None:
+    deputy = tmp_path / "dunix-deputy"
+    shutil.copy(DEPUTY, deputy)
+    run, _agent, _first, child = deputize_job(tmp_path, program, deputy=deputy)
+    run.wait_for(lambda m: m[0] == "exec" and m[1] == str(child))
+    time.sleep(0.05)
+    deputy.chmod(0o644)  # the tracer checked it at start; now the exec fails
+    reply = command(run, "deputize", str(child), "n2")
+    assert reply == ("error", str(child), "exec of the deputy failed: Permission denied")
+    r = run.finish()
+    out = "49999995000000\n" if "sum" in program else ""
+    assert r.stdout == f"child={child}\n{out}status=0\n"
 
 
 # ------------------------------------------------------------------ the agent's methods
@@ -227,5 +339,45 @@ def test_python_release_and_seize() -> None:
         assert Released(first) in events and Seized(first) in events
         assert any(isinstance(e, CommandFailed) for e in events)
         assert Exited(first, 0) in events
+
+    trio.run(main)
+
+
+def test_python_deputize(tmp_path: Path) -> None:
+    agent = FakeAgent(tmp_path / "agent.sock", 5)
+    ctx = JobContext(0, 0, (0,), 0o022, "/", dict(os.environ, DUNIX_DEPUTY_SOCKET=str(agent.path)))
+
+    async def main() -> None:
+        out_r, out_w = os.pipe()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        try:
+            script = "sleep 30 & c=$!; wait $c; echo status=$?"
+            tracer = Tracer.spawn(ctx, ["sh", "-c", script], {0: devnull, 1: out_w, 2: 2})
+        finally:
+            os.close(out_w)
+            os.close(devnull)
+        events: list[object] = []
+
+        async def follow() -> None:
+            while (event := await tracer.next_event()) is not None:
+                events.append(event)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follow)
+            while not any(isinstance(e, Execed) and e.path.endswith("sleep") for e in events):
+                await trio.sleep(0.01)
+            child = next(
+                e.pid for e in events if isinstance(e, Execed) and e.path.endswith("sleep")
+            )
+            await tracer.deputize(child, "n2")
+            with pytest.raises(NoSuchProcess, match="cannot seize"):
+                await tracer.deputize(999999, "n2")
+            await tracer.wait()
+        assert os.read(out_r, 100) == b"status=5\n"
+        os.close(out_r)
+        tracer.close()
+        assert Deputized(child, "n2") in events
+        agent.join()
+        assert agent.peer_pid == child and agent.hello[2:] == ["migrated"]
 
     trio.run(main)

@@ -3,6 +3,8 @@ by a thread, `slots`/`mode` pushed on demand. See docs/run.md ("Tracer protocol"
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import subprocess
 import threading
@@ -165,6 +167,7 @@ class FakeAgent:
         self.code = code
         self.hello: list[str] = []
         self.peer_pid = 0
+        self.at_hello: dict[str, object] = {}  # exe, ppid and fds of the deputy then
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._listener.bind(str(path))
         self._listener.listen(1)
@@ -177,6 +180,7 @@ class FakeAgent:
             creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
             self.peer_pid = int.from_bytes(creds[:4], "little")
             self.hello = conn.recv(4096).decode().split("\0")
+            self.at_hello = _look_at(self.peer_pid)
             conn.send(b"ready")
             time.sleep(0.1)  # the deputy closes its fds after `ready`
             conn.send(f"exit\0{self.code}".encode())
@@ -185,3 +189,15 @@ class FakeAgent:
     def join(self, timeout: float = 10.0) -> None:
         self._thread.join(timeout)
         self._listener.close()
+
+
+def _look_at(pid: int) -> dict[str, object]:
+    fds = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            fds[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+    return {
+        "exe": os.readlink(f"/proc/{pid}/exe"),
+        "ppid": int(proc_status(pid)["PPid"]),
+        "fds": fds,
+    }

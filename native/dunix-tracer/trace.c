@@ -306,6 +306,13 @@ int reap(void)
 void detach_all_and_exit(void)
 {
 	alarm(10); /* a tracee that never stops must not keep us: EXITKILL ends it then */
+	for (size_t i = ntracees; i-- > 0;) {
+		if (!tracees[i].held)
+			continue;
+		/* in our hands already: no stop of its own will come */
+		ptrace(PTRACE_DETACH, tracees[i].pid, NULL, NULL);
+		forget(tracees[i].pid);
+	}
 	for (size_t i = 0; i < ntracees; i++)
 		ptrace(PTRACE_INTERRUPT, tracees[i].pid, NULL, NULL);
 	while (ntracees) {

@@ -235,6 +235,11 @@ def check_deputy(
 
 
 BUSY = f"{PY} -c 'while True: pass'"
+THREADED_SLEEP = (
+    "import threading, time; "
+    "[threading.Thread(target=time.sleep, args=(30,)).start() for _ in range(3)]; "
+    "time.sleep(30)"
+)
 STATIC_BUSY = "/bin/busybox sh -c 'while :; do :; done'"
 
 
@@ -245,6 +250,7 @@ STATIC_BUSY = "/bin/busybox sh -c 'while :; do :; done'"
         (BUSY, "R"),  # in user code: a syscall instruction from the vDSO or libc
         ("/bin/busybox sleep 30", "S"),  # statically linked
         (STATIC_BUSY, "R"),
+        (f"{PY} -c '{THREADED_SLEEP}'", "S"),  # exec ends its other threads
     ],
 )
 def test_deputize_keeps_pid_parent_and_fds(tmp_path: Path, program: str, state: str) -> None:
@@ -273,6 +279,33 @@ def test_deputize_a_child_held_at_its_fork(tmp_path: Path) -> None:
     assert command(run, "deputize", str(child), "n2") == ("deputized", str(child), "n2")
     check_deputy(run, agent, first, child, held=False)  # it had not run: no fd 7 yet
     assert not [m for m in run.messages if m[0] == "exec" and m[1] == str(child)]
+
+
+def test_hold_keeps_new_processes_until_resumed_or_released() -> None:
+    script = "(echo one) & wait; (echo two) & c=$!; echo two=$c; wait $c; echo status=$?"
+    run = TracerRun(["sh", "-c", script], before=[("hold", "1")])
+    first = int(run.wait_for(lambda m: m[0] == "started")[1])
+    one = int(run.wait_for(lambda m: m[0] == "fork" and m[1] == str(first))[2])
+    assert wait_state(one, "t")["State"][0] == "t"  # not run yet
+    run.send("resume", str(one))
+    two = int(run.wait_for(lambda m: m[0] == "fork" and m[2] != str(one))[2])
+    release(run, two)
+    assert wait_state(two, "T")["TracerPid"] == "0"
+    run.send("hold", "0")
+    assert command(run, "seize", str(two)) == ("seized", str(two))
+    r = run.finish()
+    assert r.stdout == f"one\ntwo={two}\ntwo\nstatus=0\n"
+    assert r.messages[-1] == ("done",)
+
+
+def test_quit_lets_a_held_process_go() -> None:
+    run = TracerRun(["sh", "-c", "(echo held) & wait"], before=[("hold", "1")])
+    first = int(run.wait_for(lambda m: m[0] == "started")[1])
+    child = int(run.wait_for(lambda m: m[0] == "fork" and m[1] == str(first))[2])
+    wait_state(child, "t")
+    run.send("quit")
+    r = run.finish()
+    assert r.returncode == 0 and r.stdout == "held\n"
 
 
 @pytest.mark.parametrize("program", ["sleep 0.5", f"{PY} -c 'print(sum(range(10**7)))'"])

@@ -290,9 +290,15 @@ class Tracer:
         filter an exec without a tracer fails with ENOSYS."""
         await self._command(Released, "release", pid)
 
-    async def seize(self, pid: int) -> None:
-        """Trace ``pid`` again; if the release stopped it, it goes on."""
-        await self._command(Seized, "seize", pid)
+    async def seize(self, pid: int, *, cont: bool = False) -> None:
+        """Trace ``pid`` again; if this tracer's release stopped it, it goes on.
+
+        ``cont``: it goes on in any case (SIGCONT, its stop not reported): for a process
+        CRIU restored from a released one, since CRIU restores a stopped task stopped."""
+        if cont:
+            await self._command(Seized, "seize", pid, "cont")
+        else:
+            await self._command(Seized, "seize", pid)
 
     async def deputize(self, pid: int, node: str) -> None:
         """Turn ``pid`` into the deputy of a process now running on ``node`` (x86_64).

@@ -3,8 +3,10 @@
  *
  *   release PID     stop tracing PID (only it), leave it group-stopped so that CRIU can
  *                   seize it; answers `released PID`.
- *   seize PID       trace it again; a process we stopped for the release goes on;
- *                   answers `seized PID`.
+ *   seize PID [cont]
+ *                   trace it again; a process we stopped for the release goes on, and
+ *                   with `cont` any stopped one (CRIU restores a process stopped as it
+ *                   was dumped: a released one is); answers `seized PID`.
  *   deputize PID NODE
  *                   PID (seized first if need be) execs the deputy in place, by syscall
  *                   injection (inject.c); answers `deputized PID NODE` at its exec event,
@@ -188,21 +190,21 @@ static int seize_process(pid_t pid, int quiet)
 	return 0;
 }
 
-static void cmd_seize(pid_t pid)
+static void cmd_seize(pid_t pid, int cont)
 {
 	if (tracee_find(pid)) {
 		error_reply(pid, "traced already");
 		return;
 	}
 	struct released *r = released_find(pid);
-	int resume = r && !r->was_stopped;
+	int resume = cont || (r && !r->was_stopped);
 	if (seize_process(pid, resume) < 0) {
 		char why[128];
 		snprintf(why, sizeof why, "cannot seize: %s", strerror(errno));
 		error_reply(pid, why);
 		return;
 	}
-	if (r && r->was_stopped) {
+	if (r && r->was_stopped && !cont) {
 		struct tracee *t = tracee_find(pid);
 		t->stopped = 1; /* reported at the release already */
 	}
@@ -373,7 +375,7 @@ static void run_command(struct command *c)
 	if (!strcmp(kind, "release")) {
 		cmd_release(pid);
 	} else if (!strcmp(kind, "seize")) {
-		cmd_seize(pid);
+		cmd_seize(pid, c->n > 2 && !strcmp(c->f[2], "cont"));
 	} else if (!strcmp(kind, "deputize")) {
 		if (c->n < 3)
 			error_reply(pid, "deputize needs a node");

@@ -121,6 +121,22 @@ def test_a_stopped_process_stays_stopped_across_release_and_seize() -> None:
     assert os.WTERMSIG(r.first_status) == signal.SIGTERM
 
 
+def test_seize_cont_takes_a_stopped_stranger_and_lets_it_run() -> None:
+    """As on a restore target: CRIU brings a released process back stopped."""
+    stranger = subprocess.Popen(["sleep", "0.3"])
+    os.kill(stranger.pid, signal.SIGSTOP)
+    wait_state(stranger.pid, "T")
+    run = TracerRun(["sh", "-c", "read x"], stdin=subprocess.PIPE)
+    wait_exec(run, "/sh")
+    pid = str(stranger.pid)
+    assert command(run, "seize", pid, "cont") == ("seized", pid)
+    run.wait_for(lambda m: m[:2] == ("exit", pid))
+    assert stranger.wait(5) == 0
+    r = run.finish(input=b"\n")
+    assert not [m for m in r.messages if m[0] in ("stopped", "continued")]
+    assert ("exit", pid, "0") in r.messages
+
+
 THREADS = r"""
 import threading, time
 done = []

@@ -134,6 +134,30 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fs_where(args: argparse.Namespace) -> int:
+    from dunix.client import storagefs_owner
+
+    owners = [(path, *storagefs_owner(path)) for path in args.paths]
+    names: dict[int, str] = {0: "every host"}
+    with contextlib.suppress(DunixError, OSError):
+
+        async def main() -> list[Any]:
+            async with await _client(args) as client:
+                return list(await client.nodes())
+
+        names.update({n.node_id: n.name for n in trio.run(main)})
+    rows = [
+        {"path": p, "node_id": node, "node": names.get(node, ""), "ino": ino}
+        for p, node, ino in owners
+    ]
+    if args.json:
+        print(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2))
+        return 0
+    for row in rows:
+        print(f"{row['path']}  {row['node'] or '?'} (node {row['node_id']})")
+    return 0
+
+
 def _run_control(args: argparse.Namespace) -> Path | None:
     """Which agent starts the job: --control, --node on the local cluster, or the default."""
     if args.control is not None:
@@ -359,6 +383,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="a JSON list of objects")
     _client_args(p)
     p.set_defaults(func=cmd_nodes)
+
+    p = sub.add_parser("fs", help="the shared file tree at /dunix/fs",
+                       epilog="examples:\n  $ dunix fs where /dunix/fs/build/foo.o\n"
+                              "  $ dunix fs where --json /dunix/fs/a /dunix/fs/b",
+                       formatter_class=fmt)  # fmt: skip
+    fsub = p.add_subparsers(dest="fs_action", metavar="ACTION", required=True)
+    c = fsub.add_parser("where", help="which node owns a file (from its inode number)")
+    c.add_argument("--json", action="store_true", help="a JSON object (a list for several)")
+    c.add_argument("paths", nargs="+", metavar="PATH")
+    _client_args(c)
+    c.set_defaults(func=cmd_fs_where)
 
     p = sub.add_parser(
         "watch",

@@ -117,11 +117,12 @@ class StorageService:
         fs = StorageFS(store, self.resolver, files=self.files, peers=self.peers)
         self.server = FileServer(store, created=self.resolver.created, changed=fs.notify_changed)
         await nursery.start(self.resolver.run)
-        Path(mountpoint).mkdir(parents=True, exist_ok=True)
         if mounted_at(mountpoint):
-            # the mount of an agent that died without unmounting (ENOTCONN for everyone)
+            # the mount of an agent that died without unmounting (ENOTCONN for everyone,
+            # a mkdir of the mount point included): detach it first
             log.warning("storagefs: dropping a stale mount at %s", mountpoint)
             _syscalls.detach_mount(mountpoint)
+        Path(mountpoint).mkdir(parents=True, exist_ok=True)
         await nursery.start(serve_fs, fs, mountpoint)
         self.serving = True
         log.info("storagefs: serving %s at %s (node %d)", store.tree, mountpoint, self.node_id)

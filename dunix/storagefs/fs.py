@@ -424,7 +424,14 @@ class StorageFS(pyfuse3.Operations):
     async def _lookup_remote(self, path: str) -> pyfuse3.EntryAttributes:
         found = await self.resolver.lookup(path)
         if found is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            known = self._remote.get(self._remote_paths.get(path, 0))
+            if known is None or self.files is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            # The kernel knows this name from its owner, and nobody answered for it: ask the
+            # owner itself, so a dead owner is EIO (PeerUnreachable), never "no such file".
+            reply = await self.files.call(known.owner, "stat", path=path)
+            self._remember_remote(known.owner, path, reply.attrs)
+            return self._attr_of(reply.attrs)
         attrs = found.attrs
         if len(attrs) < 12:
             attrs = (await self._owner_files().call(found.node, "stat", path=path)).attrs

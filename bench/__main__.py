@@ -32,6 +32,14 @@ def main() -> int:
 
     print("\n== dunix run: remote exec latency and a fork-heavy script on 3 simulated hosts")
     run_bench.main(["--quick"] if args.quick else [])
+    from bench import spread_bench
+
+    print("\n== dunix run: CPU-bound and short jobs spread, a cross-host pipe (4 hosts, 0.5 CPU)")
+    spread_bench.main(["--quick"] if args.quick else [])
+    from bench import migrate_bench
+
+    print("\n== CRIU migration between 2 simulated hosts vs a raw local criu dump + restore")
+    migrate_bench.main(["--quick"] if args.quick else [])
     return 0
 
 

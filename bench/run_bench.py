@@ -23,36 +23,39 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import trio
 
+from bench._cluster import (
+    LOCK,
+    SshPeer,
+    ensure_packages,
+    exclusive_cluster,
+    keep_logs,
+    log_sizes,
+    remote_execs_logged,
+    say,
+    up_when_free,
+    wait_alive,
+)
 from dunix import cluster
-from dunix.client import Client
-from dunix.errors import ClusterError, PeerUnreachable
 
 RESULTS = Path(__file__).parent / "results"
-LOCK = Path("/run/dunix-tests.lock")  # the e2e tests' lock (tests/e2e/conftest.py)
 WORK = Path("/var/tmp/dunix-bench-run")  # seen by every host (a host's /tmp is its own)
-SSH_DIR = Path("/var/tmp/dunix-bench-ssh")
-SSH_PORT = 2222
 DUNIX = [sys.executable, "-m", "dunix"]
 HOME_NODE = "n1"
 SSH_NODE = "n2"
 CONTROL = f"/run/dunix/hosts/{HOME_NODE}/control.sock"
 WARMUP = 20  # untimed commands first: TLS links, page cache, the ssh master
 FORKY_ROUNDS = 3  # best of
-FREE_TIMEOUT = 600.0  # waiting for another test run's cluster to go away
 
 # bash arithmetic on $EPOCHREALTIME without its decimal point: microseconds, no exec
 _NOW = "${EPOCHREALTIME/[.,]/}"
@@ -65,19 +68,6 @@ for ((i = 0; i < 50; i++)); do v=$(/bin/echo y); done
 t1={_NOW}
 echo $((t1 - t0))
 """
-
-
-def say(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def exclusive_cluster() -> Iterator[None]:
-    """There is one simulated cluster per machine: the e2e tests and this take turns."""
-    LOCK.parent.mkdir(parents=True, exist_ok=True)
-    with LOCK.open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def pct(values: list[float], q: float) -> float:
@@ -147,116 +137,6 @@ def in_home(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]
     )  # fmt: skip
 
 
-# --- ssh with a ControlMaster, the peer for remote exec ----------------------------------
-
-
-def ensure_openssh() -> None:
-    """Install openssh-server and -client with apt when dpkg does not list them."""
-    missing = []
-    for pkg in ("openssh-server", "openssh-client"):
-        q = subprocess.run(
-            ["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True
-        )
-        if "install ok installed" not in q.stdout:
-            missing.append(pkg)
-    if missing:
-        say(f"apt-get install {' '.join(missing)}")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-q"], check=True, env=env, capture_output=True)
-        subprocess.run(
-            ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
-            check=True, env=env, capture_output=True,
-        )  # fmt: skip
-
-
-class SshPeer:
-    """``sshd`` on host SSH_NODE with throwaway keys; the client side runs in HOME_NODE."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.key = SSH_DIR / "id_ed25519"
-        self.config = SSH_DIR / "sshd_config"
-        self.control_path = SSH_DIR / "cm-%r@%h:%p"
-        self.sshd: subprocess.Popen[bytes] | None = None
-
-    def prepare(self) -> None:
-        shutil.rmtree(SSH_DIR, ignore_errors=True)
-        SSH_DIR.mkdir(mode=0o700, parents=True)
-        host_key = SSH_DIR / "host_ed25519"
-        for path in (host_key, self.key):
-            subprocess.run(
-                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "dunix-bench", "-f",
-                 str(path)],
-                check=True, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
-        authorized = SSH_DIR / "authorized_keys"
-        shutil.copy(self.key.with_suffix(".pub"), authorized)
-        self.config.write_text(
-            f"ListenAddress {self.address}\n"
-            f"HostKey {host_key}\n"
-            f"PidFile {SSH_DIR / 'sshd.pid'}\n"
-            f"AuthorizedKeysFile {authorized}\n"
-            "PermitRootLogin prohibit-password\n"
-            "PasswordAuthentication no\n"
-            "KbdInteractiveAuthentication no\n"
-            "UsePAM no\n"
-            "StrictModes no\n"  # /var/tmp is world-writable
-            "UseDNS no\n"
-            "PrintMotd no\n"
-            "PrintLastLog no\n"
-            "MaxSessions 100\n"
-            "LogLevel ERROR\n"
-        )
-        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # privilege separation; /run is shared
-
-    def start(self) -> None:
-        # sshd runs commands through root's bash, which reads ~/.bashrc when SSH_CLIENT is
-        # set (Debian builds bash with SSH_SOURCE_BASHRC); this machine's runs `pyenv init`,
-        # ~90 ms per command. Hide it (and its siblings) in a mount namespace of sshd's own:
-        # we measure ssh, not a profile.
-        hide = "; ".join(
-            f"[ -e /root/{f} ] && mount --bind /dev/null /root/{f}"
-            for f in (".bashrc", ".bash_profile", ".profile")
-        )
-        sshd = f"/usr/sbin/sshd -D -e -f {self.config} -p {SSH_PORT}"
-        self.sshd = cluster.exec_in(
-            SSH_NODE,
-            ["unshare", "--mount", "--propagation", "private", "--",
-             "sh", "-c", f"{hide}; exec {sshd}"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=(SSH_DIR / "sshd.log").open("wb"),
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            probe = in_home(["bash", "-c", f"exec 3<>/dev/tcp/{self.address}/{SSH_PORT}"], 5)
-            if probe.returncode == 0:
-                return
-            if self.sshd.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise RuntimeError(f"sshd in {SSH_NODE} does not listen: {self.log()}")
-
-    def log(self) -> str:
-        return (SSH_DIR / "sshd.log").read_text(errors="replace")[-2000:]
-
-    def command(self, *extra: str) -> str:
-        opts = [
-            "-F", "/dev/null", "-i", str(self.key), "-p", str(SSH_PORT),
-            "-o", "ControlMaster=auto", "-o", f"ControlPath={self.control_path}",
-            "-o", "ControlPersist=60", "-o", "StrictHostKeyChecking=no",
-            "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
-        ]  # fmt: skip
-        return " ".join(["ssh", *opts, *extra, f"root@{self.address}"])
-
-    def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            in_home(["bash", "-c", self.command("-O", "exit") + " 2>/dev/null"], 10)
-        if self.sshd is not None and self.sshd.poll() is None:
-            self.sshd.kill()
-            self.sshd.wait()
-
-
 # --- measurements ------------------------------------------------------------------------
 
 
@@ -320,70 +200,6 @@ def measure_forky() -> dict[str, Any]:
     }
 
 
-def remote_execs_logged(since: dict[str, int]) -> dict[str, dict[str, int]]:
-    """Per agent log, since the offsets in ``since``: execs a home agent sent to a peer
-    (``... runs on PEER as pid N``) and those that fell back to local (``could not run``)."""
-    counts = {}
-    for log in sorted(Path("/run/dunix/hosts").glob("*/agent.log")):
-        with log.open("rb") as f:
-            f.seek(since.get(log.parent.name, 0))
-            lines = f.read().splitlines()
-        counts[log.parent.name] = {
-            "went_remote": sum(b" runs on " in line for line in lines),
-            "fell_back_local": sum(b" could not run on " in line for line in lines),
-        }
-    return counts
-
-
-def keep_logs() -> None:
-    """The agents' logs outlive the cluster (in WORK/logs), for whoever reads the timings."""
-    (WORK / "logs").mkdir(parents=True, exist_ok=True)
-    for log in Path("/run/dunix/hosts").glob("*/agent.log"):
-        shutil.copy(log, WORK / "logs" / f"{log.parent.name}.log")
-
-
-def log_sizes() -> dict[str, int]:
-    return {p.parent.name: p.stat().st_size for p in Path("/run/dunix/hosts").glob("*/agent.log")}
-
-
-def up_when_free(hosts: int, cpu_quota: float | None) -> None:
-    """``cluster.up``, after removing leftovers of an earlier crashed run of ours.
-
-    tests/e2e/test_cluster.py builds clusters in state folders of its own without the lock
-    and waits for the machine to be free: so only our own state is brought down here (a
-    stateless sweep could tear down such a cluster half-built), and ``up`` is retried
-    while another cluster is up.
-    """
-    if (cluster.DEFAULT_STATE_DIR / "state.json").exists():
-        cluster.down()
-    deadline = time.monotonic() + FREE_TIMEOUT
-    while True:
-        try:
-            cluster.up(hosts, cpu_quota)
-            return
-        except ClusterError as exc:
-            if time.monotonic() > deadline or not any(
-                s in str(exc) for s in ("another simulated cluster", "already up")
-            ):
-                raise
-            time.sleep(1.0)
-
-
-async def _wait_alive(hosts: int, timeout: float = 30.0) -> None:
-    """Until the home agent sees every host alive (its control socket comes a bit after
-    ``up`` returns)."""
-    deadline = trio.current_time() + timeout
-    while True:
-        try:
-            async with await Client.connect(Path(CONTROL)) as client:
-                await client.wait_alive(hosts, max(0.1, deadline - trio.current_time()))
-                return
-        except PeerUnreachable:
-            if trio.current_time() > deadline:
-                raise
-            await trio.sleep(0.2)
-
-
 # --- report ------------------------------------------------------------------------------
 
 
@@ -444,9 +260,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )  # fmt: skip
     args = ap.parse_args(argv)
     runs = 200 if args.quick else args.runs
-    ensure_openssh()
+    ensure_packages("openssh-server", "openssh-client")
     WORK.mkdir(parents=True, exist_ok=True)
-    ssh = SshPeer(f"10.213.0.{int(SSH_NODE[1:])}")
+    ssh = SshPeer(SSH_NODE, HOME_NODE)
     ssh.prepare()
     if not args.no_lock:
         say(f"taking {LOCK} (one simulated cluster per machine)")
@@ -454,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         say(f"cluster up: {args.hosts} hosts, cpu quota {args.cpu_quota or 'none'}")
         up_when_free(args.hosts, args.cpu_quota)
         try:
-            trio.run(_wait_alive, args.hosts)
+            trio.run(wait_alive, Path(CONTROL), args.hosts)
             ssh.start()
             try:
                 offsets = log_sizes()
@@ -467,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             forky["remote_exec_log_lines"] = remote_execs_logged(offsets)
             latency["remote_exec_log_lines"] = logged
         finally:
-            keep_logs()
+            keep_logs(WORK / "logs")
             cluster.down()
     result = {
         "hosts": args.hosts,

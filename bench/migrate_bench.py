@@ -1,0 +1,260 @@
+"""Moving a process between two simulated hosts with CRIU (issue 4's benchmark, first part).
+
+Side by side in one run, for a Python process that has touched 16 MiB, 256 MiB and 1 GiB:
+
+* **dunix**: ``dunix.migrate.driver.move`` with the swrk driver dumping inside host n1 and a
+  ``HostTarget`` restoring inside host n2, images through a tmpfs both hosts see (mounted
+  before the hosts are made, so their mount namespaces have it); the source is killed only
+  after n2 confirmed the restore. Reported: freeze (dump call to the tree seized),
+  downtime (seized to running on n2), total, and the rate (resident size / total);
+* **raw CRIU pair**: ``criu dump`` and ``criu restore -d`` command lines inside n1 through a
+  tmpfs folder (the limit: no RPC, no second host, no waiting for a confirmation).
+
+This is the plain streamed dump: the process is frozen while all of its pages are written
+and read back, so downtime grows with size. Post-copy (lazy pages), which keeps downtime
+flat, is not built yet; the goal column says what the issue asks of it.
+
+No agents run in the hosts (``sleep`` stands in), so nothing else touches the process.
+Run (root): ``python -m bench.migrate_bench [--sizes 16,256,1024] [--rounds 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from bench._cluster import LOCK, exclusive_cluster, say
+from dunix import cluster
+from dunix.cluster import HostInfo
+from dunix.migrate import driver, swrk
+
+RESULTS = Path(__file__).parent / "results"
+IMAGES = Path("/run/dunix-bench-migrate")  # a tmpfs mounted here before the hosts exist
+CRIU = swrk.default_binary()  # the criu scripts/setup.sh built
+
+# Touches SIZE MiB, then counts; detached (own session, stdio on /dev/null) so that CRIU
+# needs no --shell-job. Prints nothing: its pid comes from the launcher.
+HOLDER = textwrap.dedent(
+    """\
+    import sys, time
+    size = int(sys.argv[1]) << 20
+    block = bytearray(size)
+    for i in range(0, size, 4096):
+        block[i] = 1
+    n = 0
+    while True:
+        n += 1
+        time.sleep(0.01)
+    """
+)
+LAUNCH = textwrap.dedent(
+    """\
+    import subprocess, sys
+    child = subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", sys.argv[2], sys.argv[1]],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    print(child.pid)
+    """
+)
+
+
+def host_proc(host: HostInfo) -> Path:
+    return Path(f"/proc/{host.init_pid}/root/proc")
+
+
+def rss_mib(host: HostInfo, pid: int) -> float:
+    for line in (host_proc(host) / str(pid) / "status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def start_holder(host: HostInfo, mib: int) -> int:
+    done = cluster.run_in(
+        host.name,
+        [sys.executable, "-I", "-S", "-c", LAUNCH, str(mib), HOLDER],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"holder did not start in {host.name}: {done.stderr}")
+    pid = int(done.stdout)
+    deadline = time.monotonic() + 60
+    while rss_mib(host, pid) < mib * 0.95:  # every page touched
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"holder {pid} never reached {mib} MiB")
+        time.sleep(0.05)
+    return pid
+
+
+def kill_in(host: HostInfo, pid: int) -> None:
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        fd = os.open(host_proc(host) / str(pid), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def images_folder(name: str) -> Iterator[Path]:
+    folder = IMAGES / name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path) -> Iterator[None]:
+    path.mkdir(parents=True, exist_ok=True)
+    mount = ["mount", "-t", "tmpfs", "-o", "mode=0700", "dunix-bench", str(path)]
+    subprocess.run(mount, check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+        with contextlib.suppress(OSError):
+            path.rmdir()
+
+
+def move_once(n1: HostInfo, n2: HostInfo, mib: int) -> dict[str, float]:
+    assert n1.init_pid is not None and n2.init_pid is not None
+    src, dst = n1.init_pid, n2.init_pid
+    pid = start_holder(n1, mib)
+    rss = rss_mib(n1, pid)
+    try:
+        with images_folder("dunix") as folder:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                report = trio.run(
+                    lambda: driver.move(
+                        pid,
+                        fd,
+                        driver.HostTarget.simulated(dst, cgroups=n2.cgroup),
+                        source=swrk.CriuCommand.in_host(src, cgroups=n1.cgroup),
+                        phase_timeout=120.0,
+                    )
+                )
+            finally:
+                os.close(fd)
+        if not (host_proc(n2) / str(report.restored_pid)).exists():
+            raise RuntimeError("the restored process is not running in n2")
+        return {
+            "rss_mib": rss,
+            "freeze_s": report.freeze_seconds,
+            "dump_s": report.dump_seconds,
+            "restore_s": report.restore_seconds,
+            "downtime_s": report.downtime_seconds,
+            "total_s": report.total_seconds,
+        }
+    finally:
+        kill_in(n2, pid)
+        kill_in(n1, pid)
+
+
+def _criu_in(host: HostInfo, args: list[str]) -> float:
+    t0 = time.monotonic()
+    done = cluster.run_in(host.name, [CRIU, *args], capture_output=True, text=True, timeout=300)
+    took = time.monotonic() - t0
+    if done.returncode != 0:
+        raise RuntimeError(f"criu {args[0]} failed: {done.stderr.strip()[-400:]}")
+    return took
+
+
+def raw_once(n1: HostInfo, mib: int) -> dict[str, float]:
+    pid = start_holder(n1, mib)
+    try:
+        with images_folder("raw") as folder:
+            dump = _criu_in(n1, ["dump", "-t", str(pid), "-D", str(folder), "-o", "dump.log"])
+            restore = _criu_in(n1, ["restore", "-d", "-D", str(folder), "-o", "restore.log"])
+            if not (host_proc(n1) / str(pid)).exists():
+                raise RuntimeError("the raw restore left nothing running")
+        return {"dump_s": dump, "restore_s": restore, "total_s": dump + restore}
+    finally:
+        kill_in(n1, pid)
+
+
+def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def measure(sizes: list[int], rounds: int) -> list[dict[str, Any]]:
+    rows = []
+    with exclusive_cluster(), tmpfs(IMAGES):
+        cluster.down()
+        hosts = cluster.up(2, None, agent_argv=lambda h: ["sleep", "100000"])
+        try:
+            n1, n2 = hosts
+            for mib in sizes:
+                say(f"{mib} MiB: {rounds} moves n1 -> n2 and {rounds} raw dump+restore pairs")
+                moves = [move_once(n1, n2, mib) for _ in range(rounds)]
+                raws = [raw_once(n1, mib) for _ in range(rounds)]
+                rows.append({"mib": mib, "dunix": median_of(moves), "raw": median_of(raws)})
+        finally:
+            cluster.down()
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "size", "rss MiB", "dunix freeze", "dunix downtime", "dunix total", "dunix MB/s",
+        "raw dump+restore", "total vs raw", "downtime goal (post-copy)",
+    )  # fmt: skip
+    out = [head]
+    for r in rows:
+        d, raw = r["dunix"], r["raw"]
+        out.append(
+            (
+                f"{r['mib']} MiB",
+                f"{d['rss_mib']:.0f}",
+                f"{d['freeze_s'] * 1000:.0f} ms",
+                f"{d['downtime_s'] * 1000:.0f} ms",
+                f"{d['total_s'] * 1000:.0f} ms",
+                f"{d['rss_mib'] * 1.048576 / d['total_s']:.0f}",
+                f"{raw['total_s'] * 1000:.0f} ms",
+                f"{d['total_s'] / raw['total_s']:.2f}x",
+                "<= 150 ms; total <= 1.3x raw",
+            )
+        )
+    widths = [max(len(row[i]) for row in out) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in out)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="16,256,1024", help="MiB touched, comma-separated")
+    ap.add_argument("--rounds", type=int, default=3, help="moves per size (median reported)")
+    ap.add_argument("--quick", action="store_true", help="16 and 256 MiB, one round")
+    args = ap.parse_args(argv)
+    sizes = [16, 256] if args.quick else [int(s) for s in args.sizes.split(",")]
+    rounds = 1 if args.quick else args.rounds
+    say(f"taking {LOCK} (one simulated cluster per machine)")
+    rows = measure(sizes, rounds)
+    print(table(rows))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "migrate.json").write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

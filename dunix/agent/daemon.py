@@ -289,6 +289,7 @@ class Agent:
         cfg.control.parent.mkdir(parents=True, exist_ok=True)
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
+            self.jobs.aim_pids()
             self.job_links = JobLinks(self, nursery)
             self.remote = RemoteService(self, self.job_links)
             self.migration = MigrationService(self)

@@ -123,6 +123,11 @@ class JobService:
     def new_job_id(self) -> str:
         return f"{self.name}-{next(self._ids)}-{secrets.token_hex(3)}"
 
+    def aim_pids(self) -> None:
+        """At start-up: the first job process here already gets a pid of this node's range."""
+        if self.pid_steer is not None:
+            self.pid_steer.aim(self.agent.node_id)
+
     # -- starting a job -----------------------------------------------------------------
 
     def context_for(

@@ -199,5 +199,6 @@ def _look_at(pid: int) -> dict[str, object]:
     return {
         "exe": os.readlink(f"/proc/{pid}/exe"),
         "ppid": int(proc_status(pid)["PPid"]),
+        "nspid": int(proc_status(pid)["NSpid"].split()[-1]),  # in its own PID namespace
         "fds": fds,
     }

@@ -64,7 +64,9 @@ def command(run: TracerRun, *fields: str, timeout: float = 10.0) -> Message:
     seen = len(run.messages)
     run.send(*fields)
     return run.wait_for(
-        lambda m: m[0] in (reply, "error") and m[1] == pid and run.messages.index(m) >= seen,
+        lambda m: (
+            m[0] in (reply, "error") and m[1] == pid and any(m is x for x in run.messages[seen:])
+        ),
         timeout,
     )
 

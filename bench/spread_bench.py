@@ -3,9 +3,11 @@ side by side in one run on 4 hosts with 0.5-CPU quotas:
 
 1. CPU-bound jobs (a fixed bash arithmetic loop each, then ``echo $HOSTNAME``, so the
    host that printed is the host that computed), all started at once by ONE script
-   (``for ...; do bash job.sh & done; wait``): under ``dunix run`` (auto placement) vs the
-   same script in host n1 alone vs GNU parallel ``--sshlogin`` over the same 4 hosts (n1
-   as ``:``, the others through an ``sshd`` in each host), all jobs at once too;
+   (``for ...; do bash job.sh & done; wait``): under ``dunix run`` (auto placement, and
+   every exec forced remote) vs the same script in host n1 alone vs GNU parallel
+   ``--sshlogin`` over the same 4 hosts (n1 as ``:``, the others through an ``sshd`` in
+   each host), all jobs at once too. Each job also appends its host to a file under
+   /var/tmp, so where the jobs ran is known even when their stdout does not arrive;
 2. short jobs (``true``) through ``xargs -P 8`` under ``dunix run --placement remote``
    (every exec remote) and ``auto``, vs ``parallel -M`` (ssh ControlMaster) over the same
    hosts, 8 at a time too, and plain ``xargs`` in n1 for reference;
@@ -68,14 +70,16 @@ DUNIX = [sys.executable, "-m", "dunix"]
 ENV = {**os.environ, "LC_ALL": "C"}  # dd's report in one format
 
 JOB = """\
-# CPU-bound: $1 rounds of bash arithmetic (no exec), then the host it ran on
+# CPU-bound: $1 rounds of bash arithmetic (no exec), then the host it ran on, on stdout
+# and appended to the file $2 (so where the jobs ran is known even if stdout is lost)
 n=$1; s=0
 for ((i = 0; i < n; i++)); do s=$((s + i)); done
 echo "$HOSTNAME"
+echo "$HOSTNAME" >> "$2"
 """
 SPREAD = """\
-# $2 CPU-bound jobs at once, each `bash job.sh $1`
-for ((j = 0; j < $2; j++)); do bash job.sh "$1" & done
+# $2 CPU-bound jobs at once, each `bash job.sh $1 $3`
+for ((j = 0; j < $2; j++)); do bash job.sh "$1" "$3" & done
 wait
 """
 
@@ -133,12 +137,24 @@ def check(proc: subprocess.CompletedProcess[str], what: str) -> None:
         raise Failed(f"{what} exited {proc.returncode}: {proc.stderr.strip()[-600:]}")
 
 
-def hosts_printed(proc: subprocess.CompletedProcess[str], jobs: int, what: str) -> dict[str, int]:
-    """Which hosts the jobs say they ran on; all of them must have said it."""
-    counts = Counter(line for line in proc.stdout.split() if line)
-    if sum(counts.values()) != jobs:
-        raise Failed(f"{what}: {sum(counts.values())} of {jobs} jobs reported a host")
-    return dict(sorted(counts.items()))
+def job_hosts(
+    proc: subprocess.CompletedProcess[str], record: Path, jobs: int, what: str
+) -> dict[str, Any]:
+    """Which hosts the jobs ran on (from the file each appended to; all must have), and
+    how many of their stdout lines arrived."""
+    ran = Counter(record.read_text().split()) if record.exists() else Counter[str]()
+    if ran.total() < jobs:
+        raise Failed(f"{what}: {ran.total()} of {jobs} jobs finished (exit {proc.returncode})")
+    printed = len(proc.stdout.split())
+    if printed != jobs:
+        say(f"  {what}: {printed} of {jobs} lines of stdout arrived")
+    return {"hosts": dict(sorted(ran.items())), "stdout_lines": printed,
+            "stdout_lost_lines": jobs - printed}  # fmt: skip
+
+
+def fresh(path: Path) -> Path:
+    path.unlink(missing_ok=True)
+    return path
 
 
 _RUNS_ON = re.compile(rb" runs on (\S+) as pid ")
@@ -193,12 +209,26 @@ def side(fn: Any, *args: Any) -> dict[str, Any]:
 # --- GNU parallel ------------------------------------------------------------------------
 
 
-def parallel_cmd(peers: list[SshPeer], per_host: int, command: str) -> str:
+def parallel_cmd(
+    peers: list[SshPeer], per_host: int, command: str, joblog: Path, control_master: bool
+) -> str:
     """``parallel`` in n1 over n1 (``:``, local) and the peers by ssh, ``per_host`` jobs
-    at a time on each, with ssh ControlMasters (``-M``); arguments from stdin."""
+    at a time on each, with ssh ControlMasters (``-M``) or not; arguments from stdin.
+
+    With ``-M``, GNU parallel 20221122 runs the first job of each ssh login twice (seen in
+    its --joblog and in what the jobs did; not without -M): the runs are counted."""
     logins = ",".join([f"{per_host}/:", *(f"{per_host}/root@{p.address}" for p in peers)])
     ssh = " ".join(["ssh", *peers[0].options(control_master=False)])
-    return f"parallel --will-cite -M --ssh '{ssh}' -S {logins} {command}"
+    joblog.unlink(missing_ok=True)
+    m = " -M" if control_master else ""
+    return f"parallel --will-cite{m} --joblog {joblog} --ssh '{ssh}' -S {logins} {command}"
+
+
+def parallel_runs(joblog: Path, jobs: int) -> dict[str, int]:
+    runs = len(joblog.read_text().splitlines()) - 1 if joblog.exists() else 0  # a header
+    if runs < jobs:
+        raise Failed(f"parallel: {runs} runs in its joblog for {jobs} jobs")
+    return {"runs": runs, "extra_runs": runs - jobs}
 
 
 # --- 1. CPU-bound jobs -------------------------------------------------------------------
@@ -213,27 +243,35 @@ def measure_cpu(sizes: Sizes, peers: list[SshPeer]) -> dict[str, Any]:
     budget, spread_budget = 30 + 2 * one_host_s, 20 + 1.2 * one_host_s
 
     def alone() -> dict[str, Any]:
-        seconds, proc = timed(in_home, f"bash job.sh {rounds}", 60)
+        seconds, proc = timed(in_home, f"bash job.sh {rounds} /dev/null", 60)
         check(proc, "one job in n1")
         return {"wall_s": seconds}
 
     def one_host() -> dict[str, Any]:
-        seconds, proc = timed(in_home, f"bash spread.sh {rounds} {n}", budget)
+        record = fresh(WORK / "ran-one-host")
+        seconds, proc = timed(in_home, f"bash spread.sh {rounds} {n} {record}", budget)
         check(proc, f"spread.sh in {HOME}")
-        return {"wall_s": seconds, "hosts": hosts_printed(proc, n, "one host")}
+        return {"wall_s": seconds, **job_hosts(proc, record, n, "one host")}
 
     def dunix(placement: str) -> dict[str, Any]:
-        argv = ["bash", "spread.sh", str(rounds), str(n)]
+        record = fresh(WORK / f"ran-dunix-{placement}")
+        argv = ["bash", "spread.sh", str(rounds), str(n), str(record)]
         seconds, proc = timed(dunix_run, placement, argv, spread_budget)
         check(proc, f"dunix run --placement {placement} bash spread.sh")
-        return {"wall_s": seconds, "hosts": hosts_printed(proc, n, "dunix run")}
+        return {"wall_s": seconds, **job_hosts(proc, record, n, f"dunix run ({placement})")}
 
     def gnu_parallel() -> dict[str, Any]:
         per_host = -(-n // len(NODES))  # all at once, as the script starts them
-        cmd = parallel_cmd(peers, per_host, f"bash {WORK}/job.sh {rounds}")
+        record = fresh(WORK / "ran-parallel")
+        job, log = f"bash {WORK}/job.sh {rounds} {record}", WORK / "joblog-cpu"
+        cmd = parallel_cmd(peers, per_host, job, log, control_master=False)
         seconds, proc = timed(in_home, f"seq {n} | {cmd}", spread_budget)
         check(proc, "parallel")
-        return {"wall_s": seconds, "hosts": hosts_printed(proc, n, "parallel")}
+        return {
+            "wall_s": seconds,
+            **job_hosts(proc, record, n, "parallel"),
+            **parallel_runs(log, n),
+        }
 
     out: dict[str, Any] = {"jobs": n, "rounds_per_job": rounds}
     for name, fn, args in (("alone", alone, ()), ("dunix_auto", dunix, ("auto",)),
@@ -263,10 +301,11 @@ def measure_short(sizes: Sizes, peers: list[SshPeer]) -> dict[str, Any]:
         return {"wall_s": seconds}
 
     def gnu_parallel() -> dict[str, Any]:
-        cmd = parallel_cmd(peers, XARGS_P // len(NODES), "true")
+        log = WORK / "joblog-short"
+        cmd = parallel_cmd(peers, XARGS_P // len(NODES), "true", log, control_master=True)
         seconds, proc = timed(in_home, f"seq {n} | {cmd}", budget)
         check(proc, "parallel")
-        return {"wall_s": seconds}
+        return {"wall_s": seconds, **parallel_runs(log, n)}
 
     out: dict[str, Any] = {"jobs": n, "at_a_time": XARGS_P}
     for name, fn, args in (("dunix_remote", dunix, ("remote",)), ("dunix_auto", dunix, ("auto",)),
@@ -437,6 +476,14 @@ def table(r: dict[str, Any]) -> str:
                 continue
             if not res.get("ok", True):
                 lines.append(f"FAILED {part}/{name}: {res['error']}")
+            if res.get("stdout_lost_lines"):
+                lines.append(f"STDOUT LOST {part}/{name}: {res['stdout_lines']} of "
+                             f"{res['stdout_lines'] + res['stdout_lost_lines']} lines arrived "
+                             "(the jobs ran: see their hosts above)")  # fmt: skip
+            if res.get("extra_runs"):
+                jobs = res["runs"] - res["extra_runs"]
+                lines.append(f"NOTE {part}/{name}: GNU parallel ran {res['runs']} jobs for "
+                             f"{jobs} (with -M: a first job per ssh login twice)")  # fmt: skip
             if res.get("lost_bytes"):
                 lines.append(f"DATA LOST {part}/{name}: the reader got {res['bytes']} bytes, "
                              f"{res['lost_bytes']} fewer than written")  # fmt: skip

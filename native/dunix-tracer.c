@@ -425,7 +425,9 @@ int main(int argc, char **argv)
 			emit("done", (char *)NULL);
 			return 0;
 		}
-		if (quit_requested)
+		if (quit_requested) {
+			released_continue_all();
 			detach_all_and_exit();
+		}
 	}
 }

@@ -44,7 +44,6 @@ struct released {
 	pid_t pid;
 	int pidfd;       /* readable once it has exited: then nobody will seize it again */
 	int was_stopped; /* in a group-stop of its own before the release: leave it so */
-	int done;        /* every thread detached (`released` sent) */
 };
 static struct released released[RELEASED_MAX];
 static int nreleased;
@@ -93,6 +92,14 @@ int released_pending(void)
 	return nreleased;
 }
 
+/* At `quit`: the job goes on without us, so the stops our releases made end too. */
+void released_continue_all(void)
+{
+	for (int i = 0; i < nreleased; i++)
+		if (!released[i].was_stopped && released[i].pidfd >= 0)
+			syscall(SYS_pidfd_send_signal, released[i].pidfd, SIGCONT, NULL, 0);
+}
+
 int released_pollfds(struct pollfd *p, int max)
 {
 	int n = 0;
@@ -109,12 +116,8 @@ static void detach_released(struct tracee *t, int sig)
 	pid_t tid = t->pid, tgid = t->tgid;
 	ptrace(PTRACE_DETACH, tid, NULL, (void *)(long)sig);
 	forget(tid);
-	if (tracee_any_of(tgid))
-		return;
-	struct released *r = released_find(tgid);
-	if (r)
-		r->done = 1;
-	emit_pid("released", tgid, NULL);
+	if (!tracee_any_of(tgid))
+		emit_pid("released", tgid, NULL);
 }
 
 static void cmd_release(pid_t pid)
@@ -133,7 +136,7 @@ static void cmd_release(pid_t pid)
 		return;
 	}
 	int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
-	released[nreleased++] = (struct released){ pid, pidfd, t->stopped, 0 };
+	released[nreleased++] = (struct released){ pid, pidfd, t->stopped };
 	if (!t->stopped)
 		kill(pid, SIGSTOP); /* the group-stop CRIU finds, and keeps after our detach */
 	if (t->held) { /* at its first stop, not run yet: the SIGSTOP waits for it */

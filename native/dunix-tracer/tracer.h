@@ -77,6 +77,7 @@ int on_wanted_stop(struct tracee *t, int status); /* 1: handled, leave the trace
 void on_wanted_exit(struct tracee *t); /* before it is forgotten */
 int released_pending(void);           /* released processes still alive (no `done` yet) */
 int released_pollfds(struct pollfd *p, int max);
+void released_continue_all(void);     /* at `quit` */
 void on_deputy_exec(struct tracee *t); /* the injected exec ran: report it */
 
 /* inject.c: make a stopped tracee execve the deputy (x86_64 only) */

@@ -316,6 +316,15 @@ def test_hold_keeps_new_processes_until_resumed_or_released() -> None:
     assert r.messages[-1] == ("done",)
 
 
+def test_quit_lets_a_released_process_go_on() -> None:
+    run = TracerRun(["sh", "-c", "sleep 0.2; echo x"])
+    pid = wait_exec(run, "/sh")
+    release(run, pid)
+    run.send("quit")
+    r = run.finish()
+    assert r.returncode == 0 and r.stdout == "x\n"
+
+
 def test_quit_lets_a_held_process_go() -> None:
     run = TracerRun(["sh", "-c", "(echo held) & wait"], before=[("hold", "1")])
     first = int(run.wait_for(lambda m: m[0] == "started")[1])

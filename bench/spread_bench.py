@@ -203,7 +203,27 @@ def side(fn: Any, *args: Any) -> dict[str, Any]:
         say(f"  FAILED: {result['error']}")
         for w in result["dunix_execs"]["warnings"]:
             say(f"    {w}")
+    crashed = restart_dead_agents(since)
+    if crashed:
+        result["agents_crashed"] = crashed
     return result
+
+
+def restart_dead_agents(since: dict[str, int]) -> dict[str, list[str]]:
+    """Agents that died during a side (with the end of their log's last traceback) are
+    restarted, so the sides after it still measure something."""
+    crashed: dict[str, list[str]] = {}
+    for host in cluster.status():
+        if host.agent_alive:
+            continue
+        lines = [line.decode(errors="replace") for line in log_since(host.name, since)]
+        tail = [line.strip(" |") for line in lines if "File " in line or "Error" in line]
+        crashed[host.name] = tail[-4:]
+        say(f"  the agent of {host.name} died: {' / '.join(tail[-2:])}; restarting it")
+        cluster.start_agent(host.name)
+    if crashed:
+        trio.run(wait_alive, control(HOME), len(NODES))
+    return crashed
 
 
 # --- GNU parallel ------------------------------------------------------------------------
@@ -480,6 +500,9 @@ def table(r: dict[str, Any]) -> str:
                 lines.append(f"STDOUT LOST {part}/{name}: {res['stdout_lines']} of "
                              f"{res['stdout_lines'] + res['stdout_lost_lines']} lines arrived "
                              "(the jobs ran: see their hosts above)")  # fmt: skip
+            for node, tail in res.get("agents_crashed", {}).items():
+                last = tail[-1] if tail else "?"
+                lines.append(f"AGENT DIED {part}/{name}: {node}: {last} (restarted)")
             if res.get("extra_runs"):
                 jobs = res["runs"] - res["extra_runs"]
                 lines.append(f"NOTE {part}/{name}: GNU parallel ran {res['runs']} jobs for "

@@ -273,7 +273,9 @@ class RemoteService:
 
     async def _prepare(self, deputy: Deputy) -> RemoteExec:
         pid, peer = deputy.proc.pid, deputy.peer
-        fds = [f for f in inventory(pid) if f.kind != "socket"]  # its socket is the agent's
+        # in a thread: its fds may be files on /dunix/fs, which this agent serves (storagefs)
+        held = await trio.to_thread.run_sync(inventory, pid)
+        fds = [f for f in held if f.kind != "socket"]  # its socket is the agent's
         reason = movable(fds)
         if reason:
             raise DunixError(reason)
@@ -443,7 +445,12 @@ class RemoteService:
         try:
             hub = await self.links.hub(home)
             for rf in req.fds:
-                child_fds[rf.fd] = self._recreate(rf, hub, guest, req)
+                if rf.kind in ("tty", "pipe"):
+                    child_fds[rf.fd] = self._recreate(rf, hub, guest, req)
+                else:  # opened by path, maybe on /dunix/fs, served by this agent: not inline
+                    child_fds[rf.fd] = await trio.to_thread.run_sync(
+                        self._recreate, rf, hub, guest, req
+                    )
             ctx = JobContext(
                 uid=req.uid, gid=req.gid, groups=req.groups, umask=req.umask, cwd=req.cwd,
                 env=dict(req.env), sigign=req.sigign, sigblock=req.sigblock,

@@ -7,9 +7,14 @@ Peers are reached over ``JobLinks`` (the reliable per-peer channel): lookups
 (:class:`~dunix.storagefs.peerfiles.PeerFiles` to owners, :class:`FileServer` for peers).
 Membership says who is alive (``peers``) and who died (``peer_gone``).
 
-The FUSE requests are answered by this very loop: nothing in the agent may touch the mount
-point itself (a stat of /dunix/fs from the loop would wait for an answer only the loop can
-give). The service uses the backing folder only.
+The file system is served by its own trio loop in its own thread ("storagefs thread"), not
+by the agent's loop: the agent's loop makes blocking system calls (a stat of a job's cwd,
+an open of a guest's file by path, /proc/PID/fd stats) that may land on /dunix/fs, and a
+FUSE request waiting for the very loop that is blocked in the system call would never be
+answered. Local names are served entirely in the storagefs thread; only peer traffic (lookups,
+owners' file operations) crosses into the agent's loop (``_Bridge``), bounded by
+``storagefs_timeout``: a call the agent's loop cannot take in time gives EIO, not a hang.
+The service itself uses the backing folder only, never the mount.
 
 A host without FUSE (no /dev/fuse, a refused mount) gets a log line and no mount; the agent
 keeps running. Cancelling the service (agent exit) unmounts.
@@ -18,10 +23,13 @@ keeps running. Cancelling the service (agent exit) unmounts.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -38,6 +46,43 @@ if TYPE_CHECKING:
 log = logging.getLogger("dunix.agent.storage")
 
 STORAGE_MESSAGES = (LookupQuery, LookupReply, NameCreated, FileRequest, FileReply)
+STOP_GRACE = 5.0  # seconds the storagefs thread gets to unmount when the agent stops
+
+
+class _Bridge:
+    """The storagefs thread's way into the agent's loop (RemoteResolver and OwnerFiles)."""
+
+    def __init__(
+        self, token: trio.lowlevel.TrioToken, resolver: PeerResolver, files: PeerFiles
+    ) -> None:
+        self._token = token
+        self._resolver = resolver
+        self._files = files
+        self.timeout = files.timeout + 1.0
+
+    async def _in_agent(self, fn: Callable[[], Awaitable[Any]]) -> Any:
+        def blocking() -> Any:
+            return trio.from_thread.run(fn, trio_token=self._token)
+
+        with trio.move_on_after(self.timeout):
+            return await trio.to_thread.run_sync(blocking, abandon_on_cancel=True)
+        raise PeerUnreachable("the agent's loop did not take a storagefs call in time")
+
+    async def lookup(self, path: str) -> LookupReply | None:
+        found: LookupReply | None = await self._in_agent(
+            functools.partial(self._resolver.lookup, path)
+        )
+        return found
+
+    def created(self, path: str) -> None:
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(self._resolver.created, path)
+
+    async def call(self, peer: int, op: str, **fields: object) -> FileReply:
+        reply: FileReply = await self._in_agent(
+            functools.partial(self._files.call, peer, op, **fields)
+        )
+        return reply
 
 
 def mounted_at(path: str) -> bool:
@@ -102,7 +147,7 @@ class StorageService:
             task_status.started()
 
     async def _start(self, nursery: trio.Nursery, mountpoint: str) -> None:
-        from dunix.storagefs.fs import StorageFS, serve_fs  # loads pyfuse3
+        from dunix.storagefs.fs import StorageFS  # loads pyfuse3
 
         cfg = self.agent.config
         if not os.path.exists("/dev/fuse"):
@@ -114,7 +159,8 @@ class StorageService:
         )
         self.resolver = PeerResolver(store, lookup, self.send, self.peers)
         self.files = PeerFiles(self.node_id, self.send, timeout=cfg.storagefs_timeout)
-        fs = StorageFS(store, self.resolver, files=self.files, peers=self.peers)
+        bridge = _Bridge(trio.lowlevel.current_trio_token(), self.resolver, self.files)
+        fs = StorageFS(store, bridge, files=bridge, peers=self.peers)
         self.server = FileServer(store, created=self.resolver.created, changed=fs.notify_changed)
         await nursery.start(self.resolver.run)
         if mounted_at(mountpoint):
@@ -123,9 +169,64 @@ class StorageService:
             log.warning("storagefs: dropping a stale mount at %s", mountpoint)
             _syscalls.detach_mount(mountpoint)
         Path(mountpoint).mkdir(parents=True, exist_ok=True)
-        await nursery.start(serve_fs, fs, mountpoint)
+        await nursery.start(self._serve_in_thread, fs, mountpoint)
         self.serving = True
         log.info("storagefs: serving %s at %s (node %d)", store.tree, mountpoint, self.node_id)
+
+    async def _serve_in_thread(
+        self, fs: Any, mountpoint: str, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        """Run ``serve_fs`` in the storagefs thread until the agent stops or it ends.
+
+        Started once mounted; a failed mount raises here (RuntimeError from pyfuse3).
+        """
+        from dunix.storagefs.fs import serve_fs
+
+        agent_token = trio.lowlevel.current_trio_token()
+        mounted, ended = trio.Event(), trio.Event()
+        outcome: list[BaseException] = []
+        stop: list[Callable[[], None]] = []
+
+        def tell_agent(fn: Callable[[], None]) -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                agent_token.run_sync_soon(fn)
+
+        async def fuse_main() -> None:
+            token = trio.lowlevel.current_trio_token()
+            async with trio.open_nursery() as inner:
+                stop.append(lambda: token.run_sync_soon(inner.cancel_scope.cancel))
+                await inner.start(serve_fs, fs, mountpoint)
+                tell_agent(mounted.set)
+
+        def thread_main() -> None:
+            try:
+                trio.run(fuse_main)
+            except BaseException as exc:  # reported to the agent's loop, not lost in a thread
+                outcome.append(exc)
+            finally:
+                tell_agent(ended.set)
+
+        threading.Thread(target=thread_main, name="storagefs", daemon=True).start()
+        try:
+            async with trio.open_nursery() as waiter:
+
+                async def on_mount() -> None:
+                    await mounted.wait()
+                    task_status.started()
+
+                waiter.start_soon(on_mount)
+                await ended.wait()
+                waiter.cancel_scope.cancel()
+            if outcome:
+                raise outcome[0]
+            log.warning("storagefs: %s was unmounted from outside", mountpoint)
+        finally:
+            if not ended.is_set():
+                for fn in stop:
+                    with contextlib.suppress(trio.RunFinishedError):
+                        fn()
+                with trio.CancelScope(shield=True), trio.move_on_after(STOP_GRACE):
+                    await ended.wait()
 
     # --- from the agent -------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ import posixpath
 import signal
 import stat
 import sys
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -51,7 +52,7 @@ import trio
 from dunix.errors import DunixError, PeerUnreachable, StoreError
 from dunix.storagefs import _syscalls
 from dunix.storagefs.lookup import LookupReply
-from dunix.storagefs.peerfiles import BLOCK, PeerFiles
+from dunix.storagefs.peerfiles import BLOCK, FileReply
 from dunix.storagefs.store import LocalStore
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ _OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW
 REMOTE_FH_BASE = 1 << 40
 #: how long a listing waits for the peers' part of a folder
 LIST_DEADLINE = 2.0
+#: how many peer names this host remembers the owner of (a dead owner then gives EIO)
+LAST_OWNERS = 100_000
 
 
 class RemoteResolver(Protocol):
@@ -84,6 +87,14 @@ class RemoteResolver(Protocol):
         The agent drops its cached "no such file" for it and broadcasts ``NameCreated``
         (``Lookup.created_here``). Must not block: it runs on the FUSE request path.
         """
+        ...
+
+
+class OwnerFiles(Protocol):
+    """Asks a file's owner to do an operation (``peerfiles.PeerFiles`` or a bridge to it)."""
+
+    async def call(self, peer: int, op: str, **fields: object) -> FileReply:
+        """The owner's reply; its errno as OSError, PeerUnreachable when it cannot answer."""
         ...
 
 
@@ -181,7 +192,7 @@ class StorageFS(pyfuse3.Operations):
         store: LocalStore,
         resolver: RemoteResolver | None = None,
         *,
-        files: PeerFiles | None = None,
+        files: OwnerFiles | None = None,
         peers: Callable[[], Collection[int]] = tuple,
     ) -> None:
         super().__init__()
@@ -197,6 +208,8 @@ class StorageFS(pyfuse3.Operations):
         self._nodes: dict[int, _Node] = {ROOT: _Node(root_fd, 1)}
         self._remote: dict[int, _Remote] = {}
         self._remote_paths: dict[str, int] = {}
+        # where names of peers were last seen, beyond the kernel's lookups (see _lookup_remote)
+        self._last_owner: OrderedDict[str, int] = OrderedDict()
         self._rfiles: dict[int, _RemoteFile] = {}
         self._next_rfh = itertools.count(REMOTE_FH_BASE)
         self._dirs: dict[int, _Dir] = {}
@@ -216,7 +229,7 @@ class StorageFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ESTALE)
         return node
 
-    def _owner_files(self) -> PeerFiles:
+    def _owner_files(self) -> OwnerFiles:
         if self.files is None:
             raise pyfuse3.FUSEError(errno.EREMOTE)  # no transport to the owners (tests)
         return self.files
@@ -246,6 +259,10 @@ class StorageFS(pyfuse3.Operations):
             node.lookups += 1
             node.owner, node.path, node.attrs = owner, path, attrs
         self._remote_paths[path] = ino
+        self._last_owner[path] = owner
+        self._last_owner.move_to_end(path)
+        if len(self._last_owner) > LAST_OWNERS:
+            self._last_owner.popitem(last=False)
 
     def _drop_remote(self, ino: int) -> None:
         node = self._remote.pop(ino)
@@ -424,13 +441,18 @@ class StorageFS(pyfuse3.Operations):
     async def _lookup_remote(self, path: str) -> pyfuse3.EntryAttributes:
         found = await self.resolver.lookup(path)
         if found is None:
-            known = self._remote.get(self._remote_paths.get(path, 0))
-            if known is None or self.files is None:
+            owner = self._last_owner.get(path)
+            if owner is None or self.files is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            # The kernel knows this name from its owner, and nobody answered for it: ask the
+            # This host saw the name on its owner, and nobody answered for it now: ask the
             # owner itself, so a dead owner is EIO (PeerUnreachable), never "no such file".
-            reply = await self.files.call(known.owner, "stat", path=path)
-            self._remember_remote(known.owner, path, reply.attrs)
+            # (The kernel may have forgotten the inode: a failed revalidation drops it.)
+            try:
+                reply = await self.files.call(owner, "stat", path=path)
+            except FileNotFoundError:
+                self._last_owner.pop(path, None)
+                raise
+            self._remember_remote(owner, path, reply.attrs)
             return self._attr_of(reply.attrs)
         attrs = found.attrs
         if len(attrs) < 12:
@@ -630,6 +652,7 @@ class StorageFS(pyfuse3.Operations):
             if owner is None or owner == self.store.node_id:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             await self._owner_files().call(owner, op, path=path)
+            self._last_owner.pop(path, None)
 
     async def rename(
         self,
@@ -681,6 +704,7 @@ class StorageFS(pyfuse3.Operations):
                         with contextlib.suppress(OSError, PeerUnreachable):
                             await self.files.call(peer, "rename", path=old, path2=new)
             self._moved(old, new)
+            self._last_owner.pop(old, None)
             if target is not None and target != owner and not is_dir:
                 # rename replaces the target: its copy on another host goes
                 if target == me:

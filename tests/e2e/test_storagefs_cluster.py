@@ -185,6 +185,27 @@ def _dunix_cmd() -> str:
     return f"PYTHONPATH={REPO} {sys.executable} -m dunix"
 
 
+def test_a_job_in_storagefs_runs_remote_execs_in_the_same_folder(hosts: list[str]) -> None:
+    """Part 3 (job file view): execs forced remote chdir into the job's storagefs folder."""
+    sh("n1", "mkdir -p job && echo input-data > job/input")
+    script = 'for i in 1 2 3 4; do sh -c "hostname > out-$i && cat input > copy-$i"; done; pwd'
+    out = sh("n1", f"cd job && {_dunix_cmd()} run --control /run/dunix/hosts/n1/control.sock"
+                   f" --placement remote -- sh -c '{script}'", timeout=120)  # fmt: skip
+    assert out.strip() == f"{FS}/job"
+    ran_on = {sh("n2", f"cat job/out-{i}").strip() for i in range(1, 5)}
+    assert ran_on and ran_on <= set(hosts), ran_on
+    # `sh -c` execs ran away from n1 and created files on their host, in the same folder
+    # (forced remote means "not here" per exec; a fallback may still run one locally)
+    ids = node_ids()
+    owners = {owner("n1", f"job/{k}-{i}") for k in ("copy", "out") for i in range(1, 5)}
+    assert owners & {ids["n2"], ids["n3"]}, owners
+    for name in hosts:
+        listing = sh(name, "ls job").split()
+        assert listing == sorted(["input", *(f"{k}-{i}" for k in ("copy", "out")
+                                             for i in range(1, 5))])  # fmt: skip
+        assert sh(name, "cat job/copy-1 job/copy-4") == "input-data\ninput-data\n"
+
+
 def test_measure_throughput_and_lookup_latency(hosts: list[str]) -> None:
     """Printed, not asserted: 64 MiB of a peer-owned file, missing-name lookups."""
     sh("n1", "head -c 67108864 /dev/urandom > measure.bin")

@@ -203,6 +203,16 @@ def test_an_unreachable_owner_gives_eio(net: Net) -> None:
     with pytest.raises(pyfuse3.FUSEError) as err:
         run(fs.open, f.st_ino, os.O_RDONLY, CTX)
     assert err.value.errno == errno.EIO
+    # the kernel forgot it (a failed revalidation does): a new lookup is still EIO
+    run(fs.forget, [(f.st_ino, 1)])
+    with pytest.raises(pyfuse3.FUSEError) as err:
+        run(fs.lookup, ROOT, b"f", CTX)
+    assert err.value.errno == errno.EIO
+    net.up.add(1)
+    (net.stores[1].tree / "f").unlink()  # gone for real: now it is ENOENT
+    with pytest.raises(pyfuse3.FUSEError) as err:
+        run(fs.lookup, ROOT, b"f", CTX)
+    assert err.value.errno == errno.ENOENT
 
 
 def test_peer_gone_ends_a_waiting_call() -> None:

@@ -41,7 +41,6 @@ import posixpath
 import signal
 import stat
 import sys
-from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -52,7 +51,8 @@ import trio
 from dunix.errors import DunixError, PeerUnreachable, StoreError
 from dunix.storagefs import _syscalls
 from dunix.storagefs.lookup import LookupReply
-from dunix.storagefs.peerfiles import BLOCK, FileReply
+from dunix.storagefs.peerfiles import FileReply
+from dunix.storagefs.remote_nodes import RemoteFile, RemoteNode, RemoteNodes
 from dunix.storagefs.store import LocalStore
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,6 @@ _OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW
 REMOTE_FH_BASE = 1 << 40
 #: how long a listing waits for the peers' part of a folder
 LIST_DEADLINE = 2.0
-#: how many peer names this host remembers the owner of (a dead owner then gives EIO)
-LAST_OWNERS = 100_000
 
 
 class RemoteResolver(Protocol):
@@ -138,31 +136,6 @@ class _Node:
 
 
 @dataclass
-class _Remote:
-    """A name the kernel knows that a peer owns: asked of ``owner`` by ``path``."""
-
-    owner: int
-    path: str
-    lookups: int
-    attrs: tuple[int, ...]
-
-
-@dataclass
-class _Block:
-    ready: trio.Event = field(default_factory=trio.Event)
-    data: bytes = b""
-    error: BaseException | None = None
-
-
-@dataclass
-class _RemoteFile:
-    owner: int
-    handle: int
-    path: str
-    blocks: dict[int, _Block] = field(default_factory=dict)
-
-
-@dataclass
 class _Dir:
     fd: int | None  # O_PATH descriptor of the local folder (None: no local part)
     ino: int
@@ -206,11 +179,8 @@ class StorageFS(pyfuse3.Operations):
         root_st = os.fstat(root_fd)
         self._root_key = (root_st.st_dev, root_st.st_ino)
         self._nodes: dict[int, _Node] = {ROOT: _Node(root_fd, 1)}
-        self._remote: dict[int, _Remote] = {}
-        self._remote_paths: dict[str, int] = {}
-        # where names of peers were last seen, beyond the kernel's lookups (see _lookup_remote)
-        self._last_owner: OrderedDict[str, int] = OrderedDict()
-        self._rfiles: dict[int, _RemoteFile] = {}
+        self._remote = RemoteNodes()
+        self._rfiles: dict[int, RemoteFile] = {}
         self._next_rfh = itertools.count(REMOTE_FH_BASE)
         self._dirs: dict[int, _Dir] = {}
         self._next_dir = 1
@@ -223,7 +193,7 @@ class StorageFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ESTALE)
         return node.fd
 
-    def _remote_node(self, ino: int) -> _Remote:
+    def _remote_node(self, ino: int) -> RemoteNode:
         node = self._remote.get(ino)
         if node is None:
             raise pyfuse3.FUSEError(errno.ESTALE)
@@ -247,36 +217,6 @@ class StorageFS(pyfuse3.Operations):
         else:
             node.lookups += 1
             os.close(fd)
-
-    def _remember_remote(self, owner: int, path: str, attrs: tuple[int, ...]) -> None:
-        ino = attrs[0]
-        node = self._remote.get(ino)
-        if node is None:
-            self._remote[ino] = _Remote(owner, path, 1, attrs)
-        else:
-            if self._remote_paths.get(node.path) == ino:
-                del self._remote_paths[node.path]
-            node.lookups += 1
-            node.owner, node.path, node.attrs = owner, path, attrs
-        self._remote_paths[path] = ino
-        self._last_owner[path] = owner
-        self._last_owner.move_to_end(path)
-        if len(self._last_owner) > LAST_OWNERS:
-            self._last_owner.popitem(last=False)
-
-    def _drop_remote(self, ino: int) -> None:
-        node = self._remote.pop(ino)
-        if self._remote_paths.get(node.path) == ino:
-            del self._remote_paths[node.path]
-
-    def _moved(self, old: str, new: str) -> None:
-        """Remote nodes at or below ``old`` are now at ``new`` (a rename)."""
-        prefix = old + "/"
-        for ino, node in list(self._remote.items()):
-            if node.path == old or node.path.startswith(prefix):
-                self._remote_paths.pop(node.path, None)
-                node.path = new + node.path[len(old) :]
-                self._remote_paths[node.path] = ino
 
     def _entry(self, fd: int) -> pyfuse3.EntryAttributes:
         """Register an O_PATH descriptor just opened for a reply that creates a kernel entry."""
@@ -360,7 +300,7 @@ class StorageFS(pyfuse3.Operations):
             backing = self.store.backing_path(sub)
             if os.path.lexists(backing):
                 continue
-            known = self._remote.get(self._remote_paths.get(sub, 0))
+            known = self._remote.by_path(sub)
             mode, uid, gid = (known.attrs[1], known.attrs[3], known.attrs[4]) if known else (
                 0o40755, 0, 0)  # fmt: skip
             with contextlib.suppress(FileExistsError):
@@ -376,11 +316,7 @@ class StorageFS(pyfuse3.Operations):
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
-            remote = self._remote.get(ino)
-            if remote is not None:
-                remote.lookups -= count
-                if remote.lookups <= 0:
-                    self._drop_remote(ino)
+            if self._remote.forget(ino, count):
                 continue
             node = self._nodes.get(ino)
             if node is None or ino == ROOT:
@@ -441,7 +377,7 @@ class StorageFS(pyfuse3.Operations):
     async def _lookup_remote(self, path: str) -> pyfuse3.EntryAttributes:
         found = await self.resolver.lookup(path)
         if found is None:
-            owner = self._last_owner.get(path)
+            owner = self._remote.last_owner(path)
             if owner is None or self.files is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             # This host saw the name on its owner, and nobody answered for it now: ask the
@@ -450,23 +386,23 @@ class StorageFS(pyfuse3.Operations):
             try:
                 reply = await self.files.call(owner, "stat", path=path)
             except FileNotFoundError:
-                self._last_owner.pop(path, None)
+                self._remote.gone(path)
                 raise
-            self._remember_remote(owner, path, reply.attrs)
+            self._remote.remember(owner, path, reply.attrs)
             return self._attr_of(reply.attrs)
         attrs = found.attrs
         if len(attrs) < 12:
             attrs = (await self._owner_files().call(found.node, "stat", path=path)).attrs
-        self._remember_remote(found.node, path, attrs)
+        self._remote.remember(found.node, path, attrs)
         return self._attr_of(attrs)
 
     async def _holder(self, path: str) -> int | None:
         """Which host has ``path``: this one, a peer, or None (nobody)."""
         if os.path.lexists(self.store.backing_path(path)):
             return self.store.node_id
-        known = self._remote_paths.get(path)
+        known = self._remote.by_path(path)
         if known is not None:
-            return self._remote[known].owner
+            return known.owner
         found = await self.resolver.lookup(path)
         return None if found is None else found.node
 
@@ -515,7 +451,7 @@ class StorageFS(pyfuse3.Operations):
 
     async def _setattr_remote(
         self,
-        remote: _Remote,
+        remote: RemoteNode,
         attr: pyfuse3.EntryAttributes,
         fields: pyfuse3.SetattrFields,
         fh: int | None,
@@ -533,7 +469,7 @@ class StorageFS(pyfuse3.Operations):
         if fields.update_size:
             for rf in self._rfiles.values():
                 if rf.path == remote.path:
-                    rf.blocks.clear()
+                    rf.changed()
         reply = await self._owner_files().call(
             remote.owner, "setattr", path=remote.path, handle=handle, setattr=change
         )
@@ -652,7 +588,7 @@ class StorageFS(pyfuse3.Operations):
             if owner is None or owner == self.store.node_id:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             await self._owner_files().call(owner, op, path=path)
-            self._last_owner.pop(path, None)
+            self._remote.gone(path)
 
     async def rename(
         self,
@@ -677,8 +613,8 @@ class StorageFS(pyfuse3.Operations):
                 if holder is None:
                     raise pyfuse3.FUSEError(errno.ENOENT)
                 owner = holder
-                is_dir = stat.S_ISDIR(self._remote[self._remote_paths[old]].attrs[1]) if (
-                    old in self._remote_paths) else False  # fmt: skip
+                known = self._remote.by_path(old)
+                is_dir = known is not None and stat.S_ISDIR(known.attrs[1])
             target = None if self.files is None else await self._holder(new)
             if target is not None and target != owner:
                 if flags & pyfuse3.RENAME_NOREPLACE:
@@ -703,8 +639,7 @@ class StorageFS(pyfuse3.Operations):
                     if peer not in (owner, me):
                         with contextlib.suppress(OSError, PeerUnreachable):
                             await self.files.call(peer, "rename", path=old, path2=new)
-            self._moved(old, new)
-            self._last_owner.pop(old, None)
+            self._remote.moved(old, new)
             if target is not None and target != owner and not is_dir:
                 # rename replaces the target: its copy on another host goes
                 if target == me:
@@ -725,7 +660,7 @@ class StorageFS(pyfuse3.Operations):
                 reply = await self._owner_files().call(
                     remote.owner, "link", path=remote.path, path2=path
                 )
-                self._remember_remote(remote.owner, path, reply.attrs)
+                self._remote.remember(remote.owner, path, reply.attrs)
                 return self._attr_of(reply.attrs)
             fd = self._fd(inode)
             with self._local_dir(new_parent_inode, create=True) as parent_fd:
@@ -747,7 +682,7 @@ class StorageFS(pyfuse3.Operations):
                     remote.owner, "open", path=remote.path, flags=flags
                 )
                 fh = next(self._next_rfh)
-                self._rfiles[fh] = _RemoteFile(remote.owner, reply.handle, remote.path)
+                self._rfiles[fh] = RemoteFile(remote.owner, reply.handle, remote.path)
                 # other hosts may write it meanwhile: no page cache across opens
                 return pyfuse3.FileInfo(fh=fh, keep_cache=False)
             fd = self._fd(inode)
@@ -760,53 +695,14 @@ class StorageFS(pyfuse3.Operations):
         with _fuse_errors():
             rf = self._rfiles.get(fh)
             if rf is not None:
-                return await self._read_remote(rf, off, size)
+                return await rf.read(self._owner_files().call, off, size, self.nursery)
             return os.pread(fh, size, off)
-
-    async def _read_remote(self, rf: _RemoteFile, off: int, size: int) -> bytes:
-        """Serve a read from 1 MiB blocks of the owner's file, fetching the next ahead."""
-        start = off - off % BLOCK
-        data = await self._block(rf, start)
-        piece = data[off - start : off - start + size]
-        if len(piece) < size and len(data) == BLOCK:
-            piece += (await self._block(rf, start + BLOCK))[: size - len(piece)]
-        for old in [b for b in rf.blocks if b < start]:
-            del rf.blocks[old]
-        ahead = start + BLOCK
-        if len(data) == BLOCK and ahead not in rf.blocks and self.nursery is not None:
-            block = rf.blocks[ahead] = _Block()
-            self.nursery.start_soon(self._fetch, rf, ahead, block)
-        return piece
-
-    async def _block(self, rf: _RemoteFile, start: int) -> bytes:
-        block = rf.blocks.get(start)
-        if block is None:
-            block = rf.blocks[start] = _Block()
-            await self._fetch(rf, start, block)
-        else:
-            await block.ready.wait()
-        if block.error is not None:
-            raise block.error
-        return block.data
-
-    async def _fetch(self, rf: _RemoteFile, start: int, block: _Block) -> None:
-        try:
-            reply = await self._owner_files().call(
-                rf.owner, "read", handle=rf.handle, offset=start, size=BLOCK
-            )
-            block.data = reply.data
-        except (OSError, DunixError, pyfuse3.FUSEError) as exc:
-            block.error = exc
-            if rf.blocks.get(start) is block:
-                del rf.blocks[start]  # the next read asks again
-        finally:
-            block.ready.set()
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         with _fuse_errors():
             rf = self._rfiles.get(fh)
             if rf is not None:
-                rf.blocks.clear()
+                rf.changed()
                 reply = await self._owner_files().call(
                     rf.owner, "write", handle=rf.handle, offset=off, data=bytes(buf)
                 )
@@ -914,7 +810,7 @@ class StorageFS(pyfuse3.Operations):
                     owner, attrs = folder.remote[name]
                     if not pyfuse3.readdir_reply(token, name, self._attr_of(attrs), index + 3):
                         return
-                    self._remember_remote(owner, _join(folder.path, name), attrs)
+                    self._remote.remember(owner, _join(folder.path, name), attrs)
                     continue
                 assert folder.fd is not None
                 try:

@@ -1,0 +1,165 @@
+"""The peers' names this host's kernel knows, and the read-ahead of their contents.
+
+:class:`RemoteNodes` is StorageFS's table of remote nodes: inode number (the owner's, with
+the owner's node id in the high bits) to owner, tree path, kernel lookup count and last
+attributes. It also remembers where a name was last seen after the kernel forgot it (a
+failed revalidation makes the kernel forget), so an owner that stops answering gives EIO,
+not "no such file" (see ``StorageFS._lookup_remote``).
+
+:class:`RemoteFile` is one open file of a peer: reads are served from 1 MiB blocks
+(``peerfiles.BLOCK``), and the block after the one being read is fetched in the background.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from dunix.errors import DunixError
+from dunix.storagefs.peerfiles import BLOCK, FileReply
+
+#: how many peer names a host remembers the owner of (a dead owner then gives EIO)
+LAST_OWNERS = 100_000
+
+
+@dataclass
+class RemoteNode:
+    """A name the kernel knows that a peer owns: asked of ``owner`` by ``path``."""
+
+    owner: int
+    path: str
+    lookups: int
+    attrs: tuple[int, ...]
+
+
+class RemoteNodes:
+    """The remote node table (see the module docstring)."""
+
+    def __init__(self, remember: int = LAST_OWNERS) -> None:
+        self._nodes: dict[int, RemoteNode] = {}
+        self._by_path: dict[str, int] = {}
+        self._last_owner: OrderedDict[str, int] = OrderedDict()
+        self._remember = remember
+
+    def get(self, ino: int) -> RemoteNode | None:
+        return self._nodes.get(ino)
+
+    def __contains__(self, ino: object) -> bool:
+        return ino in self._nodes
+
+    def by_path(self, path: str) -> RemoteNode | None:
+        ino = self._by_path.get(path)
+        return None if ino is None else self._nodes[ino]
+
+    def remember(self, owner: int, path: str, attrs: tuple[int, ...]) -> None:
+        """The kernel got one more reference to the peer's name ``path``."""
+        ino = attrs[0]
+        node = self._nodes.get(ino)
+        if node is None:
+            self._nodes[ino] = RemoteNode(owner, path, 1, attrs)
+        else:
+            if self._by_path.get(node.path) == ino:
+                del self._by_path[node.path]
+            node.lookups += 1
+            node.owner, node.path, node.attrs = owner, path, attrs
+        self._by_path[path] = ino
+        self._last_owner[path] = owner
+        self._last_owner.move_to_end(path)
+        if len(self._last_owner) > self._remember:
+            self._last_owner.popitem(last=False)
+
+    def forget(self, ino: int, count: int) -> bool:
+        """The kernel dropped ``count`` references; False if ``ino`` is not remote."""
+        node = self._nodes.get(ino)
+        if node is None:
+            return False
+        node.lookups -= count
+        if node.lookups <= 0:
+            del self._nodes[ino]
+            if self._by_path.get(node.path) == ino:
+                del self._by_path[node.path]
+        return True
+
+    def moved(self, old: str, new: str) -> None:
+        """Remote nodes at or below ``old`` are now at ``new`` (a rename)."""
+        prefix = old + "/"
+        for ino, node in self._nodes.items():
+            if node.path == old or node.path.startswith(prefix):
+                self._by_path.pop(node.path, None)
+                node.path = new + node.path[len(old) :]
+                self._by_path[node.path] = ino
+        self._last_owner.pop(old, None)
+
+    def last_owner(self, path: str) -> int | None:
+        """The owner ``path`` was last seen on, even if the kernel forgot it since."""
+        return self._last_owner.get(path)
+
+    def gone(self, path: str) -> None:
+        """``path`` was removed (or its owner says it is not there)."""
+        self._last_owner.pop(path, None)
+
+
+Call = Callable[..., Awaitable[FileReply]]
+
+
+@dataclass
+class _Block:
+    ready: trio.Event = field(default_factory=trio.Event)
+    data: bytes = b""
+    error: BaseException | None = None
+
+
+@dataclass
+class RemoteFile:
+    """A file open on its owner (``handle`` there), read in blocks with one ahead."""
+
+    owner: int
+    handle: int
+    path: str
+    blocks: dict[int, _Block] = field(default_factory=dict)
+
+    async def read(self, call: Call, off: int, size: int, nursery: trio.Nursery | None) -> bytes:
+        """``size`` bytes at ``off``; ``call`` is ``OwnerFiles.call``; read-ahead runs in
+        ``nursery`` (none: no read-ahead)."""
+        start = off - off % BLOCK
+        data = await self._block(call, start)
+        piece = data[off - start : off - start + size]
+        if len(piece) < size and len(data) == BLOCK:
+            piece += (await self._block(call, start + BLOCK))[: size - len(piece)]
+        for old in [b for b in self.blocks if b < start]:
+            del self.blocks[old]
+        ahead = start + BLOCK
+        if len(data) == BLOCK and ahead not in self.blocks and nursery is not None:
+            block = self.blocks[ahead] = _Block()
+            nursery.start_soon(self._fetch, call, ahead, block)
+        return piece
+
+    def changed(self) -> None:
+        """This host wrote or truncated the file: the blocks read so far are stale."""
+        self.blocks.clear()
+
+    async def _block(self, call: Call, start: int) -> bytes:
+        block = self.blocks.get(start)
+        if block is None:
+            block = self.blocks[start] = _Block()
+            await self._fetch(call, start, block)
+        else:
+            await block.ready.wait()
+        if block.error is not None:
+            raise block.error
+        return block.data
+
+    async def _fetch(self, call: Call, start: int, block: _Block) -> None:
+        try:
+            reply = await call(self.owner, "read", handle=self.handle, offset=start, size=BLOCK)
+            block.data = reply.data
+        except (OSError, DunixError, pyfuse3.FUSEError) as exc:
+            block.error = exc
+            if self.blocks.get(start) is block:
+                del self.blocks[start]  # the next read asks again
+        finally:
+            block.ready.set()

@@ -879,15 +879,18 @@ class StorageFS(pyfuse3.Operations):
 
     def _xattr_target(self, inode: int) -> str | None:
         """The path that reaches the inode's xattrs; None for a symlink, which has none here
-        (the /proc magic link would follow it, and user.* xattrs are not allowed on one),
-        and for a peer's file (xattrs are not forwarded yet)."""
-        if inode in self._remote:
-            return None
+        (the /proc magic link would follow it, and user.* xattrs are not allowed on one)."""
         fd = self._fd(inode)
         return None if stat.S_ISLNK(os.fstat(fd).st_mode) else _proc(fd)
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         with _fuse_errors():
+            remote = self._remote.get(inode)
+            if remote is not None:
+                reply = await self._owner_files().call(
+                    remote.owner, "getxattr", path=remote.path, path2=os.fsdecode(name)
+                )
+                return reply.data
             target = self._xattr_target(inode)
             if target is None:
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -897,6 +900,13 @@ class StorageFS(pyfuse3.Operations):
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
         with _fuse_errors():
+            remote = self._remote.get(inode)
+            if remote is not None:
+                await self._owner_files().call(
+                    remote.owner, "setxattr", path=remote.path, path2=os.fsdecode(name),
+                    data=bytes(value),
+                )  # fmt: skip
+                return
             target = self._xattr_target(inode)
             if target is None:
                 raise pyfuse3.FUSEError(errno.EPERM)
@@ -904,11 +914,21 @@ class StorageFS(pyfuse3.Operations):
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
         with _fuse_errors():
+            remote = self._remote.get(inode)
+            if remote is not None:
+                reply = await self._owner_files().call(remote.owner, "listxattr", path=remote.path)
+                return [n for n in reply.data.split(b"\0") if n]
             target = self._xattr_target(inode)
             return [] if target is None else [os.fsencode(n) for n in os.listxattr(target)]
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         with _fuse_errors():
+            remote = self._remote.get(inode)
+            if remote is not None:
+                await self._owner_files().call(
+                    remote.owner, "removexattr", path=remote.path, path2=os.fsdecode(name)
+                )
+                return
             target = self._xattr_target(inode)
             if target is None:
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR)

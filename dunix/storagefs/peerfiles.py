@@ -49,7 +49,7 @@ ATTR_FIELDS = (
 )  # fmt: skip
 OPS = frozenset(
     {"stat", "open", "read", "write", "release", "fsync", "setattr", "readlink", "unlink",
-     "rmdir", "rename", "link", "listdir"}
+     "rmdir", "rename", "link", "listdir", "getxattr", "setxattr", "listxattr", "removexattr"}
 )  # fmt: skip
 
 
@@ -338,3 +338,33 @@ class FileServer:
                     st = entry.stat(follow_symlinks=False)
                     entries.append((entry.name, self._attrs(st)))
         return self._ok(req, entries=tuple(entries))
+
+    # --- extended attributes: name in ``path2``, value in ``data`` -------------------------
+
+    def _xattr_target(self, req: FileRequest, missing: int) -> str:
+        """A path reaching the file's xattrs; a symlink has none here (as in fs.py)."""
+        backing = self._backing(req.path)
+        if stat.S_ISLNK(os.lstat(backing).st_mode):
+            raise OSError(missing, os.strerror(missing))
+        return backing
+
+    async def _op_getxattr(self, req: FileRequest) -> FileReply:
+        value = os.getxattr(self._xattr_target(req, errno.ENODATA), req.path2)
+        return self._ok(req, data=value)
+
+    async def _op_setxattr(self, req: FileRequest) -> FileReply:
+        os.setxattr(self._xattr_target(req, errno.EPERM), req.path2, req.data, req.flags)
+        return self._ok(req)
+
+    async def _op_listxattr(self, req: FileRequest) -> FileReply:
+        try:
+            names = os.listxattr(self._xattr_target(req, errno.ENODATA))
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:
+                raise
+            names = []
+        return self._ok(req, data=b"\0".join(os.fsencode(n) for n in names))
+
+    async def _op_removexattr(self, req: FileRequest) -> FileReply:
+        os.removexattr(self._xattr_target(req, errno.ENODATA), req.path2)
+        return self._ok(req)

@@ -242,3 +242,21 @@ def test_server_refuses_paths_leaving_the_tree(tmp_path: Path) -> None:
         assert reply.error == errno.EINVAL
         reply = trio.run(FileServer(store).handle, FileRequest(1, 2, "nope"))
         assert reply.error == errno.ENOSYS
+
+
+def test_xattrs_of_a_peer_file(net: Net) -> None:
+    owned_by_1(net, "x", b"data")
+    try:
+        os.setxattr(net.stores[1].backing_path("x"), "user.probe", b"1")
+    except OSError as exc:
+        pytest.skip(f"no user xattrs on {net.stores[1].root}: {exc.strerror}")
+    fs = net.fs[2]
+    x = run(fs.lookup, ROOT, b"x", CTX)
+    run(fs.setxattr, x.st_ino, b"user.color", b"blue", CTX)
+    assert os.getxattr(net.stores[1].backing_path("x"), "user.color") == b"blue"
+    assert run(fs.getxattr, x.st_ino, b"user.color", CTX) == b"blue"
+    assert sorted(run(fs.listxattr, x.st_ino, CTX)) == [b"user.color", b"user.probe"]
+    run(fs.removexattr, x.st_ino, b"user.color", CTX)
+    with pytest.raises(pyfuse3.FUSEError) as err:
+        run(fs.getxattr, x.st_ino, b"user.color", CTX)
+    assert err.value.errno == errno.ENODATA

@@ -71,11 +71,12 @@ ENV = {**os.environ, "LC_ALL": "C"}  # dd's report in one format
 
 JOB = """\
 # CPU-bound: $1 rounds of bash arithmetic (no exec), then the host it ran on, on stdout
-# and appended to the file $2 (so where the jobs ran is known even if stdout is lost)
-n=$1; s=0
+# and appended with its start and end times to the file $2 (so where and when the jobs
+# ran is known even if stdout is lost)
+t0=$EPOCHREALTIME n=$1 s=0
 for ((i = 0; i < n; i++)); do s=$((s + i)); done
 echo "$HOSTNAME"
-echo "$HOSTNAME" >> "$2"
+echo "$HOSTNAME $t0 $EPOCHREALTIME" >> "$2"
 """
 SPREAD = """\
 # $2 CPU-bound jobs at once, each `bash job.sh $1 $3`
@@ -138,18 +139,22 @@ def check(proc: subprocess.CompletedProcess[str], what: str) -> None:
 
 
 def job_hosts(
-    proc: subprocess.CompletedProcess[str], record: Path, jobs: int, what: str
+    proc: subprocess.CompletedProcess[str], record: Path, jobs: int, what: str, t0: float
 ) -> dict[str, Any]:
-    """Which hosts the jobs ran on (from the file each appended to; all must have), and
-    how many of their stdout lines arrived."""
-    ran = Counter(record.read_text().split()) if record.exists() else Counter[str]()
+    """Which hosts the jobs ran on and when the first started and the last ended, in
+    seconds after ``t0`` (from the file each appended to; all must have), and how many of
+    their stdout lines arrived."""
+    lines = [line.split() for line in record.read_text().splitlines()] if record.exists() else []
+    ran = Counter(fields[0] for fields in lines)
     if ran.total() < jobs:
         raise Failed(f"{what}: {ran.total()} of {jobs} jobs finished (exit {proc.returncode})")
     printed = len(proc.stdout.split())
     if printed != jobs:
         say(f"  {what}: {printed} of {jobs} lines of stdout arrived")
     return {"hosts": dict(sorted(ran.items())), "stdout_lines": printed,
-            "stdout_lost_lines": jobs - printed}  # fmt: skip
+            "stdout_lost_lines": jobs - printed,
+            "first_job_started_s": min(float(f[1]) for f in lines) - t0,
+            "last_job_ended_s": max(float(f[2]) for f in lines) - t0}  # fmt: skip
 
 
 def fresh(path: Path) -> Path:
@@ -269,27 +274,30 @@ def measure_cpu(sizes: Sizes, peers: list[SshPeer]) -> dict[str, Any]:
 
     def one_host() -> dict[str, Any]:
         record = fresh(WORK / "ran-one-host")
+        t0 = time.time()
         seconds, proc = timed(in_home, f"bash spread.sh {rounds} {n} {record}", budget)
         check(proc, f"spread.sh in {HOME}")
-        return {"wall_s": seconds, **job_hosts(proc, record, n, "one host")}
+        return {"wall_s": seconds, **job_hosts(proc, record, n, "one host", t0)}
 
     def dunix(placement: str) -> dict[str, Any]:
         record = fresh(WORK / f"ran-dunix-{placement}")
         argv = ["bash", "spread.sh", str(rounds), str(n), str(record)]
+        t0 = time.time()
         seconds, proc = timed(dunix_run, placement, argv, spread_budget)
         check(proc, f"dunix run --placement {placement} bash spread.sh")
-        return {"wall_s": seconds, **job_hosts(proc, record, n, f"dunix run ({placement})")}
+        return {"wall_s": seconds, **job_hosts(proc, record, n, f"dunix {placement}", t0)}
 
     def gnu_parallel() -> dict[str, Any]:
         per_host = -(-n // len(NODES))  # all at once, as the script starts them
         record = fresh(WORK / "ran-parallel")
         job, log = f"bash {WORK}/job.sh {rounds} {record}", WORK / "joblog-cpu"
         cmd = parallel_cmd(peers, per_host, job, log, control_master=False)
+        t0 = time.time()
         seconds, proc = timed(in_home, f"seq {n} | {cmd}", spread_budget)
         check(proc, "parallel")
         return {
             "wall_s": seconds,
-            **job_hosts(proc, record, n, "parallel"),
+            **job_hosts(proc, record, n, "parallel", t0),
             **parallel_runs(log, n),
         }
 
@@ -430,6 +438,13 @@ def _ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> tuple[str, float |
     return "-", None
 
 
+def _span(r: dict[str, Any]) -> str:
+    """When the first job started and the last ended, after the command was started."""
+    if "last_job_ended_s" not in r:
+        return "-"
+    return f"{r['first_job_started_s']:.2f} to {r['last_job_ended_s']:.2f}"
+
+
 def _hosts(r: dict[str, Any]) -> str:
     return " ".join(f"{h}:{k}" for h, k in r.get("hosts", {}).items()) or "-"
 
@@ -463,9 +478,11 @@ def table(r: dict[str, Any]) -> str:
         d = cpu[f"dunix_{kind}"]
         _goal(rows, f"{tag}: dunix {kind} vs 1 host", d, one, f"bash in {HOME}", "wall_s", 3.6)
         _goal(rows, f"{tag}: dunix {kind} vs parallel -S", d, par, "GNU parallel", "wall_s", 1)
-        rows.append((f"  jobs per host: dunix {kind}", _hosts(d), "-", "-", "-", "-"))
-    rows.append(("  jobs per host: parallel -S / 1 host", "-", f"{_hosts(par)} / {_hosts(one)}",
-                 "-", "-", "-"))  # fmt: skip
+        rows.append((f"  jobs per host; jobs ran (s): dunix {kind}", _hosts(d), _span(d),
+                     "-", "-", "-"))  # fmt: skip
+    for name, res in (("parallel -S", par), ("1 host", one)):
+        rows.append((f"  jobs per host; jobs ran (s): {name}", "-",
+                     f"{_hosts(res)}; {_span(res)}", "-", "-", "-"))  # fmt: skip
     alone = _num(cpu["alone"], "wall_s")
     rows.append(("  one job alone in a 0.5-CPU host, s", "-", alone, "-", "-", "-"))
     tag = f"{short['jobs']} x true, xargs -P {short['at_a_time']}, wall s"

@@ -29,6 +29,7 @@ from dunix.loadbalance._types import (
     MemberState,
     Send,
 )
+from dunix.loadbalance.balancer import Balancer, BalancerConfig, Candidate, Decision
 from dunix.loadbalance.membership import NODE_ID_MAX, Membership, derive_node_id
 
 __all__ = [
@@ -41,6 +42,10 @@ __all__ = [
     "PUSHPULL_SYNC_REPLY",
     "Ack",
     "Action",
+    "Balancer",
+    "BalancerConfig",
+    "Candidate",
+    "Decision",
     "Gossip",
     "LoadUpdate",
     "Member",

@@ -19,6 +19,10 @@ def main() -> int:
 
     print("\n== exec-time placement of a burst (simulation)")
     placement_sim.main([])
+    from bench import balance_sim
+
+    print("\n== live balancer: 12 CPU-bound loops started on 1 of 4 hosts (simulation)")
+    balance_sim.main([])
     print("\n== fd relay throughput: pipe -> TLS link -> pipe vs a local pipe")
     relay_bench.main([])
     if os.geteuid() != 0:

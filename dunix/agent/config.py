@@ -13,6 +13,10 @@ Example ``/etc/dunix/dunix.toml``::
     discover = false               # UDP multicast discovery on the local segment
     cpu_flags = []                 # advertise only these CPU flags (empty: all)
     pid_ranges = true              # job pids from this node's range (needs pid_max 2**22)
+    balancer = true                # move CPU-bound processes off a hot node (agent/balance.py)
+
+    [balancer]                     # any field of BalancerConfig (dunix/loadbalance/balancer.py)
+    min_residency = 5.0
 
     [membership]                   # any field of MembershipConfig
     probe_interval = 0.5
@@ -66,6 +70,10 @@ class AgentConfig:
     storagefs_negative_ttl: float = 5.0  # "no such file" is cached; any creation drops it
     pid_ranges: bool = True  # keep job pids in this node's range (dunix/pid/steer.py)
     membership: dict[str, Any] = field(default_factory=dict)
+    # the live balancer (dunix/agent/balance.py): on unless `balancer = false`; it moves
+    # only long-running CPU-bound processes, so short tests and idle jobs never see it
+    balancer: bool = True
+    balancer_settings: dict[str, Any] = field(default_factory=dict)  # the [balancer] table
 
     @property
     def address(self) -> str:
@@ -99,6 +107,8 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> AgentConfig:
             raise ConfigError(f"{path}: {exc}") from None
         values.update(data.get("agent", {}))
         membership.update(data.get("membership", {}))
+        if "balancer" in data:
+            values["balancer_settings"] = dict(data["balancer"])
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in fields(AgentConfig)}
     unknown = set(values) - known

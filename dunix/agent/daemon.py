@@ -26,6 +26,7 @@ from typing import Any
 
 import trio
 
+from dunix.agent.balance import BalanceService, balancer_config
 from dunix.agent.config import AgentConfig
 from dunix.agent.control import ControlService
 from dunix.agent.fanout import PeerQueries
@@ -87,6 +88,9 @@ class Agent:
         self._links: PeerLinks | None = None
         self.control = ControlService(self)
         self.storage = StorageService(self)
+        self.balance: BalanceService | None = None
+        if config.balancer:
+            self.balance = BalanceService(self, balancer_config(config.balancer_settings))
 
     # -- views used by the control service --------------------------------------------
 
@@ -313,6 +317,8 @@ class Agent:
             )
             nursery.start_soon(self._sample_loop)
             nursery.start_soon(self._protocol_loop)
+            if self.balance is not None:
+                nursery.start_soon(self.balance.run)
             if handle_signals:
                 nursery.start_soon(self._signals, nursery.cancel_scope)
             if cfg.discover:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -257,3 +258,42 @@ def test_every_node_balancing_never_ping_pongs(
         assert bals[n].decide(n, sim.members(now), sim.candidates(n, now), now) == []
     moves = sum(sim.moves.values())
     assert moves <= 2 * len(start)
+
+
+def test_agent_sampling_of_a_busy_process() -> None:
+    """The agent's sampler sees a CPU loop's CPU time over its window, keyed by start time."""
+    import subprocess
+    import sys
+    import time
+
+    from dunix.agent.balance import Movable, sample
+
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        movable = [Movable(busy.pid, 42, 1, V3)]
+        first, seen = sample(movable, {}, time.time())
+        assert first == [] and len(seen) == 1  # nothing to measure over yet
+        time.sleep(0.5)
+        second, seen = sample(movable, seen, time.time())
+        (c,) = second
+        assert (c.gpid, c.moves, c.features) == (42, 1, V3)
+        assert c.cpu_seconds > 0 and c.window > 0 and c.rss > 0 and c.age >= 0
+    finally:
+        busy.kill()
+        busy.wait()
+    gone, seen = sample(movable, seen, time.time())
+    assert gone == [] and seen == {}
+
+
+def test_agent_config_table(tmp_path: Path) -> None:
+    from dunix.agent.balance import balancer_config
+    from dunix.agent.config import load_config
+
+    toml = tmp_path / "a.toml"
+    toml.write_text('[agent]\nname = "x"\nbalancer = false\n[balancer]\nmin_residency = 2.5\n')
+    cfg = load_config(toml, {})
+    assert cfg.balancer is False
+    assert balancer_config(cfg.balancer_settings).min_residency == 2.5
+    assert load_config(None, {}).balancer is True
+    with pytest.raises(ConfigError):
+        balancer_config({"no_such_knob": 1})

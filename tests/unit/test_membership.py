@@ -108,6 +108,7 @@ def test_public_names_are_pinned() -> None:
     assert set(dunix.loadbalance.__all__) == {
         "EVENT_KINDS", "MESSAGE_TYPES", "NODE_ID_MAX", "PUSHPULL_JOIN",
         "PUSHPULL_JOIN_REPLY", "PUSHPULL_SYNC", "PUSHPULL_SYNC_REPLY", "Ack", "Action", "Gossip",
+        "Balancer", "BalancerConfig", "Candidate", "Decision",
         "LoadUpdate", "Member", "MemberEvent", "MemberState", "Membership",
         "MembershipConfig", "Nack", "NodeLoad", "Ping", "PingReq", "PushPull", "Send",
         "Update", "derive_node_id",

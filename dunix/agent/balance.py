@@ -1,0 +1,155 @@
+"""The agent's live balancer: every ``period``, move CPU-bound processes off a hot node.
+
+Each period the service samples the CPU time, memory and age of the local job processes
+the migration service can move, hands them with the gossiped loads to the sans-IO
+:class:`~dunix.loadbalance.balancer.Balancer`, and starts one ``MigrationService.request``
+per decision. A failed move leaves the process running here (the migration service
+resumes it where it was), is logged, and the balancer rests that process
+(``failure_backoff``).
+
+What can move today: *guests* (processes running on this node for a home elsewhere, or
+restored back at their home) that are the only process of their guest job here, which is
+what ``MigrationService._move_guest`` accepts. A process running at its home before it
+ever left (state ``running``) cannot move yet (``migrate_from_home`` refuses it until the
+tracer's deputize is wired for live moves), so the balancer does not pick those.
+
+A process's age on this node is its kernel start time: a remote exec starts it here, and
+a CRIU restore creates a new task (CRIU does not restore ``start_time``), so a process
+that just arrived is young again and the residency rule applies. Processes are keyed by
+(pid, start time), never a bare pid, as psutil does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import psutil
+import trio
+
+from dunix.errors import ConfigError, DunixError
+from dunix.loadbalance.balancer import Balancer, BalancerConfig, Candidate, Decision
+from dunix.migrate.cpufeatures import CpuFeatures
+
+if TYPE_CHECKING:
+    from dunix.agent.daemon import Agent
+
+log = logging.getLogger("dunix.agent.balance")
+
+
+@dataclass(frozen=True, slots=True)
+class Movable:
+    """A local process the migration service could move, as the process table has it."""
+
+    pid: int
+    gpid: int
+    moves: int
+    features: CpuFeatures  # its origin's (its home's)
+
+
+#: (pid, start time) → (CPU seconds, wall time) at the previous sample
+Seen = dict[tuple[int, float], tuple[float, float]]
+
+
+def sample(procs: list[Movable], seen: Seen, wall: float) -> tuple[list[Candidate], Seen]:
+    """Read each process's CPU time, RSS and start time (``/proc`` through psutil); a
+    process seen for the first time gives no candidate yet (no window to measure over)."""
+    out: list[Candidate] = []
+    now_seen: Seen = {}
+    for m in procs:
+        try:
+            p = psutil.Process(m.pid)
+            with p.oneshot():
+                started = p.create_time()
+                times = p.cpu_times()
+                rss = p.memory_info().rss
+        except psutil.Error:
+            continue
+        cpu = times.user + times.system
+        key = (m.pid, started)
+        now_seen[key] = (cpu, wall)
+        prev = seen.get(key)
+        if prev is None or wall <= prev[1]:
+            continue
+        used = max(0.0, cpu - prev[0])
+        out.append(Candidate(m.gpid, used, wall - prev[1], rss, wall - started, m.moves,
+                             m.features))  # fmt: skip
+    return out, now_seen
+
+
+def balancer_config(settings: dict[str, Any]) -> BalancerConfig:
+    """The ``[balancer]`` table of the agent's config as a :class:`BalancerConfig`."""
+    try:
+        return BalancerConfig(**settings)
+    except TypeError as exc:
+        raise ConfigError(f"[balancer]: {exc}") from None
+
+
+class BalanceService:
+    """Drives a :class:`Balancer` with this agent's processes, loads and migrations."""
+
+    def __init__(self, agent: Agent, config: BalancerConfig) -> None:
+        self.agent = agent
+        self.config = config
+        self.balancer = Balancer(config)
+        self._seen: Seen = {}
+
+    def movable(self) -> list[Movable]:
+        """Guests alone in their guest job here (a tree cannot move yet, see above)."""
+        procs = list(self.agent.jobs.procs.values())
+        per_job = Counter(p.key for p in procs)
+        out = []
+        for p in procs:
+            if p.state != "guest" or per_job[p.key] != 1:
+                continue
+            out.append(Movable(p.pid, p.gpid, p.moves, self._features_of(p.home)))
+        return out
+
+    def _features_of(self, node: str) -> CpuFeatures:
+        for m in self.agent.membership.members():
+            if m.name == node:
+                return CpuFeatures(m.load.cpu_level, m.load.cpu_flags)
+        return self.agent.features
+
+    async def run(self) -> None:
+        log.info("balancer on: every %.1f s, threshold %.2f, residency %.1f s",
+                 self.config.period, self.config.threshold, self.config.min_residency)  # fmt: skip
+        while True:
+            await trio.sleep(self.config.period)
+            await self.step()
+
+    async def step(self) -> list[Decision]:
+        """One look: sample, decide, start the moves (they run on in the agent's nursery)."""
+        procs = self.movable()
+        if not procs:
+            self._seen = {}
+            return []
+        seen = self._seen
+        candidates, self._seen = await trio.to_thread.run_sync(sample, procs, seen, time.time())
+        agent = self.agent
+        now = trio.current_time()
+        members = agent.membership.members()
+        decisions = self.balancer.decide(agent.config.name, members, candidates, now)
+        for d in decisions:
+            log.info("balancer: moving gpid %d to %s (%s)", d.gpid, d.node, d.reason)
+            agent.nursery.start_soon(self._move, d)
+        return decisions
+
+    async def _move(self, d: Decision) -> None:
+        ok = False
+        try:
+            reply = await self.agent.migration.request(d.gpid, d.node, None)
+        except DunixError as exc:
+            log.warning("balancer: gpid %d did not move to %s, it runs on here: %s: %s",
+                        d.gpid, d.node, type(exc).__name__, exc)  # fmt: skip
+        except Exception:  # a bug in a move must not take the agent down with it
+            log.exception("balancer: moving gpid %d to %s failed", d.gpid, d.node)
+        else:
+            ok = True
+            log.info("balancer: gpid %d moved %s → %s, freeze %.0f ms, %d moves",
+                     d.gpid, reply.source, reply.target, reply.freeze_ms, reply.moves)  # fmt: skip
+        finally:
+            self.balancer.finished(d.gpid, ok, trio.current_time())

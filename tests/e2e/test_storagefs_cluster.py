@@ -189,9 +189,15 @@ def test_a_job_in_storagefs_runs_remote_execs_in_the_same_folder(hosts: list[str
     """Part 3 (job file view): execs forced remote chdir into the job's storagefs folder."""
     sh("n1", "mkdir -p job && echo input-data > job/input")
     script = 'for i in 1 2 3 4; do sh -c "hostname > out-$i && cat input > copy-$i"; done; pwd'
-    out = sh("n1", f"cd job && {_dunix_cmd()} run --control /run/dunix/hosts/n1/control.sock"
-                   f" --placement remote -- sh -c '{script}'", timeout=120)  # fmt: skip
-    assert out.strip() == f"{FS}/job"
+    from dunix import cluster
+
+    done = cluster.run_in(
+        "n1",
+        ["sh", "-c", f"{_dunix_cmd()} run --control /run/dunix/hosts/n1/control.sock"
+                     f" --placement remote -- sh -c '{script}'"],
+        capture_output=True, text=True, timeout=120, cwd=f"{FS}/job",
+    )  # fmt: skip
+    assert (done.stdout.strip(), done.returncode) == (f"{FS}/job", 0), done.stderr
     ran_on = {sh("n2", f"cat job/out-{i}").strip() for i in range(1, 5)}
     assert ran_on and ran_on <= set(hosts), ran_on
     # `sh -c` execs ran away from n1 and created files on their host, in the same folder

@@ -7,7 +7,8 @@ failed revalidation makes the kernel forget), so an owner that stops answering g
 not "no such file" (see ``StorageFS._lookup_remote``).
 
 :class:`RemoteFile` is one open file of a peer: reads are served from 1 MiB blocks
-(``peerfiles.BLOCK``), and the block after the one being read is fetched in the background.
+(``peerfiles.BLOCK``), and the ``READ_AHEAD`` blocks after the one being read are fetched in
+the background.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from dunix.storagefs.peerfiles import BLOCK, FileReply
 
 #: how many peer names a host remembers the owner of (a dead owner then gives EIO)
 LAST_OWNERS = 100_000
+#: blocks fetched ahead of the one being read, so the owner works while we copy
+READ_AHEAD = 2
 
 
 @dataclass
@@ -132,10 +135,12 @@ class RemoteFile:
             piece += (await self._block(call, start + BLOCK))[: size - len(piece)]
         for old in [b for b in self.blocks if b < start]:
             del self.blocks[old]
-        ahead = start + BLOCK
-        if len(data) == BLOCK and ahead not in self.blocks and nursery is not None:
-            block = self.blocks[ahead] = _Block()
-            nursery.start_soon(self._fetch, call, ahead, block)
+        if len(data) == BLOCK and nursery is not None:  # a short block is the end of file
+            for n in range(1, READ_AHEAD + 1):
+                ahead = start + n * BLOCK
+                if ahead not in self.blocks:
+                    block = self.blocks[ahead] = _Block()
+                    nursery.start_soon(self._fetch, call, ahead, block)
         return piece
 
     def changed(self) -> None:

@@ -260,3 +260,37 @@ def test_xattrs_of_a_peer_file(net: Net) -> None:
     with pytest.raises(pyfuse3.FUSEError) as err:
         run(fs.getxattr, x.st_ino, b"user.color", CTX)
     assert err.value.errno == errno.ENODATA
+
+
+def test_read_ahead_fetches_the_next_blocks_in_the_background(net: Net) -> None:
+    data = os.urandom(BLOCK * 4 + 5)
+    owned_by_1(net, "ra", data)
+    fs = net.fs[2]
+    reads: list[int] = []
+    handle = net.servers[1].handle
+
+    async def counting(req: Any) -> FileReply:
+        if req.op == "read":
+            reads.append(req.offset // BLOCK)
+        return await handle(req)
+
+    net.servers[1].handle = counting  # type: ignore[method-assign]
+
+    async def main() -> bytes:
+        f = await fs.lookup(ROOT, b"ra", CTX)
+        info = await fs.open(f.st_ino, os.O_RDONLY, CTX)
+        out = []
+        async with trio.open_nursery() as nursery:
+            fs.nursery = nursery
+            await fs.read(info.fh, 0, 1000)
+            await trio.sleep(0.05)  # the read-ahead runs while nobody reads
+            assert sorted(reads) == [0, 1, 2]
+            for off in range(0, len(data), 131072):
+                out.append(await fs.read(info.fh, off, 131072))
+            await fs.release(info.fh)
+            fs.nursery = None
+        return b"".join(out)
+
+    assert trio.run(main) == data
+    # each block asked for once; block 5 (past the end) is asked ahead, as the file may grow
+    assert sorted(reads) == [0, 1, 2, 3, 4, 5]

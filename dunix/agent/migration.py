@@ -89,6 +89,11 @@ FAIL_RESTORE_KNOB = "migrate-fail-restore"
 
 AfterRestore = Callable[[int], Awaitable[None]]
 
+#: criu leads a new session, which a shell-job restore gives the restored process: the
+#: agent's own session leader is outside this host's PID namespace, and CRIU refuses to
+#: dump a process whose session leader it cannot see (cr-dump.c), so a second move would fail
+RESTORE_COMMAND = swrk.CriuCommand(preexec_fn=os.setsid)
+
 
 @dataclass
 class _Outgoing:
@@ -202,6 +207,10 @@ class MigrationService:
         self._outgoing: dict[str, _Outgoing] = {}
         self._incoming: dict[str, _Incoming] = {}
         self._done: dict[str, trio.MemorySendChannel[MigrateDone]] = {}
+        #: move id → {stream on the old link: (duplicate of the deputy's fd, it writes)}
+        self._spares: dict[str, dict[int, tuple[int, bool]]] = {}
+        #: (job, home pid) of a process moved back home → its deputy's fds, as above
+        self._home_fds: dict[tuple[str, int], dict[int, tuple[int, bool]]] = {}
 
     @property
     def links(self) -> Any:
@@ -269,17 +278,22 @@ class MigrationService:
         source = deputy.peer
         if target == source:
             raise MigrationFailed(f"gpid {gpid} already runs on {target}")
-        if target == self.name:
-            raise MigrationFailed("moving a guest back to its home is not wired yet")
-        if target not in {n for n, _ in self.agent.alive_peers()}:
+        if target != self.name and target not in {n for n, _ in self.agent.alive_peers()}:
             raise NoSuchNode(f"{target} is not an alive node")
         if deputy.moving:
             raise MigrationFailed(f"gpid {gpid} is moving already")
         deputy.moving = True
-        spares = {e.stream: e.duplicate() for e in deputy.senders + deputy.receivers if e.running}
+        # writes: the process writes it (a receiver here)
+        spares = {
+            e.stream: (e.duplicate(), not e.sending)
+            for e in deputy.senders + deputy.receivers
+            if e.running
+        }
+        spares.update(self._home_fds.pop((proc.job, proc.pid), {}))  # it runs here now
         move = f"{self.name}-{next(self._ids)}-{secrets.token_hex(3)}"
         send, receive = trio.open_memory_channel[MigrateDone](1)
         self._done[move] = send
+        self._spares[move] = spares  # a move home restores onto these directly
         started = time.monotonic()
         try:
             features = self.agent.features
@@ -293,14 +307,21 @@ class MigrationService:
             if done.error_kind:
                 raise error_from_wire(done.error_kind, done.error)
             assert done.reply is not None
-            await self._repoint(deputy, source, target, done.streams, spares)
+            if target == self.name:
+                await self._came_home(deputy, done.reply.pid, spares)
+            else:
+                await self._repoint(deputy, source, target, done.streams, spares)
         except BaseException:
-            for fd in spares.values():
-                os.close(fd)
+            if source == self.name:  # it still runs here on them
+                self._home_fds[(proc.job, proc.pid)] = dict(spares)
+            else:
+                for fd, _ in spares.values():
+                    os.close(fd)
             self._release_exit(deputy)
             raise
         finally:
             self._done.pop(move, None)
+            self._spares.pop(move, None)
         proc.moves += 1
         proc.node = target
         log.info("gpid %d moved %s → %s (%d moves)", gpid, source, target, proc.moves)
@@ -318,38 +339,62 @@ class MigrationService:
         source: str,
         target: str,
         streams: tuple[tuple[int, int], ...],
-        spares: dict[int, int],
+        spares: dict[int, tuple[int, bool]],
     ) -> None:
-        """Point the deputy's relays at ``target``: outputs once the old stream ended."""
+        """Point the deputy's relays at ``target``: an output once its old stream ended
+        (or at once when the process wrote straight into the deputy's pipe at home)."""
         hub: StreamHub = await self.links.hub(target)
-        mapping = dict(streams)
+        old_ends = {e.stream: e for e in deputy.receivers + deputy.senders}
         receivers: list[StreamEndpoint] = []
         senders: list[StreamEndpoint] = []
-        for old in deputy.receivers:
-            new = mapping.get(old.stream)
-            spare = spares.pop(old.stream, None)
-            if new is None or spare is None:
-                if spare is not None:
-                    os.close(spare)
+        for stream, new in streams:
+            old = old_ends.pop(stream, None)
+            entry = spares.pop(stream, None)
+            if entry is None:
+                if old is not None:
+                    old.stop()
                 continue
-            with trio.move_on_after(MOVE_TIMEOUT):
-                await old.wait()  # the source's copy is dead: its pipe drains, then EOF
+            spare, writes = entry
+            if old is not None and writes:
+                with trio.move_on_after(MOVE_TIMEOUT) as waited:
+                    await old.wait()  # the source's copy is dead: its pipe drains, then EOF
+                if waited.cancelled_caught:
+                    log.warning("stream %d from %s did not end in %s s: cut", stream, source,
+                                MOVE_TIMEOUT)  # fmt: skip
+            if old is not None:
+                old.stop()  # an input: what it sent and the process had not read is lost
+            if writes:
+                receivers.append(hub.open_receiver(new, spare, shared=True))
+            else:
+                senders.append(hub.open_sender(new, spare, shared=True))
+        for old in old_ends.values():
             old.stop()
-            receivers.append(hub.open_receiver(new, spare, shared=True))
-        for old in deputy.senders:
-            new = mapping.get(old.stream)
-            spare = spares.pop(old.stream, None)
-            old.stop()  # bytes it had sent to the source and the process had not read are lost
-            if new is None or spare is None:
-                if spare is not None:
-                    os.close(spare)
-                continue
-            senders.append(hub.open_sender(new, spare, shared=True))
-        for fd in spares.values():
+        for fd, _ in spares.values():
             os.close(fd)
+        spares.clear()
         deputy.receivers, deputy.senders = receivers, senders
         deputy.peer = target
         deputy.proc.node = target
+        self._release_exit(deputy)
+
+    async def _came_home(
+        self, deputy: Deputy, pid: int, spares: dict[int, tuple[int, bool]]
+    ) -> None:
+        """The process was restored here (stopped, as CRIU dumped it) on the deputy's own
+        pipes: let it run once what the old node's relays still carried is written."""
+        for old in deputy.receivers:
+            with trio.move_on_after(MOVE_TIMEOUT):
+                await old.wait()
+        for old in deputy.senders:
+            old.stop()  # bytes it had sent to the source and the process had not read are lost
+        # kept while it runs here: a move away relays them again (closed when it ends)
+        self._home_fds[(deputy.proc.job, deputy.proc.pid)] = dict(spares)
+        spares.clear()
+        deputy.receivers, deputy.senders = [], []
+        deputy.peer = self.name
+        deputy.proc.node = self.name
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
         self._release_exit(deputy)
 
     def _release_exit(self, deputy: Deputy) -> None:
@@ -402,11 +447,11 @@ class MigrationService:
         )  # fmt: skip
 
         async def kill_source(pid: int) -> None:
-            return  # CRIU kills the frozen copy when post-dump is answered with success
+            # CRIU kills the frozen copy once post-dump is answered: its death here is not
+            # the process's exit, so this guest ends without a word to the home
+            guest.moved = True
 
         report, out = await move_process(self, pid, order.target, prepare, tracer, kill_source)
-        # the copy here is gone: this guest job ends without a word to the home
-        guest.moved = True
         if proc is not None:
             self.agent.jobs.procs.pop(pid, None)
         job.status = 0
@@ -484,32 +529,52 @@ class MigrationService:
         inc.files.clear()
         ours: list[tuple[MigratePipe, int]] = []  # (pipe, the end this agent relays)
         theirs: list[tuple[str, int]] = []  # inherit_fd: (pipe:[INODE], the process's end)
+        # back home: straight onto the deputy's own fds (CRIU reopens them with the
+        # process's flags), stopped until the old relays have delivered what they hold
+        home = self._spares.get(inc.move) if prep.home == self.name else None
+        back_home: list[tuple[int, int, bool]] = []  # its pipes, when restored at home
         try:
             for pipe in prep.pipes:
+                key = f"pipe:[{pipe.inode}]"
+                if home is not None:
+                    entry = home.get(pipe.stream)
+                    if entry is not None:
+                        theirs.append((key, os.dup(entry[0])))
+                        back_home.append((pipe.stream, os.fstat(entry[0]).st_ino, pipe.writable))
+                    continue
                 r, w = os.pipe2(os.O_CLOEXEC)
                 ours.append((pipe, r if pipe.writable else w))
-                theirs.append((f"pipe:[{pipe.inode}]", w if pipe.writable else r))
+                theirs.append((key, w if pipe.writable else r))
             fail = (self.agent.config.control.parent / FAIL_RESTORE_KNOB).exists()
 
             async def notify(note: swrk.Notification) -> bool:
                 return not (fail and note.script == "post-restore")
 
             result = await swrk.restore(
-                inc.dir_fd, inherit_fd=theirs, rst_sibling=True, shell_job=True, notify=notify
-            )
+                inc.dir_fd, inherit_fd=theirs, rst_sibling=True, shell_job=True, notify=notify,
+                command=RESTORE_COMMAND,
+            )  # fmt: skip
         except (DunixError, OSError) as exc:
             for _, fd in ours:
                 os.close(fd)
             self._forget_incoming(inc)
+            # rst_sibling: a tree CRIU restored and then killed (post-restore refused) is
+            # our child; unreaped, it would keep the pid busy for the next try
+            self.agent.nursery.start_soon(_reap, prep.pid)
             return MigrateStatus(inc.move, "restored", 0, (), "MigrationFailed", str(exc))
         finally:
             for _, fd in theirs:
                 os.close(fd)
         inc.restored_pid = result.pid
-        hub = await self.links.hub(prep.home)
         guest = Guest(prep.job, prep.home, prep.home_pid, pid=result.pid)
+        # CRIU restores the stop the source's release made (the task state is in the
+        # images): the tracer reports it when it seizes; that stop is not the job's
+        guest.stopped_by_home = True
+        guest.pipes += back_home
         streams = []
+        hub = await self.links.hub(prep.home) if ours else None
         for pipe, fd in ours:
+            assert hub is not None
             new = hub.allocate()
             inode = os.fstat(fd).st_ino
             if pipe.writable:
@@ -530,6 +595,7 @@ class MigrationService:
         if inc.restored_pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(inc.restored_pid, signal.SIGKILL)
+            self.agent.nursery.start_soon(_reap, inc.restored_pid)
         self._forget_incoming(inc)
 
     def _forget_incoming(self, inc: _Incoming, *, keep: bool = False) -> None:
@@ -575,6 +641,9 @@ class MigrationService:
         finally:
             if pidfd >= 0:
                 os.close(pidfd)
+            if not guest.moved:  # ended here at home: the deputy's duplicates go now
+                for fd, _ in self._home_fds.pop(key, {}).values():
+                    os.close(fd)
             self.agent.jobs.forget(job)
             if self.remote.guests.get(key) is guest:
                 self.remote.guests.pop(key, None)
@@ -594,12 +663,14 @@ class MigrationService:
         if seize is None:
             log.warning("pid %d of job %s runs untraced on %s: the tracer has no seize yet",
                         guest.pid, prep.job, self.name)  # fmt: skip
+            if prep.home != self.name:
+                os.kill(guest.pid, signal.SIGCONT)
             return None
         try:
             cwd = os.readlink(f"/proc/{guest.pid}/cwd")
         except OSError:
             cwd = "/"
-        ctx = JobContext(prep.uid, prep.gid, prep.groups, 0o022, cwd, {}, mode="local",
+        ctx = JobContext(prep.uid, prep.gid, prep.groups, 0o022, cwd, {}, mode=prep.mode,
                          extra=("--first-local", "--keep-pgrp"))  # fmt: skip
         tracer = Tracer.spawn(ctx, ["/bin/sleep", "infinity"], {})  # a placeholder first
         job.tracers.append(tracer)
@@ -619,6 +690,9 @@ class MigrationService:
         except (DunixError, OSError) as exc:
             log.warning("the tracer on %s could not take pid %d: %s", self.name, guest.pid, exc)
         finally:
+            if prep.home != self.name:  # at home it goes on once the old relays drained
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(guest.pid, signal.SIGCONT)
             self.agent.jobs.on_started.pop(job.id, None)
             for placeholder in holder:
                 with contextlib.suppress(ProcessLookupError):
@@ -649,6 +723,19 @@ class MigrationService:
             if done is not None:
                 with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
                     done.send_nowait(msg)
+
+
+async def _reap(pid: int, timeout: float = 5.0) -> None:
+    """Collect ``pid`` if it is (or becomes, within ``timeout``) a dead child of ours."""
+    with trio.move_on_after(timeout):
+        while True:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if done:
+                return
+            await trio.sleep(0.05)
 
 
 async def move_process(

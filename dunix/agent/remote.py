@@ -73,6 +73,12 @@ class JobLinks:
         return str(self.agent.membership.member(peer).address)
 
     async def send(self, peer: str, msg: Any) -> None:
+        if peer == self.agent.config.name:  # a guest moved back home: its deputy is here
+            if isinstance(msg, JOB_MESSAGES):
+                self.agent.remote.on_peer_message(peer, msg)
+            else:
+                self.agent.migration.on_peer_message(peer, msg)
+            return
         lock = self._locks.setdefault(peer, trio.Lock())
         async with lock:
             channel = self._channels.get(peer)

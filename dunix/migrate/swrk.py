@@ -337,6 +337,7 @@ async def restore(
     *,
     inherit_fd: Sequence[tuple[str, int]] = (),
     rst_sibling: bool = False,
+    leave_stopped: bool = False,
     tcp_established: bool = False,
     shell_job: bool = False,
     ext_unix_sk: bool = False,
@@ -362,6 +363,7 @@ async def restore(
     rpc = _rpc()
     opts = _base_opts(rpc, images_dir_fd, log_file, log_level)
     opts.rst_sibling = rst_sibling
+    opts.leave_stopped = leave_stopped  # restored tree left SIGSTOPped: the caller continues it
     opts.tcp_established = tcp_established
     opts.shell_job = shell_job
     opts.ext_unix_sk = ext_unix_sk

@@ -1,0 +1,152 @@
+"""`dunix migrate` of a `dunix run` job's process that runs away from home (issue 4).
+
+A counter started with `dunix run --control n1 --placement remote` runs on a peer behind
+its deputy on n1. It is moved between the peers, back home and away again while it
+prints; refused moves (a target with fewer CPU features, a target whose restore fails)
+leave it where it was. Its output must hold every number once, in order, and the job's
+exit code must be the program's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import DUNIX, dunix, exclusive_cluster, keep_logs, require_root, wait_for
+
+pytestmark = pytest.mark.e2e
+
+WORK = Path("/var/tmp/dunix-e2e-migrate")  # seen by every host (a host's /tmp is its own)
+N1 = "/run/dunix/hosts/n1/control.sock"
+NAMES = ("n1", "n2", "n3", "n4")
+OLD_CPU = "n4"  # advertises only a few CPU flags: it may not receive n1's processes
+KNOB = "migrate-fail-restore"  # dunix/agent/migration.py FAIL_RESTORE_KNOB
+
+COUNTER = """
+import os, sys, time
+stop, i = sys.argv[1], 0
+while not os.path.exists(stop):
+    i += 1
+    print(i, flush=True)
+    time.sleep(0.01)
+print("end", flush=True)
+sys.exit(7)
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster4() -> Iterator[list[Any]]:
+    require_root()
+    from dunix import cluster
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    os.chmod(WORK, 0o777)
+    old_cpu = WORK / "old-cpu.toml"
+    old_cpu.write_text('[agent]\ncpu_flags = ["fpu", "sse", "sse2"]\n')
+
+    def argv(host: Any) -> list[str]:
+        extra = ["--config", str(old_cpu)] if host.name == OLD_CPU else []
+        return [*cluster.default_agent_argv(host), *extra]
+
+    with exclusive_cluster():
+        cluster.down()
+        try:
+            hosts = cluster.up(4, 0.5, agent_argv=argv)
+            from tests.e2e.test_agents import states
+
+            def all_alive() -> bool:
+                view = json.loads(dunix("nodes", "--json", "--control", N1).stdout)
+                return states(view) == dict.fromkeys(NAMES, "alive")
+
+            wait_for(all_alive, 20, "4 alive agents")
+            yield hosts
+        finally:
+            keep_logs()
+            cluster.down()
+
+
+def where(gpid: int) -> tuple[str, int]:
+    """(node it runs on, moves) as its home sees it."""
+    procs = json.loads(dunix("ps", "--json", "--control", N1).stdout)
+    home = [p for p in procs if p["gpid"] == gpid and p["home"] == "n1" and p["state"] == "deputy"]
+    assert home, procs
+    return home[0]["node"], home[0]["moves"]
+
+
+def migrate(gpid: int, node: str, check: bool = True) -> Any:
+    return dunix("migrate", str(gpid), node, "--control", N1, check=check, timeout=90)
+
+
+def test_counter_moves_between_peers_and_home(cluster4: list[Any]) -> None:
+    stop = WORK / f"stop-{os.getpid()}"
+    stop.unlink(missing_ok=True)
+    run = subprocess.Popen(
+        [*DUNIX, "run", "--control", N1, "--placement", "remote", "--",
+         "/usr/bin/python3", "-c", COUNTER, str(stop)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=WORK,
+    )  # fmt: skip
+    try:
+        def deputy() -> dict[str, Any] | None:
+            procs = json.loads(dunix("ps", "--json", "--control", N1).stdout)
+            found = [p for p in procs if p["state"] == "deputy" and p["home"] == "n1"]
+            return found[0] if found and found[0]["node"] else None
+
+        gpid = wait_for(deputy, 20, "the counter running on a peer")["gpid"]
+        node, moves = where(gpid)
+        assert node != "n1" and moves == 0
+        timings = []
+
+        def move(to: str) -> None:
+            nonlocal node, moves
+            out = migrate(gpid, to)
+            assert f"moved {node} -> {to if to != 'home' else 'n1'}" in out.stdout, out.stdout
+            timings.append(out.stdout)
+            node, moves = where(gpid)
+            assert node == (to if to != "home" else "n1")
+            assert moves == len(timings)
+
+        plan = [n for n in ("n2", "n3") if n != node]
+        plan += [n for n in ("n2", "n3") if n not in plan]
+        move(plan[0])
+        # refused before freezing: n4 lacks CPU features n1 has
+        refused = migrate(gpid, OLD_CPU, check=False)
+        assert refused.returncode == 1, refused.stdout
+        assert "lacks CPU features" in refused.stderr, refused.stderr
+        assert where(gpid) == (node, 1)
+        move(plan[1])
+        # an injected restore failure on the target: it stays and runs on
+        knob = Path(f"/run/dunix/hosts/{plan[0]}/{KNOB}")
+        knob.touch()
+        try:
+            failed = migrate(gpid, plan[0], check=False)
+        finally:
+            knob.unlink()
+        assert failed.returncode == 1, failed.stdout
+        assert "restore" in failed.stderr, failed.stderr
+        assert where(gpid) == (node, 2)
+        time.sleep(0.3)
+        move("home")
+        time.sleep(0.3)
+        move(plan[0])
+        time.sleep(0.3)
+        stop.touch()
+        out, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        stop.unlink(missing_ok=True)
+    for text in timings:
+        print(text)
+    lines = out.decode().split()
+    assert lines[-1] == "end", err.decode()
+    numbers = [int(x) for x in lines[:-1]]
+    assert numbers == list(range(1, len(numbers) + 1)), err.decode()
+    assert run.returncode == 7, err.decode()

@@ -8,6 +8,7 @@ fds at their final numbers and turns its packets into typed events.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -18,6 +19,8 @@ from pathlib import Path
 import trio
 
 from dunix.errors import DunixError, NoSuchProcess, TracerRefused
+
+log = logging.getLogger("dunix.agent.tracer")
 
 NATIVE = Path(__file__).resolve().parents[2] / "native" / "build"
 TRACER = NATIVE / "dunix-tracer"
@@ -274,7 +277,11 @@ class Tracer:
 
     async def next_event(self) -> TracerEvent | None:
         """The next event; None once the tracer has closed its socket."""
-        data = await self._sock.recv(65536)
+        try:
+            data = await self._sock.recv(65536)
+        except OSError as e:  # ECONNRESET when the tracer died with messages unread
+            log.warning("tracer socket: %s", e)
+            data = b""
         if not data:
             self._answer_all(CommandFailed(0, "the tracer is gone"))
             return None

@@ -45,6 +45,7 @@ from dunix.fdmove.streams import (
     StreamData,
     StreamMessage,
     StreamMux,
+    fresh_first,
 )
 
 log = logging.getLogger("dunix.fdmove")
@@ -377,9 +378,12 @@ class StreamHub:
         odd: bool,
         window: int = DEFAULT_WINDOW,
         chunk: int = DEFAULT_CHUNK,
+        first: int | None = None,
     ) -> None:
         self.send = send
-        self.mux = StreamMux(odd=odd, window=window)
+        # a random start: a hub made after a lost link must not reuse the old hub's ids
+        start = fresh_first(odd) if first is None else first
+        self.mux = StreamMux(odd=odd, window=window, first=start)
         self.chunk = chunk
         self.endpoints: dict[int, StreamEndpoint] = {}
         self._nursery: trio.Nursery | None = None

@@ -29,6 +29,7 @@ and sends the messages the methods return, in the order returned.
 from __future__ import annotations
 
 import enum
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -168,11 +169,17 @@ class StreamMux:
     differently (:func:`odd_side` decides it from the two node names).
     """
 
-    def __init__(self, *, odd: bool, window: int = DEFAULT_WINDOW) -> None:
+    def __init__(
+        self, *, odd: bool, window: int = DEFAULT_WINDOW, first: int | None = None
+    ) -> None:
         if window <= 0:
             raise ValueError("window must be positive")
+        if first is not None and (first <= 0 or first % 2 != (1 if odd else 0)):
+            raise ValueError(
+                f"first stream id {first} is not a positive {'odd' if odd else 'even'} id"
+            )
         self.window = window
-        self._next = 1 if odd else 2
+        self._next = first if first is not None else 1 if odd else 2
         self._streams: dict[int, StreamInfo] = {}
         self._early: dict[int, list[StreamCredit | StreamGone]] = {}
 
@@ -371,6 +378,17 @@ class StreamMux:
 
     def streams(self) -> list[StreamInfo]:
         return list(self._streams.values())
+
+
+def fresh_first(odd: bool) -> int:
+    """A random first stream id of the given parity, for a mux that replaces another.
+
+    When a link breaks, or the peer's agent restarts, one side starts a new mux while the
+    other may still hold streams of the old one; ids counted again from 1 would collide
+    with those ("stream 1 is already open"). Starting at a random point of a 2**41 space
+    makes such a reuse as unlikely as a lost frame going unnoticed.
+    """
+    return secrets.randbelow(1 << 40) * 2 + (1 if odd else 2)
 
 
 def odd_side(local_name: str, peer_name: str) -> bool:

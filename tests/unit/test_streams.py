@@ -253,3 +253,24 @@ def test_in_flight_never_exceeds_the_window_under_any_schedule(seed: int) -> Non
             if info.state is State.DRAINING and not info.buffered:
                 to_sender += receiver.flushed(stream)
     assert written == sent == total
+
+
+def test_a_mux_can_start_at_a_chosen_id_of_its_parity() -> None:
+    from dunix.fdmove.streams import fresh_first
+
+    assert StreamMux(odd=True, first=101).allocate() == 101
+    with pytest.raises(ValueError):
+        StreamMux(odd=True, first=100)
+    firsts = {fresh_first(True) for _ in range(50)}
+    assert all(f % 2 == 1 for f in firsts) and len(firsts) > 1
+    assert all(f % 2 == 0 for f in (fresh_first(False) for _ in range(50)))
+
+
+def test_a_new_hub_does_not_count_from_one_again() -> None:
+    from dunix.fdmove import StreamHub
+
+    async def send(msg: object) -> None:
+        pass
+
+    ids = {StreamHub(send, odd=True).allocate() for _ in range(20)}
+    assert len(ids) == 20  # a hub made after a lost link would otherwise reuse stream 1

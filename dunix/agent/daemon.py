@@ -35,6 +35,7 @@ from dunix.agent.migration import MigrationService
 from dunix.agent.peers import PeerLinks
 from dunix.agent.remote import JOB_MESSAGES, JobLinks, RemoteService
 from dunix.agent.storage import STORAGE_MESSAGES, StorageService
+from dunix.agent.tasks import TaskGroup
 from dunix.errors import DunixError
 from dunix.fdmove import STREAM_MESSAGES
 from dunix.fdmove.deputy import DeputyListener
@@ -292,7 +293,7 @@ class Agent:
         cfg = self.config
         cfg.control.parent.mkdir(parents=True, exist_ok=True)
         async with trio.open_nursery() as nursery:
-            self.nursery = nursery
+            self.nursery = TaskGroup(nursery)
             self.jobs.aim_pids()
             self.job_links = JobLinks(self, nursery)
             self.remote = RemoteService(self, self.job_links)

@@ -262,3 +262,15 @@ def test_a_dead_owner_gives_eio_and_its_files_come_back(hosts: list[str]) -> Non
     wait_for(lambda: sh("n2", "cat dead-owner 2>/dev/null || true").strip() == "survives", 15,
              "n1's file back on n2")  # fmt: skip
     assert sh("n1", "cat dead-owner").strip() == "survives"
+
+
+def test_an_agent_that_stops_leaves_no_mount(hosts: list[str]) -> None:
+    from dunix import cluster
+
+    n3 = next(h for h in cluster.status() if h.name == "n3")
+    assert n3.agent_pid is not None
+    os.kill(n3.agent_pid, signal.SIGTERM)
+    wait_for(lambda: FS not in sh("n3", "cat /proc/self/mountinfo", cwd="/"), 10,
+             "n3's mount gone with its agent")  # fmt: skip
+    cluster.start_agent("n3")
+    wait_for(lambda: FS in sh("n3", "cat /proc/self/mountinfo", cwd="/"), 10, "n3 mounted again")

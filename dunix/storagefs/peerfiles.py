@@ -216,7 +216,18 @@ class FileServer:
     # --- helpers --------------------------------------------------------------------------
 
     def _backing(self, path: str) -> str:
-        return str(self.store.backing_path(path))
+        """The backing path of a peer's tree path, refusing one that leaves the tree.
+
+        A kernel resolves symlinks itself, so a peer never needs a folder of the path to be
+        a symlink; one that is (pointing outside the tree) would let the peer reach any file
+        here. The last component is never followed (lstat, O_NOFOLLOW, O_PATH below).
+        """
+        backing = self.store.backing_path(path)
+        parent = os.path.realpath(backing.parent)
+        tree = str(self.store.tree)
+        if parent != tree and not parent.startswith(tree + os.sep):
+            raise StoreError(f"path {path!r} leaves the tree through a symlink")
+        return str(backing)
 
     def _attrs(self, st: os.stat_result) -> tuple[int, ...]:
         return stat_tuple(st, self.store.inode_number(st))
@@ -241,7 +252,8 @@ class FileServer:
         return self._ok(req, attrs=self._attrs(os.lstat(self._backing(req.path))))
 
     async def _op_open(self, req: FileRequest) -> FileReply:
-        fd = os.open(self._backing(req.path), (req.flags & ~_OPEN_DROP) | os.O_CLOEXEC)
+        flags = (req.flags & ~_OPEN_DROP) | os.O_CLOEXEC | os.O_NOFOLLOW
+        fd = os.open(self._backing(req.path), flags)
         handle = next(self._next_handle)
         self._handles[(req.origin, handle)] = (fd, clean_relpath(req.path))
         return self._ok(req, handle=handle, attrs=self._attrs(os.fstat(fd)))

@@ -294,3 +294,22 @@ def test_read_ahead_fetches_the_next_blocks_in_the_background(net: Net) -> None:
     assert trio.run(main) == data
     # each block asked for once; block 5 (past the end) is asked ahead, as the file may grow
     assert sorted(reads) == [0, 1, 2, 3, 4, 5]
+
+
+def test_server_refuses_a_path_through_a_symlink_out_of_the_tree(tmp_path: Path) -> None:
+    from dunix.storagefs.peerfiles import FileRequest
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("no")
+    with LocalStore(tmp_path / "store", 1) as store:
+        (store.tree / "escape").symlink_to(outside)
+        (store.tree / "link-to-file").symlink_to(outside / "secret")
+        server = FileServer(store)
+        for op, path in (("stat", "escape/secret"), ("open", "escape/secret")):
+            reply = trio.run(server.handle, FileRequest(1, 2, op, path=path))
+            assert reply.error == errno.EINVAL, (op, reply)
+        reply = trio.run(server.handle, FileRequest(1, 2, "open", path="link-to-file"))
+        assert reply.error == errno.ELOOP
+        reply = trio.run(server.handle, FileRequest(1, 2, "readlink", path="link-to-file"))
+        assert reply.data == os.fsencode(outside / "secret")

@@ -47,7 +47,11 @@ async def receive_fds(channel: Channel, count: int) -> list[int]:
     if not isinstance(stream, trio.SocketStream):
         raise ProtocolError("file descriptors can only come over the local control socket")
     sock = stream.socket
-    data, ancdata, _, _ = await sock.recvmsg(1, socket.CMSG_SPACE(count * 4))
+    # close-on-exec: else every tracer (and so the job's first process) would inherit
+    # the client's fds at whatever numbers they got here, besides its 0, 1, 2
+    data, ancdata, _, _ = await sock.recvmsg(
+        1, socket.CMSG_SPACE(count * 4), socket.MSG_CMSG_CLOEXEC
+    )
     fds: list[int] = []
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

@@ -22,7 +22,9 @@ Three agents take part (see ``dunix/wire/migrate.py`` for the messages):
 
 from __future__ import annotations
 
+import array
 import contextlib
+import fcntl
 import itertools
 import logging
 import os
@@ -30,6 +32,7 @@ import secrets
 import shutil
 import signal
 import tempfile
+import termios
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -267,11 +270,12 @@ class MigrationService:
         if uid is not None and uid != 0 and uid != proc.uid:
             raise AccessDenied(f"uid {uid} may not move gpid {gpid} (owned by {proc.uid})")
         target = self.name if node in ("home", self.name) else node
-        if proc.state != "deputy":
-            raise MigrationFailed(
-                f"gpid {gpid} runs at its home {self.name}; moving a process away from home "
-                "needs the tracer's deputize (not wired yet)"
-            )
+        if proc.state != "deputy":  # it runs here: it leaves a deputy (agent/homemove.py)
+            from dunix.agent.homemove import home_moves
+
+            if target == self.name:
+                raise MigrationFailed(f"gpid {gpid} already runs on {target}")
+            return await home_moves(self).migrate(proc, target)
         deputy: Deputy | None = self.remote.deputies.get((proc.job, proc.pid))
         if deputy is None or deputy.conn is None:
             raise MigrationFailed(f"gpid {gpid} is still starting on {proc.node}")
@@ -452,6 +456,7 @@ class MigrationService:
             guest.moved = True
 
         report, out = await move_process(self, pid, order.target, prepare, tracer, kill_source)
+        self.agent.nursery.start_soon(_end_senders, guest.senders)
         if proc is not None:
             self.agent.jobs.procs.pop(pid, None)
         job.status = 0
@@ -545,6 +550,8 @@ class MigrationService:
                 r, w = os.pipe2(os.O_CLOEXEC)
                 ours.append((pipe, r if pipe.writable else w))
                 theirs.append((key, w if pipe.writable else r))
+            for key in prep.nulls:  # a home process's external /dev/null (homemove.py)
+                theirs.append((key, os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)))
             fail = (self.agent.config.control.parent / FAIL_RESTORE_KNOB).exists()
 
             async def notify(note: swrk.Notification) -> bool:
@@ -723,6 +730,36 @@ class MigrationService:
             if done is not None:
                 with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
                     done.send_nowait(msg)
+
+
+async def _end_senders(senders: list[StreamEndpoint]) -> None:
+    """End the relays of a moved process's output here once its pipes are empty.
+
+    Its copy here is dead, but another holder of a pipe's write end (the tracer keeps
+    the job's fds until the first process runs) would hold the EOF back, and the home
+    re-points an output only after the old stream ended."""
+
+    async def end(sender: StreamEndpoint) -> None:
+        if not sender.running:
+            return
+        fd = sender.duplicate()
+        try:
+            with trio.move_on_after(MOVE_TIMEOUT):
+                while sender.running and _unread(fd):
+                    await trio.sleep(0.01)
+        finally:
+            os.close(fd)
+        sender.stop()
+
+    async with trio.open_nursery() as nursery:
+        for sender in list(senders):
+            nursery.start_soon(end, sender)
+
+
+def _unread(fd: int) -> int:
+    buf = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, buf)
+    return buf[0]
 
 
 async def _reap(pid: int, timeout: float = 5.0) -> None:

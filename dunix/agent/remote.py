@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -170,6 +171,8 @@ class RemoteService:
         self._pending_events: dict[int, trio.Event] = {}
         self.deputies: dict[tuple[str, int], Deputy] = {}
         self.guests: dict[tuple[str, int], Guest] = {}
+        #: serves a deputy the tracer's ``deputize`` made (agent/homemove.py)
+        self.on_migrated: Callable[[int, DeputyConnection], Awaitable[None]] | None = None
 
     # -- home side ----------------------------------------------------------------------
 
@@ -181,6 +184,9 @@ class RemoteService:
     async def serve_deputy(self, pid: int, conn: DeputyConnection) -> None:
         hello = await conn.recv()
         if hello is None or hello[:1] != ["hello"]:
+            return
+        if "migrated" in hello[2:] and self.on_migrated is not None:
+            await self.on_migrated(pid, conn)  # its process was moved: no remote exec
             return
         waiting = self._pending_events.setdefault(pid, trio.Event())
         with trio.move_on_after(HELLO_TIMEOUT):

@@ -77,9 +77,14 @@ async def move(
     ext_unix_sk: bool = False,
     external: Sequence[str] = (),
     phase_timeout: float = 30.0,
+    leave_running: bool = False,
 ) -> MoveReport:
     """Move ``pid`` (as the source's criu sees it) to ``target``; raises
-    ``MigrationFailed`` when it did not move (then it runs where it was, or was lost)."""
+    ``MigrationFailed`` when it did not move (then it runs where it was, or was lost).
+
+    ``leave_running``: CRIU lets go of the source instead of killing it, so that the
+    caller can turn it into a deputy in place (a process moved away from its home:
+    agent/homemove.py); "source killed" then means "source let go", stopped as dumped."""
     machine = Migration()
     clock = _Clock()
     machine.handle(Event(EventKind.START))  # -> START_DUMP, carried out below
@@ -143,13 +148,14 @@ async def move(
             external=external,
             notify=on_notify,
             command=source,
+            leave_running=leave_running,
         )
     except MigrationFailed as e:
         if machine.state not in (State.FREEZING, State.FAILED):
             raise  # CRIU failed after the commit: nothing the table can undo
         machine.handle(Event(EventKind.DUMP_FAILED, str(e)))
     else:
-        if result.resumed:
+        if result.resumed and not (leave_running and machine.state is State.RUNNING_THERE):
             machine.handle(Event(EventKind.SOURCE_RESUMED))
         else:
             machine.handle(Event(EventKind.SOURCE_KILLED))

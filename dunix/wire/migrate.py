@@ -125,6 +125,10 @@ class MigratePrepare:
     origin_level: int
     pipes: tuple[MigratePipe, ...]
     moves: int
+    #: CRIU ``file[MNT:INODE]`` keys of null devices on mounts the source's host does not
+    #: show (a `dunix run` client's /dev/null): dumped as external, the target inherits
+    #: its own /dev/null for each (agent/homemove.py)
+    nulls: tuple[str, ...] = ()
 
 
 @message

@@ -1,0 +1,417 @@
+"""Moving a process that runs at home to a peer, leaving a deputy in its place.
+
+``dunix migrate GPID NODE`` for a process of a ``dunix run`` job that still runs on the
+node that created it (``agent/migration.py`` moves one that is away already). The home
+is the source here:
+
+1. the process must be movable (``require_movable``, no socket or terminal fd), and the
+   target is asked before anything freezes (``MigratePrepare``: CPU, its pid free);
+2. the agent takes duplicates of its pipe fds with pidfd_getfd (the home's relays will
+   write and read them), the tracer ``release``s it (left stopped, untraced), and CRIU
+   dumps it with ``leave_running``: at home it stays stopped, since it will become the
+   deputy in place (while CRIU holds it, during ``post-dump``, the tracer cannot touch
+   it: EPERM);
+3. inside ``post-dump`` the images go to the target, which restores it as a guest of the
+   job (``inherit_fd``: a new pipe per pipe, relayed to the home) and has its tracer seize
+   it; the home registers the ``Deputy`` before the target runs it, so a quick exit
+   status is not lost;
+4. after the dump call returned, the tracer ``deputize``s the stopped home copy: it execs
+   ``dunix-deputy --migrated``, whose hello ``serve_migrated`` answers: from then on the
+   deputy carries the guest's exit status, signals and stops as for a remote exec.
+
+Any failure before the target confirmed: the tracer seizes the home copy again and it
+runs on. Pipe contents: CRIU copies a pipe's buffered bytes with tee (criu/pipes.c) and
+does not write them into an inherited pipe on restore, so bytes the process had written
+stay in the home pipe for its reader, and bytes it had not read yet stay for the home
+relay to send: nothing arrives twice.
+
+Fork-time placement (``ForkPlacement``) uses the same move for a child held at its fork
+stop by the tracer (``hold 1``): it has not run yet, so its image is its parent's memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from dunix.agent.jobs import Job, Proc
+from dunix.agent.migration import (
+    IMAGES_ROOT,
+    STEP_TIMEOUT,
+    MigrationService,
+    RemoteTarget,
+    _Outgoing,
+)
+from dunix.agent.remote import DRAIN_TIMEOUT, Deputy
+from dunix.agent.tracer import Tracer
+from dunix.errors import DunixError, MigrationFailed, NoSuchNode
+from dunix.fdmove.deputy import DeputyConnection
+from dunix.fdmove.inventory import FdInfo, inventory
+from dunix.fdmove.pidfd import pidfd_getfd, pidfd_open
+from dunix.migrate import driver
+from dunix.migrate.cpufeatures import CpuFeatures
+from dunix.migrate.eligibility import cpu_reason, require_movable
+from dunix.wire.jobs import RemoteSignal
+from dunix.wire.migrate import MigratePhase, MigratePipe, MigratePrepare, MigrateReply
+
+if TYPE_CHECKING:
+    from dunix.agent.daemon import Agent
+
+log = logging.getLogger("dunix.agent.homemove")
+
+#: fds a process at home may hold when it moves: the rest is refused before freezing
+_MOVABLE_KINDS = ("pipe", "file", "dir", "null")
+
+
+@dataclass
+class _HomePipe:
+    """One pipe of the process (by inode), duplicated before the dump."""
+
+    inode: int
+    writes: bool  # the process writes it: the home relay receives and writes the copy
+    dup: int
+
+
+@dataclass
+class HomeMoveReport:
+    target: str
+    pid: int
+    freeze_ms: float
+    dump_ms: float
+    restored_ms: float
+    deputized_ms: float
+    image_bytes: int
+    phases: tuple[MigratePhase, ...] = field(default=())
+
+
+class HomeMoves:
+    """The home's side of moves of its own running processes, and their deputies."""
+
+    def __init__(self, service: MigrationService) -> None:
+        self.service = service
+        self.agent: Agent = service.agent
+        #: pid → the deputy its migrated hello will attach to (registered before restore)
+        self.expected: dict[int, Deputy] = {}
+        self.agent.remote.on_migrated = self.serve_migrated
+
+    @property
+    def name(self) -> str:
+        return self.agent.config.name
+
+    # -- the move -----------------------------------------------------------------------
+
+    def tracer_of(self, proc: Proc) -> tuple[Job, Tracer]:
+        job = self.agent.jobs.jobs.get(proc.key)
+        if job is None or not job.tracers or job.guest is not None:
+            raise MigrationFailed(f"pid {proc.pid} is not a traced process of a job here")
+        return job, job.tracers[0]
+
+    def check_target(self, target: str) -> None:
+        if target == self.name:
+            raise MigrationFailed(f"it runs on {target} already")
+        if target not in {n for n, _ in self.agent.alive_peers()}:
+            raise NoSuchNode(f"{target} is not an alive node")
+        member = self.agent.membership.member(target)
+        seen = CpuFeatures(member.load.cpu_level, member.load.cpu_flags)
+        reason = cpu_reason(self.agent.features, seen, target)
+        if reason is not None:
+            raise MigrationFailed(f"cannot move: {reason}")
+
+    async def migrate(self, proc: Proc, target: str) -> MigrateReply:
+        """`dunix migrate` of a process running here: the reply the CLI prints."""
+        if proc.state != "running":
+            raise MigrationFailed(f"pid {proc.pid} cannot move from state {proc.state!r}")
+        self.check_target(target)
+        job, tracer = self.tracer_of(proc)
+        started = time.monotonic()
+        report = await self.move(proc, job, tracer, target, check=True)
+        total = round((time.monotonic() - started) * 1000.0, 1)
+        return MigrateReply(
+            gpid=proc.gpid, source=self.name, target=target, pid=report.pid,
+            phases=(*report.phases, MigratePhase("deputized", total)),
+            freeze_ms=report.freeze_ms, downtime_ms=round(report.restored_ms - report.freeze_ms, 1),
+            total_ms=total, image_bytes=report.image_bytes, moves=proc.moves,
+        )  # fmt: skip
+
+    async def move(
+        self, proc: Proc, job: Job, tracer: Tracer, target: str, *, check: bool
+    ) -> HomeMoveReport:
+        """Move ``proc`` (traced by ``tracer`` here) to ``target``; a deputy stays.
+
+        ``check``: run the eligibility checks (a child held at its fork stop shares its
+        parent's memory and fds, which were fine for its parent's placement: skipped)."""
+        pid = proc.pid
+        if check:
+            await trio.to_thread.run_sync(
+                lambda: require_movable(pid, allowed_tracers={tracer.pid})
+            )
+        if _children(pid):
+            raise MigrationFailed(f"cannot move: pid {pid} has children (a tree moves whole)")
+        fds = await trio.to_thread.run_sync(inventory, pid)
+        bad = [f for f in fds if f.kind not in _MOVABLE_KINDS]
+        if bad:
+            what = ", ".join(f"fd {f.fd} ({f.kind} {f.target})" for f in bad)
+            raise MigrationFailed(f"cannot move: holds {what}")
+        nulls = await trio.to_thread.run_sync(_foreign_nulls, pid, fds)
+        pipes = self._duplicate_pipes(pid, fds)
+        move = f"{self.name}-h{next(self.service._ids)}-{pid}"
+        prepare = MigratePrepare(
+            move=move, job=proc.job, home=self.name, home_pid=pid, gpid=proc.gpid, pid=pid,
+            uid=job.uid, gid=job.gid, groups=job.groups, mode=job.mode, cmd=proc.cmd,
+            origin_flags=self.agent.features.flags, origin_level=self.agent.features.level,
+            pipes=tuple(MigratePipe(p.inode, p.writes, i) for i, p in enumerate(pipes)),
+            moves=proc.moves + 1, nulls=nulls,
+        )  # fmt: skip
+        deputy = Deputy(job, proc, target, proc.cmd)
+        deputy.started.set()
+        try:
+            report = await self._dump_and_restore(proc, tracer, target, prepare, pipes, deputy)
+        finally:
+            for p in pipes:
+                os.close(p.dup)
+        t0 = time.monotonic()
+        try:
+            await tracer.deputize(pid, target)
+        except DunixError as exc:
+            # the target runs it already: keep the one at home, end the other one
+            log.error("pid %d was restored on %s but could not become a deputy here (%s): "
+                      "killing the copy there", pid, target, exc)  # fmt: skip
+            self._forget(deputy)
+            with contextlib.suppress(DunixError):
+                await self.agent.job_links.send(
+                    target, RemoteSignal(proc.job, pid, signal.SIGKILL, False)
+                )
+            with contextlib.suppress(DunixError):
+                await tracer.seize(pid, cont=True)
+            raise MigrationFailed(f"restored on {target} but not deputized: {exc}") from None
+        report.deputized_ms = round(report.restored_ms + (time.monotonic() - t0) * 1000.0, 1)
+        proc.state, proc.node, proc.remote_pid = "deputy", target, report.pid
+        proc.moves += 1
+        log.info("pid %d of job %s moved %s → %s, a deputy here", pid, proc.job, self.name,
+                 target)  # fmt: skip
+        return report
+
+    def _duplicate_pipes(self, pid: int, fds: list[FdInfo]) -> list[_HomePipe]:
+        pipes: dict[int, _HomePipe] = {}
+        pidfd = pidfd_open(pid)
+        try:
+            for f in fds:
+                if f.kind != "pipe" or f.inode in pipes:
+                    continue
+                # a read-write end is relayed one way, as for a remote exec: in for fd 0
+                reads = f.readable and (not f.writable or f.fd == 0)
+                pipes[f.inode] = _HomePipe(f.inode, not reads, pidfd_getfd(pidfd, f.fd))
+        except BaseException:
+            for p in pipes.values():
+                os.close(p.dup)
+            raise
+        finally:
+            os.close(pidfd)
+        return list(pipes.values())
+
+    async def _dump_and_restore(
+        self,
+        proc: Proc,
+        tracer: Tracer,
+        target_node: str,
+        prepare: MigratePrepare,
+        pipes: list[_HomePipe],
+        deputy: Deputy,
+    ) -> HomeMoveReport:
+        """Release, dump (leave_running: it stays here, stopped), send, restore there:
+        ``driver.move``'s table, whose "source killed" means here "let go by CRIU"."""
+        pid = proc.pid
+        service = self.service
+        send, receive = trio.open_memory_channel[object](4)
+        out = _Outgoing(prepare.move, target_node, send, receive)  # type: ignore[arg-type]
+        service._outgoing[out.move] = out
+        remote = RemoteTarget(service, out, prepare)
+        home = self
+        sent_at: list[float] = []
+        t0 = time.monotonic()
+
+        class Target:
+            async def prepare(self, pid: int) -> None:
+                await remote.prepare(pid)
+
+            async def send(self, images_dir_fd: int) -> None:
+                await remote.send(images_dir_fd)
+                sent_at.append(time.monotonic() - t0)
+
+            async def restore(self, images_dir_fd: int) -> int:
+                restored = await remote.restore(images_dir_fd)
+                # it runs there now: relay its pipes, and be ready for its news
+                await home._open_relays(deputy, out.streams, pipes)
+                return restored
+
+            async def abort(self, pid: int) -> None:
+                await remote.abort(pid)
+
+        folder: Path | None = None
+        dir_fd = -1
+        released = False
+        try:
+            await remote.prepare(pid)  # refused before freezing: CPU, busy pid
+            IMAGES_ROOT.mkdir(parents=True, exist_ok=True)
+            folder = Path(tempfile.mkdtemp(prefix=f"out-{out.move}-", dir=IMAGES_ROOT))
+            dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            await tracer.release(pid)
+            released = True
+            t0 = time.monotonic()
+            report = await driver.move(
+                pid, dir_fd, Target(), shell_job=True, external=prepare.nulls,
+                phase_timeout=STEP_TIMEOUT, leave_running=True,
+            )  # fmt: skip
+        except BaseException:
+            self._forget(deputy)
+            if released:
+                with trio.CancelScope(shield=True), contextlib.suppress(DunixError, OSError):
+                    await tracer.seize(pid)  # the release's stop is undone: it runs on here
+            with trio.CancelScope(shield=True), contextlib.suppress(DunixError):
+                await remote.abort(pid)
+            raise
+        finally:
+            service._outgoing.pop(out.move, None)
+            if dir_fd >= 0:
+                os.close(dir_fd)
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+        ms = 1000.0
+        frozen = round(report.freeze_seconds * ms, 1)
+        restored = round((report.freeze_seconds + report.downtime_seconds) * ms, 1)
+        phases = (
+            MigratePhase("frozen", frozen),
+            MigratePhase("dumped", round(report.dump_seconds * ms, 1)),
+            MigratePhase("sent", round((sent_at[0] if sent_at else 0.0) * ms, 1)),
+            MigratePhase("restored", restored),
+        )
+        return HomeMoveReport(
+            target_node, report.restored_pid, frozen, round(report.dump_seconds * ms, 1),
+            restored, 0.0, out.nbytes, phases,
+        )  # fmt: skip
+
+    async def _open_relays(
+        self, deputy: Deputy, streams: tuple[tuple[int, int], ...], pipes: list[_HomePipe]
+    ) -> None:
+        """The target runs it now (its relays are open): relay each pipe to its new
+        stream, and register the deputy so that its guest's news finds it."""
+        hub = await self.agent.job_links.hub(deputy.peer)
+        by_index = dict(streams)
+        for i, p in enumerate(pipes):
+            stream = by_index.get(i)
+            if stream is None:
+                continue
+            if p.writes:
+                deputy.receivers.append(hub.open_receiver(stream, os.dup(p.dup), shared=True))
+            else:
+                deputy.senders.append(hub.open_sender(stream, os.dup(p.dup), shared=True))
+        key = (deputy.proc.job, deputy.proc.pid)
+        self.agent.remote.deputies[key] = deputy
+        self.expected[deputy.proc.pid] = deputy
+
+    def _forget(self, deputy: Deputy) -> None:
+        key = (deputy.proc.job, deputy.proc.pid)
+        if self.agent.remote.deputies.get(key) is deputy:
+            self.agent.remote.deputies.pop(key, None)
+        if self.expected.get(deputy.proc.pid) is deputy:
+            self.expected.pop(deputy.proc.pid, None)
+        for endpoint in deputy.senders + deputy.receivers:
+            endpoint.stop()
+
+    # -- the deputy -----------------------------------------------------------------------
+
+    async def serve_migrated(self, pid: int, conn: DeputyConnection) -> None:
+        """A deputy the tracer's ``deputize`` made (hello ... ``migrated``): attach it to
+        its guest; it then ends as the guest does, as a remote exec's deputy would."""
+        deputy = self.expected.pop(pid, None)
+        if deputy is None:
+            log.warning("migrated deputy %d connected, but no move of it is known", pid)
+            await conn.send("exit", 127)
+            return
+        remote = self.agent.remote
+        key = (deputy.proc.job, pid)
+        deputy.conn = conn
+        try:
+            await conn.send("ready")  # its fds were duplicated before the dump
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(remote._forward_signals, deputy, conn, nursery.cancel_scope)
+                await deputy.exited.wait()
+                with trio.move_on_after(DRAIN_TIMEOUT):
+                    for endpoint in deputy.receivers:
+                        await endpoint.wait()
+                status = deputy.status
+                if os.WIFSIGNALED(status):
+                    await conn.send("killed", os.WTERMSIG(status))
+                else:
+                    await conn.send("exit", os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
+                nursery.cancel_scope.cancel()
+        finally:
+            if remote.deputies.get(key) is deputy:
+                remote.deputies.pop(key, None)
+            for endpoint in deputy.senders + deputy.receivers:
+                endpoint.stop()
+
+
+def _mnt_id(pid: int, fd: int) -> int:
+    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("mnt_id:"):
+                return int(line.split()[1])
+    return -1
+
+
+def _foreign_nulls(pid: int, fds: list[FdInfo]) -> tuple[str, ...]:
+    """CRIU external keys (``file[MNT:INODE]``, hex as criu/files-reg.c prints them) of
+    the null devices on mounts the process's mount namespace does not show: what the
+    ``dunix run`` client passed from its own namespace. CRIU cannot dump such a file by
+    path ("Can't lookup mount"); as an external it is inherited on restore. A regular
+    file there cannot be reopened on the target by path: refused."""
+    with open(f"/proc/{pid}/mountinfo") as f:
+        mounts = {int(line.split()[0]) for line in f if line.strip()}
+    keys: list[str] = []
+    for info in fds:
+        if info.kind not in ("null", "file", "dir"):
+            continue
+        mnt = _mnt_id(pid, info.fd)
+        if mnt in mounts:
+            continue
+        if info.kind != "null":
+            raise MigrationFailed(
+                f"cannot move: fd {info.fd} ({info.target}) is a file its host cannot see"
+            )
+        key = f"file[{mnt:x}:{info.inode:x}]"
+        if key not in keys:
+            keys.append(key)
+    return tuple(keys)
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    return out
+
+
+_moves: weakref.WeakKeyDictionary[MigrationService, HomeMoves] = weakref.WeakKeyDictionary()
+
+
+def home_moves(service: MigrationService) -> HomeMoves:
+    """The agent's ``HomeMoves`` (made on first use; it hooks the deputy listener)."""
+    moves = _moves.get(service)
+    if moves is None:
+        moves = _moves[service] = HomeMoves(service)
+    return moves
+

@@ -1,0 +1,112 @@
+"""`dunix migrate` of a process that runs at home: it leaves a deputy there (issue 4).
+
+A counter started with `dunix run --node n1 --placement local` (the child of a shell that
+waits for it) runs in n1 and prints to a pipe read by this test. It is moved n1 → n2 (a
+home move: release, CRIU dump with leave_running, restore in n2, deputize in n1), then
+n2 → n3 (a guest move). Its output must hold every number once and in order, the shell's
+`wait` must see its exit code, and `dunix ps` must show where it runs and its moves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import DUNIX, dunix, exclusive_cluster, keep_logs, require_root, wait_for
+
+pytestmark = pytest.mark.e2e
+
+WORK = Path("/var/tmp/dunix-e2e-migrate-home")  # seen by every host (/tmp is per host)
+N1 = "/run/dunix/hosts/n1/control.sock"
+
+COUNTER = """
+import os, sys, time
+stop, i = sys.argv[1], 0
+while not os.path.exists(stop):
+    i += 1
+    print(i, flush=True)
+    time.sleep(0.01)
+print("end", flush=True)
+sys.exit(7)
+"""
+
+# the counter in the background of a shell whose `wait` must see its real exit code
+JOB = '/usr/bin/python3 -c "$1" "$2" & c=$!; wait $c; echo status=$?'
+
+
+@pytest.fixture(scope="module")
+def hosts() -> Iterator[list[Any]]:
+    require_root()
+    from dunix import cluster
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    os.chmod(WORK, 0o777)
+    with exclusive_cluster():
+        cluster.down()
+        try:
+            up = cluster.up(3, 0.5)
+            from tests.e2e.test_agents import states
+
+            def all_alive() -> bool:
+                view = json.loads(dunix("nodes", "--json", "--control", N1).stdout)
+                return states(view) == dict.fromkeys(("n1", "n2", "n3"), "alive")
+
+            wait_for(all_alive, 20, "3 alive agents")
+            yield up
+        finally:
+            keep_logs()
+            cluster.down()
+
+
+def ps() -> list[dict[str, Any]]:
+    return json.loads(dunix("ps", "--json", "--control", N1).stdout)  # type: ignore[no-any-return]
+
+
+def test_a_counter_moves_from_home_and_on(hosts: list[Any]) -> None:
+    stop = WORK / f"stop-{os.getpid()}"
+    stop.unlink(missing_ok=True)
+    run = subprocess.Popen(
+        [*DUNIX, "run", "--node", "n1", "--control", N1, "--placement", "local", "--",
+         "sh", "-c", JOB, "sh", COUNTER, str(stop)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=WORK,
+    )  # fmt: skip
+    try:
+
+        def counter() -> dict[str, Any] | None:
+            found = [p for p in ps() if p["cmd"].startswith("/usr/bin/python3 -c")]
+            return found[0] if found else None
+
+        proc = wait_for(counter, 20, "the counter running in n1")
+        gpid = proc["gpid"]
+        assert proc["node"] == "n1" and proc["state"] == "running", proc
+        time.sleep(0.3)
+        outs = []
+        for to, moves in (("n2", 1), ("n3", 2)):
+            out = dunix("migrate", str(gpid), to, "--control", N1, timeout=90)
+            outs.append(out.stdout)
+            now = [p for p in ps() if p["gpid"] == gpid]
+            assert now and now[0]["node"] == to and now[0]["state"] == "deputy", now
+            assert now[0]["moves"] == moves, now
+            time.sleep(0.3)
+        stop.touch()
+        out, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        stop.unlink(missing_ok=True)
+    for text in outs:
+        print(text)
+    lines = out.decode().split()
+    assert lines[-2:] == ["end", "status=7"], err.decode()
+    numbers = [int(x) for x in lines[:-2]]
+    assert numbers == list(range(1, len(numbers) + 1)), err.decode()
+    assert len(numbers) > 30
+    assert run.returncode == 0, err.decode()

@@ -7,11 +7,11 @@ per decision. A failed move leaves the process running here (the migration servi
 resumes it where it was), is logged, and the balancer rests that process
 (``failure_backoff``).
 
-What can move today: *guests* (processes running on this node for a home elsewhere, or
-restored back at their home) that are the only process of their guest job here, which is
-what ``MigrationService._move_guest`` accepts. A process running at its home before it
-ever left (state ``running``) cannot move yet (``migrate_from_home`` refuses it until the
-tracer's deputize is wired for live moves), so the balancer does not pick those.
+What can move: what ``MigrationService.request`` accepts, that is a process of a job
+whose placement mode is not ``local`` (a user who asked for local gets local), alone in
+its (guest) job here, and without children (a tree cannot move yet): a *guest* (running
+here for a home elsewhere, or restored back at its home; ``migration.py``) or a process
+still *running* at its home (``homemove.py``: it leaves a deputy in its place).
 
 A process's age on this node is its kernel start time: a remote exec starts it here, and
 a CRIU restore creates a new task (CRIU does not restore ``start_time``), so a process
@@ -22,8 +22,8 @@ that just arrived is young again and the residency rule applies. Processes are k
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +60,8 @@ def sample(procs: list[Movable], seen: Seen, wall: float) -> tuple[list[Candidat
     out: list[Candidate] = []
     now_seen: Seen = {}
     for m in procs:
+        if _has_children(m.pid):
+            continue  # CRIU would dump the tree, the migration service refuses it
         try:
             p = psutil.Process(m.pid)
             with p.oneshot():
@@ -80,6 +82,18 @@ def sample(procs: list[Movable], seen: Seen, wall: float) -> tuple[list[Candidat
     return out, now_seen
 
 
+def _has_children(pid: int) -> bool:
+    """From ``/proc/PID/task/*/children`` (CONFIG_PROC_CHILDREN), not a scan of all pids."""
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                if f.read().strip():
+                    return True
+    except OSError:
+        return False
+    return False
+
+
 def balancer_config(settings: dict[str, Any]) -> BalancerConfig:
     """The ``[balancer]`` table of the agent's config as a :class:`BalancerConfig`."""
     try:
@@ -98,12 +112,19 @@ class BalanceService:
         self._seen: Seen = {}
 
     def movable(self) -> list[Movable]:
-        """Guests alone in their guest job here (a tree cannot move yet, see above)."""
-        procs = list(self.agent.jobs.procs.values())
-        per_job = Counter(p.key for p in procs)
+        """Processes the migration service can move (see the module docstring)."""
+        jobs = self.agent.jobs
+        procs = list(jobs.procs.values())
+        me = self.agent.config.name
         out = []
         for p in procs:
-            if p.state != "guest" or per_job[p.key] != 1:
+            job = jobs.jobs.get(p.key)
+            if job is None or job.mode == "local":
+                continue
+            if p.state == "guest":
+                if sum(1 for q in procs if q.key == p.key) != 1:
+                    continue
+            elif p.state != "running" or p.home != me:
                 continue
             out.append(Movable(p.pid, p.gpid, p.moves, self._features_of(p.home)))
         return out

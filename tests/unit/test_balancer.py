@@ -297,3 +297,37 @@ def test_agent_config_table(tmp_path: Path) -> None:
     assert load_config(None, {}).balancer is True
     with pytest.raises(ConfigError):
         balancer_config({"no_such_knob": 1})
+
+
+def test_agent_picks_only_what_the_migration_service_can_move() -> None:
+    """Guests alone in their guest job and processes running at home, never a job the
+    user asked to keep local, a deputy, or a guest with company (a tree)."""
+    from types import SimpleNamespace
+
+    from dunix.agent.balance import BalanceService
+    from dunix.agent.jobs import Proc
+
+    def job(mode: str) -> SimpleNamespace:
+        return SimpleNamespace(mode=mode)
+
+    procs = {
+        1: Proc(1, "j1", 0, "n2", 101, "guest", key="j1/7"),  # alone: movable
+        2: Proc(2, "j2", 0, "n2", 102, "guest", key="j2/8"),  # with 3: a tree
+        3: Proc(3, "j2", 0, "n2", 103, "guest", key="j2/8"),
+        4: Proc(4, "j3", 0, "n1", 104, "running", key="j3"),  # at home: movable
+        5: Proc(5, "j3", 0, "n1", 105, "deputy", key="j3"),  # runs elsewhere
+        6: Proc(6, "j4", 0, "n1", 106, "running", key="j4"),  # a local job
+        7: Proc(7, "j5", 0, "n1", 107, "unmovable: shm", key="j5"),
+    }
+    jobs = {"j1/7": job("auto"), "j2/8": job("auto"), "j3": job("remote"), "j4": job("local"),
+            "j5": job("auto")}  # fmt: skip
+    members = [member("n1", 0.0, cpu=V3), member("n2", 0.0, cpu=V2)]
+    agent = SimpleNamespace(
+        jobs=SimpleNamespace(procs=procs, jobs=jobs),
+        config=SimpleNamespace(name="n1"),
+        membership=SimpleNamespace(members=lambda: members),
+        features=V3,
+    )
+    service = BalanceService(agent, BalancerConfig())  # type: ignore[arg-type]
+    picked = {m.gpid: m.features for m in service.movable()}
+    assert picked == {101: V2, 104: V3}  # a guest needs what its home had

@@ -328,26 +328,3 @@ def storagefs_owner(path: str | os.PathLike[str]) -> tuple[int, int]:
     if st.st_ino == 1:
         return 0, 1
     return split_ino(st.st_ino).node_id, st.st_ino
-
-
-# --- storagefs ----------------------------------------------------------------------------
-
-
-def storagefs_owner(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """(owner node id, inode number) of a file under a storagefs mount; no agent is asked.
-
-    The owner is in the inode number's high bits (dunix.pid.devino; FUSE cannot set st_dev
-    per file). Node id 0 is the merged root, which every host has.
-    """
-    from dunix.errors import ConfigError
-    from dunix.pid.devino import split_ino
-
-    st = os.lstat(path)
-    dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
-    with open("/proc/self/mountinfo") as f:
-        fstypes = {line.split()[2]: line.split(" - ")[1].split()[0] for line in f}
-    if fstypes.get(dev) != "fuse.storagefs":
-        raise ConfigError(f"{path} is not in storagefs (/dunix/fs)")
-    if st.st_ino == 1:
-        return 0, 1
-    return split_ino(st.st_ino).node_id, st.st_ino

@@ -18,8 +18,9 @@ folder here first (files live where they are created). A rename stays on the fil
 host is then removed there, as rename replaces it.
 
 The kernel checks permissions (``default_permissions``); the server runs as root and gives
-new files the caller's uid and gid. It must run with umask 0: the kernel already applied the
-caller's umask to the modes it sends (fs/fuse/dir.c, unless FUSE_CAP_DONT_MASK).
+new files the caller's uid and gid, and exactly the mode the kernel sends, by an explicit
+chmod: the kernel already applied the caller's umask (fs/fuse/dir.c, unless
+FUSE_CAP_DONT_MASK), and the serving process keeps its own umask (the agent's is 022).
 
 Local system calls run inline on the trio thread: against a local disk they take
 microseconds, less than a hop to a worker thread; only fsync goes to a thread.
@@ -498,7 +499,7 @@ class StorageFS(pyfuse3.Operations):
         with _fuse_errors(), self._local_dir(parent_inode, create=True) as parent_fd:
             assert parent_fd is not None
             os.mkdir(name, stat.S_IMODE(mode), dir_fd=parent_fd)
-            return self._created(parent_fd, name, None, ctx)
+            return self._created(parent_fd, name, mode, ctx)
 
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
@@ -511,11 +512,12 @@ class StorageFS(pyfuse3.Operations):
     def _created(
         self, parent_fd: int, name: bytes, mode: int | None, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        """Give a new node its caller's ids; chown drops set-id bits, so put them back."""
+        """Give a new node its caller's ids and its exact mode (chown drops set-id bits, and
+        our umask must not apply: the kernel applied the caller's)."""
         fd = self._open_path(parent_fd, name)
         try:
             _syscalls.chown_fd(fd, *self._new_owner(parent_fd, ctx))
-            if mode is not None and mode & (stat.S_ISUID | stat.S_ISGID):
+            if mode is not None:  # exact: the kernel applied the caller's umask already
                 os.chmod(_proc(fd), stat.S_IMODE(mode))
         except BaseException:
             os.close(fd)
@@ -537,8 +539,7 @@ class StorageFS(pyfuse3.Operations):
             )
             try:
                 os.fchown(fh, *self._new_owner(parent_fd, ctx))
-                if mode & (stat.S_ISUID | stat.S_ISGID):
-                    os.fchmod(fh, stat.S_IMODE(mode))
+                os.fchmod(fh, stat.S_IMODE(mode))  # exact, whatever this thread's umask
                 entry = self._entry(os.open(_proc(fh), os.O_PATH | os.O_CLOEXEC))
             except BaseException:
                 os.close(fh)
@@ -958,8 +959,9 @@ async def serve_fs(
     """Mount ``fs`` at ``mountpoint`` and serve until unmounted or cancelled (see serve).
 
     A failed mount raises RuntimeError (pyfuse3's way) before ``task_status.started``.
+    New nodes get exactly the mode the kernel sends (it applied the caller's umask), by an
+    explicit chmod, so the serving process keeps its own umask.
     """
-    os.umask(0)
     pyfuse3.init(fs, mountpoint, set(MOUNT_OPTIONS))
     unmounted = False
     try:

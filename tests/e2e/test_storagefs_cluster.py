@@ -143,6 +143,17 @@ def test_metadata_of_a_peer_file(hosts: list[str]) -> None:
     assert sh("n3", "cat meta-link") == "0123"
 
 
+def test_modes_follow_the_caller_umask_and_the_agent_keeps_its_own(hosts: list[str]) -> None:
+    from dunix import cluster
+
+    sh("n2", "umask 027 && mkdir -p modes && touch modes/f && mkdir modes/d")
+    assert sh("n1", "stat -c %a modes/f modes/d").split() == ["640", "750"]
+    n2 = next(h for h in cluster.status() if h.name == "n2")
+    with open(f"/proc/{n2.agent_pid}/status") as f:
+        umask = next(line.split()[1] for line in f if line.startswith("Umask:"))
+    assert umask != "0000"  # the mount's modes come from explicit chmods, not umask 0
+
+
 def test_folders_merge_and_rmdir_needs_them_empty_everywhere(hosts: list[str]) -> None:
     sh("n1", "mkdir -p tree/sub")
     sh("n3", "echo x > tree/sub/file")  # n3 creates the folder on its own disk too

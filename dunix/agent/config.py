@@ -68,6 +68,7 @@ class AgentConfig:
     storagefs_timeout: float = 10.0  # seconds an owner may take to answer a file request
     storagefs_deadline: float = 1.0  # seconds a lookup waits for silent peers
     storagefs_negative_ttl: float = 5.0  # "no such file" is cached; any creation drops it
+    storagefs_list_deadline: float = 2.0  # seconds a listing waits for the peers' names
     pid_ranges: bool = True  # keep job pids in this node's range (dunix/pid/steer.py)
     membership: dict[str, Any] = field(default_factory=dict)
     # the live balancer (dunix/agent/balance.py): on unless `balancer = false`; it moves

@@ -160,7 +160,9 @@ class StorageService:
         self.resolver = PeerResolver(store, lookup, self.send, self.peers)
         self.files = PeerFiles(self.node_id, self.send, timeout=cfg.storagefs_timeout)
         bridge = _Bridge(trio.lowlevel.current_trio_token(), self.resolver, self.files)
-        fs = StorageFS(store, bridge, files=bridge, peers=self.peers)
+        fs = StorageFS(
+            store, bridge, files=bridge, peers=self.peers, list_deadline=cfg.storagefs_list_deadline
+        )
         self.server = FileServer(store, created=self.resolver.created, changed=fs.notify_changed)
         await nursery.start(self.resolver.run)
         if mounted_at(mountpoint):

@@ -69,7 +69,7 @@ MOUNT_OPTIONS = frozenset(
 _OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW
 #: file handles of files open on a peer start here (local handles are descriptors)
 REMOTE_FH_BASE = 1 << 40
-#: how long a listing waits for the peers' part of a folder
+#: how long a listing waits for the peers' part of a folder (default; the agent's config)
 LIST_DEADLINE = 2.0
 
 
@@ -168,12 +168,14 @@ class StorageFS(pyfuse3.Operations):
         *,
         files: OwnerFiles | None = None,
         peers: Callable[[], Collection[int]] = tuple,
+        list_deadline: float = LIST_DEADLINE,
     ) -> None:
         super().__init__()
         self.store = store
         self.resolver: RemoteResolver = resolver or NoPeers()
         self.files = files
         self.peers = peers
+        self.list_deadline = list_deadline
         self.nursery: trio.Nursery | None = None  # set by serve_fs: read-ahead runs there
         self.mounted = False
         root_fd = os.open(store.tree, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -767,7 +769,7 @@ class StorageFS(pyfuse3.Operations):
             except (OSError, DunixError) as exc:
                 log.info("storagefs: node %d did not list %s: %s", peer, path, exc)
 
-        with trio.move_on_after(LIST_DEADLINE):
+        with trio.move_on_after(self.list_deadline):
             async with trio.open_nursery() as nursery:
                 for peer in peers:
                     nursery.start_soon(ask, peer)

@@ -19,6 +19,7 @@ tolerates loss, keeps its own links).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -36,6 +37,7 @@ from dunix.fdmove.deputy import DeputyConnection
 from dunix.fdmove.inventory import FdInfo, inventory, movable, rlimits, signal_state
 from dunix.fdmove.openas import open_as
 from dunix.fdmove.pidfd import pidfd_getfd, pidfd_open
+from dunix.fdmove.ttyrelay import GuestTerminal, HomeTerminal
 from dunix.wire import Channel, open_channel
 from dunix.wire.jobs import (
     RemoteExec,
@@ -45,6 +47,8 @@ from dunix.wire.jobs import (
     RemoteSignal,
     RemoteStarted,
     RemoteStopped,
+    RemoteTtyMode,
+    RemoteWinsize,
 )
 
 if TYPE_CHECKING:
@@ -54,6 +58,7 @@ log = logging.getLogger("dunix.agent.remote")
 
 JOB_MESSAGES = (
     RemoteExec, RemoteStarted, RemoteFailed, RemoteSignal, RemoteStopped, RemoteExited,
+    RemoteTtyMode, RemoteWinsize,
 )  # fmt: skip
 HELLO_TIMEOUT = 10.0
 START_TIMEOUT = 15.0
@@ -69,6 +74,7 @@ class JobLinks:
         self._channels: dict[str, Channel] = {}
         self._locks: dict[str, trio.Lock] = {}
         self.hubs: dict[str, StreamHub] = {}
+        self._hub_locks: dict[str, trio.Lock] = {}
 
     def address_of(self, peer: str) -> str:
         return str(self.agent.membership.member(peer).address)
@@ -102,15 +108,19 @@ class JobLinks:
             raise
 
     async def hub(self, peer: str) -> StreamHub:
-        hub = self.hubs.get(peer)
-        if hub is None:
+        # one at a time per peer: two tasks (a guest starting, a stream message arriving)
+        # would each make a hub across the await, and streams opened on the one replaced
+        # would be unknown to the one that gets the peer's messages
+        async with self._hub_locks.setdefault(peer, trio.Lock()):
+            hub = self.hubs.get(peer)
+            if hub is None:
 
-            async def send(msg: Any) -> None:
-                await self.send(peer, msg)
+                async def send(msg: Any) -> None:
+                    await self.send(peer, msg)
 
-            hub = StreamHub(send, odd=odd_side(self.agent.config.name, peer))
-            await self.nursery.start(hub.run)
-            self.hubs[peer] = hub
+                hub = StreamHub(send, odd=odd_side(self.agent.config.name, peer))
+                await self.nursery.start(hub.run)
+                self.hubs[peer] = hub
         return hub
 
 
@@ -171,6 +181,9 @@ class RemoteService:
         self._pending_events: dict[int, trio.Event] = {}
         self.deputies: dict[tuple[str, int], Deputy] = {}
         self.guests: dict[tuple[str, int], Guest] = {}
+        #: terminals of remote processes (dunix.fdmove.ttyrelay), by (job, home pid), stream
+        self.home_ttys: dict[tuple[str, int], dict[int, HomeTerminal]] = {}
+        self.guest_ttys: dict[tuple[str, int], dict[int, GuestTerminal]] = {}
         #: serves a deputy the tracer's ``deputize`` made (agent/homemove.py)
         self.on_migrated: Callable[[int, DeputyConnection], Awaitable[None]] | None = None
 
@@ -211,6 +224,7 @@ class RemoteService:
             await self._run_deputy(deputy, conn)
         finally:
             self.deputies.pop(key, None)
+            self._end_home_ttys(key)
             for endpoint in deputy.senders + deputy.receivers:
                 endpoint.stop()
 
@@ -236,6 +250,8 @@ class RemoteService:
             return
         deputy.proc.state, deputy.proc.node = "deputy", peer
         deputy.conn = conn
+        for stream, term in self.home_ttys.get((deputy.proc.job, pid), {}).items():
+            self.agent.nursery.start_soon(term.watch_size, self._winsize_sender(deputy, stream))
         await conn.send("ready")
         log.info("pid %d of job %s runs on %s as pid %d", pid, deputy.proc.job, peer,
                  deputy.proc.remote_pid)  # fmt: skip
@@ -245,6 +261,7 @@ class RemoteService:
             with trio.move_on_after(DRAIN_TIMEOUT):
                 for endpoint in deputy.receivers:
                     await endpoint.wait()
+            self._end_home_ttys((deputy.proc.job, pid))  # before its parent goes on
             status = deputy.status
             if os.WIFSIGNALED(status):
                 await conn.send("killed", os.WTERMSIG(status))
@@ -342,6 +359,8 @@ class RemoteService:
         receivers: list[tuple[int, int]],
     ) -> RemoteFd:
         path = f.path or ""
+        if f.kind == "tty":
+            return self._describe_tty(f, pidfd, hub, deputy, receivers)
         if f.kind in ("pipe", "fifo", "tty"):
             # a tty or read-write pipe end is relayed one way: in for fd 0, out otherwise
             inbound = f.readable and (not f.writable or f.fd == 0)
@@ -358,8 +377,58 @@ class RemoteService:
             return RemoteFd(f.fd, "file", 0, f.readable, f.writable, path, f.pos, f.flags)
         raise DunixError(f"fd {f.fd} ({f.target}) cannot be recreated elsewhere")
 
+    def _describe_tty(
+        self,
+        f: FdInfo,
+        pidfd: int,
+        hub: StreamHub,
+        deputy: Deputy,
+        receivers: list[tuple[int, int]],
+    ) -> RemoteFd:
+        """A terminal fd: one pty on the guest per terminal, its output one stream home
+        and, when the program reads it (fd 0), the keys one stream there."""
+        terms = self.home_ttys.setdefault((deputy.proc.job, deputy.proc.pid), {})
+        path = f.path or ""
+        for stream, term in terms.items():
+            if term.path == path:
+                return RemoteFd(f.fd, "tty", stream, f.readable, f.writable, path, 0, f.flags,
+                                term.stream_in, term.modes, term.winsize)  # fmt: skip
+        stream = hub.allocate()
+        term = HomeTerminal(pidfd_getfd(pidfd, f.fd), reads=f.fd == 0)
+        term.path = path
+        terms[stream] = term
+        receivers.append((stream, pidfd_getfd(pidfd, f.fd)))
+        if term.reads:
+            term.stream_in = hub.allocate()
+            deputy.senders.append(
+                hub.open_sender(term.stream_in, pidfd_getfd(pidfd, f.fd), shared=True)
+            )
+        return RemoteFd(f.fd, "tty", stream, f.readable, f.writable, path, 0, f.flags,
+                        term.stream_in, term.modes, term.winsize)  # fmt: skip
+
+    def _winsize_sender(self, deputy: Deputy, stream: int) -> Callable[[bytes], Awaitable[None]]:
+        async def send(winsize: bytes) -> None:
+            msg = RemoteWinsize(deputy.proc.job, deputy.proc.pid, stream, winsize)
+            await self._send_quietly(deputy.peer, msg)
+
+        return send
+
+    def _end_home_ttys(self, key: tuple[str, int]) -> None:
+        for term in self.home_ttys.pop(key, {}).values():
+            term.end()
+
     def on_peer_message(self, sender: str, msg: Any) -> None:
         """Job messages from peer ``sender`` (its node name), in link order."""
+        if isinstance(msg, RemoteTtyMode):
+            home_term = self.home_ttys.get((msg.job, msg.home_pid), {}).get(msg.stream)
+            if home_term is not None:
+                home_term.mirror(msg.termios)
+            return
+        if isinstance(msg, RemoteWinsize):
+            guest_term = self.guest_ttys.get((msg.job, msg.home_pid), {}).get(msg.stream)
+            if guest_term is not None:
+                guest_term.resize(msg.winsize)
+            return
         if isinstance(msg, RemoteExec):
             self._guest_exec(sender, msg)
         elif isinstance(msg, RemoteStopped):
@@ -463,12 +532,15 @@ class RemoteService:
                     child_fds[rf.fd] = await trio.to_thread.run_sync(
                         self._recreate, rf, hub, guest, req
                     )
+            ttys = sorted(rf.fd for rf in req.fds if rf.kind == "tty")
             ctx = JobContext(
                 uid=req.uid, gid=req.gid, groups=req.groups, umask=req.umask, cwd=req.cwd,
                 env=dict(req.env), sigign=req.sigign, sigblock=req.sigblock,
                 rlimits=req.rlimits, mode=req.mode,
                 extra=("--first-local",),  # it was placed here: no second hop for this exec
             )  # fmt: skip
+            if ttys:  # its pty is its controlling terminal, as the home's is the job's
+                ctx = dataclasses.replace(ctx, extra=(*ctx.extra, "--ctty", str(ttys[0])))
             tracer = Tracer.spawn(ctx, list(req.argv), child_fds)
         except (DunixError, OSError) as exc:
             if isinstance(exc, OSError):
@@ -478,6 +550,8 @@ class RemoteService:
             for endpoint in guest.senders + guest.receivers:
                 endpoint.stop()
             self.guests.pop(key, None)
+            for term in self.guest_ttys.pop(key, {}).values():
+                term.close()
             with contextlib.suppress(DunixError):
                 await self.links.send(home, RemoteFailed(req.job, req.home_pid, reason or "?"))
             return
@@ -485,6 +559,9 @@ class RemoteService:
             for fd in child_fds.values():
                 os.close(fd)
         guest.tracer = tracer
+        for stream, term in self.guest_ttys.get(key, {}).items():
+            term.spawned()
+            self.agent.nursery.start_soon(term.watch_modes, self._modes_sender(home, req, stream))
         with contextlib.suppress(OSError):
             await tracer.push_slots(self.agent.slot_table(req.mode))
         job = Job(
@@ -523,13 +600,38 @@ class RemoteService:
             self.guests.pop(key, None)
             for endpoint in guest.receivers:
                 endpoint.stop()
+        for stream, term in self.guest_ttys.pop(key, {}).items():
+            await term.last_modes(self._modes_sender(home, req, stream))  # before the exit
+            term.close()
         if guest.moved:
             return  # its exit status will come from where it runs now
         with contextlib.suppress(DunixError):
             await self.links.send(home, RemoteExited(req.job, req.home_pid, status))
 
+    def _modes_sender(
+        self, home: str, req: RemoteExec, stream: int
+    ) -> Callable[[bytes], Awaitable[None]]:
+        async def send(modes: bytes) -> None:
+            await self._send_quietly(home, RemoteTtyMode(req.job, req.home_pid, stream, modes))
+
+        return send
+
+    def _guest_tty(self, rf: RemoteFd, hub: StreamHub, guest: Guest) -> int:
+        """The guest's fd for the home's terminal ``rf``: a pty slave, one pty per terminal."""
+        terms = self.guest_ttys.setdefault((guest.job, guest.home_pid), {})
+        term = terms.get(rf.stream)
+        if term is None:
+            term = GuestTerminal(rf.termios, rf.winsize)
+            terms[rf.stream] = term
+            guest.senders.append(hub.open_sender(rf.stream, term.master_fd()))
+            if rf.stream_in:
+                guest.receivers.append(hub.open_receiver(rf.stream_in, term.master_fd()))
+        return term.slave_fd()
+
     def _recreate(self, rf: RemoteFd, hub: StreamHub, guest: Guest, req: RemoteExec) -> int:
         """This side's fd for the guest's fd ``rf.fd``; the caller closes it after spawn."""
+        if rf.kind == "tty":
+            return self._guest_tty(rf, hub, guest)
         if rf.kind == "pipe":
             r, w = os.pipe2(os.O_CLOEXEC)
             guest.pipes.append((rf.stream, os.fstat(r).st_ino, rf.writable))

@@ -118,6 +118,11 @@ class RemoteFd:
     path: str
     pos: int
     flags: int
+    #: a tty: ``stream`` carries its output home, ``stream_in`` (0: it is not read) the keys;
+    #: the guest's pty starts with these termios (kernel struct) and window size
+    stream_in: int = 0
+    termios: bytes = b""
+    winsize: bytes = b""
 
 
 @message
@@ -175,6 +180,28 @@ class RemoteStopped:
     job: str
     home_pid: int
     signal: int
+
+
+@message
+@dataclass(frozen=True)
+class RemoteTtyMode:
+    """The guest's pty for the home's terminal ``stream`` took these termios."""
+
+    job: str
+    home_pid: int
+    stream: int
+    termios: bytes
+
+
+@message
+@dataclass(frozen=True)
+class RemoteWinsize:
+    """The home's terminal ``stream`` has a new window size: the guest's pty follows."""
+
+    job: str
+    home_pid: int
+    stream: int
+    winsize: bytes
 
 
 @message

@@ -1,0 +1,175 @@
+"""A remote process's terminal: a pty on the guest's host, relayed to the home's terminal.
+
+Home: the deputy's terminal fds (its job's pty, see ``dunix.agent.pty``) are described
+once per terminal: one stream carries the program's output home, one (only when the
+program reads the terminal on fd 0) carries the keys to the guest; both ride the
+ordinary stream relays. The guest opens a pty with the home terminal's termios and window
+size; its slave becomes every one of those fds, and its controlling terminal (the guest
+tracer's ``--ctty``).
+
+Who interprets the keys: the guest's line discipline, because the program sets its modes
+there. It watches them (TCGETS on the master reads the slave's termios) and reports every
+change home (``RemoteTtyMode``); the home terminal takes the same modes but leaves echo and
+line editing to the guest (``ECHO*``, ``ICANON`` off), so nothing is echoed twice and
+each key reaches the guest at once; ``ISIG`` stays home, where Ctrl-C and Ctrl-Z signal the
+job's foreground group (the deputy forwards them to its guest). When the program ends, the
+home terminal gets exactly the modes it left. Window size changes at home go to the guest
+(``RemoteWinsize``); its kernel then signals the guest's foreground group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import struct
+import termios
+from collections.abc import Awaitable, Callable
+
+import trio
+
+log = logging.getLogger("dunix.fdmove.ttyrelay")
+
+#: struct termios as TCGETS/TCSETS move it (the kernel's, not glibc's: 4 flags, line, 19 cc)
+_KTERMIOS = struct.Struct("4IB19s")
+_WINSIZE_BYTES = 8
+WATCH_PERIOD = 0.05  # how often a guest looks at its pty's modes (a TCGETS each)
+#: the line discipline's own editing and echo; done by the guest, never twice
+GUEST_LFLAGS = termios.ECHO | termios.ECHOE | termios.ECHOK | termios.ECHONL | termios.ICANON
+
+
+def get_modes(fd: int) -> bytes:
+    """The termios of terminal ``fd`` (of the slave, when ``fd`` is a pty master)."""
+    return bytes(fcntl.ioctl(fd, termios.TCGETS, bytes(_KTERMIOS.size)))
+
+
+def set_modes(fd: int, modes: bytes) -> None:
+    if len(modes) != _KTERMIOS.size:
+        raise ValueError(f"termios of {len(modes)} bytes")
+    fcntl.ioctl(fd, termios.TCSETS, modes)
+
+
+def get_winsize(fd: int) -> bytes:
+    return bytes(fcntl.ioctl(fd, termios.TIOCGWINSZ, bytes(_WINSIZE_BYTES)))
+
+
+def set_winsize(fd: int, winsize: bytes) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, winsize)
+
+
+def home_modes(guest: bytes) -> bytes:
+    """The modes the home terminal takes while a guest interprets keys with ``guest``."""
+    iflag, oflag, cflag, lflag, line, cc = _KTERMIOS.unpack(guest)
+    return _KTERMIOS.pack(iflag, oflag, cflag, lflag & ~GUEST_LFLAGS, line, cc)
+
+
+class HomeTerminal:
+    """Home side of one deputy's terminal: mirrors the guest's modes, sends size changes.
+
+    ``fd`` is the agent's duplicate of the deputy's terminal fd (its own; closed here).
+    """
+
+    def __init__(self, fd: int, reads: bool) -> None:
+        self.fd = fd
+        self.reads = reads  # the program reads this terminal (fd 0): keys go to the guest
+        self.path = ""  # which terminal (/dev/pts/N): the program's fds on it share one pty
+        self.stream_in = 0  # the stream of the keys, when it reads
+        self.modes = get_modes(fd)
+        self.winsize = get_winsize(fd)
+        self.last_guest_modes = b""
+        self._scope = trio.CancelScope()
+
+    def mirror(self, guest: bytes) -> None:
+        """The guest's pty took ``guest`` modes."""
+        self.last_guest_modes = guest
+        if not self.reads:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            set_modes(self.fd, home_modes(guest))
+
+    async def watch_size(self, send_winsize: Callable[[bytes], Awaitable[None]]) -> None:
+        """``send_winsize(size)`` whenever the home terminal's size changes."""
+        with self._scope:
+            while True:
+                await trio.sleep(WATCH_PERIOD * 4)
+                try:
+                    size = get_winsize(self.fd)
+                except OSError:
+                    return
+                if size != self.winsize:
+                    self.winsize = size
+                    await send_winsize(size)
+
+    def end(self) -> None:
+        """The program ended: the terminal keeps the modes it left (as without dunix)."""
+        self._scope.cancel()
+        if self.reads and self.last_guest_modes:
+            with contextlib.suppress(OSError, ValueError):
+                set_modes(self.fd, self.last_guest_modes)
+        os.close(self.fd)
+        self.fd = -1
+
+
+class GuestTerminal:
+    """Guest side: the pty standing in for the home's terminal."""
+
+    def __init__(self, modes: bytes, winsize: bytes) -> None:
+        self.master, self.slave = os.openpty()
+        try:
+            if modes:
+                set_modes(self.master, modes)  # on a master: the slave's termios
+            if winsize:
+                set_winsize(self.master, winsize)
+        except (OSError, ValueError) as exc:
+            log.warning("pty settings from home: %s", exc)
+        self.modes = get_modes(self.master)
+        self._scope = trio.CancelScope()
+
+    def slave_fd(self) -> int:
+        """A new fd of the slave, for one of the program's fds (the caller closes it)."""
+        return os.dup(self.slave)
+
+    def master_fd(self) -> int:
+        """A new fd of the master, for a relay endpoint (which owns it)."""
+        return os.dup(self.master)
+
+    def spawned(self) -> None:
+        """The program holds the slave now: ours would keep the master from seeing EIO."""
+        if self.slave >= 0:
+            os.close(self.slave)
+            self.slave = -1
+
+    def resize(self, winsize: bytes) -> None:
+        with contextlib.suppress(OSError):
+            set_winsize(self.master, winsize)
+
+    async def watch_modes(self, send_modes: Callable[[bytes], Awaitable[None]]) -> None:
+        """``send_modes(modes)`` now and at every change of the pty's modes."""
+        with self._scope:
+            await send_modes(self.modes)
+            while True:
+                await trio.sleep(WATCH_PERIOD)
+                try:
+                    modes = get_modes(self.master)
+                except OSError:
+                    return
+                if modes != self.modes:
+                    self.modes = modes
+                    await send_modes(modes)
+
+    async def last_modes(self, send_modes: Callable[[bytes], Awaitable[None]]) -> None:
+        """The program ended: report modes it set since the last look."""
+        self._scope.cancel()
+        with contextlib.suppress(OSError):
+            modes = get_modes(self.master)
+            if modes != self.modes:
+                self.modes = modes
+                await send_modes(modes)
+
+    def close(self) -> None:
+        self._scope.cancel()
+        self.spawned()
+        if self.master >= 0:
+            os.close(self.master)
+            self.master = -1

@@ -54,7 +54,7 @@ from dunix.agent.migration import (
     _Outgoing,
 )
 from dunix.agent.remote import DRAIN_TIMEOUT, Deputy
-from dunix.agent.tracer import Tracer
+from dunix.agent.tracer import Forked, Tracer
 from dunix.errors import DunixError, MigrationFailed, NoSuchNode
 from dunix.fdmove.deputy import DeputyConnection
 from dunix.fdmove.inventory import FdInfo, inventory
@@ -103,6 +103,7 @@ class HomeMoves:
         self.agent: Agent = service.agent
         #: pid → the deputy its migrated hello will attach to (registered before restore)
         self.expected: dict[int, Deputy] = {}
+        self._turns: dict[str, int] = {}  # fork-time placement: the next slot, per job
         self.agent.remote.on_migrated = self.serve_migrated
 
     @property
@@ -145,7 +146,8 @@ class HomeMoves:
         )  # fmt: skip
 
     async def move(
-        self, proc: Proc, job: Job, tracer: Tracer, target: str, *, check: bool
+        self, proc: Proc, job: Job, tracer: Tracer, target: str, *, check: bool,
+        parent: int = 0,
     ) -> HomeMoveReport:
         """Move ``proc`` (traced by ``tracer`` here) to ``target``; a deputy stays.
 
@@ -164,7 +166,12 @@ class HomeMoves:
             what = ", ".join(f"fd {f.fd} ({f.kind} {f.target})" for f in bad)
             raise MigrationFailed(f"cannot move: holds {what}")
         nulls = await trio.to_thread.run_sync(_foreign_nulls, pid, fds)
-        pipes = self._duplicate_pipes(pid, fds)
+        shared: set[int] = set()
+        if parent:  # a child at its fork stop: the pipes it reads that its parent reads too
+            with contextlib.suppress(DunixError, OSError):
+                theirs = await trio.to_thread.run_sync(inventory, parent)
+                shared = {f.inode for f in theirs if f.kind == "pipe" and f.readable}
+        pipes = self._duplicate_pipes(pid, fds, shared)
         move = f"{self.name}-h{next(self.service._ids)}-{pid}"
         prepare = MigratePrepare(
             move=move, job=proc.job, home=self.name, home_pid=pid, gpid=proc.gpid, pid=pid,
@@ -202,16 +209,33 @@ class HomeMoves:
                  target)  # fmt: skip
         return report
 
-    def _duplicate_pipes(self, pid: int, fds: list[FdInfo]) -> list[_HomePipe]:
+    def _duplicate_pipes(
+        self, pid: int, fds: list[FdInfo], parent_reads: set[int]
+    ) -> list[_HomePipe]:
+        """One duplicate per pipe, and the way it is relayed.
+
+        A pipe is relayed one way (CRIU's inherit_fd gives every end of it the same fd).
+        A process that holds both ends (a child at its fork stop, before it closed the
+        one its parent keeps) is taken to write it: reading it here would take its
+        parent's bytes. A read-write end is relayed in for fd 0, out otherwise, as for a
+        remote exec."""
+        ends: dict[int, list[FdInfo]] = {}
+        for f in fds:
+            if f.kind == "pipe":
+                ends.setdefault(f.inode, []).append(f)
         pipes: dict[int, _HomePipe] = {}
         pidfd = pidfd_open(pid)
         try:
-            for f in fds:
-                if f.kind != "pipe" or f.inode in pipes:
+            for inode, held in ends.items():
+                reads = [f for f in held if f.readable and (not f.writable or f.fd == 0)]
+                if inode in parent_reads and len(reads) == len(held):
+                    # only read here, and its parent reads it too: a relay would take the
+                    # parent's bytes. Not relayed: CRIU makes it a pipe of its own there,
+                    # with the bytes it held at the fork, then EOF
                     continue
-                # a read-write end is relayed one way, as for a remote exec: in for fd 0
-                reads = f.readable and (not f.writable or f.fd == 0)
-                pipes[f.inode] = _HomePipe(f.inode, not reads, pidfd_getfd(pidfd, f.fd))
+                writes = [f for f in held if f not in reads]
+                one = (writes or reads)[0]
+                pipes[inode] = _HomePipe(inode, bool(writes), pidfd_getfd(pidfd, one.fd))
         except BaseException:
             for p in pipes.values():
                 os.close(p.dup)
@@ -328,6 +352,45 @@ class HomeMoves:
             self.expected.pop(deputy.proc.pid, None)
         for endpoint in deputy.senders + deputy.receivers:
             endpoint.stop()
+
+    # -- fork-time placement --------------------------------------------------------------
+
+    def forked(self, job: Job, tracer: Tracer, event: Forked) -> None:
+        """A child of ``job`` is held at its fork stop: place it (``hold 1`` is on)."""
+        self.agent.nursery.start_soon(self._place_child, job, tracer, event.child, event.parent)
+
+    def choose(self, job: Job) -> str | None:
+        """A peer with a slot in the slot table of ``job``'s fork placement mode, in turn."""
+        mode = self.agent.jobs.fork_jobs.get(job.id, job.mode)
+        if mode == "local":
+            return None
+        table = [n for n, count in self.agent.slot_table(mode) if count > 0]
+        if not table:
+            return None
+        turn = self._turns.get(job.id, 0)
+        self._turns[job.id] = turn + 1
+        return table[turn % len(table)]
+
+    async def _place_child(self, job: Job, tracer: Tracer, child: int, parent: int) -> None:
+        started = time.monotonic()
+        proc = self.agent.jobs.procs.get(child)
+        target = self.choose(job)
+        try:
+            if proc is None or target is None:
+                return
+            self.check_target(target)
+            # a child at its fork stop shares what its parent had (placed already)
+            report = await self.move(proc, job, tracer, target, check=False, parent=parent)
+            log.info("pid %d of job %s placed on %s at fork in %.1f ms (frozen %.1f ms)",
+                     child, job.id, target, (time.monotonic() - started) * 1000.0,
+                     report.freeze_ms)  # fmt: skip
+            return
+        except DunixError as exc:
+            log.info("pid %d of job %s stays here: %s", child, job.id, exc)
+        finally:
+            if proc is None or proc.state != "deputy":
+                with contextlib.suppress(DunixError, OSError):
+                    await tracer.resume(child)
 
     # -- the deputy -----------------------------------------------------------------------
 

@@ -45,6 +45,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dunix.agent.jobs")
 
+#: a job whose environment sets this to ``auto`` or ``remote`` is placed at fork time too
+#: (a child that forks without exec moves to a peer before it runs, chosen from the slot
+#: table of that mode); without it placement is at exec time only (bench/forkplace_bench.py)
+FORK_PLACEMENT_ENV = "DUNIX_FORK_PLACEMENT"
+
 MODES = ("auto", "local", "remote")
 
 
@@ -112,6 +117,9 @@ class JobService:
         #: per job id: its first process stopped (`dunix run` then stops too)
         self.on_first_stopped: dict[str, Callable[[Stopped], None]] = {}
         self.pid_steer = PidSteer() if agent.config.pid_ranges else None
+        #: jobs whose new processes are held at fork for a placement decision, and the
+        #: slot-table mode for it (``FORK_PLACEMENT_ENV``; agent/homemove.py)
+        self.fork_jobs: dict[str, str] = {}
 
     @property
     def name(self) -> str:
@@ -144,11 +152,16 @@ class JobService:
         tracer = Tracer.spawn(ctx, argv, fds)
         job.tracers.append(tracer)
         self.jobs[job.id] = job
+        fork_mode = ctx.env.get(FORK_PLACEMENT_ENV, "")
+        if fork_mode in ("auto", "remote"):
+            self.fork_jobs[job.id] = fork_mode
         return tracer
 
     async def follow(self, job: Job, tracer: Tracer, argv0: str = "") -> None:
         """Read the tracer's events until it is done; keep ``self.procs`` current."""
         try:
+            if job.id in self.fork_jobs:
+                await tracer.hold_forks(True)
             while True:
                 event = await tracer.next_event()
                 if event is None or isinstance(event, Done):
@@ -184,6 +197,10 @@ class JobService:
                 event.child, parent.job if parent else job.id, job.uid, self.name,
                 self.gpid(event.child), cmd=parent.cmd if parent else "", key=job.id,
             )  # fmt: skip
+            if job.id in self.fork_jobs:  # held at its fork stop: place it or let it run
+                from dunix.agent.homemove import home_moves
+
+                home_moves(self.agent.migration).forked(job, tracer, event)
         elif isinstance(event, Execed):
             known = self.procs.get(event.pid)
             if known is not None:
@@ -222,6 +239,7 @@ class JobService:
                 os.kill(proc.pid, sig)
 
     def forget(self, job: Job) -> None:
+        self.fork_jobs.pop(job.id, None)
         for proc in self.of(job):
             self.procs.pop(proc.pid, None)
         for tracer in job.tracers:

@@ -110,3 +110,48 @@ def test_a_counter_moves_from_home_and_on(hosts: list[Any]) -> None:
     assert numbers == list(range(1, len(numbers) + 1)), err.decode()
     assert len(numbers) > 30
     assert run.returncode == 0, err.decode()
+
+
+# 8 workers forked without exec, each computing a result and writing it, with the host it
+# ran on, to its own pipe back to the parent; the parent checks its children's statuses
+WORKERS = """
+import json, os, socket, sys
+pipes, kids = [], []
+for k in range(8):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        total = sum(i * i for i in range(200000 + k))
+        os.write(w, json.dumps([k, total, socket.gethostname()]).encode())
+        os._exit(10 + k)
+    os.close(w)
+    pipes.append(r)
+    kids.append(pid)
+results = []
+for r in pipes:
+    data = b""
+    while chunk := os.read(r, 4096):
+        data += chunk
+    results.append(json.loads(data))
+codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in kids]
+print(json.dumps({"results": results, "codes": codes}))
+"""
+
+
+def test_workers_forked_without_exec_spread_at_fork(hosts: list[Any]) -> None:
+    env = dict(os.environ, DUNIX_FORK_PLACEMENT="remote")
+    out = subprocess.run(
+        [*DUNIX, "run", "--node", "n1", "--control", N1, "--placement", "local", "--",
+         "/usr/bin/python3", "-c", WORKERS],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=WORK, env=env,
+        timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    expected = [sum(i * i for i in range(200000 + k)) for k in range(8)]
+    assert [r[:2] for r in got["results"]] == [[k, expected[k]] for k in range(8)]
+    assert got["codes"] == [10 + k for k in range(8)]
+    hosts_used = {r[2] for r in got["results"]}
+    print("workers ran on", sorted(hosts_used))
+    assert len(hosts_used) >= 2, got

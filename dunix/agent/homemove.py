@@ -212,37 +212,18 @@ class HomeMoves:
     def _duplicate_pipes(
         self, pid: int, fds: list[FdInfo], parent_reads: set[int]
     ) -> list[_HomePipe]:
-        """One duplicate per pipe, and the way it is relayed.
-
-        A pipe is relayed one way (CRIU's inherit_fd gives every end of it the same fd).
-        A process that holds both ends (a child at its fork stop, before it closed the
-        one its parent keeps) is taken to write it: reading it here would take its
-        parent's bytes. A read-write end is relayed in for fd 0, out otherwise, as for a
-        remote exec."""
-        ends: dict[int, list[FdInfo]] = {}
-        for f in fds:
-            if f.kind == "pipe":
-                ends.setdefault(f.inode, []).append(f)
-        pipes: dict[int, _HomePipe] = {}
+        pipes: list[_HomePipe] = []
         pidfd = pidfd_open(pid)
         try:
-            for inode, held in ends.items():
-                reads = [f for f in held if f.readable and (not f.writable or f.fd == 0)]
-                if inode in parent_reads and len(reads) == len(held):
-                    # only read here, and its parent reads it too: a relay would take the
-                    # parent's bytes. Not relayed: CRIU makes it a pipe of its own there,
-                    # with the bytes it held at the fork, then EOF
-                    continue
-                writes = [f for f in held if f not in reads]
-                one = (writes or reads)[0]
-                pipes[inode] = _HomePipe(inode, bool(writes), pidfd_getfd(pidfd, one.fd))
+            for inode, writes, fd in pipe_plan(fds, parent_reads):
+                pipes.append(_HomePipe(inode, writes, pidfd_getfd(pidfd, fd)))
         except BaseException:
-            for p in pipes.values():
+            for p in pipes:
                 os.close(p.dup)
             raise
         finally:
             os.close(pidfd)
-        return list(pipes.values())
+        return pipes
 
     async def _dump_and_restore(
         self,
@@ -424,6 +405,30 @@ class HomeMoves:
                 remote.deputies.pop(key, None)
             for endpoint in deputy.senders + deputy.receivers:
                 endpoint.stop()
+
+
+def pipe_plan(fds: list[FdInfo], parent_reads: set[int]) -> list[tuple[int, bool, int]]:
+    """(pipe inode, the process writes it, the fd to duplicate) for each pipe to relay.
+
+    A pipe is relayed one way (CRIU's inherit_fd gives every end of it the same fd).
+    A process that holds both ends (a child at its fork stop, before it closed the one
+    its parent keeps) is taken to write it: reading it at home would take its parent's
+    bytes. A read-write end is relayed in for fd 0, out otherwise, as for a remote exec.
+    A pipe it only reads while its parent (``parent_reads``: inodes) reads it too is not
+    relayed, for the same reason: CRIU restores it as a pipe of its own, with the bytes
+    it held when dumped, then EOF."""
+    ends: dict[int, list[FdInfo]] = {}
+    for f in fds:
+        if f.kind == "pipe":
+            ends.setdefault(f.inode, []).append(f)
+    plan = []
+    for inode, held in ends.items():
+        reads = [f for f in held if f.readable and (not f.writable or f.fd == 0)]
+        if inode in parent_reads and len(reads) == len(held):
+            continue
+        writes = [f for f in held if f not in reads]
+        plan.append((inode, bool(writes), (writes or reads)[0].fd))
+    return plan
 
 
 def _mnt_id(pid: int, fd: int) -> int:

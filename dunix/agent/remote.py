@@ -460,7 +460,9 @@ class RemoteService:
                 if job is not None:
                     self.signal_group(job, msg.signal)
                 return
-            if msg.signal in STOP_SIGNALS:
+            # only a SIGSTOP comes from a deputy that stopped; a SIGTSTP/TTIN/TTOU it
+            # caught and forwarded (Ctrl-Z) left it running: the guest's stop must stop it
+            if msg.signal == signal.SIGSTOP:
                 guest.stopped_by_home = True
             with contextlib.suppress(ProcessLookupError):
                 os.kill(guest.pid, msg.signal)

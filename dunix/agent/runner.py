@@ -175,6 +175,11 @@ async def _client_signals(
             if terminal is not None and msg.signal == signal.SIGCONT:
                 terminal.resume()
             jobs.agent.remote.signal_group(job, msg.signal)
+            if msg.signal == signal.SIGCONT:  # deputies stopped with their guests go on too
+                for proc in jobs.of(job):
+                    if proc.state == "deputy":
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(proc.pid, signal.SIGCONT)
     except DunixError:
         pass
     if job.status is None:

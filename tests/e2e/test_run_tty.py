@@ -165,8 +165,6 @@ def test_ctrl_c_interrupts_the_job(work: Path, placement: str, terminals: Any) -
 
 
 def test_ctrl_z_stops_and_fg_continues(work: Path, placement: str, terminals: Any) -> None:
-    if placement == "remote":
-        pytest.xfail("Ctrl-Z of a remote first process does not stop `dunix run` yet")
     job = 'echo ready; read x; echo "got $x"'
     script = run_line(placement, "sh", "-c", job) + '\necho "stop=$?"\nfg\necho "rc=$?"'
     t = start(terminals, script, work)

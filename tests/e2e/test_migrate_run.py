@@ -80,6 +80,34 @@ def where(gpid: int) -> tuple[str, int]:
     return home[0]["node"], home[0]["moves"]
 
 
+def guest_pid(gpid: int) -> int:
+    procs = json.loads(dunix("ps", "--json", "--control", N1).stdout)
+    return int(next(p["pid"] for p in procs if p["gpid"] == gpid and p["state"] == "guest"))
+
+
+def occupy(hosts: list[Any], name: str, pid: int) -> subprocess.Popen[bytes]:
+    """A sleeper holding ``pid`` in host ``name``'s PID namespace (``ns_last_pid``)."""
+    init = next(h.init_pid for h in hosts if h.name == name)
+    # the sleeper lives until our stdin closes (see release)
+    script = f"echo {pid - 1} > /proc/sys/kernel/ns_last_pid; sleep 60 & echo $!; read x; kill $!"
+    proc = subprocess.Popen(
+        ["nsenter", "-t", str(init), "-p", "-m", "--", "sh", "-c", script],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    got = int(proc.stdout.readline())
+    if got != pid:
+        release(proc)
+        pytest.skip(f"could not take pid {pid} on {name} (got {got}): a busy host")
+    return proc
+
+
+def release(proc: subprocess.Popen[bytes]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.close()
+    proc.wait(timeout=10)
+
+
 def migrate(gpid: int, node: str, check: bool = True) -> Any:
     return dunix("migrate", str(gpid), node, "--control", N1, check=check, timeout=90)
 
@@ -99,6 +127,11 @@ def test_counter_moves_between_peers_and_home(cluster4: list[Any]) -> None:
             return found[0] if found and found[0]["node"] else None
 
         gpid = wait_for(deputy, 20, "the counter running on a peer")["gpid"]
+        assert run.stdout is not None
+        first = b""  # its output flows home before any move (unbuffered: communicate()
+        while not first.endswith(b"\n"):  # reads the fd later, past any buffer)
+            first += os.read(run.stdout.fileno(), 1) or b"\n"
+        assert first == b"1\n", first
         node, moves = where(gpid)
         assert node != "n1" and moves == 0
         timings = []
@@ -131,6 +164,15 @@ def test_counter_moves_between_peers_and_home(cluster4: list[Any]) -> None:
         assert failed.returncode == 1, failed.stdout
         assert "restore" in failed.stderr, failed.stderr
         assert where(gpid) == (node, 2)
+        # its pid is busy on the target: refused before freezing
+        busy = occupy(cluster4, plan[0], guest_pid(gpid))
+        try:
+            taken = migrate(gpid, plan[0], check=False)
+        finally:
+            release(busy)
+        assert taken.returncode == 1, taken.stdout
+        assert "in use" in taken.stderr, taken.stderr
+        assert where(gpid) == (node, 2)
         time.sleep(0.3)
         move("home")
         time.sleep(0.3)
@@ -145,7 +187,7 @@ def test_counter_moves_between_peers_and_home(cluster4: list[Any]) -> None:
         stop.unlink(missing_ok=True)
     for text in timings:
         print(text)
-    lines = out.decode().split()
+    lines = (first + out).decode().split()
     assert lines[-1] == "end", err.decode()
     numbers = [int(x) for x in lines[:-1]]
     assert numbers == list(range(1, len(numbers) + 1)), err.decode()

@@ -25,8 +25,17 @@ does not write them into an inherited pipe on restore, so bytes the process had 
 stay in the home pipe for its reader, and bytes it had not read yet stay for the home
 relay to send: nothing arrives twice.
 
-Fork-time placement (``ForkPlacement``) uses the same move for a child held at its fork
-stop by the tracer (``hold 1``): it has not run yet, so its image is its parent's memory.
+Fork-time placement (``HomeMoves.forked``) uses the same move for a child held at its
+fork stop by the tracer (``hold 1``): it has not run yet, so its image is its parent's
+memory. It is opt-in per job (``DUNIX_FORK_PLACEMENT=remote|auto`` in the job's
+environment); exec-time placement stays the default, because (bench/forkplace_bench.py)
+a move at fork costs ~0.1 s of CRIU per child where a local fork costs ~0.5 ms, every
+fork of a held job waits for the agent, and a shell's child has not yet made its
+redirections: in ``cmd > file &`` the child opens ``file`` after the fork, so moved at
+fork it would open it on the peer (a host's /tmp is its own; only shared paths and
+/dunix/fs are the same file there), whereas exec-time placement ships the fd the shell
+opened at home. A job of shell scripts keeps the default; a program that forks workers
+without exec opts in.
 """
 
 from __future__ import annotations

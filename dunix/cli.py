@@ -202,10 +202,11 @@ def cmd_ps(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([asdict(p) for p in reply.procs], indent=2))
     else:
-        rows = [("GPID", "HOME", "NODE", "PID", "USER", "STATE", "CPU", "RSS", "COMMAND")]
+        rows = [("GPID", "HOME", "NODE", "MOVES", "PID", "USER", "STATE", "CPU", "RSS",
+                 "COMMAND")]  # fmt: skip
         for p in reply.procs:
             rows.append(
-                (str(p.gpid), p.home, p.node, str(p.pid), _user(p.uid), p.state,
+                (str(p.gpid), p.home, p.node, str(p.moves), str(p.pid), _user(p.uid), p.state,
                  f"{p.cpu:.1f}", _human_bytes(p.rss), p.cmd)
             )  # fmt: skip
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]

@@ -4,7 +4,8 @@ A counter started with `dunix run --node n1 --placement local` (the child of a s
 waits for it) runs in n1 and prints to a pipe read by this test. It is moved n1 → n2 (a
 home move: release, CRIU dump with leave_running, restore in n2, deputize in n1), then
 n2 → n3 (a guest move). Its output must hold every number once and in order, the shell's
-`wait` must see its exit code, and `dunix ps` must show where it runs and its moves.
+`wait` must see its exit code, and `dunix ps` must show where it runs and its moves. A
+move whose restore fails on the target (injected) leaves it running at home first.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.e2e
 
 WORK = Path("/var/tmp/dunix-e2e-migrate-home")  # seen by every host (/tmp is per host)
 N1 = "/run/dunix/hosts/n1/control.sock"
+KNOB = "migrate-fail-restore"  # dunix/agent/migration.py FAIL_RESTORE_KNOB
 
 COUNTER = """
 import os, sys, time
@@ -86,6 +88,18 @@ def test_a_counter_moves_from_home_and_on(hosts: list[Any]) -> None:
         proc = wait_for(counter, 20, "the counter running in n1")
         gpid = proc["gpid"]
         assert proc["node"] == "n1" and proc["state"] == "running", proc
+        time.sleep(0.3)
+        # an injected restore failure on the target: it runs on at home, nothing lost
+        knob = Path(f"/run/dunix/hosts/n2/{KNOB}")
+        knob.touch()
+        try:
+            failed = dunix("migrate", str(gpid), "n2", "--control", N1, check=False, timeout=90)
+        finally:
+            knob.unlink()
+        assert failed.returncode == 1 and "restore" in failed.stderr, failed.stderr
+        now = [p for p in ps() if p["gpid"] == gpid]
+        assert now and now[0]["node"] == "n1" and now[0]["state"] == "running", now
+        assert now[0]["moves"] == 0, now
         time.sleep(0.3)
         outs = []
         for to, moves in (("n2", 1), ("n3", 2)):

@@ -336,6 +336,7 @@ class FileServer:
     async def _op_link(self, req: FileRequest) -> FileReply:
         self._make_parents(req.path2)
         os.link(self._backing(req.path), self._backing(req.path2), follow_symlinks=False)
+        self._changed(clean_relpath(req.path), True)  # its link count, in our kernel's cache
         self._changed(clean_relpath(req.path2), False)
         self._created(clean_relpath(req.path2))
         return self._ok(req, attrs=self._attrs(os.lstat(self._backing(req.path2))))

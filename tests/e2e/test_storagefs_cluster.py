@@ -141,6 +141,17 @@ def test_metadata_of_a_peer_file(hosts: list[str]) -> None:
     assert sh("n2", "ln -s meta meta-link && readlink meta-link").strip() == "meta"
     assert sh("n3", "readlink meta-link").strip() == "meta"
     assert sh("n3", "cat meta-link") == "0123"
+    # a hard link made on n3 stays with the owner (n1): same inode, two links
+    sh("n3", "ln meta meta-hard")
+    assert sh("n2", "stat -c %i:%h meta-hard").strip() == sh("n1", "stat -c %i:%h meta").strip()
+    assert sh("n1", "stat -c %h meta").strip() == "2"
+    # xattrs of n1's file, set and read from other hosts
+    set_attr = "import os; os.setxattr('meta', 'user.color', b'blue')"
+    get_attr = "import os; print(os.getxattr('meta', 'user.color').decode())"
+    import sys
+
+    sh("n3", f'{sys.executable} -c "{set_attr}"')
+    assert sh("n2", f'{sys.executable} -c "{get_attr}"').strip() == "blue"
 
 
 def test_modes_follow_the_caller_umask_and_the_agent_keeps_its_own(hosts: list[str]) -> None:

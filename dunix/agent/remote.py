@@ -563,6 +563,7 @@ class RemoteService:
         guest.tracer = tracer
         for stream, term in self.guest_ttys.get(key, {}).items():
             term.spawned()
+            self.agent.nursery.start_soon(term.pump)
             self.agent.nursery.start_soon(term.watch_modes, self._modes_sender(home, req, stream))
         with contextlib.suppress(OSError):
             await tracer.push_slots(self.agent.slot_table(req.mode))
@@ -625,7 +626,7 @@ class RemoteService:
         if term is None:
             term = GuestTerminal(rf.termios, rf.winsize)
             terms[rf.stream] = term
-            guest.senders.append(hub.open_sender(rf.stream, term.master_fd()))
+            guest.senders.append(hub.open_sender(rf.stream, term.output_fd()))
             if rf.stream_in:
                 guest.receivers.append(hub.open_receiver(rf.stream_in, term.master_fd()))
         return term.slave_fd()

@@ -58,6 +58,11 @@ def set_winsize(fd: int, winsize: bytes) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, winsize)
 
 
+def _onlcr(modes: bytes) -> bool:
+    oflag = _KTERMIOS.unpack(modes)[1]
+    return bool(oflag & termios.OPOST and oflag & termios.ONLCR)
+
+
 def home_modes(guest: bytes) -> bytes:
     """The modes the home terminal takes while a guest interprets keys with ``guest``."""
     iflag, oflag, cflag, lflag, line, cc = _KTERMIOS.unpack(guest)
@@ -125,6 +130,7 @@ class GuestTerminal:
             log.warning("pty settings from home: %s", exc)
         self.modes = get_modes(self.master)
         self._scope = trio.CancelScope()
+        self._out = -1
 
     def slave_fd(self) -> int:
         """A new fd of the slave, for one of the program's fds (the caller closes it)."""
@@ -133,6 +139,53 @@ class GuestTerminal:
     def master_fd(self) -> int:
         """A new fd of the master, for a relay endpoint (which owns it)."""
         return os.dup(self.master)
+
+    def output_fd(self) -> int:
+        """The read end of a pipe that carries the pty's output (see :meth:`pump`), for
+        the relay sender (which owns it)."""
+        r, self._out = os.pipe2(os.O_CLOEXEC)
+        return r
+
+    async def pump(self) -> None:
+        """Move the pty's output into the pipe of :meth:`output_fd` until the program and
+        its children have closed the pty (EIO), then end the pipe.
+
+        The guest's line discipline turned each newline into CR LF (ONLCR) and the home's
+        will do it again: a CR LF within a chunk becomes LF here, so the caller sees one CR
+        (what the program wrote as CR LF itself comes out the same, CR CR LF as directly).
+        """
+        master = self.master_fd()
+        os.set_blocking(master, False)
+        os.set_blocking(self._out, False)
+        try:
+            while True:
+                try:
+                    data = os.read(master, 65536)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(master)
+                    continue
+                except OSError:  # EIO: every slave fd is closed
+                    break
+                if not data:
+                    break
+                if _onlcr(self.modes):
+                    data = data.replace(b"\r\n", b"\n")
+                view = memoryview(data)
+                while view:
+                    try:
+                        view = view[os.write(self._out, view) :]
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(self._out)
+        except OSError as exc:  # EPIPE: the relay stopped
+            log.info("pty output: %s", exc)
+        finally:
+            os.close(master)
+            self._close_out()
+
+    def _close_out(self) -> None:
+        if self._out >= 0:
+            os.close(self._out)
+            self._out = -1
 
     def spawned(self) -> None:
         """The program holds the slave now: ours would keep the master from seeing EIO."""
@@ -169,6 +222,7 @@ class GuestTerminal:
 
     def close(self) -> None:
         self._scope.cancel()
+        self._close_out()
         self.spawned()
         if self.master >= 0:
             os.close(self.master)

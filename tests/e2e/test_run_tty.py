@@ -130,6 +130,7 @@ def test_job_sees_a_terminal_and_its_size(work: Path, placement: str, terminals:
     # each Enter asks the job for its size; the resize travels apart from the keys
     wait_for(lambda: _press_enter_until(t, "size 30 100"), TIMEOUT, "the new size in the job")
     t.expect(r"rc=0")
+    assert b"\r\r" not in t.out  # one CR per newline, however many hosts it crossed
     assert termios.tcgetattr(t.slave) == t.before
 
 

@@ -84,3 +84,21 @@ def test_modes_set_by_the_program_travel_home_and_stay_after_it() -> None:
         os.close(home_slave)
 
     trio.run(main)
+
+
+def test_output_leaves_the_newline_to_the_home_terminal() -> None:
+    async def main() -> None:
+        guest = GuestTerminal(b"", b"")
+        out = guest.output_fd()
+        program = guest.slave_fd()
+        guest.spawned()
+        os.write(program, b"one\ntwo\r\n")  # the pty makes it one\r\ntwo\r\r\n
+        os.close(program)
+        with trio.fail_after(5):
+            await guest.pump()  # ends at EIO: no slave fd is left
+        assert os.read(out, 100) == b"one\ntwo\r\n"
+        assert os.read(out, 100) == b""  # the pipe ended with the pty
+        os.close(out)
+        guest.close()
+
+    trio.run(main)

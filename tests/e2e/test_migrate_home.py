@@ -175,3 +175,33 @@ def test_workers_forked_without_exec_spread_at_fork(hosts: list[Any]) -> None:
     hosts_used = {r[2] for r in got["results"]}
     print("workers ran on", sorted(hosts_used))
     assert len(hosts_used) >= 2, got
+
+
+def test_signals_reach_a_process_moved_from_home(hosts: list[Any]) -> None:
+    """`dunix kill` of the gpid reaches its deputy at home, which forwards it to the
+    process in n3; the shell's `wait` sees that it died of SIGTERM."""
+    stop = WORK / f"stop-sig-{os.getpid()}"
+    run = subprocess.Popen(
+        [*DUNIX, "run", "--node", "n1", "--control", N1, "--placement", "local", "--",
+         "sh", "-c", JOB, "sh", COUNTER, str(stop)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=WORK,
+    )  # fmt: skip
+    try:
+
+        def counter() -> dict[str, Any] | None:
+            found = [p for p in ps() if p["cmd"].startswith("/usr/bin/python3 -c")]
+            return found[0] if found else None
+
+        gpid = wait_for(counter, 20, "the counter running in n1")["gpid"]
+        dunix("migrate", str(gpid), "n3", "--control", N1, timeout=90)
+        time.sleep(0.3)
+        dunix("kill", "-s", "TERM", str(gpid), "--control", N1)
+        out, err = run.communicate(timeout=30)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    lines = out.decode().split()
+    assert lines[-1] == "status=143", err.decode()  # 128 + SIGTERM, seen by the shell
+    numbers = [int(x) for x in lines[:-1]]
+    assert numbers == list(range(1, len(numbers) + 1)), err.decode()

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from dunix.agent.jobs import Job, Proc
+from dunix.agent.jobs import Job, Proc, proc_cmd
 from dunix.agent.migration import (
     IMAGES_ROOT,
     STEP_TIMEOUT,
@@ -180,6 +180,7 @@ class HomeMoves:
             with contextlib.suppress(DunixError, OSError):
                 theirs = await trio.to_thread.run_sync(inventory, parent)
                 shared = {f.inode for f in theirs if f.kind == "pipe" and f.readable}
+        cmdline = proc_cmd(pid) or proc.cmd
         pipes = self._duplicate_pipes(pid, fds, shared)
         move = f"{self.name}-h{next(self.service._ids)}-{pid}"
         prepare = MigratePrepare(
@@ -213,6 +214,7 @@ class HomeMoves:
             raise MigrationFailed(f"restored on {target} but not deputized: {exc}") from None
         report.deputized_ms = round(report.restored_ms + (time.monotonic() - t0) * 1000.0, 1)
         proc.state, proc.node, proc.remote_pid = "deputy", target, report.pid
+        proc.cmd, proc.migrated = cmdline, True  # its deputy's own is dunix-deputy --migrated
         proc.moves += 1
         log.info("pid %d of job %s moved %s → %s, a deputy here", pid, proc.job, self.name,
                  target)  # fmt: skip

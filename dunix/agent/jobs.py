@@ -68,6 +68,7 @@ class Proc:
     cmd: str = ""
     key: str = ""  # the Job (on this node) it belongs to; a guest job has its own
     moves: int = 0  # how often `dunix migrate` moved it
+    migrated: bool = False  # a deputy made in place by a move from home (its cmd is kept)
 
 
 @dataclass
@@ -265,7 +266,7 @@ class JobService:
                     pid=proc.remote_pid or proc.pid,
                     uid=proc.uid,
                     state=proc.state,
-                    cmd=proc_cmd(proc.pid) or proc.cmd,
+                    cmd=proc.cmd if proc.migrated else proc_cmd(proc.pid) or proc.cmd,
                     cpu=round(cpu, 2),
                     rss=rss,
                     moves=proc.moves,

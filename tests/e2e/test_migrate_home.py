@@ -108,6 +108,7 @@ def test_a_counter_moves_from_home_and_on(hosts: list[Any]) -> None:
             now = [p for p in ps() if p["gpid"] == gpid]
             assert now and now[0]["node"] == to and now[0]["state"] == "deputy", now
             assert now[0]["moves"] == moves, now
+            assert all(p["cmd"].startswith("/usr/bin/python3 -c") for p in now), now
             time.sleep(0.3)
         # not yet: its deputy holds its pid at home, and CRIU restores a process with its
         # own pid; refused before freezing, it runs on in n3

@@ -48,6 +48,7 @@ class Movable:
     gpid: int
     moves: int
     features: CpuFeatures  # its origin's (its home's)
+    not_to: frozenset[str] = frozenset()
 
 
 #: (pid, start time) → (CPU seconds, wall time) at the previous sample
@@ -78,7 +79,7 @@ def sample(procs: list[Movable], seen: Seen, wall: float) -> tuple[list[Candidat
             continue
         used = max(0.0, cpu - prev[0])
         out.append(Candidate(m.gpid, used, wall - prev[1], rss, wall - started, m.moves,
-                             m.features))  # fmt: skip
+                             m.features, m.not_to))  # fmt: skip
     return out, now_seen
 
 
@@ -116,17 +117,24 @@ class BalanceService:
         jobs = self.agent.jobs
         procs = list(jobs.procs.values())
         me = self.agent.config.name
+        # a guest moved from its home has its home pid, which its deputy holds there:
+        # it cannot go home (migration refuses it before freezing)
+        remote = getattr(self.agent, "remote", None)
+        pid_at_home = {g.pid for g in getattr(remote, "guests", {}).values() if g.pid == g.home_pid}
         out = []
         for p in procs:
             job = jobs.jobs.get(p.key)
             if job is None or job.mode == "local":
                 continue
+            not_to: frozenset[str] = frozenset()
             if p.state == "guest":
                 if sum(1 for q in procs if q.key == p.key) != 1:
                     continue
+                if p.pid in pid_at_home:
+                    not_to = frozenset((p.home,))
             elif p.state != "running" or p.home != me:
                 continue
-            out.append(Movable(p.pid, p.gpid, p.moves, self._features_of(p.home)))
+            out.append(Movable(p.pid, p.gpid, p.moves, self._features_of(p.home), not_to))
         return out
 
     def _features_of(self, node: str) -> CpuFeatures:

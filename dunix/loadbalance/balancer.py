@@ -104,6 +104,9 @@ class Candidate:
     age: float  # seconds on this node (since it started or arrived here)
     moves: int = 0  # moves so far
     features: CpuFeatures = field(default_factory=lambda: CpuFeatures(0, 0))  # its origin's
+    #: nodes it may not go to (e.g. the home of a process moved from home: its deputy
+    #: holds its pid there)
+    not_to: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +281,8 @@ class Balancer:
             best: _Peer | None = None
             for p in peers:
                 if load - p.load <= cfg.threshold or not p.features.can_host(c.features):
+                    continue
+                if p.name in c.not_to:
                     continue
                 if p.mem_free and p.mem_free < 2 * c.rss:
                     continue

@@ -312,6 +312,7 @@ def test_agent_picks_only_what_the_migration_service_can_move() -> None:
 
     procs = {
         1: Proc(1, "j1", 0, "n2", 101, "guest", key="j1/7"),  # alone: movable
+        8: Proc(8, "j6", 0, "n2", 108, "guest", key="j6/8"),  # moved from home: not home
         2: Proc(2, "j2", 0, "n2", 102, "guest", key="j2/8"),  # with 3: a tree
         3: Proc(3, "j2", 0, "n2", 103, "guest", key="j2/8"),
         4: Proc(4, "j3", 0, "n1", 104, "running", key="j3"),  # at home: movable
@@ -320,14 +321,27 @@ def test_agent_picks_only_what_the_migration_service_can_move() -> None:
         7: Proc(7, "j5", 0, "n1", 107, "unmovable: shm", key="j5"),
     }
     jobs = {"j1/7": job("auto"), "j2/8": job("auto"), "j3": job("remote"), "j4": job("local"),
-            "j5": job("auto")}  # fmt: skip
+            "j5": job("auto"), "j6/8": job("auto")}  # fmt: skip
     members = [member("n1", 0.0, cpu=V3), member("n2", 0.0, cpu=V2)]
     agent = SimpleNamespace(
         jobs=SimpleNamespace(procs=procs, jobs=jobs),
         config=SimpleNamespace(name="n1"),
         membership=SimpleNamespace(members=lambda: members),
         features=V3,
-    )
+        remote=SimpleNamespace(guests={
+            ("j1", 7): SimpleNamespace(pid=1, home_pid=7),
+            ("j6", 8): SimpleNamespace(pid=8, home_pid=8),
+        }),
+    )  # fmt: skip
     service = BalanceService(agent, BalancerConfig())  # type: ignore[arg-type]
-    picked = {m.gpid: m.features for m in service.movable()}
-    assert picked == {101: V2, 104: V3}  # a guest needs what its home had
+    picked = {m.gpid: (m.features, m.not_to) for m in service.movable()}
+    # a guest needs what its home had; one restored with its home pid cannot go home
+    assert picked == {101: (V2, frozenset()), 104: (V3, frozenset()),
+                      108: (V2, frozenset({"n2"}))}  # fmt: skip
+
+
+def test_a_node_the_process_may_not_go_to_is_skipped() -> None:
+    bal = Balancer(BalancerConfig())
+    members = [member("n1", 12.0), member("n2", 0.0), member("n3", 2.0)]
+    c = Candidate(5, 1 / 12, 1.0, MiB, 60.0, 1, V3, frozenset({"n2"}))
+    assert [d.node for d in bal.decide("n1", members, [c], 10.0)] == ["n3"]

@@ -207,6 +207,21 @@ class StorageFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EREMOTE)  # no transport to the owners (tests)
         return self.files
 
+    async def _ask(self, node: RemoteNode, op: str, **fields: object) -> FileReply:
+        """``op`` on a peer's node by its name; its other names (hard links) if that is gone."""
+        files = self._owner_files()
+        names = [node.path, *node.others]
+        for n, name in enumerate(names):
+            try:
+                reply = await files.call(node.owner, op, path=name, **fields)
+            except FileNotFoundError:
+                if n == len(names) - 1:
+                    raise
+                continue
+            node.promote(name)
+            return reply
+        raise AssertionError("unreachable")
+
     def _ino(self, st: os.stat_result) -> int:
         if (st.st_dev, st.st_ino) == self._root_key:
             return ROOT
@@ -413,7 +428,7 @@ class StorageFS(pyfuse3.Operations):
         with _fuse_errors():
             remote = self._remote.get(inode)
             if remote is not None:
-                reply = await self._owner_files().call(remote.owner, "stat", path=remote.path)
+                reply = await self._ask(remote, "stat")
                 remote.attrs = reply.attrs
                 return self._attr_of(reply.attrs)
             return self._attr(os.fstat(self._fd(inode)), inode)
@@ -473,9 +488,7 @@ class StorageFS(pyfuse3.Operations):
             for rf in self._rfiles.values():
                 if rf.path == remote.path:
                     rf.changed()
-        reply = await self._owner_files().call(
-            remote.owner, "setattr", path=remote.path, handle=handle, setattr=change
-        )
+        reply = await self._ask(remote, "setattr", handle=handle, setattr=change)
         remote.attrs = reply.attrs
         return self._attr_of(reply.attrs)
 
@@ -483,7 +496,7 @@ class StorageFS(pyfuse3.Operations):
         with _fuse_errors():
             remote = self._remote.get(inode)
             if remote is not None:
-                reply = await self._owner_files().call(remote.owner, "readlink", path=remote.path)
+                reply = await self._ask(remote, "readlink")
                 return reply.data
             return os.readlink(b"", dir_fd=self._fd(inode))
 
@@ -660,9 +673,7 @@ class StorageFS(pyfuse3.Operations):
             remote = self._remote.get(inode)
             if remote is not None:
                 path = _join(self._path_of(new_parent_inode), new_name)
-                reply = await self._owner_files().call(
-                    remote.owner, "link", path=remote.path, path2=path
-                )
+                reply = await self._ask(remote, "link", path2=path)
                 self._remote.remember(remote.owner, path, reply.attrs)
                 return self._attr_of(reply.attrs)
             fd = self._fd(inode)
@@ -681,9 +692,7 @@ class StorageFS(pyfuse3.Operations):
         with _fuse_errors():
             remote = self._remote.get(inode)
             if remote is not None:
-                reply = await self._owner_files().call(
-                    remote.owner, "open", path=remote.path, flags=flags
-                )
+                reply = await self._ask(remote, "open", flags=flags)
                 fh = next(self._next_rfh)
                 self._rfiles[fh] = RemoteFile(remote.owner, reply.handle, remote.path)
                 # other hosts may write it meanwhile: no page cache across opens
@@ -890,9 +899,7 @@ class StorageFS(pyfuse3.Operations):
         with _fuse_errors():
             remote = self._remote.get(inode)
             if remote is not None:
-                reply = await self._owner_files().call(
-                    remote.owner, "getxattr", path=remote.path, path2=os.fsdecode(name)
-                )
+                reply = await self._ask(remote, "getxattr", path2=os.fsdecode(name))
                 return reply.data
             target = self._xattr_target(inode)
             if target is None:
@@ -905,10 +912,7 @@ class StorageFS(pyfuse3.Operations):
         with _fuse_errors():
             remote = self._remote.get(inode)
             if remote is not None:
-                await self._owner_files().call(
-                    remote.owner, "setxattr", path=remote.path, path2=os.fsdecode(name),
-                    data=bytes(value),
-                )  # fmt: skip
+                await self._ask(remote, "setxattr", path2=os.fsdecode(name), data=bytes(value))
                 return
             target = self._xattr_target(inode)
             if target is None:
@@ -919,7 +923,7 @@ class StorageFS(pyfuse3.Operations):
         with _fuse_errors():
             remote = self._remote.get(inode)
             if remote is not None:
-                reply = await self._owner_files().call(remote.owner, "listxattr", path=remote.path)
+                reply = await self._ask(remote, "listxattr")
                 return [n for n in reply.data.split(b"\0") if n]
             target = self._xattr_target(inode)
             return [] if target is None else [os.fsencode(n) for n in os.listxattr(target)]
@@ -928,9 +932,7 @@ class StorageFS(pyfuse3.Operations):
         with _fuse_errors():
             remote = self._remote.get(inode)
             if remote is not None:
-                await self._owner_files().call(
-                    remote.owner, "removexattr", path=remote.path, path2=os.fsdecode(name)
-                )
+                await self._ask(remote, "removexattr", path2=os.fsdecode(name))
                 return
             target = self._xattr_target(inode)
             if target is None:

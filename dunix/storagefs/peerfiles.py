@@ -310,7 +310,10 @@ class FileServer:
         return self._ok(req, data=os.fsencode(os.readlink(self._backing(req.path))))
 
     async def _op_unlink(self, req: FileRequest) -> FileReply:
-        os.unlink(self._backing(req.path))
+        backing = self._backing(req.path)
+        os.lstat(backing)  # ENOENT before anything is dropped
+        self._changed(clean_relpath(req.path), True)  # other links of it: their link count
+        os.unlink(backing)
         self.store.removed(req.path)
         self._changed(clean_relpath(req.path), False)
         return self._ok(req)

@@ -37,6 +37,14 @@ class RemoteNode:
     path: str
     lookups: int
     attrs: tuple[int, ...]
+    #: its other names (hard links) seen here: asked when ``path`` is gone on the owner
+    others: list[str] = field(default_factory=list)
+
+    def promote(self, path: str) -> None:
+        """``path`` worked where the primary did not: make it the primary."""
+        if path != self.path:
+            self.others = [p for p in self.others if p != path] + [self.path]
+            self.path = path
 
 
 class RemoteNodes:
@@ -65,10 +73,10 @@ class RemoteNodes:
         if node is None:
             self._nodes[ino] = RemoteNode(owner, path, 1, attrs)
         else:
-            if self._by_path.get(node.path) == ino:
-                del self._by_path[node.path]
             node.lookups += 1
-            node.owner, node.path, node.attrs = owner, path, attrs
+            node.owner, node.attrs = owner, attrs
+            if path != node.path and path not in node.others:
+                node.others.append(path)  # a hard link: one inode, several names
         self._by_path[path] = ino
         self._last_owner[path] = owner
         self._last_owner.move_to_end(path)
@@ -83,18 +91,24 @@ class RemoteNodes:
         node.lookups -= count
         if node.lookups <= 0:
             del self._nodes[ino]
-            if self._by_path.get(node.path) == ino:
-                del self._by_path[node.path]
+            for path in (node.path, *node.others):
+                if self._by_path.get(path) == ino:
+                    del self._by_path[path]
         return True
 
     def moved(self, old: str, new: str) -> None:
         """Remote nodes at or below ``old`` are now at ``new`` (a rename)."""
         prefix = old + "/"
+
+        def follow(path: str) -> str:
+            return new + path[len(old) :] if path == old or path.startswith(prefix) else path
+
         for ino, node in self._nodes.items():
-            if node.path == old or node.path.startswith(prefix):
-                self._by_path.pop(node.path, None)
-                node.path = new + node.path[len(old) :]
-                self._by_path[node.path] = ino
+            for path in (node.path, *node.others):
+                if follow(path) != path:
+                    self._by_path.pop(path, None)
+                    self._by_path[follow(path)] = ino
+            node.path, node.others = follow(node.path), [follow(p) for p in node.others]
         self._last_owner.pop(old, None)
 
     def last_owner(self, path: str) -> int | None:
@@ -104,6 +118,13 @@ class RemoteNodes:
     def gone(self, path: str) -> None:
         """``path`` was removed (or its owner says it is not there)."""
         self._last_owner.pop(path, None)
+        node = self.by_path(path)
+        if node is not None and node.others:
+            if node.path == path:
+                node.path = node.others.pop(0)
+            else:
+                node.others = [p for p in node.others if p != path]
+            del self._by_path[path]
 
 
 Call = Callable[..., Awaitable[FileReply]]

@@ -145,6 +145,8 @@ def test_metadata_of_a_peer_file(hosts: list[str]) -> None:
     sh("n3", "ln meta meta-hard")
     assert sh("n2", "stat -c %i:%h meta-hard").strip() == sh("n1", "stat -c %i:%h meta").strip()
     assert sh("n1", "stat -c %h meta").strip() == "2"
+    sh("n2", "rm meta-hard")
+    assert sh("n1", "stat -c %h meta").strip() == "1"
     # xattrs of n1's file, set and read from other hosts
     set_attr = "import os; os.setxattr('meta', 'user.color', b'blue')"
     get_attr = "import os; print(os.getxattr('meta', 'user.color').decode())"

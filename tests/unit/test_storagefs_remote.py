@@ -313,3 +313,16 @@ def test_server_refuses_a_path_through_a_symlink_out_of_the_tree(tmp_path: Path)
         assert reply.error == errno.ELOOP
         reply = trio.run(server.handle, FileRequest(1, 2, "readlink", path="link-to-file"))
         assert reply.data == os.fsencode(outside / "secret")
+
+
+def test_a_hard_linked_peer_file_survives_the_removal_of_one_name(net: Net) -> None:
+    owned_by_1(net, "h1", b"linked")
+    os.link(net.stores[1].backing_path("h1"), net.stores[1].backing_path("h2"))
+    fs = net.fs[2]
+    first = run(fs.lookup, ROOT, b"h1", CTX)
+    assert run(fs.lookup, ROOT, b"h2", CTX).st_ino == first.st_ino
+    net.stores[1].backing_path("h1").unlink()  # another host removed the first name
+    assert run(fs.getattr, first.st_ino, CTX).st_nlink == 1
+    info = run(fs.open, first.st_ino, os.O_RDONLY, CTX)
+    assert run(fs.read, info.fh, 0, 100) == b"linked"
+    run(fs.release, info.fh)

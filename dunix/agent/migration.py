@@ -109,6 +109,8 @@ class _Outgoing:
     ready: bool = False
     streams: tuple[tuple[int, int], ...] = ()
     nbytes: int = 0
+    started: float = 0.0  # time.monotonic() when the dump was asked for
+    sent: float = 0.0  # seconds from then until every image was on the link
 
 
 @dataclass
@@ -168,6 +170,7 @@ class RemoteTarget:
                         await self.service.links.send(target, image)
                         offset += len(data)
                         self.out.nbytes += len(data)
+                        self.out.sent = time.monotonic() - self.out.started
                         if len(data) < IMAGE_CHUNK:
                             break
                 finally:
@@ -461,7 +464,7 @@ class MigrationService:
             self.agent.jobs.procs.pop(pid, None)
         job.status = 0
         job.finished.set()
-        sent = report.dump_seconds  # images go out right after the dump
+        sent = out.sent or report.dump_seconds
         reply = MigrateReply(
             gpid=prepare.gpid, source=self.name, target=order.target, pid=report.restored_pid,
             phases=_phases(report, sent), freeze_ms=round(report.freeze_seconds * 1000, 1),
@@ -807,6 +810,7 @@ async def move_process(
                 raise MigrationFailed("the tracer cannot release a process yet (no `release`)")
             await release(pid)
             try:
+                out.started = time.monotonic()
                 report = await _move_with_hook(pid, dir_fd, target, after_restore)
             except MigrationFailed:
                 with contextlib.suppress(DunixError, OSError):

@@ -206,3 +206,43 @@ def test_signals_reach_a_process_moved_from_home(hosts: list[Any]) -> None:
     assert lines[-1] == "status=143", err.decode()  # 128 + SIGTERM, seen by the shell
     numbers = [int(x) for x in lines[:-1]]
     assert numbers == list(range(1, len(numbers) + 1)), err.decode()
+
+
+ECHO = """
+import sys
+for line in sys.stdin:
+    print("got", line.strip(), flush=True)
+print("eof", flush=True)
+"""
+
+
+def test_a_process_reading_a_pipe_moves_with_its_input(hosts: list[Any]) -> None:
+    """Its stdin, a pipe from this test, is relayed from home after the move: what it had
+    not read yet and what comes later arrive once, in order, then EOF."""
+    run = subprocess.Popen(
+        [*DUNIX, "run", "--node", "n1", "--control", N1, "--placement", "local", "--",
+         "/usr/bin/python3", "-c", ECHO],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=WORK,
+    )  # fmt: skip
+    assert run.stdin is not None
+    try:
+
+        def echo() -> dict[str, Any] | None:
+            found = [p for p in ps() if p["cmd"].startswith("/usr/bin/python3 -c")]
+            return found[0] if found else None
+
+        gpid = wait_for(echo, 20, "the echo running in n1")["gpid"]
+        run.stdin.write(b"".join(b"%d\n" % i for i in range(100)))
+        run.stdin.flush()
+        dunix("migrate", str(gpid), "n2", "--control", N1, timeout=90)
+        run.stdin.write(b"".join(b"%d\n" % i for i in range(100, 200)))
+        run.stdin.close()
+        run.stdin = None  # closed: communicate only reads
+        out, err = run.communicate(timeout=30)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    lines = out.decode().splitlines()
+    assert lines == [f"got {i}" for i in range(200)] + ["eof"], err.decode()
+    assert run.returncode == 0, err.decode()

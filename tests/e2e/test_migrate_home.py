@@ -209,7 +209,8 @@ def test_signals_reach_a_process_moved_from_home(hosts: list[Any]) -> None:
 
 
 ECHO = """
-import sys
+import sys, time
+time.sleep(1.5)  # moved while its first lines wait unread in the pipe at home
 for line in sys.stdin:
     print("got", line.strip(), flush=True)
 print("eof", flush=True)

@@ -252,6 +252,8 @@ class RemoteService:
         deputy.conn = conn
         for stream, term in self.home_ttys.get((deputy.proc.job, pid), {}).items():
             self.agent.nursery.start_soon(term.watch_size, self._winsize_sender(deputy, stream))
+            if term.reads:
+                self.agent.nursery.start_soon(term.pump_keys)
         await conn.send("ready")
         log.info("pid %d of job %s runs on %s as pid %d", pid, deputy.proc.job, peer,
                  deputy.proc.remote_pid)  # fmt: skip
@@ -394,15 +396,13 @@ class RemoteService:
                 return RemoteFd(f.fd, "tty", stream, f.readable, f.writable, path, 0, f.flags,
                                 term.stream_in, term.modes, term.winsize)  # fmt: skip
         stream = hub.allocate()
-        term = HomeTerminal(pidfd_getfd(pidfd, f.fd), reads=f.fd == 0)
+        term = HomeTerminal(pidfd_getfd(pidfd, f.fd), reads=f.fd == 0, pid=deputy.proc.pid)
         term.path = path
         terms[stream] = term
         receivers.append((stream, pidfd_getfd(pidfd, f.fd)))
         if term.reads:
             term.stream_in = hub.allocate()
-            deputy.senders.append(
-                hub.open_sender(term.stream_in, pidfd_getfd(pidfd, f.fd), shared=True)
-            )
+            deputy.senders.append(hub.open_sender(term.stream_in, term.keys_fd()))
         return RemoteFd(f.fd, "tty", stream, f.readable, f.writable, path, 0, f.flags,
                         term.stream_in, term.modes, term.winsize)  # fmt: skip
 

@@ -9,10 +9,11 @@ tracer's ``--ctty``).
 
 Who interprets the keys: the guest's line discipline, because the program sets its modes
 there. It watches them (TCGETS on the master reads the slave's termios) and reports every
-change home (``RemoteTtyMode``); the home terminal takes the same modes but leaves echo and
-line editing to the guest (``ECHO*``, ``ICANON`` off), so nothing is echoed twice and
-each key reaches the guest at once; ``ISIG`` stays home, where Ctrl-C and Ctrl-Z signal the
-job's foreground group (the deputy forwards them to its guest). When the program ends, the
+change home (``RemoteTtyMode``); the home terminal takes the same modes but leaves echo,
+line editing and the signal keys to the guest (``ECHO*``, ``ICANON``, ``ISIG`` off), so
+nothing is echoed twice, each key reaches the guest at once, and Ctrl-C/Ctrl-Z signal the
+guest terminal's foreground group (a stop then travels home: the deputy stops too, and
+`dunix run` when it is the job's first process). When the program ends, the
 home terminal gets exactly the modes it left. Window size changes at home go to the guest
 (``RemoteWinsize``); its kernel then signals the guest's foreground group.
 """
@@ -35,8 +36,12 @@ log = logging.getLogger("dunix.fdmove.ttyrelay")
 _KTERMIOS = struct.Struct("4IB19s")
 _WINSIZE_BYTES = 8
 WATCH_PERIOD = 0.05  # how often a guest looks at its pty's modes (a TCGETS each)
-#: the line discipline's own editing and echo; done by the guest, never twice
-GUEST_LFLAGS = termios.ECHO | termios.ECHOE | termios.ECHOK | termios.ECHONL | termios.ICANON
+#: what the guest's line discipline does with keys, never done twice: echo, line editing,
+#: and the signal keys (only the guest knows its terminal's foreground group: a `bash -i`
+#: there puts its `sleep` in front, and Ctrl-Z must reach that, not bash)
+GUEST_LFLAGS = (
+    termios.ECHO | termios.ECHOE | termios.ECHOK | termios.ECHONL | termios.ICANON | termios.ISIG
+)
 
 
 def get_modes(fd: int) -> bytes:
@@ -75,9 +80,12 @@ class HomeTerminal:
     ``fd`` is the agent's duplicate of the deputy's terminal fd (its own; closed here).
     """
 
-    def __init__(self, fd: int, reads: bool) -> None:
+    def __init__(self, fd: int, reads: bool, pid: int = 0) -> None:
         self.fd = fd
         self.reads = reads  # the program reads this terminal (fd 0): keys go to the guest
+        self.pid = pid  # the deputy: keys go to its guest only while it is in front
+        self._keys = -1
+        self._keys_scope = trio.CancelScope()
         self.path = ""  # which terminal (/dev/pts/N): the program's fds on it share one pty
         self.stream_in = 0  # the stream of the keys, when it reads
         self.modes = get_modes(fd)
@@ -106,9 +114,67 @@ class HomeTerminal:
                     self.winsize = size
                     await send_winsize(size)
 
+    def keys_fd(self) -> int:
+        """The read end of a pipe that carries the keys (see :meth:`pump_keys`), for the
+        relay sender (which owns it)."""
+        r, self._keys = os.pipe2(os.O_CLOEXEC)
+        return r
+
+    def in_front(self) -> bool:
+        """Whether the deputy may read its terminal as a program would: not stopped, and
+        its group is the terminal's foreground one (or it has no controlling terminal).
+        A stopped or background remote reader must leave the keys to its shell (proc(5):
+        stat fields 3 state, 5 pgrp, 8 tpgid)."""
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return False
+        state, pgrp, tpgid = fields[0], int(fields[2]), int(fields[5])
+        return state not in ("T", "t") and (tpgid <= 0 or tpgid == pgrp)
+
+    async def pump_keys(self) -> None:
+        """Move keys from the terminal into the pipe of :meth:`keys_fd` while the deputy is
+        in front; its own open file description, so being non-blocking touches no one."""
+        flags = os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
+        tty = os.open(f"/proc/self/fd/{self.fd}", flags)
+        os.set_blocking(self._keys, False)
+        try:
+            with self._keys_scope:
+                while True:
+                    if not self.in_front():
+                        await trio.sleep(WATCH_PERIOD)
+                        continue
+                    with trio.move_on_after(WATCH_PERIOD * 2):
+                        await trio.lowlevel.wait_readable(tty)
+                    if not self.in_front():
+                        continue
+                    try:
+                        data = os.read(tty, 4096)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        return
+                    if not data:
+                        return
+                    view = memoryview(data)
+                    while view:
+                        try:
+                            view = view[os.write(self._keys, view) :]
+                        except BlockingIOError:
+                            await trio.lowlevel.wait_writable(self._keys)
+        except OSError as exc:  # EPIPE: the relay stopped
+            log.info("keys: %s", exc)
+        finally:
+            os.close(tty)
+
     def end(self) -> None:
         """The program ended: the terminal keeps the modes it left (as without dunix)."""
         self._scope.cancel()
+        self._keys_scope.cancel()
+        if self._keys >= 0:
+            os.close(self._keys)
+            self._keys = -1
         if self.reads and self.last_guest_modes:
             with contextlib.suppress(OSError, ValueError):
                 set_modes(self.fd, self.last_guest_modes)

@@ -177,3 +177,32 @@ def test_ctrl_z_stops_and_fg_continues(work: Path, placement: str, terminals: An
     t.expect(r"got hello")
     t.expect(r"rc=0")
     assert termios.tcgetattr(t.slave) == t.before
+
+
+def test_interactive_bash_keeps_its_job_control(work: Path, placement: str, terminals: Any) -> None:
+    """`bash -i` as the job: Ctrl-Z stops its foreground `sleep` (not bash, not `dunix
+    run`), `fg` and Ctrl-C act on it, and a Python REPL answers; remote, every one of
+    those programs runs on another host than bash's."""
+    t = start(terminals, run_line(placement, "bash", "--norc", "-i") + '\necho "rc=$?"', work)
+    t.expect(r"# $|\$ $")
+    # after "started" the foreground job has run: a Ctrl-Z within the fork of a traced
+    # process (before its first stop) is not dependable under the tracer yet
+    t.write(b"sh -c 'echo started; exec sleep 100'\r")
+    t.expect("started\r\n")
+    t.write(b"\x1a")
+    t.expect("Stopped")
+    t.out = b""
+    t.write(b"fg\r")
+    t.expect("sleep 100")
+    t.write(b"\x03")
+    t.expect(r"\^C")
+    t.expect(r"# $|\$ $")
+    t.write(b"python3 -q\r")
+    t.expect(">>> ")
+    t.write(b"6*7\r")
+    t.expect("42")
+    t.write(b"\x04")
+    t.expect(r"# $|\$ $")
+    t.write(b"exit 3\r")
+    t.expect("rc=3")
+    assert termios.tcgetattr(t.slave) == t.before

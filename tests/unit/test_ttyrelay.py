@@ -23,14 +23,15 @@ def _lflag(modes: bytes) -> int:
     return int(struct.unpack_from("4I", modes)[3])
 
 
-def test_home_leaves_echo_and_line_editing_to_the_guest() -> None:
+def test_home_leaves_echo_line_editing_and_signal_keys_to_the_guest() -> None:
     master, slave = os.openpty()
     try:
         cooked = get_modes(slave)
         assert _lflag(cooked) & termios.ICANON and _lflag(cooked) & termios.ECHO
         home = _lflag(home_modes(cooked))
         assert not home & (termios.ICANON | termios.ECHO | termios.ECHOE | termios.ECHOK)
-        assert home & termios.ISIG  # Ctrl-C and Ctrl-Z are still signals at home
+        assert not home & termios.ISIG  # Ctrl-C and Ctrl-Z go to the guest's foreground
+        assert home_modes(cooked)[:8] == cooked[:8]  # input and output flags as they are
     finally:
         os.close(master)
         os.close(slave)

@@ -25,6 +25,7 @@ import pytest
 from dunix import cluster
 from dunix.cluster import HostInfo, _cgroup, _host, _net
 from dunix.errors import ClusterError
+from tests.e2e.conftest import exclusive_cluster
 
 pytestmark = pytest.mark.e2e
 
@@ -164,6 +165,14 @@ def built(state_dir: Path, n: int, quota: float | None = None) -> Iterator[list[
         yield hosts
     finally:
         down_if_ours(state_dir)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_cluster_at_a_time() -> Iterator[None]:
+    """The machine's cluster lock for the whole module (its clusters have their own state
+    folders, but the bridge, the namespaces and the sysctls are the machine's)."""
+    with exclusive_cluster():
+        yield
 
 
 @pytest.fixture

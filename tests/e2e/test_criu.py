@@ -20,7 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from criu_helpers import criu_check, images_dir_fd, log_tail, new_criu, require_root
+
+from tests.e2e.criu_helpers import criu_check, images_dir_fd, log_tail, new_criu, require_root
 
 pytestmark = pytest.mark.e2e
 

@@ -7,7 +7,6 @@ import random
 from collections.abc import Callable
 
 import pytest
-from fakenet import FakeNet
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,6 +28,7 @@ from dunix.loadbalance import (
 from dunix.loadbalance._broadcast import TransmitQueue
 from dunix.loadbalance._suspicion import Suspicion, suspicion_timeouts
 from dunix.wire import decode, encode
+from tests.unit.fakenet import FakeNet
 
 CFG = MembershipConfig()
 #: scenario tests run once per seed; DUNIX_SIM_SEEDS=50 for a soak

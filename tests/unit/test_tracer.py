@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from tracer_harness import (
+
+from tests.unit.tracer_harness import (
     TRACER,
     Result,
     TracerRun,

@@ -15,16 +15,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from tracer_harness import (
-    NATIVE,
-    TRACER,
-    FakeAgent,
-    Message,
-    TracerRun,
-    build_native,
-    proc_status,
-    wait_exec,
-)
 
 from dunix.agent.tracer import (
     CommandFailed,
@@ -38,6 +28,16 @@ from dunix.agent.tracer import (
     Tracer,
 )
 from dunix.errors import NoSuchProcess, TracerRefused
+from tests.unit.tracer_harness import (
+    NATIVE,
+    TRACER,
+    FakeAgent,
+    Message,
+    TracerRun,
+    build_native,
+    proc_status,
+    wait_exec,
+)
 
 pytestmark = pytest.mark.skipif(
     sys.platform != "linux" or os.geteuid() != 0 or shutil.which("cc") is None,

@@ -238,3 +238,14 @@ def test_job_pids_come_from_the_home_nodes_range(work: Path) -> None:
     assert len(pids) == 5
     # the job's first process may be the one that put the cursor back into the range
     assert all(p in span for p in pids), (pids, span)
+
+
+def test_stdin_pipe_reaches_a_remote_reader_whole(work: Path) -> None:
+    """A pipe as stdin (not a file the peer reopens): every byte crosses, small or large."""
+    for data in (b"1\n", os.urandom(24 * 1024 * 1024)):
+        proc = subprocess.run(
+            [*DUNIX, "run", "--control", N1, "--placement", "remote", "--", "sha256sum"],
+            input=data, capture_output=True, cwd=work, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()

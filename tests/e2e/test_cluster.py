@@ -300,6 +300,11 @@ class TestRunningCluster:
                 assert time.monotonic() < deadline and proc.poll() is None
                 time.sleep(0.01)
             (inner,) = _host.children(proc.pid)
+            # setpriv arms the parent-death signal before it execs the command: wait for
+            # the command itself (a kill before that would orphan it: a race of the test)
+            while Path(f"/proc/{inner}/cmdline").read_bytes().startswith(b"setpriv"):
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.01)
             assert "/dunix/n3" in Path(f"/proc/{inner}/cgroup").read_text()
         finally:
             proc.kill()

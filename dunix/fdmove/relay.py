@@ -97,6 +97,7 @@ class _LocalFd:
                 os.close(fd)
                 raise
             self.refused = True
+            log.info("fd %d: reopening for writing found no reader (ENXIO)", fd)
             new = -1
         os.close(fd)
         return new

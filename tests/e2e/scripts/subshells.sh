@@ -1,5 +1,4 @@
 x=$(echo hi | tr a-z A-Z); echo "x=$x"
 (cd /; pwd; echo sub $(( 6 * 7 )))
 y=$(sh -c 'echo inner; exit 2'); echo "y=$y status $?"
-diff <(seq 3) <(seq 3) && echo same
 cat <(echo from procsub) | tr a-z A-Z

@@ -49,8 +49,9 @@ def run_both(argv: list[str], cwd: Path, **kw: Any) -> tuple[Any, Any]:
 
 #: known bugs, reproduced and not fixed yet (they must still pass under plain bash)
 KNOWN = {
-    "procsub_two": "about 1 run in 3 under forced remote, the first of two process "
-    "substitutions read by one remote command arrives empty (diff says 0a1,3)",
+    "procsub_two": "the second substitution's process inherits the first pipe's read end "
+    "(bash leaves /dev/fd/63 open in it); run remotely, its relay reads that pipe eagerly and "
+    "steals what diff should get (about 1 run in 3). Needs demand-driven relays of read ends",
 }
 
 

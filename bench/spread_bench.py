@@ -408,8 +408,11 @@ def measure_pipe(sizes: Sizes) -> dict[str, Any]:
                     break
                 time.sleep(0.1)
             check(proc, "iperf3 -c")
-            end = json.loads(proc.stdout)["end"]
-            bps = float(end["sum_received"]["bits_per_second"])
+            report = json.loads(proc.stdout)
+            received = report.get("end", {}).get("sum_received")
+            if received is None:  # iperf3 -J reports its own failures in "error"
+                raise Failed(f"iperf3: {report.get('error', 'no sum_received in its report')}")
+            bps = float(received["bits_per_second"])
             return {"from": HOME, "to": peer, "seconds": sizes.iperf_s, "mb_per_s": bps / 8e6}
         finally:
             server.kill()

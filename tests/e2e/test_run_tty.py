@@ -200,7 +200,7 @@ def test_interactive_bash_keeps_its_job_control(work: Path, placement: str, term
     t.write(b"python3 -q\r")
     t.expect(">>> ")
     t.write(b"6*7\r")
-    t.expect("42")
+    t.expect("42\r\n>>> ")  # as a user would: type at the prompt, once readline reads again
     t.write(b"\x04")
     t.expect(r"# $|\$ $")
     t.write(b"exit 3\r")

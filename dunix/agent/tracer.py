@@ -377,7 +377,11 @@ class Tracer:
         self._sock.close()
 
 
-_ALL_SIGNALS = tuple(s for s in range(1, signal.NSIG) if s not in (signal.SIGKILL, signal.SIGSTOP))
+# valid_signals(): glibc's own 32 and 33 are not settable (Python warns); the tracer resets
+# those itself with a raw rt_sigaction before the job's exec
+_ALL_SIGNALS = tuple(
+    int(s) for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)
+)
 
 
 def _park(fd: int) -> int:

@@ -233,6 +233,13 @@ class Agent:
         table = self.placement.plan(self.config.name, members, now, force_remote=(mode == "remote"))
         return list(table.slots)
 
+    def spill_table(self) -> tuple[int, list[tuple[str, int]]]:
+        """Where an auto job's burst may go before gossip shows it (docs/run.md, ``spill``)."""
+        at, table = self.placement.spill(
+            self.config.name, self.membership.members(), trio.current_time()
+        )
+        return at, list(table.slots)
+
     async def _slots_loop(self) -> None:
         """Push fresh slot tables to every running tracer."""
         while True:
@@ -244,6 +251,8 @@ class Agent:
                 for tracer in list(job.tracers):
                     with contextlib.suppress(OSError, trio.ClosedResourceError):
                         await tracer.push_slots(table)
+                        if job.mode == "auto":
+                            await tracer.push_spill(*self.spill_table())
 
     async def _sample_loop(self) -> None:
         while True:

@@ -567,6 +567,8 @@ class RemoteService:
             self.agent.nursery.start_soon(term.watch_modes, self._modes_sender(home, req, stream))
         with contextlib.suppress(OSError):
             await tracer.push_slots(self.agent.slot_table(req.mode))
+            if req.mode == "auto":
+                await tracer.push_spill(*self.agent.spill_table())
         job = Job(
             f"{req.job}/{req.home_pid}", req.uid, req.gid, req.groups, req.mode,
             guest=(home, req.job, req.gpid),

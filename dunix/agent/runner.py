@@ -104,6 +104,8 @@ async def serve_run(jobs: JobService, channel: Channel, req: RunRequest) -> None
         if terminal is not None:
             terminal.slave_given()
     await tracer.push_slots(jobs.agent.slot_table(mode))
+    if mode == "auto":
+        await tracer.push_spill(*jobs.agent.spill_table())
     log.info("job %s for uid %d: %s", job.id, uid, " ".join(req.argv))
     try:
         async with trio.open_nursery() as nursery:

@@ -275,6 +275,13 @@ class Tracer:
             flat += [node, count]
         await self.send("slots", *flat)
 
+    async def push_spill(self, at: int, slots: Sequence[tuple[str, int]]) -> None:
+        """Peers for an auto job's execs once ``at`` of its processes run here (-1: off)."""
+        flat: list[str | int] = [at]
+        for node, count in slots:
+            flat += [node, count]
+        await self.send("spill", *flat)
+
     async def next_event(self) -> TracerEvent | None:
         """The next event; None once the tracer has closed its socket."""
         try:

@@ -343,6 +343,30 @@ class PlacementPolicy:
                 open_peers.remove(win)
         return SlotTable(tuple(sorted(counts.items())), expires)
 
+    def spill(
+        self,
+        self_name: str,
+        members: Sequence[Member],
+        now: float,
+        *,
+        origin_features: CpuFeatures | None = None,
+    ) -> tuple[int, SlotTable]:
+        """For a burst gossip cannot see yet: ``(at, table)`` for the tracers' ``spill``.
+
+        ``plan`` gives no slots while the home looks idle, but a script that starts 32
+        CPU-bound jobs at once does so before any load figure moves. The tracer counts the
+        job's own processes running here at each exec (state R, so a shell waiting for its
+        child does not count) and, once ``at`` of them run (the home's quota in CPUs,
+        rounded up), sends the exec to the next peer of this table: every peer below
+        ``target_load`` with ``max_slots``, round robin, so a burst ends up even.
+        """
+        home = self._home(self_name, members)
+        at = max(1, math.ceil(home.load.cpus - 1e-9))
+        peers = self._candidates(self_name, members, now, self._origin(home, origin_features))
+        cfg = self.config
+        slots = tuple((p.name, cfg.max_slots) for p in peers if p.load < cfg.target_load)
+        return at, SlotTable(slots, now + cfg.table_ttl)
+
     def choose(
         self,
         self_name: str,

@@ -23,6 +23,11 @@ int quit_requested;
 static int sock = -1;
 static struct slot *slots;
 static size_t nslots, next_slot;
+/* `spill`: peers for an auto job's execs while the home is idle by gossip but this job
+ * already keeps `spill_at` of its processes running here (a burst gossip cannot see yet) */
+static struct slot *spills;
+static size_t nspills, next_spill;
+static long spill_at = -1;
 
 void agent_init(int fd)
 {
@@ -68,21 +73,33 @@ void emit_pid(const char *kind, pid_t pid, const char *rest)
 	emit(kind, p, rest, (char *)NULL);
 }
 
-static void set_slots(char **f, int n)
+static void fill_table(struct slot **table, size_t *count, size_t *next, char **f, int n)
 {
-	for (size_t i = 0; i < nslots; i++)
-		free(slots[i].node);
-	free(slots);
-	slots = NULL;
-	nslots = next_slot = 0;
-	if (n / 2 == 0 || !(slots = calloc(n / 2, sizeof *slots)))
+	for (size_t i = 0; i < *count; i++)
+		free((*table)[i].node);
+	free(*table);
+	*table = NULL;
+	*count = *next = 0;
+	if (n / 2 == 0 || !(*table = calloc(n / 2, sizeof **table)))
 		return;
 	for (int i = 0; i + 1 < n; i += 2) {
-		slots[nslots].node = strdup(f[i]);
-		slots[nslots].count = strtol(f[i + 1], NULL, 10);
-		if (slots[nslots].node)
-			nslots++;
+		(*table)[*count].node = strdup(f[i]);
+		(*table)[*count].count = strtol(f[i + 1], NULL, 10);
+		if ((*table)[*count].node)
+			(*count)++;
 	}
+}
+
+static void set_slots(char **f, int n)
+{
+	fill_table(&slots, &nslots, &next_slot, f, n);
+}
+
+/* spill AT NODE COUNT ...: AT < 0 turns spilling off */
+static void set_spill(char **f, int n)
+{
+	spill_at = n > 0 ? strtol(f[0], NULL, 10) : -1;
+	fill_table(&spills, &nspills, &next_spill, f + 1, n - 1);
 }
 
 static void set_mode(const char *m)
@@ -123,6 +140,8 @@ void read_agent(void)
 		}
 		if (!strcmp(f[0], "slots"))
 			set_slots(f + 1, nf - 1);
+		else if (!strcmp(f[0], "spill"))
+			set_spill(f + 1, nf - 1);
 		else if (!strcmp(f[0], "mode") && nf > 1)
 			set_mode(f[1]);
 		else if (!strcmp(f[0], "release") || !strcmp(f[0], "seize") ||
@@ -147,8 +166,33 @@ int pick_slot(void)
 	return -1;
 }
 
+/* An auto job's spill peer (slot index + SPILL_BASE), or -1: only once `running` of its
+ * processes (not counting the one at its exec) run here already. */
+int pick_spill(long running)
+{
+	if (placement != MODE_AUTO || spill_at < 0 || running < spill_at)
+		return -1;
+	for (size_t k = 0; k < nspills; k++) {
+		size_t i = (next_spill + k) % nspills;
+		if (spills[i].count > 0)
+			return SPILL_BASE + (int)i;
+	}
+	return -1;
+}
+
+int spill_armed(void)
+{
+	return placement == MODE_AUTO && spill_at >= 0 && nspills > 0;
+}
+
 const char *use_slot(int i)
 {
+	if (i >= SPILL_BASE) {
+		i -= SPILL_BASE;
+		spills[i].count--;
+		next_spill = (size_t)i + 1;
+		return spills[i].node;
+	}
 	if (placement == MODE_AUTO)
 		slots[i].count--;
 	next_slot = (size_t)i + 1;

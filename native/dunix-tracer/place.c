@@ -243,6 +243,8 @@ void on_exec_stop(pid_t pid)
 
 	read_agent(); /* decide with the latest table, even if its SIGCHLD came first */
 	int slot = pick_slot();
+	if (slot < 0 && spill_armed())
+		slot = pick_spill(running_here(pid));
 	if (slot < 0 || !exec_target_ok(pid, dirfd, path, empty_path))
 		return;
 	char why[PATH_MAX + 32], abs[PATH_MAX];

@@ -56,6 +56,30 @@ void forget(pid_t pid)
 	*t = tracees[--ntracees];
 }
 
+/* Processes (not threads) of the job running or runnable now (state R), deputies and
+ * `except` left out: what an idle-looking home already carries for this job. */
+long running_here(pid_t except)
+{
+	long n = 0;
+	for (size_t i = 0; i < ntracees; i++) {
+		struct tracee *t = &tracees[i];
+		if (t->pid != t->tgid || t->pid == except || t->deputy || t->remote)
+			continue;
+		char path[48], buf[512];
+		snprintf(path, sizeof path, "/proc/%d/stat", t->pid);
+		FILE *f = fopen(path, "re");
+		if (!f)
+			continue;
+		size_t got = fread(buf, 1, sizeof buf - 1, f);
+		fclose(f);
+		buf[got] = '\0';
+		char *close = strrchr(buf, ')');
+		if (close && close[1] == ' ' && close[2] == 'R')
+			n++;
+	}
+	return n;
+}
+
 int tracee_any_of(pid_t tgid)
 {
 	for (size_t i = 0; i < ntracees; i++)

@@ -49,6 +49,10 @@ void emit(const char *kind, ...);     /* fields up to a NULL */
 void emit_pid(const char *kind, pid_t pid, const char *rest);
 void read_agent(void);                /* never blocks; commands are queued for control.c */
 int pick_slot(void);                  /* a peer for a remote exec, or -1 */
+#define SPILL_BASE 100000             /* use_slot() index of a spill-table peer */
+int spill_armed(void);                /* auto mode with a spill table pushed */
+int pick_spill(long running);         /* a spill peer once `running` reach the mark */
+long running_here(pid_t except);      /* traced processes running user code now */
 const char *use_slot(int slot);       /* takes it: round robin, auto counts down */
 
 /* trace.c: the tracee table and every ptrace stop */

@@ -227,3 +227,13 @@ def test_two_choices_spread_homes_with_the_same_stale_view() -> None:
 
     assert overlap(64) == 1.0  # herding: identical tables
     assert overlap(2) < 0.5
+
+
+def test_spill_offers_every_peer_below_target_from_the_homes_quota_on() -> None:
+    members = [member("home", 0.0, cpus=0.5), member("idle", 0.0, cpus=0.5),
+               member("busy", 1.5, cpus=0.5), member("old", 0.0, cpus=0.5, cpu=V2)]  # fmt: skip
+    at, table = policy().spill("home", members, NOW)
+    assert at == 1  # one running process fills a 0.5-CPU home
+    assert table.slots == (("idle", CFG.max_slots),)  # not the busy one, not a lesser CPU
+    at4, _ = policy().spill("home", [member("home", cpus=4.0), member("p", cpus=4.0)], NOW)
+    assert at4 == 4

@@ -62,7 +62,7 @@ from dunix.agent.migration import (
     RemoteTarget,
     _Outgoing,
 )
-from dunix.agent.remote import DRAIN_TIMEOUT, Deputy
+from dunix.agent.remote import Deputy
 from dunix.agent.tracer import Forked, Tracer
 from dunix.errors import DunixError, MigrationFailed, NoSuchNode
 from dunix.fdmove.deputy import DeputyConnection
@@ -155,7 +155,13 @@ class HomeMoves:
         )  # fmt: skip
 
     async def move(
-        self, proc: Proc, job: Job, tracer: Tracer, target: str, *, check: bool,
+        self,
+        proc: Proc,
+        job: Job,
+        tracer: Tracer,
+        target: str,
+        *,
+        check: bool,
         parent: int = 0,
     ) -> HomeMoveReport:
         """Move ``proc`` (traced by ``tracer`` here) to ``target``; a deputy stays.
@@ -399,18 +405,7 @@ class HomeMoves:
         deputy.conn = conn
         try:
             await conn.send("ready")  # its fds were duplicated before the dump
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(remote._forward_signals, deputy, conn, nursery.cancel_scope)
-                await deputy.exited.wait()
-                with trio.move_on_after(DRAIN_TIMEOUT):
-                    for endpoint in deputy.receivers:
-                        await endpoint.wait()
-                status = deputy.status
-                if os.WIFSIGNALED(status):
-                    await conn.send("killed", os.WTERMSIG(status))
-                else:
-                    await conn.send("exit", os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
-                nursery.cancel_scope.cancel()
+            await remote.attend(deputy, conn)
         finally:
             if remote.deputies.get(key) is deputy:
                 remote.deputies.pop(key, None)
@@ -493,4 +488,3 @@ def home_moves(service: MigrationService) -> HomeMoves:
     if moves is None:
         moves = _moves[service] = HomeMoves(service)
     return moves
-

@@ -257,13 +257,18 @@ class RemoteService:
         await conn.send("ready")
         log.info("pid %d of job %s runs on %s as pid %d", pid, deputy.proc.job, peer,
                  deputy.proc.remote_pid)  # fmt: skip
+        await self.attend(deputy, conn)
+
+    async def attend(self, deputy: Deputy, conn: DeputyConnection) -> None:
+        """A running deputy's life: signals forwarded to its guest until the guest ended,
+        its output drained, then the deputy told to end with the guest's exact status."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._forward_signals, deputy, conn, nursery.cancel_scope)
             await deputy.exited.wait()
             with trio.move_on_after(DRAIN_TIMEOUT):
                 for endpoint in deputy.receivers:
                     await endpoint.wait()
-            self._end_home_ttys((deputy.proc.job, pid))  # before its parent goes on
+            self._end_home_ttys((deputy.proc.job, deputy.proc.pid))  # before its parent goes on
             status = deputy.status
             if os.WIFSIGNALED(status):
                 await conn.send("killed", os.WTERMSIG(status))

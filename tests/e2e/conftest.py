@@ -68,20 +68,53 @@ def exclusive_cluster() -> Iterator[None]:
         yield
 
 
-@pytest.fixture(scope="module")
-def cluster3() -> Iterator[list[Any]]:
-    """A real 3-host cluster with 0.5-CPU quotas, torn down afterwards."""
+#: a migration test's process: prints 1, 2, 3 ... until the file argv[1] exists, then
+#: "end" and exit status 7 (a move that lost or repeated work shows in its output)
+COUNTER = """
+import os, sys, time
+stop, i = sys.argv[1], 0
+while not os.path.exists(stop):
+    i += 1
+    print(i, flush=True)
+    time.sleep(0.01)
+print("end", flush=True)
+sys.exit(7)
+"""
+
+
+@contextlib.contextmanager
+def running_cluster(
+    n: int, quota: float | None = 0.5, agent_argv: Any = None, *, alive_from: str = ""
+) -> Iterator[list[Any]]:
+    """A real n-host cluster, held under the machine's lock and torn down afterwards
+    (agent logs kept); with ``alive_from``, once that host lists every host alive."""
     require_root()
     from dunix import cluster
 
     with exclusive_cluster():
         cluster.down()  # leftovers of an earlier crashed run
         try:
-            hosts = cluster.up(3, 0.5)
+            hosts = cluster.up(n, quota, agent_argv=agent_argv)
+            if alive_from:
+                names = {h.name for h in hosts}
+                control = f"/run/dunix/hosts/{alive_from}/control.sock"
+
+                def all_alive() -> bool:
+                    view = json.loads(dunix("nodes", "--json", "--control", control).stdout)
+                    return {v["name"]: v["state"] for v in view} == dict.fromkeys(names, "alive")
+
+                wait_for(all_alive, 20, f"{n} alive agents")
             yield hosts
         finally:
             keep_logs()
             cluster.down()
+
+
+@pytest.fixture(scope="module")
+def cluster3() -> Iterator[list[Any]]:
+    """A real 3-host cluster with 0.5-CPU quotas, torn down afterwards."""
+    with running_cluster(3) as hosts:
+        yield hosts
 
 
 def keep_logs() -> None:

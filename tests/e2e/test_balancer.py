@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import DUNIX, dunix, exclusive_cluster, keep_logs, require_root, wait_for
+from tests.e2e.conftest import DUNIX, dunix, require_root, running_cluster, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -61,21 +61,8 @@ def cluster() -> Iterator[list[Any]]:
         config = old_cpu if host.name == "n3" else fast
         return [*sim.default_agent_argv(host), "--config", str(config)]
 
-    with exclusive_cluster():
-        sim.down()
-        try:
-            hosts = sim.up(3, 0.5, agent_argv=argv)
-            from tests.e2e.test_agents import states
-
-            def all_alive() -> bool:
-                view = json.loads(dunix("nodes", "--json", "--control", N2).stdout)
-                return states(view) == dict.fromkeys(NAMES, "alive")
-
-            wait_for(all_alive, 20, "3 alive agents")
-            yield hosts
-        finally:
-            keep_logs()
-            sim.down()
+    with running_cluster(3, agent_argv=argv, alive_from="n2") as hosts:
+        yield hosts
 
 
 def loops() -> dict[int, dict[str, Any]]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import DUNIX, dunix, exclusive_cluster, keep_logs, require_root, wait_for
+from tests.e2e.conftest import COUNTER, DUNIX, dunix, running_cluster, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -28,16 +28,6 @@ WORK = Path("/var/tmp/dunix-e2e-migrate-home")  # seen by every host (/tmp is pe
 N1 = "/run/dunix/hosts/n1/control.sock"
 KNOB = "migrate-fail-restore"  # dunix/agent/migration.py FAIL_RESTORE_KNOB
 
-COUNTER = """
-import os, sys, time
-stop, i = sys.argv[1], 0
-while not os.path.exists(stop):
-    i += 1
-    print(i, flush=True)
-    time.sleep(0.01)
-print("end", flush=True)
-sys.exit(7)
-"""
 
 # the counter in the background of a shell whose `wait` must see its real exit code
 JOB = '/usr/bin/python3 -c "$1" "$2" & c=$!; wait $c; echo status=$?'
@@ -45,26 +35,10 @@ JOB = '/usr/bin/python3 -c "$1" "$2" & c=$!; wait $c; echo status=$?'
 
 @pytest.fixture(scope="module")
 def hosts() -> Iterator[list[Any]]:
-    require_root()
-    from dunix import cluster
-
     WORK.mkdir(parents=True, exist_ok=True)
     os.chmod(WORK, 0o777)
-    with exclusive_cluster():
-        cluster.down()
-        try:
-            up = cluster.up(3, 0.5)
-            from tests.e2e.test_agents import states
-
-            def all_alive() -> bool:
-                view = json.loads(dunix("nodes", "--json", "--control", N1).stdout)
-                return states(view) == dict.fromkeys(("n1", "n2", "n3"), "alive")
-
-            wait_for(all_alive, 20, "3 alive agents")
-            yield up
-        finally:
-            keep_logs()
-            cluster.down()
+    with running_cluster(3, alive_from="n1") as up:
+        yield up
 
 
 def ps() -> list[dict[str, Any]]:

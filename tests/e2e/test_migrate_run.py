@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import DUNIX, dunix, exclusive_cluster, keep_logs, require_root, wait_for
+from tests.e2e.conftest import COUNTER, DUNIX, dunix, require_root, running_cluster, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -28,17 +28,6 @@ N1 = "/run/dunix/hosts/n1/control.sock"
 NAMES = ("n1", "n2", "n3", "n4")
 OLD_CPU = "n4"  # advertises only a few CPU flags: it may not receive n1's processes
 KNOB = "migrate-fail-restore"  # dunix/agent/migration.py FAIL_RESTORE_KNOB
-
-COUNTER = """
-import os, sys, time
-stop, i = sys.argv[1], 0
-while not os.path.exists(stop):
-    i += 1
-    print(i, flush=True)
-    time.sleep(0.01)
-print("end", flush=True)
-sys.exit(7)
-"""
 
 
 @pytest.fixture(scope="module")
@@ -55,21 +44,8 @@ def cluster4() -> Iterator[list[Any]]:
         extra = ["--config", str(old_cpu)] if host.name == OLD_CPU else []
         return [*cluster.default_agent_argv(host), *extra]
 
-    with exclusive_cluster():
-        cluster.down()
-        try:
-            hosts = cluster.up(4, 0.5, agent_argv=argv)
-            from tests.e2e.test_agents import states
-
-            def all_alive() -> bool:
-                view = json.loads(dunix("nodes", "--json", "--control", N1).stdout)
-                return states(view) == dict.fromkeys(NAMES, "alive")
-
-            wait_for(all_alive, 20, "4 alive agents")
-            yield hosts
-        finally:
-            keep_logs()
-            cluster.down()
+    with running_cluster(4, agent_argv=argv, alive_from="n1") as hosts:
+        yield hosts
 
 
 def where(gpid: int) -> tuple[str, int]:

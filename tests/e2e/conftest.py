@@ -59,6 +59,79 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
     raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
+def cli_as(
+    uid: int, gid: int, args: list[str], *, cwd: str = "/", timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``dunix ARGS`` as another user, as a ``CompletedProcess`` with text output.
+
+    The client runs in a forked copy of this process that drops to ``uid``/``gid`` after
+    dunix is imported: a checkout in a private folder (``mktemp -d`` makes it 0700) is
+    unreadable to that user, so ``python -m dunix`` under ``setpriv`` could not start.
+    The job it starts runs as ``uid`` all the same: the agent takes it from SO_PEERCRED."""
+    import importlib
+    import select
+    import traceback
+
+    from dunix import cli
+
+    # the user may not read this Python's own library either (under /root, say): load
+    # what the CLI imports lazily while still root
+    for name in ("dunix.client", "dunix.pid", "dunix.pid.devino", "pwd", "grp", "termios"):
+        importlib.import_module(name)
+
+    # pipes, as a shell gives: a job may not reopen a file of this machine's private /tmp
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child never returns into pytest
+        code = 70
+        try:
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            for fd in (out_r, out_w, err_r, err_w):
+                os.close(fd)
+            # pytest swapped sys.stdout/stderr for its capture: write to the fds again
+            sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+            sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+            os.chdir(cwd)
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            code = cli.main(args)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(out_w)
+    os.close(err_w)
+    got: dict[int, bytes] = {out_r: b"", err_r: b""}
+    open_fds = [out_r, err_r]
+    deadline = time.monotonic() + timeout
+    try:
+        while open_fds:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                os.kill(pid, 9)
+                raise AssertionError(f"dunix {args} as uid {uid}: no end in {timeout}s")
+            ready, _, _ = select.select(open_fds, [], [], left)
+            for fd in ready:
+                data = os.read(fd, 65536)
+                if data:
+                    got[fd] += data
+                else:
+                    open_fds.remove(fd)
+    finally:
+        os.close(out_r)
+        os.close(err_r)
+        _, status = os.waitpid(pid, 0)
+    return subprocess.CompletedProcess(
+        args, os.waitstatus_to_exitcode(status), got[out_r].decode(), got[err_r].decode()
+    )
+
+
 @contextlib.contextmanager
 def exclusive_cluster() -> Iterator[None]:
     """There is one simulated cluster per machine: test runs that use it take turns."""

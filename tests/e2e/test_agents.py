@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import DUNIX, REPO, dunix, nodes_json, wait_for
+from tests.e2e.conftest import DUNIX, REPO, cli_as, dunix, nodes_json, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -169,10 +169,8 @@ def test_client_without_valid_certificate_is_refused(cluster3: list[Any], tmp_pa
 
 def test_non_root_user_may_list(cluster3: list[Any]) -> None:
     wait_for(lambda: all_alive("n1"), 15, "all alive")
-    proc = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *DUNIX, "nodes",
-         "--json", "--control", "/run/dunix/hosts/n1/control.sock"],
-        capture_output=True, text=True, cwd=REPO, timeout=30,
-    )  # fmt: skip
+    proc = cli_as(
+        65534, 65534, ["nodes", "--json", "--control", "/run/dunix/hosts/n1/control.sock"]
+    )
     assert proc.returncode == 0, proc.stderr
     assert sorted(states(json.loads(proc.stdout))) == NAMES

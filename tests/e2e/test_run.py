@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import DUNIX, dunix, wait_for
+from tests.e2e.conftest import DUNIX, cli_as, dunix, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -119,11 +119,10 @@ def test_busybox_static_shell(work: Path) -> None:
 
 
 def test_non_root_job_runs_as_that_user_everywhere(work: Path) -> None:
-    proc = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *DUNIX, "run",
-         "--control", N1, "--placement", "remote", "--",
+    proc = cli_as(
+        65534, 65534,
+        ["run", "--control", N1, "--placement", "remote", "--",
          "sh", "-c", "id -u; id -g; read h < /proc/sys/kernel/hostname; echo $h"],
-        capture_output=True, text=True, cwd="/", timeout=60,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     uid, gid, host = proc.stdout.split()

@@ -230,8 +230,7 @@ def test_vfork_and_posix_spawn_children_are_reported() -> None:
 
 def test_statically_linked_busybox_shell() -> None:
     busybox = shutil.which("busybox")
-    if busybox is None:
-        pytest.skip("busybox-static not installed (scripts/setup.sh installs it)")
+    assert busybox is not None, "busybox-static missing: scripts/setup.sh installs it"
     r = trace([busybox, "sh", "-c", "busybox echo hi; busybox true; busybox sh -c 'exit 5'"])
     check_protocol_frame(r)
     assert r.stdout == "hi\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 from collections.abc import Sequence
@@ -25,6 +26,33 @@ log = logging.getLogger("dunix.agent.tracer")
 NATIVE = Path(__file__).resolve().parents[2] / "native" / "build"
 TRACER = NATIVE / "dunix-tracer"
 DEPUTY = NATIVE / "dunix-deputy"
+#: where jobs exec the deputy from: they run as their user, who may not be able to reach the
+#: checkout (a 0700 folder); a copy here is world-executable (a root-owned folder, 0755)
+PUBLIC_DEPUTY = Path("/run/dunix/bin/dunix-deputy")
+
+
+def public_deputy(source: Path = DEPUTY, dest: Path = PUBLIC_DEPUTY) -> Path:
+    """The deputy as every job user can exec it: a copy made once per build (same size
+    and mtime), written under a temporary name and renamed, as agents may race here."""
+    st = source.stat()
+    try:
+        have = dest.stat()
+        if (have.st_size, int(have.st_mtime)) == (st.st_size, int(st.st_mtime)):
+            return dest
+    except FileNotFoundError:
+        pass
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(dest.parent, 0o755)
+        shutil.copyfile(source, tmp)
+        os.chmod(tmp, 0o755)
+        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.replace(tmp, dest)
+    except OSError as e:  # not root (a test's agent): jobs run as us and reach the build
+        log.info("deputy stays at %s: %s", source, e)
+        return source
+    return dest
 SOCK_FD = 800  # where the tracer finds its socket (it marks it close-on-exec)
 HIGH_FD = 801  # sources are parked from here while the child's fds are laid out
 
@@ -197,7 +225,7 @@ def tracer_argv(ctx: JobContext, argv: Sequence[str]) -> list[str]:
         "--cwd", ctx.cwd,
         "--sigign", f"{ctx.sigign:x}",
         "--sigblock", f"{ctx.sigblock:x}",
-        "--deputy", str(DEPUTY),
+        "--deputy", str(public_deputy()),
         "--mode", ctx.mode,
     ]  # fmt: skip
     for resource, soft, hard in ctx.rlimits:

@@ -424,6 +424,7 @@ def _down(state_dir: Path) -> None:
     for rec in recs:
         attempt(f"runtime dir of {rec.name}", _rmtree, Path(rec.runtime_dir))
         attempt(f"disk of {rec.name}", _rmtree, Path(rec.disk).parent)
+    attempt("the agents' deputy copy", _rmtree, RUN_ROOT.parent / "bin")  # agent/tracer.py
     for path in (RUN_ROOT, DISK_ROOT, LOCAL_DISK, RUN_ROOT.parent, DISK_ROOT.parent):
         _rmdir_empty(path)
     if errors:

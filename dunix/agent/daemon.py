@@ -244,6 +244,7 @@ class Agent:
         """Push fresh slot tables to every running tracer."""
         while True:
             await trio.sleep(self.config.sample_interval)
+            spill = self.spill_table()  # the same for every auto job of this round
             for job in list(self.jobs.jobs.values()):
                 if job.mode == "local":
                     continue
@@ -252,7 +253,7 @@ class Agent:
                     with contextlib.suppress(OSError, trio.ClosedResourceError):
                         await tracer.push_slots(table)
                         if job.mode == "auto":
-                            await tracer.push_spill(*self.spill_table())
+                            await tracer.push_spill(*spill)
 
     async def _sample_loop(self) -> None:
         while True:

@@ -209,7 +209,7 @@ def test_interactive_bash_keeps_its_job_control(work: Path, placement: str, term
     t.write(b"\x03")
     t.expect(r"\^C")
     t.expect(r"# $|\$ $")
-    t.write(b"python3 -q\r")
+    t.write(b"/usr/bin/python3 -q\r")  # not a pyenv shim: ~38 helper execs, each remote
     t.expect(">>> ")
     t.write(b"6*7\r")
     t.expect("42\r\n>>> ")  # as a user would: type at the prompt, once readline reads again

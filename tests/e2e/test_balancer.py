@@ -90,11 +90,19 @@ def test_cpu_bound_loops_spread_from_a_hot_host_by_themselves(cluster: list[Any]
     seen: dict[int, set[str]] = {}
     try:
 
-        def started() -> str:
-            procs = loops()
-            hosts = {p["node"] for p in procs.values()}
-            assert len(procs) == LOOPS and len(hosts) == 1, procs
-            assert all(p["moves"] == 0 for p in procs.values()), procs
+        exec_host: dict[int, str] = {}  # where each loop ran before any move
+
+        def started() -> str | None:
+            # The balancer may move a loop before the last one has started: wait until
+            # each of them has been seen, not for all six at once on one host.
+            for p in loops().values():
+                seen.setdefault(p["gpid"], set()).add(p["node"])
+                if p["moves"] == 0:
+                    exec_host.setdefault(p["gpid"], p["node"])
+            if len(seen) < LOOPS:
+                return None
+            hosts = set(exec_host.values())
+            assert len(hosts) == 1, exec_host  # the loops exec'd on the shell's one peer
             return hosts.pop()
 
         hot = wait_for(started, 30, f"{LOOPS} loops exec'd on one host")

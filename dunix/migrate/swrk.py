@@ -289,6 +289,7 @@ async def dump(
     *,
     leave_running: bool = False,
     tcp_established: bool = False,
+    tcp_close: bool = False,
     shell_job: bool = False,
     ext_unix_sk: bool = False,
     file_locks: bool = False,
@@ -311,6 +312,7 @@ async def dump(
     opts.pid = pid
     opts.leave_running = leave_running
     opts.tcp_established = tcp_established
+    opts.tcp_close = tcp_close  # dumped untouched (sockets.py relays it)
     opts.shell_job = shell_job
     opts.ext_unix_sk = ext_unix_sk
     opts.file_locks = file_locks

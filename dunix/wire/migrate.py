@@ -109,6 +109,19 @@ class MigratePipe:
 
 @message
 @dataclass(frozen=True)
+class MigrateSocket:
+    """A connected stream socket of a process moved from home: the connection stays at
+    home, relayed both ways to a socketpair on the target (dunix/migrate/sockets.py)."""
+
+    inode: int  # socket:[INODE] on the home: CRIU's inherit_fd key
+    tcp: bool  # a TCP socket, whose image entry the target rewrites as a unix one
+    nonblock: bool  # O_NONBLOCK on the process's file description
+    out_stream: int  # index for the process → home direction (as MigratePipe.stream)
+    in_stream: int  # index for the home → process direction
+
+
+@message
+@dataclass(frozen=True)
 class MigratePrepare:
     move: str
     job: str
@@ -129,6 +142,8 @@ class MigratePrepare:
     #: show (a `dunix run` client's /dev/null): dumped as external, the target inherits
     #: its own /dev/null for each (agent/homemove.py)
     nulls: tuple[str, ...] = ()
+    #: connected stream sockets relayed through the home (moves from home only)
+    sockets: tuple[MigrateSocket, ...] = ()
 
 
 @message

@@ -1,0 +1,154 @@
+"""Connected stream sockets across a move: the connection stays at home, relayed.
+
+A process that holds a TCP connection or a connected unix stream socket to something
+outside the moved set keeps it: the home takes a duplicate of the socket with
+pidfd_getfd before the dump and keeps the connection open there; on the target the
+process gets one end of a new ``socketpair(AF_UNIX, SOCK_STREAM)`` in its place, whose
+other end the target's agent relays to the home's duplicate (two streams, one per
+direction, on the job link; ``dunix/fdmove/relay.py``). The peer sees one unbroken
+connection; EOF and half-close travel as stream ends (``shutdown(SHUT_WR)``).
+
+How CRIU is made to hand the new socket in (read from CRIU 4.2.1's source):
+
+- a unix socket: ``open_unix_sk`` (criu/sk-unix.c) looks its ``socket:[INODE]`` up in
+  ``inherit_fd`` first. Dumping a connected stream socket whose peer is outside the tree
+  fails ("Can't dump half of stream unix connection") unless the socket's own inode is
+  listed as ``--external unix[INODE]`` (``unix_sk_exception_lookup_id``);
+- a TCP socket: CRIU's inet code has no ``inherit_fd`` lookup (criu/sk-inet.c), and an
+  established connection needs ``--tcp-established`` (TCP repair, which would take the
+  connection away from the home) or ``--tcp-close``, which dumps it without touching it
+  (``dump_one_tcp`` returns early). The dump uses ``tcp_close``; before the restore the
+  target rewrites that socket's ``FileEntry`` in ``files.img`` into a unix stream socket
+  entry with the same file id and inode (:func:`rewrite_tcp_as_unix`), so the unix path
+  above inherits the socketpair end. Nothing of the TCP state is restored.
+
+Bytes in flight are neither lost nor doubled: CRIU peeks at a unix socket's queue
+(``MSG_PEEK``, criu/sk-queue.c) and does not restore a queue into an inherited socket,
+and with ``tcp_close`` it does not read a TCP queue at all; whatever the process had not
+read stays in the home's socket, which the home relays to the target.
+
+Limits (the process sees a unix socketpair end, not its original socket):
+``getpeername``/``getsockname`` return an unnamed AF_UNIX address; TCP and IP socket
+options (``TCP_NODELAY``, ``SO_KEEPALIVE``, ``IP_TOS`` ...) fail with EOPNOTSUPP or
+ENOPROTOOPT, and options set before the move stay on the home socket; ``SO_PEERCRED``
+names the target's agent; out-of-band data and ``SCM_RIGHTS`` do not pass; UDP,
+datagram and seqpacket sockets and listening sockets are refused. Such a process moves
+once, from home: a later move of it (guest to guest, or back home) is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from dataclasses import dataclass
+
+#: CRIU's image magics (criu/include/magic.h): every image starts with IMG_COMMON
+IMG_COMMON = 0x54564319
+#: FileEntry.type values (images/fdinfo.proto, enum fd_types)
+FD_INETSK = 4
+FD_UNIXSK = 5
+#: the kernel's TCP_ESTABLISHED, as CRIU stores a unix socket's state
+TCP_ESTABLISHED = 1
+
+
+@dataclass(frozen=True)
+class RelayedSocket:
+    """One socket of the moved process, relayed through its home."""
+
+    fd: int  # its number in the process
+    inode: int  # socket:[INODE]: CRIU's key
+    tcp: bool  # TCP (rewritten in the images) rather than unix
+    nonblock: bool  # O_NONBLOCK on the process's open file description
+
+
+def classify(fd: int, dup: int, flags: int) -> RelayedSocket | str:
+    """What to do with the process's socket ``fd``, given a duplicate ``dup`` of it and
+    its file flags (fdinfo ``flags``): a plan, or why it cannot move."""
+    sock = socket.socket(fileno=os.dup(dup))
+    try:
+        family, kind = sock.family, sock.type
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        try:
+            sock.getpeername()
+            connected = True
+        except OSError:
+            connected = False
+        inode = os.fstat(dup).st_ino
+    finally:
+        sock.close()
+    if listening:
+        return f"fd {fd} is a listening socket"
+    if kind != socket.SOCK_STREAM:
+        return f"fd {fd} is a {kind.name} socket (only stream connections are relayed)"
+    if family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
+        return f"fd {fd} is a {family.name} socket"
+    if not connected:
+        return f"fd {fd} is a socket that is not connected"
+    tcp = family != socket.AF_UNIX
+    return RelayedSocket(fd, inode, tcp, bool(flags & os.O_NONBLOCK))
+
+
+def dump_externals(sockets: list[RelayedSocket]) -> tuple[str, ...]:
+    """CRIU ``external`` keys that let the dump take the unix ones."""
+    return tuple(f"unix[{s.inode}]" for s in sockets if not s.tcp)
+
+
+def fd_flags(pid: int, fd: int) -> int:
+    """The ``flags`` of /proc/PID/fdinfo/FD (octal): access mode and O_NONBLOCK."""
+    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("flags:"):
+                return int(line.split()[1], 8)
+    return os.O_RDWR
+
+
+def rewrite_tcp_as_unix(files_img: bytes, inodes: set[int]) -> tuple[bytes, set[int]]:
+    """``files.img`` with the TCP sockets of ``inodes`` turned into unix stream socket
+    entries (same file id and inode, no peer), and the inodes that were found."""
+    from pycriu.images import pb  # generated by `make lib`; only agents need it
+
+    head = 8 if struct.unpack_from("<I", files_img)[0] == IMG_COMMON else 4
+    out = bytearray(files_img[:head])
+    found: set[int] = set()
+    pos = head
+    while pos < len(files_img):
+        (size,) = struct.unpack_from("<I", files_img, pos)
+        body = files_img[pos + 4 : pos + 4 + size]
+        pos += 4 + size
+        entry = pb.file_entry()
+        entry.ParseFromString(body)
+        if entry.type == FD_INETSK and entry.isk.ino in inodes:
+            isk = entry.isk
+            new = pb.file_entry(type=FD_UNIXSK, id=entry.id)
+            usk = new.usk
+            usk.id, usk.ino = isk.id, isk.ino
+            usk.type, usk.state = socket.SOCK_STREAM, TCP_ESTABLISHED
+            usk.flags, usk.uflags, usk.backlog, usk.peer = isk.flags, 0, 0, 0
+            usk.fown.CopyFrom(isk.fown)
+            usk.opts.CopyFrom(isk.opts)
+            usk.name = b""
+            body = new.SerializeToString()
+            found.add(isk.ino)
+        out += struct.pack("<I", len(body)) + body
+    return bytes(out), found
+
+
+def rewrite_images(images_dir_fd: int, inodes: set[int]) -> None:
+    """Apply :func:`rewrite_tcp_as_unix` to the folder's ``files.img`` in place."""
+    if not inodes:
+        return
+    fd = os.open("files.img", os.O_RDWR | os.O_CLOEXEC, dir_fd=images_dir_fd)
+    try:
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read()
+        new, found = rewrite_tcp_as_unix(data, inodes)
+        missing = inodes - found
+        if missing:
+            from dunix.errors import MigrationFailed
+
+            raise MigrationFailed(f"no TCP socket with inode {sorted(missing)} in the images")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, new, 0)
+    finally:
+        os.close(fd)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import fcntl
 import itertools
 import logging
 import os
@@ -54,6 +55,7 @@ from dunix.storagefs import _syscalls
 from dunix.storagefs.lookup import LookupReply
 from dunix.storagefs.peerfiles import FileReply
 from dunix.storagefs.remote_nodes import RemoteFile, RemoteNode, RemoteNodes
+from dunix.storagefs.replicas import FACTOR_XATTR, WHERE_XATTR, Replicas
 from dunix.storagefs.store import LocalStore
 
 log = logging.getLogger(__name__)
@@ -155,6 +157,18 @@ def _join(parent: str, name: bytes) -> str:
     return f"{parent}/{child}" if parent else child
 
 
+def _change(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> tuple[int | None, ...]:
+    """A setattr as it crosses the wire: (size, mode, uid, gid, atime_ns, mtime_ns)."""
+    return (
+        attr.st_size if fields.update_size else None,
+        attr.st_mode if fields.update_mode else None,
+        attr.st_uid if fields.update_uid else None,
+        attr.st_gid if fields.update_gid else None,
+        attr.st_atime_ns if fields.update_atime else None,
+        attr.st_mtime_ns if fields.update_mtime else None,
+    )
+
+
 class StorageFS(pyfuse3.Operations):
     """FUSE operations over a :class:`LocalStore` (see the module docstring)."""
 
@@ -169,8 +183,11 @@ class StorageFS(pyfuse3.Operations):
         files: OwnerFiles | None = None,
         peers: Callable[[], Collection[int]] = tuple,
         list_deadline: float = LIST_DEADLINE,
+        replicas: Replicas | None = None,
     ) -> None:
         super().__init__()
+        self.replicas = replicas  # replicated files: see dunix/storagefs/replicas.py
+        self._rpaths: dict[int, str] = {}  # local handle -> path, of replicated files
         self.store = store
         self.resolver: RemoteResolver = resolver or NoPeers()
         self.files = files
@@ -465,6 +482,10 @@ class StorageFS(pyfuse3.Operations):
                     attr.st_atime_ns if fields.update_atime else None,
                     attr.st_mtime_ns if fields.update_mtime else None,
                 )
+            if self.replicas is not None and self.replicas.any_owned():
+                path = self._path_of(inode)
+                if self.replicas.copies(path):
+                    await self.replicas.changed_attrs(path, _change(attr, fields))
             return self._attr(os.fstat(fd), inode)
 
     async def _setattr_remote(
@@ -474,14 +495,7 @@ class StorageFS(pyfuse3.Operations):
         fields: pyfuse3.SetattrFields,
         fh: int | None,
     ) -> pyfuse3.EntryAttributes:
-        change = (
-            attr.st_size if fields.update_size else None,
-            attr.st_mode if fields.update_mode else None,
-            attr.st_uid if fields.update_uid else None,
-            attr.st_gid if fields.update_gid else None,
-            attr.st_atime_ns if fields.update_atime else None,
-            attr.st_mtime_ns if fields.update_mtime else None,
-        )
+        change = _change(attr, fields)
         opened = self._rfiles.get(fh) if fh is not None else None
         handle = opened.handle if opened is not None and opened.owner == remote.owner else 0
         if fields.update_size:
@@ -559,7 +573,12 @@ class StorageFS(pyfuse3.Operations):
             except BaseException:
                 os.close(fh)
                 raise
-            self.resolver.created(self._tree_path(parent_fd, name))
+            path = self._tree_path(parent_fd, name)
+            self.resolver.created(path)
+            if self.replicas is not None and await self.replicas.created(
+                path, entry.st_mode, entry.st_uid, entry.st_gid
+            ):
+                self._rpaths[fh] = path
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -596,6 +615,8 @@ class StorageFS(pyfuse3.Operations):
                     try:
                         (os.rmdir if op == "rmdir" else os.unlink)(name, dir_fd=parent_fd)
                         self.store.removed(path)
+                        if self.replicas is not None:
+                            await self.replicas.removed(path)
                         return
                     except FileNotFoundError:
                         if self.files is None:
@@ -646,6 +667,7 @@ class StorageFS(pyfuse3.Operations):
                     _syscalls.renameat2(old_fd, name_old, new_fd, name_new, flags)
                 if not flags & pyfuse3.RENAME_EXCHANGE:
                     self.store.renamed(old, new)
+                    await self._replica_renamed(old, new)
                 self.resolver.created(new)
             else:
                 await self._owner_files().call(owner, "rename", path=old, path2=new, flags=flags)
@@ -701,6 +723,8 @@ class StorageFS(pyfuse3.Operations):
             # O_APPEND stays: pwrite on an O_APPEND descriptor appends (pwrite(2), BUGS),
             # which keeps appends atomic against other writers of the backing file.
             fh = os.open(_proc(fd), (flags & ~_OPEN_DROP) | os.O_CLOEXEC)
+            if self.replicas is not None and self.replicas.any_owned():
+                await self._replica_open(inode, fh, flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -719,7 +743,11 @@ class StorageFS(pyfuse3.Operations):
                     rf.owner, "write", handle=rf.handle, offset=off, data=bytes(buf)
                 )
                 return reply.size
-            return os.pwrite(fh, buf, off)
+            written = os.pwrite(fh, buf, off)
+            path = self._rpaths.get(fh)
+            if path is not None:
+                await self._replica_write(fh, path, off, bytes(buf[:written]))
+            return written
 
     async def flush(self, fh: int) -> None:
         pass
@@ -733,6 +761,7 @@ class StorageFS(pyfuse3.Operations):
                 except PeerUnreachable as exc:
                     log.info("storagefs: release of %s on node %d: %s", rf.path, rf.owner, exc)
                 return
+            self._rpaths.pop(fh, None)
             os.close(fh)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -744,6 +773,9 @@ class StorageFS(pyfuse3.Operations):
                 )
                 return
             await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fh)
+            path = self._rpaths.get(fh)
+            if path is not None and self.replicas is not None:
+                await self.replicas.synced(path)
 
     # --- folders --------------------------------------------------------------------------
 
@@ -887,6 +919,60 @@ class StorageFS(pyfuse3.Operations):
         data.f_namemax = vfs.f_namemax
         return data
 
+    # --- replicated files (dunix/storagefs/replicas.py) ------------------------------------
+
+    async def _replica_open(self, inode: int, fh: int, flags: int) -> None:
+        assert self.replicas is not None
+        path = self._path_of(inode)
+        if self.replicas.copies(path):
+            self._rpaths[fh] = path
+            if flags & os.O_TRUNC:
+                await self.replicas.changed_attrs(path, (0, None, None, None, None, None))
+
+    async def _replica_write(self, fh: int, path: str, off: int, data: bytes) -> None:
+        assert self.replicas is not None
+        if fcntl.fcntl(fh, fcntl.F_GETFL) & os.O_APPEND:
+            off = os.fstat(fh).st_size - len(data)  # where the kernel put it
+        await self.replicas.wrote(path, off, data)
+
+    async def _replica_renamed(self, old: str, new: str) -> None:
+        if self.replicas is None or not self.replicas.any_owned():
+            return
+        for fh, path in list(self._rpaths.items()):
+            if path == old or path.startswith(old + "/"):
+                self._rpaths[fh] = new + path[len(old) :]
+        await self.replicas.renamed(old, new)
+
+    async def _replica_xattr(self, inode: int, name: bytes) -> bytes:
+        """The factor of a folder, or a file's ``owner,replica,...`` (dunix fs where)."""
+        if self.replicas is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        path = self._path_of(inode)
+        if name == FACTOR_XATTR.encode():
+            return str(self.replicas.factor_at(path)).encode()
+        remote = self._remote.get(inode)
+        if remote is not None and not stat.S_ISDIR(remote.attrs[1]):
+            found = (await self._ask(remote, "rwhere")).attrs
+        else:
+            found = self.replicas.where(path) or (self.store.node_id,)
+        return ",".join(str(n) for n in found).encode()
+
+    async def _set_factor(self, inode: int, value: bytes) -> None:
+        """``dunix fs replicas N PATH``: a folder's factor, on every host."""
+        if self.replicas is None:
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+        remote = self._remote.get(inode)
+        mode = remote.attrs[1] if remote is not None else os.fstat(self._fd(inode)).st_mode
+        if not stat.S_ISDIR(mode):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        try:
+            factor = int(value.decode())
+        except ValueError:
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        if factor < 1:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        await self.replicas.set_factor(self._path_of(inode), factor)
+
     # --- extended attributes (so cp -a and tar --xattrs keep them) ------------------------
 
     def _xattr_target(self, inode: int) -> str | None:
@@ -897,6 +983,8 @@ class StorageFS(pyfuse3.Operations):
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         with _fuse_errors():
+            if name in (FACTOR_XATTR.encode(), WHERE_XATTR.encode()):
+                return await self._replica_xattr(inode, name)
             remote = self._remote.get(inode)
             if remote is not None:
                 reply = await self._ask(remote, "getxattr", path2=os.fsdecode(name))
@@ -910,6 +998,9 @@ class StorageFS(pyfuse3.Operations):
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
         with _fuse_errors():
+            if name == FACTOR_XATTR.encode():
+                await self._set_factor(inode, bytes(value))
+                return
             remote = self._remote.get(inode)
             if remote is not None:
                 await self._ask(remote, "setxattr", path2=os.fsdecode(name), data=bytes(value))

@@ -182,6 +182,10 @@ class FileServer:
         self._changed = changed
         self._handles: dict[tuple[int, int], tuple[int, str]] = {}
         self._next_handle = itertools.count(1)
+        #: ops served elsewhere (replicas.OPS -> Replicas.serve), and a hook run after each
+        #: successful op (the owner's replication of what a peer changed)
+        self.extra_ops: dict[str, Callable[[FileRequest], Awaitable[FileReply]]] = {}
+        self.after: Callable[[FileRequest, FileReply], Awaitable[None]] | None = None
 
     @property
     def node_id(self) -> int:
@@ -189,6 +193,10 @@ class FileServer:
 
     def open_handles(self) -> int:
         return len(self._handles)
+
+    def opened(self, origin: int, handle: int) -> tuple[int, str] | None:
+        """(descriptor, tree path) of a file ``origin`` has open here."""
+        return self._handles.get((origin, handle))
 
     def peer_gone(self, origin: int) -> None:
         """Close what ``origin`` had open: it cannot release it any more."""
@@ -203,10 +211,16 @@ class FileServer:
 
     async def handle(self, req: FileRequest) -> FileReply:
         """Carry out one request; every failure becomes an errno in the reply."""
+        extra = self.extra_ops.get(req.op)
+        if extra is not None:
+            return await extra(req)
         if req.op not in OPS:
             return FileReply(req.request_id, self.node_id, errno.ENOSYS)
         try:
-            return await getattr(self, f"_op_{req.op}")(req)  # type: ignore[no-any-return]
+            reply: FileReply = await getattr(self, f"_op_{req.op}")(req)
+            if self.after is not None and not reply.error:
+                await self.after(req, reply)
+            return reply
         except OSError as exc:
             return FileReply(req.request_id, self.node_id, exc.errno or errno.EIO)
         except StoreError as exc:

@@ -38,6 +38,8 @@ from dunix.pid.gpid import MAX_NODE_ID
 SCHEMA_VERSION = 1
 TREE = "tree"
 INCOMING = "incoming"
+#: copies this host keeps of files other hosts own (dunix/storagefs/replicas.py); never in tree/
+REPLICAS = "replicas"
 META = "meta.sqlite3"
 
 _SCHEMA = """
@@ -194,6 +196,21 @@ class MetaStore:
         with self._transaction() as db:
             db.execute("INSERT OR REPLACE INTO folders VALUES (?, ?)", (path, replicas))
 
+    def all_folder_replicas(self) -> dict[str, int]:
+        """Every folder's replication factor set with ``dunix fs replicas``."""
+        with self._lock:
+            rows = self._db.execute("SELECT path, replicas FROM folders").fetchall()
+        return {str(path): int(n) for path, n in rows}
+
+    def all_file_meta(self) -> list[FileMeta]:
+        """Every non-default row: files owned here with replicas, copies held for others."""
+        with self._lock:
+            rows = self._db.execute("SELECT path, owner, replicas FROM files").fetchall()
+        return [
+            FileMeta(str(path), int(owner), tuple(int(r) for r in str(reps).split(",") if r))
+            for path, owner, reps in rows
+        ]
+
 
 @dataclass
 class IncomingFile:
@@ -294,9 +311,11 @@ class LocalStore:
         self.node_id = node_id
         self.tree = self.root / TREE
         self.incoming = self.root / INCOMING
+        self.replicas = self.root / REPLICAS
         try:
             self.tree.mkdir(parents=True, exist_ok=True)
             self.incoming.mkdir(exist_ok=True)
+            self.replicas.mkdir(exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot prepare store {self.root}: {exc.strerror}") from exc
         self.meta = MetaStore(self.root / META)
@@ -332,6 +351,30 @@ class LocalStore:
         """Where a tree path lives on the local disk."""
         rel = clean_relpath(path)
         return self.tree / rel if rel else self.tree
+
+    def replica_path(self, path: str) -> Path:
+        """Where this host keeps its copy of another host's file (outside the tree)."""
+        rel = clean_relpath(path)
+        if not rel:
+            raise StoreError("the tree's root has no replica")
+        return self.replicas / rel
+
+    def promote(self, path: str, replicas: tuple[int, ...]) -> None:
+        """This host's copy of ``path`` becomes the file itself: its owner died.
+
+        One rename on the same file system, so the file appears whole or not at all; the
+        folders above it are made first (as a merged folder, with the default mode).
+        """
+        source = self.replica_path(path)
+        target = self.backing_path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(source, target)
+        _fsync_dir(target.parent)
+        meta = FileMeta(clean_relpath(path), self.node_id, replicas)
+        if replicas:
+            self.meta.set_file_meta(meta)
+        else:
+            self.meta.drop_file_meta(meta.path)
 
     def relpath_of(self, backing: str | os.PathLike[str]) -> str:
         """The tree path of a backing path (inverse of :meth:`backing_path`)."""

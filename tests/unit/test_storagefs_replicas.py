@@ -1,0 +1,186 @@
+"""Replicated storagefs files without a mount: three hosts' stores wired in memory.
+
+Host 1 owns files created through its StorageFS; its replicas get every change before the
+call returns; when host 1 is gone, its first live replica takes the file over. The e2e test
+(tests/e2e/test_storagefs_replicas.py) does the same through real mounts and a killed agent.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import trio
+
+from dunix.storagefs.fs import ROOT, StorageFS
+from dunix.storagefs.peerfiles import FileMessage, FileReply, FileServer, PeerFiles
+from dunix.storagefs.replicas import (
+    FACTOR_XATTR,
+    OPS,
+    WHERE_XATTR,
+    Replicas,
+    choose,
+    parse_where,
+    successor,
+)
+from dunix.storagefs.store import FileMeta, LocalStore
+
+CTX: Any = SimpleNamespace(uid=0, gid=0, pid=1, umask=0o022)
+HOSTS = (1, 2, 3)
+
+
+class Net:
+    """Three hosts, each a store, a file server with its replicas, and a StorageFS."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.up = set(HOSTS)
+        self.stores = {n: LocalStore(tmp / f"n{n}", n) for n in HOSTS}
+        self.files = {n: PeerFiles(n, self._sender(n), timeout=5) for n in HOSTS}
+        self.servers = {n: FileServer(s) for n, s in self.stores.items()}
+        self.replicas = {}
+        self.fs = {}
+        for n in HOSTS:
+            rep = Replicas(self.stores[n], self.peers, self.files[n].call)
+            self.replicas[n] = rep
+            self.servers[n].extra_ops.update(dict.fromkeys(OPS, rep.serve))
+            self.servers[n].after = rep.server_hook(self.servers[n])
+            self.fs[n] = StorageFS(self.stores[n], files=self.files[n], peers=self.peers,
+                                   replicas=rep)  # fmt: skip
+
+    def peers(self) -> list[int]:
+        return sorted(self.up)
+
+    def _sender(self, me: int) -> Any:
+        async def send(peer: int, msg: FileMessage) -> None:
+            if peer not in self.up:
+                raise OSError(errno.ECONNREFUSED, "down")
+            assert not isinstance(msg, FileReply)
+            reply = await self.servers[peer].handle(msg)
+            self.files[me].received(reply)
+
+        return send
+
+    def kill(self, node: int) -> None:
+        self.up.discard(node)
+        for n in self.up:
+            self.files[n].peer_gone(node)
+            self.replicas[n].peer_gone(node)
+
+    def close(self) -> None:
+        for store in self.stores.values():
+            store.close()
+
+
+@pytest.fixture
+def net(tmp_path: Path) -> Iterator[Net]:
+    n = Net(tmp_path)
+    yield n
+    n.close()
+
+
+def run(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    async def call() -> Any:
+        return await fn(*args, **kwargs)
+
+    return trio.run(call)
+
+
+def make_replicated_folder(net: Net, factor: int = 2) -> int:
+    fs = net.fs[1]
+    folder = run(fs.mkdir, ROOT, b"rep", 0o40755, CTX)
+    run(fs.setxattr, folder.st_ino, FACTOR_XATTR.encode(), str(factor).encode(), CTX)
+    return int(folder.st_ino)
+
+
+def test_choose_and_successor_are_deterministic() -> None:
+    picked = choose("a/b", 1, 3, [1, 2, 3, 4, 5])
+    assert len(picked) == 2 and 1 not in picked
+    assert picked == choose("a/b", 1, 3, [5, 4, 3, 2, 1])
+    assert choose("a/b", 1, 1, [2, 3]) == ()
+    assert choose("a/b", 1, 4, [1, 2]) == (2,)
+    meta = FileMeta("a/b", 1, (3, 2))
+    assert successor(meta, {2, 3}) == 3 and successor(meta, {2}) == 2
+    assert successor(meta, {4}) is None
+
+
+def test_factor_reaches_every_host_and_is_inherited(net: Net) -> None:
+    folder = make_replicated_folder(net, 2)
+    for n in HOSTS:
+        assert net.replicas[n].factor_at("rep") == 2
+        assert net.replicas[n].factor_at("rep/sub/deeper") == 2
+        assert net.replicas[n].factor_at("other") == 1
+    assert run(net.fs[1].getxattr, folder, FACTOR_XATTR.encode(), CTX) == b"2"
+
+
+def test_writes_reach_the_replica_and_it_takes_over(net: Net) -> None:
+    folder = make_replicated_folder(net, 2)
+    fs = net.fs[1]
+    info, entry = run(fs.create, folder, b"f", stat.S_IFREG | 0o640, os.O_RDWR, CTX)
+    data = os.urandom(300_000)
+    assert run(fs.write, info.fh, 0, data) == len(data)
+    assert run(fs.write, info.fh, 10, b"XYZ") == 3
+    run(fs.fsync, info.fh, False)
+    run(fs.release, info.fh)
+    expect = data[:10] + b"XYZ" + data[13:]
+    where = parse_where(run(fs.getxattr, entry.st_ino, WHERE_XATTR.encode(), CTX))
+    assert where[0] == 1 and len(where) == 2
+    replica = where[1]
+    copy = net.stores[replica].replica_path("rep/f")
+    assert copy.read_bytes() == expect
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o640
+    assert not net.stores[replica].backing_path("rep/f").exists()  # not its file yet
+    net.kill(1)
+    assert net.stores[replica].backing_path("rep/f").read_bytes() == expect
+    assert not copy.exists()
+    assert net.replicas[replica].where("rep/f") == (replica,)
+
+
+def test_peer_writes_truncate_rename_and_unlink_follow(net: Net) -> None:
+    folder = make_replicated_folder(net, 3)
+    info, _ = run(net.fs[1].create, folder, b"g", stat.S_IFREG | 0o644, os.O_RDWR, CTX)
+    run(net.fs[1].write, info.fh, 0, b"hello world")
+    run(net.fs[1].release, info.fh)
+    # host 2 writes host 1's file through host 1's file server
+    opened = run(net.files[2].call, 1, "open", path="rep/g", flags=os.O_RDWR)
+    run(net.files[2].call, 1, "write", handle=opened.handle, offset=0, data=b"J")
+    run(net.files[2].call, 1, "release", handle=opened.handle)
+    for n in (2, 3):
+        assert net.stores[n].replica_path("rep/g").read_bytes() == b"Jello world"
+    run(net.files[3].call, 1, "setattr", path="rep/g",
+        setattr=(5, None, None, None, None, None))  # fmt: skip
+    run(net.files[2].call, 1, "rename", path="rep/g", path2="rep/h")
+    for n in (2, 3):
+        assert net.stores[n].replica_path("rep/h").read_bytes() == b"Jello"
+        assert not net.stores[n].replica_path("rep/g").exists()
+    run(net.files[2].call, 1, "unlink", path="rep/h")
+    for n in (2, 3):
+        assert not net.stores[n].replica_path("rep/h").exists()
+        assert net.stores[n].meta.all_file_meta() == []
+
+
+def test_an_unreplicated_folder_stays_local_and_a_returning_owner_drops_its_copy(
+    net: Net,
+) -> None:
+    info, _ = run(net.fs[1].create, ROOT, b"plain", stat.S_IFREG | 0o644, os.O_RDWR, CTX)
+    run(net.fs[1].release, info.fh)
+    assert all(not list(net.stores[n].replicas.iterdir()) for n in (2, 3))
+    folder = make_replicated_folder(net, 2)
+    info, _ = run(net.fs[1].create, folder, b"k", stat.S_IFREG | 0o644, os.O_RDWR, CTX)
+    run(net.fs[1].write, info.fh, 0, b"v1")
+    run(net.fs[1].release, info.fh)
+    replica = net.replicas[1].copies("rep/k")[0]
+    net.kill(1)
+    assert net.stores[replica].backing_path("rep/k").read_bytes() == b"v1"
+    # host 1 comes back (a new Replicas from its store, as a restarted agent has)
+    net.up.add(1)
+    back = Replicas(net.stores[1], net.peers, net.files[1].call)
+    assert back.copies("rep/k") == (replica,)
+    run(back.reconcile)
+    assert not net.stores[1].backing_path("rep/k").exists()
+    assert back.copies("rep/k") == ()

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -195,3 +195,22 @@ def keep_logs() -> None:
     LOGS.mkdir(parents=True, exist_ok=True)
     for log in Path("/run/dunix/hosts").glob("*/agent.log"):
         shutil.copy(log, LOGS / f"{log.parent.name}.log")
+
+
+LOG_TAIL = 40  # lines of each agent's log shown under a failed test
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Any, None]:
+    """A failed e2e test shows the tail of every agent's log (the cluster is still up while
+    the test's call phase is reported): a failure seen once in CI can be read afterwards."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    for log in sorted(Path("/run/dunix/hosts").glob("*/agent.log")):
+        with contextlib.suppress(OSError):
+            lines = log.read_text(errors="replace").splitlines()[-LOG_TAIL:]
+            report.sections.append((f"agent log {log.parent.name} (tail)", "\n".join(lines)))

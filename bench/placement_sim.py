@@ -14,6 +14,14 @@ Strategies:
     robin over the peers with slots left); the agent re-plans when the table runs out or
     expires, when new gossip arrives and when the tracer reports a local exec while the
     table is empty, and charges every placement the tracer reports;
+(a1) (a) as the agent runs it: one plan per second (its slots round) from the home's last
+    load sample, and no re-plan at a local exec: a burst that arrives within a second
+    stays home;
+(e0) (a1) plus the spill as first built (commit c64a784): once ``at`` jobs run at the
+    home, execs go round robin to every peer below ``target_load``, ``max_slots`` each
+    per round, the home getting none of the burst, nothing charged;
+(e) (a1) plus the spill order (``PlacementPolicy.spill``, what the agent pushes now): the
+    burst water-filled over the home and the peers by free quota, charged;
 (b) "least loaded from stale gossip": each exec goes to whichever node looked least loaded
     (n0's own figure fresh): the herding baseline;
 (c) a uniformly random node;
@@ -25,7 +33,9 @@ Strategies:
     binds (big clusters), which tests/unit/test_placement.py shows.
 
 Scenarios: the burst at n0 alone, and the same 200 jobs arriving at n0..n3 at once (four
-homes placing from the same stale view, each charging only its own placements).
+homes placing from the same stale view, each charging only its own placements); and
+bench/spread_bench.py's shapes: 32 (16) jobs of 0.75 (0.375) s CPU started within 0.1 s on
+4 nodes.
 
 Reported per strategy (mean over trials): makespan (first arrival to last exit), jobs
 placed per node max/mean, and load imbalance = time-integral of the busiest node's
@@ -46,7 +56,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +107,19 @@ class Placer:
     def place(self, now: float) -> int:
         raise NotImplementedError
 
+    def sample(self, i: int) -> None:
+        """Node ``i`` sampled its load just now (the home's own sample is known at once)."""
+
 
 class PolicyPlacer(Placer):
+    """(a): the slot table, re-planned at once whenever the home's fresh load could change
+    it (an idealised agent: its own load known at every exec)."""
+
     config = PlacementConfig()
+    #: plan once per slots round only, from the home's last sample (what the agent does)
+    rounds = False
+    #: also the spill order, sent with every round
+    spill = False
 
     def __init__(self, nodes: list[Node], home: int, rng: random.Random) -> None:
         super().__init__(nodes, home, rng)
@@ -109,29 +129,46 @@ class PolicyPlacer(Placer):
         self.dirty = True
         self.rr = 0
         self.index = {n.name: i for i, n in enumerate(nodes)}
+        self.sampled = 0.0  # the home's runnable jobs at its last sample
+        self.order: list[str | None] = []
+        self.at = 1
 
     def heard(self, i: int, load: NodeLoad, now: float) -> None:
         super().heard(i, load, now)
         self.dirty = True
 
+    def sample(self, i: int) -> None:
+        if i == self.home:
+            self.sampled = float(len(self.nodes[i].jobs))
+
+    def hint(self) -> float:
+        return self.sampled if self.rounds else float(len(self.nodes[self.home].jobs))
+
     def members(self, now: float) -> list[Member]:
         me = self.nodes[self.home]
-        out = [Member(me.name, "", 1, 1, MemberState.ALIVE, me.load(), 0.0, now)]
+        load = replace(me.load(), load_now=self.hint() / QUOTA)
+        out = [Member(me.name, "", 1, 1, MemberState.ALIVE, load, 0.0, now)]
         for i, (load, at) in self.known.items():
             out.append(Member(self.nodes[i].name, "", i + 1, 1, MemberState.ALIVE, load, 0.0, at))
         return out
 
     def place(self, now: float) -> int:
+        slot = self.take_slot(now)
+        return self.home if slot is None else slot
+
+    def take_slot(self, now: float) -> int | None:
         me = self.nodes[self.home]
-        if self.dirty or now >= self.expires:
-            table = self.policy.plan(me.name, self.members(now), now, float(len(me.jobs)))
+        if now >= self.expires or (self.dirty and not self.rounds):
+            table = self.policy.plan(me.name, self.members(now), now, self.hint())
             self.slots = dict(table.slots)
-            self.expires = table.expires
+            self.expires = now + SAMPLE_PERIOD if self.rounds else table.expires
             self.dirty = False
+            if self.spill:
+                self.make_order(now)
         names = sorted(n for n, c in self.slots.items() if c > 0)
         if not names:
             self.dirty = True  # a local exec raised the home's load: the agent re-plans
-            return self.home
+            return self.take_spill(now)
         name = names[self.rr % len(names)]
         self.rr += 1
         self.slots[name] -= 1
@@ -139,6 +176,54 @@ class PolicyPlacer(Placer):
         if sum(self.slots.values()) == 0:
             self.dirty = True  # the agent re-plans once the tracer reports the last slot
         return self.index[name]
+
+    def make_order(self, now: float) -> None:
+        me = self.nodes[self.home]
+        order = self.policy.spill(me.name, self.members(now), now, self.hint())
+        self.order, self.at = list(order.order), order.at
+
+    def take_spill(self, now: float) -> int | None:
+        """The tracer's spill: the order's next entry once ``at`` jobs run at the home."""
+        if len(self.nodes[self.home].jobs) < self.at or not self.order:
+            return None
+        name = self.order.pop(0)
+        if name is None:
+            return None
+        self.policy.charge(name, at=now)  # the tracer reports it: the agent charges it
+        return self.index[name]
+
+
+class RoundsPlacer(PolicyPlacer):
+    """(a1): (a) as the agent runs it: one plan per second from the home's last sample."""
+
+    rounds = True
+
+
+class SpillPlacer(PolicyPlacer):
+    """(e): (a1) plus the spill order sent every round (the agent as built)."""
+
+    rounds = True
+    spill = True
+
+
+class EvenSpillPlacer(SpillPlacer):
+    """(e0): the spill before quota weighting (commit c64a784): every peer below
+    ``target_load`` offered ``max_slots`` per round, round robin, the home none of the
+    burst once ``at`` of it run there, and nothing charged."""
+
+    def make_order(self, now: float) -> None:
+        idle = sorted(
+            self.nodes[i].name
+            for i, (load, _) in self.known.items()
+            if load.load_now < self.config.target_load
+        )
+        self.order = [idle[k % len(idle)] for k in range(len(idle) * self.config.max_slots)]
+        self.at = math.ceil(QUOTA)
+
+    def take_spill(self, now: float) -> int | None:
+        if len(self.nodes[self.home].jobs) < self.at or not self.order:
+            return None
+        return self.index[str(self.order.pop(0))]
 
 
 class LeastLoadedChargedPlacer(PolicyPlacer):
@@ -168,6 +253,9 @@ class LocalPlacer(Placer):
 
 STRATEGIES: dict[str, Callable[[list[Node], int, random.Random], Placer]] = {
     "(a) two-choices policy": PolicyPlacer,
+    "(a1) a in 1 s rounds": RoundsPlacer,
+    "(e0) a1 + even spill": EvenSpillPlacer,
+    "(e) a1 + spill order": SpillPlacer,
     "(b) least loaded, stale": LeastLoadedPlacer,
     "(c) random": RandomPlacer,
     "(d) all local": LocalPlacer,
@@ -176,10 +264,22 @@ STRATEGIES: dict[str, Callable[[list[Node], int, random.Random], Placer]] = {
 HERD = "(b) least loaded, stale"
 LOCAL = "(d) all local"
 
-#: scenario name -> the nodes the jobs arrive at (split evenly)
-SCENARIOS: dict[str, tuple[int, ...]] = {
-    "burst at n0": (0,),
-    "bursts at n0-n3 at once": (0, 1, 2, 3),
+
+@dataclass(frozen=True)
+class Shape:
+    nodes: int = NODES
+    jobs: int = JOBS
+    job_cpu: float = JOB_CPU
+    burst: float = BURST  # the jobs arrive within this many seconds
+
+
+#: scenario name -> the nodes the jobs arrive at (split evenly), and the shape
+SCENARIOS: dict[str, tuple[tuple[int, ...], Shape]] = {
+    "burst at n0": ((0,), Shape()),
+    "bursts at n0-n3 at once": ((0, 1, 2, 3), Shape()),
+    # bench/spread_bench.py's: 32 jobs of 0.75 s CPU started by one script, 4 hosts
+    "32 jobs at once, 4 nodes": ((0,), Shape(nodes=4, jobs=32, job_cpu=0.75, burst=0.1)),
+    "16 jobs at once, 4 nodes": ((0,), Shape(nodes=4, jobs=16, job_cpu=0.375, burst=0.1)),
 }
 
 
@@ -190,9 +290,11 @@ class Result:
     load_ratio: float
 
 
-def simulate(strategy: str, seed: int, homes: tuple[int, ...] = (0,)) -> Result:
+def simulate(
+    strategy: str, seed: int, homes: tuple[int, ...] = (0,), shape: Shape = Shape()
+) -> Result:
     rng = random.Random(seed)
-    nodes = [Node(f"n{i}") for i in range(NODES)]
+    nodes = [Node(f"n{i}") for i in range(shape.nodes)]
     placers = {h: STRATEGIES[strategy](nodes, h, random.Random(seed * 31 + h)) for h in homes}
     events: list[tuple[float, int, str, Any]] = []
     seq = 0
@@ -202,9 +304,9 @@ def simulate(strategy: str, seed: int, homes: tuple[int, ...] = (0,)) -> Result:
         seq += 1
         heapq.heappush(events, (t, seq, kind, data))
 
-    for k in range(JOBS):
-        push(rng.uniform(0.0, BURST), "arrive", homes[k % len(homes)])
-    for i in range(NODES):
+    for k in range(shape.jobs):
+        push(rng.uniform(0.0, shape.burst), "arrive", homes[k % len(homes)])
+    for i in range(shape.nodes):
         push(rng.uniform(0.0, SAMPLE_PERIOD), "sample", i)
     push(LOAD1_TICK, "tick")
 
@@ -218,14 +320,14 @@ def simulate(strategy: str, seed: int, homes: tuple[int, ...] = (0,)) -> Result:
         dt = to - now
         counts = [len(n.jobs) for n in nodes]
         max_area += max(counts) * dt
-        mean_area += sum(counts) / NODES * dt
+        mean_area += sum(counts) / shape.nodes * dt
         for n in nodes:
             if n.jobs:
                 share = min(1.0, QUOTA / len(n.jobs)) * dt
                 n.jobs = [left - share for left in n.jobs]
         now = to
 
-    while arrived < JOBS or any(n.jobs for n in nodes):
+    while arrived < shape.jobs or any(n.jobs for n in nodes):
         t_done, who = math.inf, -1
         for i, n in enumerate(nodes):
             if n.jobs:
@@ -242,9 +344,11 @@ def simulate(strategy: str, seed: int, homes: tuple[int, ...] = (0,)) -> Result:
         if kind == "arrive":
             arrived += 1
             target = nodes[placers[data].place(now)]
-            target.jobs.append(JOB_CPU)
+            target.jobs.append(shape.job_cpu)
             target.placed += 1
         elif kind == "sample":
+            for placer in placers.values():
+                placer.sample(data)
             push(now + GOSSIP_DELAY, "deliver", (data, nodes[data].load()))
             push(now + SAMPLE_PERIOD, "sample", data)
         elif kind == "deliver":
@@ -260,10 +364,12 @@ def simulate(strategy: str, seed: int, homes: tuple[int, ...] = (0,)) -> Result:
     return Result(last_exit, max(placed) / statistics.mean(placed), max_area / mean_area)
 
 
-def run_scenario(homes: tuple[int, ...], trials: int, seed: int) -> dict[str, dict[str, float]]:
+def run_scenario(
+    homes: tuple[int, ...], trials: int, seed: int, shape: Shape = Shape()
+) -> dict[str, dict[str, float]]:
     rows: dict[str, dict[str, float]] = {}
     for name in STRATEGIES:
-        runs = [simulate(name, seed + 1000 * k, homes) for k in range(trials)]
+        runs = [simulate(name, seed + 1000 * k, homes, shape) for k in range(trials)]
         rows[name] = {
             "makespan_s": statistics.mean(r.makespan for r in runs),
             "makespan_max_s": max(r.makespan for r in runs),
@@ -301,10 +407,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.trials} trials; makespan lower bound {lower:.0f} s"
     )
     scenarios: dict[str, Any] = {}
-    for title, homes in SCENARIOS.items():
-        rows = run_scenario(homes, args.trials, args.seed)
+    for title, (homes, shape) in SCENARIOS.items():
+        rows = run_scenario(homes, args.trials, args.seed, shape)
         scenarios[title] = rows
-        print(f"\n-- {title}")
+        bound = shape.jobs * shape.job_cpu / (shape.nodes * QUOTA)
+        print(f"\n-- {title} (makespan lower bound {bound:.1f} s)")
         print_rows(rows)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     setup = {

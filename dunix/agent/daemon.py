@@ -30,12 +30,13 @@ from dunix.agent.balance import BalanceService, balancer_config
 from dunix.agent.config import AgentConfig
 from dunix.agent.control import ControlService
 from dunix.agent.fanout import PeerQueries
-from dunix.agent.jobs import JobService
+from dunix.agent.jobs import Job, JobService
 from dunix.agent.migration import MigrationService
 from dunix.agent.peers import PeerLinks
 from dunix.agent.remote import JOB_MESSAGES, JobLinks, RemoteService
 from dunix.agent.storage import STORAGE_MESSAGES, StorageService
 from dunix.agent.tasks import TaskGroup
+from dunix.agent.tracer import WentRemote
 from dunix.errors import DunixError
 from dunix.fdmove import STREAM_MESSAGES
 from dunix.fdmove.deputy import DeputyListener
@@ -230,15 +231,22 @@ class Agent:
         """Where this node's tracers may send execs now (docs/run.md, ``slots``)."""
         now = trio.current_time()
         members = self.membership.members()
-        table = self.placement.plan(self.config.name, members, now, force_remote=(mode == "remote"))
+        table = self.placement.plan(
+            self.config.name, members, now, self._runnable, force_remote=(mode == "remote")
+        )
         return list(table.slots)
 
     def spill_table(self) -> tuple[int, list[tuple[str, int]]]:
         """Where an auto job's burst may go before gossip shows it (docs/run.md, ``spill``)."""
-        at, table = self.placement.spill(
-            self.config.name, self.membership.members(), trio.current_time()
+        order = self.placement.spill(
+            self.config.name, self.membership.members(), trio.current_time(), self._runnable
         )
-        return at, list(table.slots)
+        return order.at, order.runs()
+
+    def _went_remote(self, job: Job, event: WentRemote) -> None:
+        # counted against the peer until its gossiped load shows it (PlacementPolicy.charge)
+        self.placement.charge(event.node, at=trio.current_time())
+        self.remote.went_remote(job, event)
 
     async def _slots_loop(self) -> None:
         """Push fresh slot tables to every running tracer."""
@@ -308,7 +316,7 @@ class Agent:
             self.job_links = JobLinks(self, nursery)
             self.remote = RemoteService(self, self.job_links)
             self.migration = MigrationService(self)
-            self.jobs.on_remote = self.remote.went_remote
+            self.jobs.on_remote = self._went_remote
             self.jobs.on_stopped = self.remote.stopped
             deputy_socket = cfg.control.parent / "deputy.sock"
             await nursery.start(DeputyListener(deputy_socket, self.remote.serve_deputy).serve)

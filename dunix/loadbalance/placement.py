@@ -66,7 +66,10 @@ from dunix.errors import ConfigError, NoSuchNode
 from dunix.loadbalance._types import Member, MemberState
 from dunix.migrate.cpufeatures import CpuFeatures
 
-_INT_FIELDS = ("choices", "max_slots", "max_table_slots", "force_slots")
+_INT_FIELDS = ("choices", "max_slots", "max_table_slots", "force_slots", "spill_window")
+
+#: the home in a spill order sent to a tracer (no node is called that)
+HOME_MARK = "."
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +105,9 @@ class PlacementConfig:
     table_ttl: float = 2.0
     #: slot count per peer with ``force_remote`` (mode ``remote``: "never run out")
     force_slots: int = 1 << 20
+    #: execs one spill order places (home included); the agent sends a new one every
+    #: slots round (1 s), counting what was sent since
+    spill_window: int = 64
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -143,6 +149,50 @@ class SlotTable:
         for name, n in self.slots:
             parts += [name.encode(), str(n).encode()]
         return b"\0".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class SpillOrder:
+    """Where an auto job's next execs go during a burst, in order (``docs/run.md``, ``spill``).
+
+    ``order`` holds one entry per exec, ``None`` for "stay home"; the tracer takes them one
+    by one once ``at`` of the job's processes run at home, and runs everything locally once
+    they are used up (until the next order).
+    """
+
+    at: int
+    order: tuple[str | None, ...]
+    expires: float
+
+    def counts(self) -> dict[str | None, int]:
+        out: dict[str | None, int] = {}
+        for node in self.order:
+            out[node] = out.get(node, 0) + 1
+        return out
+
+    def runs(self) -> list[tuple[str, int]]:
+        """The order run-length encoded, the home as :data:`HOME_MARK` (the wire form)."""
+        out: list[tuple[str, int]] = []
+        for node in self.order:
+            name = HOME_MARK if node is None else node
+            if out and out[-1][0] == name:
+                out[-1] = (name, out[-1][1] + 1)
+            else:
+                out.append((name, 1))
+        return out
+
+
+@dataclass(slots=True)
+class _Host:
+    node: str | None  # None: the home
+    busy: float  # CPUs' worth of runnable work, projected
+    cpus: float
+    given: int = 0  # entries of the order so far
+    share: int = 0  # entries it may get (water filling)
+
+    def after(self, n: int, hysteresis: float) -> float:
+        """Its load with ``n`` more execs; a peer pays the hysteresis (home wins ties)."""
+        return (self.busy + n) / self.cpus + (0.0 if self.node is None else hysteresis)
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,24 +398,58 @@ class PlacementPolicy:
         self_name: str,
         members: Sequence[Member],
         now: float,
+        local_runnable_hint: float | None = None,
         *,
         origin_features: CpuFeatures | None = None,
-    ) -> tuple[int, SlotTable]:
-        """For a burst gossip cannot see yet: ``(at, table)`` for the tracers' ``spill``.
+    ) -> SpillOrder:
+        """For a burst gossip cannot see yet: the order for the tracers' ``spill``.
 
         ``plan`` gives no slots while the home looks idle, but a script that starts 32
         CPU-bound jobs at once does so before any load figure moves. The tracer counts the
         job's own processes running here at each exec (state R, so a shell waiting for its
         child does not count) and, once ``at`` of them run (the home's quota in CPUs,
-        rounded up), sends the exec to the next peer of this table: every peer below
-        ``target_load`` with ``max_slots``, round robin, so a burst ends up even.
+        rounded up), places the next exec by the next entry of this order.
+
+        Shares: ``spill_window`` execs water-filled over the home and every candidate
+        peer, one at a time to the host whose load (runnable CPUs / quota, projected with
+        the charges and with ``at`` running at home) would be lowest after it; a peer must
+        beat the home by ``hysteresis``. So a 1-CPU peer gets twice a 0.5-CPU one's share,
+        a busy one less, and the home keeps its part instead of sending everything away.
+        Order: the same filling again, ties drawn at random, so any prefix of the order
+        (a burst of any size) is as even as the whole, and homes planning from the same
+        stale view start on different peers. Not two random choices here: the order
+        counts this home's own entries exactly (nothing stale in them), and two choices
+        leave a prefix of 15 over 4 hosts one or two execs uneven (5 on a host instead of
+        4 makes the burst take 25 % longer); stale figures of *other* homes' work are
+        what two choices guard against, in :meth:`plan`, and here the window, the charges
+        and the next round (1 s) bound what one stale view can send.
         """
+        self._now = now
+        self._prune(members, now)
         home = self._home(self_name, members)
+        cfg = self.config
         at = max(1, math.ceil(home.load.cpus - 1e-9))
         peers = self._candidates(self_name, members, now, self._origin(home, origin_features))
-        cfg = self.config
-        slots = tuple((p.name, cfg.max_slots) for p in peers if p.load < cfg.target_load)
-        return at, SlotTable(slots, now + cfg.table_ttl)
+        home_cpus = home.load.cpus if home.load.cpus > 0 else 1.0
+        home_busy = max(self.home_load(home, local_runnable_hint) * home_cpus, float(at))
+        hosts = [_Host(None, home_busy, home_cpus)]
+        hosts += [_Host(p.name, p.load * p.cpus, p.cpus) for p in peers]
+        hyst = cfg.hysteresis
+        for _ in range(cfg.spill_window if peers else 0):
+            min(hosts, key=lambda h: h.after(h.share + 1, hyst)).share += 1
+        order: list[str | None] = []
+        open_hosts = [h for h in hosts if h.share > 0]
+        while open_hosts:
+            best = min(h.after(h.given + 1, hyst) for h in open_hosts)
+            tied = [h for h in open_hosts if h.after(h.given + 1, hyst) <= best + 1e-9]
+            win = tied[self._rng.randrange(len(tied))]
+            order.append(win.node)
+            win.given += 1
+            if win.given >= win.share:
+                open_hosts.remove(win)
+        if all(node is None for node in order):
+            order = []  # nothing would leave: no need to count running processes
+        return SpillOrder(at, tuple(order), now + cfg.table_ttl)
 
     def choose(
         self,

@@ -23,8 +23,9 @@ int quit_requested;
 static int sock = -1;
 static struct slot *slots;
 static size_t nslots, next_slot;
-/* `spill`: peers for an auto job's execs while the home is idle by gossip but this job
- * already keeps `spill_at` of its processes running here (a burst gossip cannot see yet) */
+/* `spill`: where an auto job's execs go, in order, while the home is idle by gossip but
+ * this job already keeps `spill_at` of its processes running here (a burst gossip cannot
+ * see yet); node "." is the home itself */
 static struct slot *spills;
 static size_t nspills, next_spill;
 static long spill_at = -1;
@@ -172,25 +173,34 @@ int pick_spill(long running)
 {
 	if (placement != MODE_AUTO || spill_at < 0 || running < spill_at)
 		return -1;
-	for (size_t k = 0; k < nspills; k++) {
-		size_t i = (next_spill + k) % nspills;
+	for (size_t i = next_spill; i < nspills; i++)
 		if (spills[i].count > 0)
 			return SPILL_BASE + (int)i;
-	}
 	return -1;
 }
 
+/* Auto mode with spill entries left (only then are running processes counted). */
 int spill_armed(void)
 {
-	return placement == MODE_AUTO && spill_at >= 0 && nspills > 0;
+	if (placement != MODE_AUTO || spill_at < 0)
+		return 0;
+	for (size_t i = next_spill; i < nspills; i++)
+		if (spills[i].count > 0)
+			return 1;
+	return 0;
+}
+
+int spill_is_home(int slot)
+{
+	return slot >= SPILL_BASE && !strcmp(spills[slot - SPILL_BASE].node, ".");
 }
 
 const char *use_slot(int i)
 {
 	if (i >= SPILL_BASE) {
 		i -= SPILL_BASE;
-		spills[i].count--;
-		next_spill = (size_t)i + 1;
+		spills[i].count--; /* the order is kept: next entry once this one is used up */
+		next_spill = spills[i].count > 0 ? (size_t)i : (size_t)i + 1;
 		return spills[i].node;
 	}
 	if (placement == MODE_AUTO)

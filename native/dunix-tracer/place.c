@@ -247,6 +247,10 @@ void on_exec_stop(pid_t pid)
 		slot = pick_spill(running_here(pid));
 	if (slot < 0 || !exec_target_ok(pid, dirfd, path, empty_path))
 		return;
+	if (spill_is_home(slot)) { /* the home's share of the burst */
+		use_slot(slot);
+		return;
+	}
 	char why[PATH_MAX + 32], abs[PATH_MAX];
 	const char *reason = unmovable_reason(pid, why, sizeof why);
 	if (!reason && !deputy_ok)

@@ -52,6 +52,7 @@ int pick_slot(void);                  /* a peer for a remote exec, or -1 */
 #define SPILL_BASE 100000             /* use_slot() index of a spill-table peer */
 int spill_armed(void);                /* auto mode with a spill table pushed */
 int pick_spill(long running);         /* a spill peer once `running` reach the mark */
+int spill_is_home(int slot);          /* a spill entry that keeps the exec here */
 long running_here(pid_t except);      /* traced processes running user code now */
 const char *use_slot(int slot);       /* takes it: round robin, auto counts down */
 

@@ -11,7 +11,14 @@ from hypothesis import strategies as st
 
 from dunix.errors import ConfigError, NoSuchNode
 from dunix.loadbalance import Member, MemberState, NodeLoad
-from dunix.loadbalance.placement import Choice, PlacementConfig, PlacementPolicy, SlotTable
+from dunix.loadbalance.placement import (
+    HOME_MARK,
+    Choice,
+    PlacementConfig,
+    PlacementPolicy,
+    SlotTable,
+    SpillOrder,
+)
 from dunix.migrate.cpufeatures import LEVELS, CpuFeatures
 
 NOW = 100.0
@@ -229,11 +236,81 @@ def test_two_choices_spread_homes_with_the_same_stale_view() -> None:
     assert overlap(2) < 0.5
 
 
-def test_spill_offers_every_peer_below_target_from_the_homes_quota_on() -> None:
+def test_spill_starts_at_the_homes_quota_and_skips_lesser_cpus() -> None:
     members = [member("home", 0.0, cpus=0.5), member("idle", 0.0, cpus=0.5),
-               member("busy", 1.5, cpus=0.5), member("old", 0.0, cpus=0.5, cpu=V2)]  # fmt: skip
-    at, table = policy().spill("home", members, NOW)
-    assert at == 1  # one running process fills a 0.5-CPU home
-    assert table.slots == (("idle", CFG.max_slots),)  # not the busy one, not a lesser CPU
-    at4, _ = policy().spill("home", [member("home", cpus=4.0), member("p", cpus=4.0)], NOW)
-    assert at4 == 4
+               member("old", 0.0, cpus=0.5, cpu=V2)]  # fmt: skip
+    order = policy().spill("home", members, NOW)
+    assert order.at == 1  # one running process fills a 0.5-CPU home
+    assert set(order.counts()) == {None, "idle"}  # never a lesser CPU
+    four = policy().spill("home", [member("home", cpus=4.0), member("p", cpus=4.0)], NOW)
+    assert four.at == 4
+
+
+def test_spill_of_a_burst_is_even_over_equal_hosts() -> None:
+    members = [member(n, 0.0, cpus=0.5) for n in ("home", "p1", "p2", "p3")]
+    order = policy(spill_window=31).spill("home", members, NOW)
+    # the first process stays home (at = 1), then 31 more: 8 on every host
+    assert order.counts() == {None: 7, "p1": 8, "p2": 8, "p3": 8}
+    assert set(order.order[:3]) == {"p1", "p2", "p3"}  # the idle peers before the home
+
+
+@given(st.integers(0, 1000), st.lists(st.floats(0.0, 3.0), min_size=1, max_size=6),
+       st.lists(st.sampled_from([0.5, 1.0, 2.0]), min_size=7, max_size=7))  # fmt: skip
+def test_spill_shares_follow_free_capacity(
+    seed: int, loads: list[float], cpus: list[float]
+) -> None:
+    """Water filling: after the order, no host could take one more exec and end up lighter
+    than the busiest host it was given to (hysteresis for peers aside)."""
+    members = [member("home", 0.0, cpus=cpus[0])] + [
+        member(f"p{i}", load, cpus=cpus[i + 1]) for i, load in enumerate(loads)
+    ]
+    order = policy(seed).spill("home", members, NOW)
+    counts = order.counts()
+    assert len(order.order) in (0, CFG.spill_window)
+    busy = {None: float(order.at)} | {f"p{i}": load * cpus[i + 1] for i, load in enumerate(loads)}
+    quota = {None: cpus[0]} | {f"p{i}": cpus[i + 1] for i in range(len(loads))}
+
+    def after(node: str | None, n: int) -> float:
+        return (busy[node] + n) / quota[node] + (0.0 if node is None else CFG.hysteresis)
+
+    if order.order:
+        worst = max(after(n, counts[n]) for n in counts)
+        assert all(after(n, counts.get(n, 0) + 1) >= worst - 1e-9 for n in busy)
+
+
+def test_spill_prefers_the_bigger_quota_in_proportion() -> None:
+    members = [member("home", 0.0, cpus=0.5), member("small", 0.0, cpus=0.5),
+               member("big", 0.0, cpus=1.5)]  # fmt: skip
+    counts = policy(spill_window=40).spill("home", members, NOW).counts()
+    assert counts["big"] == 3 * counts["small"] or abs(counts["big"] - 3 * counts["small"]) <= 3
+    assert abs(counts[None] + 1 - counts["small"]) <= 1  # the home counts its first process
+
+
+def test_spill_keeps_a_burst_home_when_peers_are_busier() -> None:
+    members = [member("home", 0.0, cpus=0.5), member("busy", 6.0, cpus=0.5)]
+    # 3 CPUs busy there: the home (1 running) takes 3 more before the peer is lighter
+    order = policy(spill_window=3).spill("home", members, NOW)
+    assert order.order == ()
+    assert order.runs() == []
+    assert policy(spill_window=4).spill("home", members, NOW).counts() == {None: 3, "busy": 1}
+
+
+def test_spill_counts_the_placements_charged_since_gossip() -> None:
+    members = [member(n, 0.0, cpus=0.5) for n in ("home", "p1", "p2")]
+    pol = policy(spill_window=6)
+    pol.charge("p1", 4, at=NOW)
+    counts = pol.spill("home", members, NOW).counts()
+    assert counts.get("p1", 0) == 0  # 4 sent there already: the others catch up first
+    assert counts == {None: 3, "p2": 3}  # 4 per host, the home counting its first
+
+
+def test_spill_orders_differ_between_homes_but_not_their_counts() -> None:
+    members = [member(n, 0.0, cpus=0.5) for n in ["home"] + [f"p{i}" for i in range(8)]]
+    orders = [policy(seed).spill("home", members, NOW) for seed in range(10)]
+    assert len({o.order[:4] for o in orders}) > 5  # two choices: different first peers
+    assert len({tuple(sorted(o.counts().items(), key=str)) for o in orders}) == 1
+
+
+def test_spill_runs_are_the_wire_form() -> None:
+    order = SpillOrder(1, ("a", "a", None, "b", None, None), NOW)
+    assert order.runs() == [("a", 2), (HOME_MARK, 1), ("b", 1), (HOME_MARK, 2)]

@@ -555,3 +555,14 @@ def test_the_deputy_is_copied_where_every_user_can_exec_it(tmp_path: Path) -> No
     source.write_bytes(b"\x7fELF deputy, rebuilt")
     os.utime(source, (1, 1))
     assert public_deputy(source, dest).read_bytes() == b"\x7fELF deputy, rebuilt"
+
+
+def test_auto_spill_order_is_taken_in_order_home_entries_stay_here(fake_deputy: Path) -> None:
+    script = "; ".join(f"/bin/echo {c}" for c in "abcde")
+    order = ("spill", "0", "n1", "2", ".", "1", "n2", "1")  # AT 0: spill from the first exec
+    r = gated(script, fake_deputy, ("slots",), order, ("mode", "auto"))
+    check_protocol_frame(r)
+    assert [m[2] for m in r.of("remote")] == ["n1", "n1", "n2"]
+    lines = r.stdout.splitlines()[1:]
+    assert [line.startswith("DEPUTY") for line in lines] == [True, True, False, True, False]
+    assert lines[2] == "c" and lines[4] == "e"  # the home's entry, then the order used up

@@ -135,9 +135,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_fs_where(args: argparse.Namespace) -> int:
-    from dunix.client import storagefs_owner
+    from dunix.client import storagefs_copies, storagefs_owner
 
-    owners = [(path, *storagefs_owner(path)) for path in args.paths]
+    owners = [(path, *storagefs_owner(path), storagefs_copies(path)) for path in args.paths]
     names: dict[int, str] = {0: "every host"}
     with contextlib.suppress(DunixError, OSError):
 
@@ -147,14 +147,25 @@ def cmd_fs_where(args: argparse.Namespace) -> int:
 
         names.update({n.node_id: n.name for n in trio.run(main)})
     rows = [
-        {"path": p, "node_id": node, "node": names.get(node, ""), "ino": ino}
-        for p, node, ino in owners
-    ]
+        {"path": p, "node_id": node, "node": names.get(node, ""), "ino": ino,
+         "replicas": [{"node_id": r, "node": names.get(r, "")} for r in copies]}
+        for p, node, ino, copies in owners
+    ]  # fmt: skip
     if args.json:
         print(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2))
         return 0
     for row in rows:
-        print(f"{row['path']}  {row['node'] or '?'} (node {row['node_id']})")
+        extra = "".join(f", replica {r['node'] or '?'} (node {r['node_id']})"
+                        for r in row["replicas"])  # fmt: skip
+        print(f"{row['path']}  {row['node'] or '?'} (node {row['node_id']}){extra}")
+    return 0
+
+
+def cmd_fs_replicas(args: argparse.Namespace) -> int:
+    from dunix.client import storagefs_set_replicas
+
+    for path in args.paths:
+        storagefs_set_replicas(path, args.factor)
     return 0
 
 
@@ -387,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fs", help="the shared file tree at /dunix/fs",
                        epilog="examples:\n  $ dunix fs where /dunix/fs/build/foo.o\n"
+                              "  $ dunix fs replicas 2 /dunix/fs/home\n"
                               "  $ dunix fs where --json /dunix/fs/a /dunix/fs/b",
                        formatter_class=fmt)  # fmt: skip
     fsub = p.add_subparsers(dest="fs_action", metavar="ACTION", required=True)
@@ -395,6 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("paths", nargs="+", metavar="PATH")
     _client_args(c)
     c.set_defaults(func=cmd_fs_where)
+    c = fsub.add_parser("replicas", help="keep N copies of every file created below a folder")
+    c.add_argument("factor", type=int, metavar="N", help="copies in all (1: no replicas)")
+    c.add_argument("paths", nargs="+", metavar="PATH", help="folders under /dunix/fs")
+    c.set_defaults(func=cmd_fs_replicas)
 
     p = sub.add_parser(
         "watch",

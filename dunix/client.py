@@ -328,3 +328,36 @@ def storagefs_owner(path: str | os.PathLike[str]) -> tuple[int, int]:
     if st.st_ino == 1:
         return 0, 1
     return split_ino(st.st_ino).node_id, st.st_ino
+
+
+def storagefs_copies(path: str | os.PathLike[str]) -> tuple[int, ...]:
+    """The replicas of a storagefs file (node ids; empty: none), as its owner knows them.
+
+    Read from the mount (xattr ``user.dunix.where``, which the owner answers); no agent is
+    asked. Raises OSError (EIO) when the owner cannot be reached.
+    """
+    import errno
+
+    from dunix.storagefs.replicas import WHERE_XATTR, parse_where
+
+    try:
+        found = parse_where(os.getxattr(path, WHERE_XATTR, follow_symlinks=False))
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+            return ()
+        raise
+    return found[1:]
+
+
+def storagefs_set_replicas(path: str | os.PathLike[str], factor: int) -> None:
+    """``dunix fs replicas``: files created below folder ``path`` get ``factor`` copies.
+
+    Set through the mount (xattr ``user.dunix.replicas``); the host passes it to every peer.
+    """
+    from dunix.errors import ConfigError
+    from dunix.storagefs.replicas import FACTOR_XATTR
+
+    storagefs_owner(path)  # a ConfigError outside storagefs
+    if factor < 1:
+        raise ConfigError(f"replication factor {factor} is below 1")
+    os.setxattr(path, FACTOR_XATTR, str(factor).encode())

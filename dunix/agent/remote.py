@@ -34,7 +34,14 @@ from dunix.agent.tracer import JobContext, Started, Stopped, Tracer, WentRemote
 from dunix.errors import DunixError, PeerUnreachable
 from dunix.fdmove import StreamEndpoint, StreamHub, odd_side
 from dunix.fdmove.deputy import DeputyConnection
-from dunix.fdmove.inventory import FdInfo, inventory, movable, rlimits, signal_state
+from dunix.fdmove.inventory import (
+    FdInfo,
+    blocked_readers,
+    inventory,
+    movable,
+    rlimits,
+    signal_state,
+)
 from dunix.fdmove.openas import open_as
 from dunix.fdmove.pidfd import pidfd_getfd, pidfd_open
 from dunix.fdmove.ttyrelay import GuestTerminal, HomeTerminal
@@ -638,6 +645,18 @@ class RemoteService:
                 guest.receivers.append(hub.open_receiver(rf.stream_in, term.master_fd()))
         return term.slave_fd()
 
+    def _blocked_readers(self, job_id: str) -> Callable[[tuple[int, int]], int]:
+        """The guest job's readers blocked on a pipe: what its pull-mode relay may fetch
+        from the home (a process that only inherited the read end must take nothing)."""
+
+        def wanted(key: tuple[int, int]) -> int:
+            job = self.agent.jobs.jobs.get(job_id)
+            if job is None:
+                return 0
+            return blocked_readers((p.pid for p in self.agent.jobs.of(job)), key)
+
+        return wanted
+
     def _recreate(self, rf: RemoteFd, hub: StreamHub, guest: Guest, req: RemoteExec) -> int:
         """This side's fd for the guest's fd ``rf.fd``; the caller closes it after spawn."""
         if rf.kind == "tty":
@@ -648,7 +667,8 @@ class RemoteService:
             if rf.writable:  # the program writes; we read and send home
                 guest.senders.append(hub.open_sender(rf.stream, r))
                 return w
-            guest.receivers.append(hub.open_receiver(rf.stream, w))
+            pull = self._blocked_readers(f"{req.job}/{req.home_pid}")
+            guest.receivers.append(hub.open_receiver(rf.stream, w, pull=pull))
             return r
         flags = rf.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY) | os.O_CLOEXEC
         path = "/dev/null" if rf.kind == "null" and not rf.path else rf.path

@@ -25,6 +25,10 @@ Peer, with new pipes whose other ends become the process's fds (owned, ``shared=
     r, w = os.pipe(); hub.open_receiver(s0, w)      # process gets r as fd 0
     r, w = os.pipe(); hub.open_sender(s1, r)        # process gets w as fd 1
 
+A pipe's read end held by a process elsewhere is pulled: the peer opens its receiver
+with ``pull=`` a function that says how many bytes readers blocked on it ask for, and the
+home reads only that (see ``streams``: a process that never reads takes nothing).
+
 A read-write fd (a tty) is two streams on two fds of one socket (``socket.socketpair()``
 on the peer, ``os.dup`` of the duplicate at home). ``await endpoint.wait()`` returns the
 ``Outcome`` once the endpoint has closed its fd; ``endpoint.stop()`` ends it early.
@@ -40,7 +44,9 @@ from dunix.fdmove.relay import (
 )
 from dunix.fdmove.streams import (
     DEFAULT_WINDOW,
+    STREAM_AFTER,
     STREAM_MESSAGES,
+    STREAM_MIN_READ,
     TRANSITIONS,
     Event,
     Role,
@@ -52,6 +58,9 @@ from dunix.fdmove.streams import (
     StreamInfo,
     StreamMessage,
     StreamMux,
+    StreamPull,
+    StreamReady,
+    StreamWant,
     odd_side,
 )
 
@@ -59,7 +68,9 @@ __all__ = [
     "DEFAULT_CHUNK",
     "DEFAULT_WINDOW",
     "PIPE_SIZE",
+    "STREAM_AFTER",
     "STREAM_MESSAGES",
+    "STREAM_MIN_READ",
     "TRANSITIONS",
     "Event",
     "Outcome",
@@ -75,5 +86,8 @@ __all__ = [
     "StreamInfo",
     "StreamMessage",
     "StreamMux",
+    "StreamPull",
+    "StreamReady",
+    "StreamWant",
     "odd_side",
 ]

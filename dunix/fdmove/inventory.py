@@ -250,3 +250,106 @@ def rlimits(pid: int) -> list[Rlimit]:
         soft, hard = (resource.RLIM_INFINITY if v == "unlimited" else int(v) for v in m.group(2, 3))
         limits.append(Rlimit(_LIMIT_NAMES[m.group(1)], soft, hard))
     return limits
+
+
+# -- readers blocked on a pipe (pull-mode relays, dunix/fdmove/streams.py) ----------------
+
+#: what a reader blocked in poll, select or epoll on the pipe is taken to ask for: the
+#: size of a default pipe buffer, as much as one read of a local pipe usually gets
+POLL_WANT = 64 * 1024
+
+# x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl) -> (fd arg, count arg);
+# a count of -1: an iovec array (args 1, 2) to sum
+_READS = {0: (0, 2), 19: (0, -1), 295: (0, -1), 327: (0, -1), 40: (1, 3), 275: (0, 4),
+          276: (0, 2), 326: (0, 4)}  # fmt: skip
+_POLLS = {7, 271}  # poll, ppoll: struct pollfd array (arg 0), count (arg 1)
+_SELECTS = {23, 270}  # select, pselect6: nfds (arg 0), readfds (arg 1)
+_EPOLLS = {232, 281, 441}  # epoll_wait, epoll_pwait, epoll_pwait2: epfd (arg 0)
+_POLLIN = 0x1 | 0x40  # POLLIN | POLLRDNORM (EPOLLIN is 0x1 too)
+
+
+def _same_file(pid: int, fd: int, key: tuple[int, int]) -> bool:
+    try:
+        st = os.stat(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == key
+
+
+def _memory(pid: int, address: int, size: int) -> bytes:
+    if not address or size <= 0 or size > 1 << 20:
+        return b""
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.pread(fd, size, address)
+    finally:
+        os.close(fd)
+
+
+def _one_blocked_read(pid: int, tid: int, key: tuple[int, int]) -> int:
+    """Bytes that thread ``tid`` of ``pid`` waits to read from the pipe ``key`` (0: none)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+            fields = f.read().split()
+    except OSError:  # gone, or not ours to look at
+        return 0
+    if len(fields) < 7 or not fields[0].isdigit():  # "running", or "-1 ..." (not in a call)
+        return 0
+    nr, args = int(fields[0]), [int(a, 16) for a in fields[1:7]]
+    try:
+        if nr in _READS:
+            fd_arg, count_arg = _READS[nr]
+            if not _same_file(pid, args[fd_arg], key):
+                return 0
+            if count_arg >= 0:
+                return args[count_arg]
+            raw = _memory(pid, args[1], 16 * min(args[2], 1024))
+            lengths = (raw[i + 8 : i + 16] for i in range(0, len(raw), 16))
+            return sum(int.from_bytes(n, "little") for n in lengths)
+        if nr in _POLLS:
+            raw = _memory(pid, args[0], 8 * min(args[1], 4096))
+            for i in range(0, len(raw) - 7, 8):
+                fd = int.from_bytes(raw[i : i + 4], "little", signed=True)
+                events = int.from_bytes(raw[i + 4 : i + 6], "little")
+                if fd >= 0 and events & _POLLIN and _same_file(pid, fd, key):
+                    return POLL_WANT
+            return 0
+        if nr in _SELECTS:
+            nfds = min(args[0], 1 << 16)
+            raw = _memory(pid, args[1], (nfds + 63) // 64 * 8)
+            bits = int.from_bytes(raw, "little")
+            for fd in range(nfds):
+                if bits >> fd & 1 and _same_file(pid, fd, key):
+                    return POLL_WANT
+            return 0
+        if nr in _EPOLLS:
+            text = _read_proc(pid, f"fdinfo/{args[0]}")
+            for m in re.finditer(r"^tfd:\s*(\d+)\s+events:\s*([0-9a-f]+)", text, re.M):
+                if int(m[2], 16) & _POLLIN and _same_file(pid, int(m[1]), key):
+                    return POLL_WANT
+    except (OSError, DunixError):
+        return 0
+    return 0
+
+
+def blocked_readers(pids: Iterable[int], key: tuple[int, int]) -> int:
+    """The largest read that a thread of ``pids`` is blocked in on the pipe or FIFO whose
+    ``(st_dev, st_ino)`` is ``key``: 0 if none waits for it.
+
+    A pull-mode relay asks this before taking anything from the home pipe, so a process
+    that merely inherited the read end takes nothing (docs/run.md, "fd forwarding").
+    /proc/PID/syscall (proc(5)) names the call a sleeping thread is in and its arguments;
+    it says "running" for a thread that runs or was just woken, so a read that our last
+    write satisfied is never taken for a new one. read, readv, splice and their kin name
+    the fd and the size; poll, select and epoll name a set of fds, read from the process's
+    memory or its epoll fdinfo, and count as a want of ``POLL_WANT`` bytes. x86_64 only.
+    """
+    best = 0
+    for pid in pids:
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except (OSError, ValueError):
+            continue
+        for tid in tids:
+            best = max(best, _one_blocked_read(pid, tid, key))
+    return best

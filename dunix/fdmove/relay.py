@@ -14,6 +14,14 @@ far end (the local reader sees EOF) or when its write failed with EPIPE. The age
 ignores SIGPIPE (Python's default), so a failed write is an ``EPIPE`` error, never a
 signal.
 
+Pull mode (``open_receiver(..., pull=demand)``, for a pipe's read end held by a process
+elsewhere): the receiver asks ``demand((st_dev, st_ino))`` how much a reader blocked on
+its pipe wants (dunix.fdmove.inventory.blocked_readers) once the sender said it has data
+waiting, looking again after 0.5, 1, 2 ... up to ``PROBE_MAX`` seconds, and the sender
+reads only what is wanted (see dunix.fdmove.streams). A sender waiting for its fd with a
+grant is itself such a reader of that pipe: it is counted too (a process that went on to
+a third host reads through it).
+
 The fd's open file description may be shared with other processes (the home side's
 duplicates from ``pidfd_getfd``). Setting ``O_NONBLOCK`` on a shared description would
 change it for them too (a user's terminal left non-blocking), so with ``shared=True`` a
@@ -33,6 +41,8 @@ import os
 import select
 import socket
 import stat
+import struct
+import termios
 from collections.abc import Awaitable, Callable, Iterable
 
 import trio
@@ -56,7 +66,22 @@ DEFAULT_CHUNK = 256 * 1024
 #: pipe buffer asked for with F_SETPIPE_SZ (the default 64 KiB costs a wakeup per 64 KiB)
 PIPE_SIZE = 1024 * 1024
 
+#: pull mode: the longest pause between two looks for a blocked reader
+PROBE_MAX = 0.05
+PROBE_FIRST = 0.0005
+
 Send = Callable[[StreamMessage], Awaitable[None]]
+#: pull mode: bytes wanted by readers blocked on the pipe ``(st_dev, st_ino)``
+Demand = Callable[[tuple[int, int]], int]
+
+#: senders waiting for their fd with a grant, per pipe (st_dev, st_ino): bytes wanted
+_waiting_senders: dict[tuple[int, int], list[int]] = {}
+
+
+def waiting_senders(key: tuple[int, int]) -> int:
+    """The largest grant a sender of this agent waits to fill from the pipe ``key``."""
+    return max(_waiting_senders.get(key, ()), default=0)
+
 
 _BROKEN = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN)
 
@@ -84,7 +109,11 @@ class _LocalFd:
         else:
             os.set_blocking(fd, False)
         self.fd = fd
-        if stat.S_ISFIFO(mode) and fd >= 0:
+        self.key = (-1, -1)
+        self.fifo = stat.S_ISFIFO(mode)
+        if self.fifo and fd >= 0:
+            st = os.fstat(fd)
+            self.key = (st.st_dev, st.st_ino)
             with contextlib.suppress(OSError):  # capped by fs.pipe-max-size; best effort
                 fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
@@ -101,6 +130,23 @@ class _LocalFd:
             new = -1
         os.close(fd)
         return new
+
+    def queued(self) -> int:
+        """Bytes in the pipe (FIONREAD), 0 when it cannot tell."""
+        try:
+            raw = fcntl.ioctl(self.fd, termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return 0
+        return int(struct.unpack("i", raw)[0])
+
+    def at_eof(self) -> bool:
+        """A pipe with no writers and nothing left: a read would return EOF. Readable
+        alone is not enough: another reader may have taken the data since."""
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        events = poller.poll(0)
+        hangup = bool(events and events[0][1] & (select.POLLHUP | select.POLLERR))
+        return hangup and not self.queued()
 
     def read(self, size: int) -> bytes | None:
         """Up to ``size`` bytes; ``b""`` at EOF, None if nothing is ready."""
@@ -184,6 +230,8 @@ class StreamEndpoint:
         self._hangup = False  # receiver: the local reader went away
         self._lost = False
         self._opening: list[StreamMessage] = []  # a receiver's opening credit
+        self._demand: Demand | None = None  # a pull-mode receiver's look at its readers
+        self._idle = False  # a pulled sender waits for data or a grant, whichever is first
 
     def __repr__(self) -> str:
         kind = "sender" if self.sending else "receiver"
@@ -276,13 +324,19 @@ class StreamEndpoint:
                 self._close()  # the local writer learns now; the end waits for the credit
             await self._wait_changed()
         while not (self._lost or self._stopping) and info.state is State.OPEN:
-            credit = info.credit
+            credit = mux.sendable(stream)
             if not credit:
+                if info.pull and not info.ready and self._io.fd >= 0:
+                    if await self._wait_pulled():
+                        self._close()
+                        await self._send_all(mux.local_eof(stream))
+                        return Outcome.LOST if self._lost else Outcome.EOF
+                    continue
                 await self._wait_changed()
                 continue
             data = self._io.read(min(credit, chunk))
             if data is None:
-                await self._wait_io(self._io.wait_readable)
+                await self._wait_filling(credit)
                 continue
             if not data:
                 self._close()
@@ -299,6 +353,38 @@ class StreamEndpoint:
             return Outcome.PEER_GONE
         await self._send_all(mux.local_eof(stream))  # stopped by the agent
         return Outcome.STOPPED
+
+    async def _wait_pulled(self) -> bool:
+        """A pulled sender with no grant: wait for data (then say ``StreamReady``), EOF
+        (True: the end needs no grant) or a message from the peer, whichever is first."""
+        self._idle = True
+        try:
+            await self._wait_io(self._io.wait_readable)
+        finally:
+            self._idle = False
+        info = self.hub.mux.info(self.stream)
+        if info.state is not State.OPEN or self.hub.mux.sendable(self.stream):
+            return False  # woken by the peer
+        if self._io.at_eof():
+            return True
+        if self._io.queued():
+            await self._send_all(self.hub.mux.ready(self.stream))
+        else:
+            await trio.sleep(PROBE_FIRST)  # readable, yet another reader took it: no spin
+        return False
+
+    async def _wait_filling(self, credit: int) -> None:
+        """Wait for the fd with a grant: meanwhile this relay is a reader of its pipe."""
+        waiting = _waiting_senders.setdefault(self._io.key, []) if self._io.fifo else None
+        if waiting is not None:
+            waiting.append(credit)
+        try:
+            await self._wait_io(self._io.wait_readable)
+        finally:
+            if waiting is not None:
+                waiting.remove(credit)
+                if not waiting:
+                    _waiting_senders.pop(self._io.key, None)
 
     async def _run_receiver(self) -> Outcome:
         """Write what arrives; meanwhile watch for the local reader going away, so the far
@@ -329,6 +415,7 @@ class StreamEndpoint:
         mux, stream = self.hub.mux, self.stream
         info = mux.info(stream)
         await self._send_all(self._opening)
+        pause = 0.0  # pull mode: how long to wait before looking for a reader again
         while not self._lost:
             if self._stopping or self._hangup:
                 self._close()
@@ -359,8 +446,28 @@ class StreamEndpoint:
                 self._close()
                 await self._send_all(mux.flushed(stream))
                 return Outcome.EOF
+            if info.probing and self._demand is not None:
+                wanted = self._look_for_readers()
+                if wanted:
+                    pause = 0.0
+                    await self._send_all(mux.demand(stream, wanted))
+                    continue
+                pause = min(PROBE_MAX, max(PROBE_FIRST, 2 * pause))
+                with trio.move_on_after(pause):
+                    await self._wait_changed()
+                continue
+            pause = 0.0
             await self._wait_changed()
         return Outcome.LOST
+
+    def _look_for_readers(self) -> int:
+        """What a reader blocked on our pipe wants; 0 while the pipe still holds data
+        (a reader would not be blocked then, whatever /proc says)."""
+        assert self._demand is not None
+        if self._io.queued():
+            return 0
+        key = self._io.key
+        return max(self._demand(key), waiting_senders(key))
 
 
 class StreamHub:
@@ -412,11 +519,20 @@ class StreamHub:
         """
         return self._open(stream, fd, sending=True, shared=shared)
 
-    def open_receiver(self, stream: int, fd: int, *, shared: bool = False) -> StreamEndpoint:
-        """Write what the peer's sender of ``stream`` sends into ``fd`` (owned, see above)."""
-        return self._open(stream, fd, sending=False, shared=shared)
+    def open_receiver(
+        self, stream: int, fd: int, *, shared: bool = False, pull: Demand | None = None
+    ) -> StreamEndpoint:
+        """Write what the peer's sender of ``stream`` sends into ``fd`` (owned, see above).
 
-    def _open(self, stream: int, fd: int, *, sending: bool, shared: bool) -> StreamEndpoint:
+        ``pull``: ``fd`` is the write end of a pipe whose readers are local processes that
+        may never read it; the peer reads its fd only for what they wait for (see the
+        module docstring). ``pull(key)`` says how many bytes they wait for.
+        """
+        return self._open(stream, fd, sending=False, shared=shared, pull=pull)
+
+    def _open(
+        self, stream: int, fd: int, *, sending: bool, shared: bool, pull: Demand | None = None
+    ) -> StreamEndpoint:
         if self._nursery is None:
             raise RuntimeError("StreamHub.run is not running")
         if self._lost:
@@ -426,7 +542,9 @@ class StreamHub:
             raise ValueError(f"stream {stream} is already open")
         io = _LocalFd(fd, writing=not sending, shared=shared)
         try:
-            opening = [] if sending else self.mux.open_receiver(stream)
+            if pull is not None and not io.fifo:
+                raise ValueError("only a pipe or FIFO can be pulled")
+            opening = [] if sending else self.mux.open_receiver(stream, pull=pull is not None)
             if sending:
                 self.mux.open_sender(stream)
         except BaseException:
@@ -434,6 +552,7 @@ class StreamHub:
             raise
         endpoint = self.endpoints[stream] = StreamEndpoint(self, stream, io, sending=sending)
         endpoint._opening = opening
+        endpoint._demand = pull
         self._nursery.start_soon(endpoint._run, name=repr(endpoint))
         return endpoint
 
@@ -454,7 +573,7 @@ class StreamHub:
         if isinstance(msg, StreamData):
             endpoint._data(msg.data if info.state is State.OPEN else b"")
         else:
-            endpoint._poke(cancel_io=info.state is State.PEER_GONE)
+            endpoint._poke(cancel_io=info.state is State.PEER_GONE or endpoint._idle)
         return True
 
     def link_lost(self) -> None:

@@ -19,6 +19,23 @@ Protocol, per stream (the channel keeps order):
   stream once it has sent and received its final message, so ids are never reused: the
   ids a side allocates are odd or even (``StreamMux(odd=...)``) and increase.
 
+Pull mode (a pipe's read end held by a process elsewhere, ``open_receiver(pull=True)``):
+a process that inherited a read end and never reads it must not take anything from the
+pipe, so the sender reads only what a reader on the receiving side asked for.
+
+* The receiver opens with ``StreamPull(window)`` instead: the sender is open, with no credit.
+* The sender, holding no credit while its fd has data waiting, says ``StreamReady`` once
+  (again only after its next grant). The receiver then looks for a reader blocked on its
+  side (dunix.fdmove.inventory.blocked_readers) and, when it finds one asking for N bytes,
+  sends ``StreamWant(N)``: the sender may send one ``StreamData`` of at most N bytes, as
+  the blocked read itself would have taken them, and the want is spent.
+* After ``STREAM_AFTER`` wants of at least ``STREAM_MIN_READ`` bytes served in a row the
+  reader is taken to be a steady reader: the receiver grants ``STREAM_READS`` reads' worth
+  (at most its window) as ``StreamCredit``, and the stream goes on as above with that
+  window. A reader that then stops may have taken up to that much (and what its pipe
+  holds) beyond what it read: like a local reader's own buffer, only bigger.
+* An end (EOF) needs no grant: the sender sends ``StreamEnd`` when its fd is at EOF.
+
 Anything else from the peer (data beyond credit, credit above the window, data or an end
 for a stream nobody registered) is a ``ProtocolError``: the channel must be closed.
 
@@ -42,6 +59,13 @@ from dunix.wire import message
 DEFAULT_WINDOW = 1024 * 1024
 #: how many not yet registered streams may have early credit waiting
 MAX_EARLY = 1024
+#: pull mode: wants of at least STREAM_MIN_READ bytes served in a row before credit is
+#: granted (a reader reading in small pieces, as a shell's `read` does byte by byte so as
+#: to leave the rest for others, is served read by read for good)
+STREAM_AFTER = 3
+STREAM_MIN_READ = 4096
+#: pull mode: the credit granted then, in reads of the size last wanted (capped by the window)
+STREAM_READS = 4
 
 
 @message
@@ -76,8 +100,38 @@ class StreamCredit:
     nbytes: int
 
 
-STREAM_MESSAGES: tuple[type[Any], ...] = (StreamData, StreamEnd, StreamGone, StreamCredit)
-StreamMessage = StreamData | StreamEnd | StreamGone | StreamCredit
+@message
+@dataclass(frozen=True)
+class StreamPull:
+    """A pull-mode receiver's opening: its window, and no credit yet."""
+
+    stream: int
+    window: int
+
+
+@message
+@dataclass(frozen=True)
+class StreamWant:
+    """Pull mode: a reader waits for up to ``nbytes``; the sender may send one StreamData."""
+
+    stream: int
+    nbytes: int
+
+
+@message
+@dataclass(frozen=True)
+class StreamReady:
+    """Pull mode: the sender has data waiting and nothing to send it with."""
+
+    stream: int
+
+
+STREAM_MESSAGES: tuple[type[Any], ...] = (
+    StreamData, StreamEnd, StreamGone, StreamCredit, StreamPull, StreamWant, StreamReady,
+)  # fmt: skip
+StreamMessage = (
+    StreamData | StreamEnd | StreamGone | StreamCredit | StreamPull | StreamWant | StreamReady
+)
 
 
 class Role(enum.Enum):
@@ -97,6 +151,9 @@ class State(enum.Enum):
 
 class Event(enum.Enum):
     CREDIT = "credit"  # StreamCredit received
+    PULL = "pull"  # StreamPull received (a pull-mode opening)
+    WANT = "want"  # StreamWant received
+    READY = "ready"  # StreamReady received
     DATA = "data"  # StreamData received
     END = "end"  # StreamEnd received
     GONE = "gone"  # StreamGone received
@@ -110,7 +167,11 @@ class Event(enum.Enum):
 #: event came from the peer, and a bug of the relay if it is local.
 TRANSITIONS: Mapping[tuple[Role, State, Event], State] = {
     (Role.SEND, State.WAITING, Event.CREDIT): State.OPEN,
+    (Role.SEND, State.WAITING, Event.PULL): State.OPEN,
     (Role.SEND, State.WAITING, Event.GONE): State.PEER_GONE,
+    (Role.SEND, State.OPEN, Event.WANT): State.OPEN,
+    (Role.SEND, State.ENDED, Event.WANT): State.ENDED,  # sent before our end
+    (Role.SEND, State.PEER_GONE, Event.WANT): State.PEER_GONE,
     (Role.SEND, State.OPEN, Event.CREDIT): State.OPEN,
     (Role.SEND, State.OPEN, Event.LOCAL_EOF): State.ENDED,
     (Role.SEND, State.OPEN, Event.GONE): State.PEER_GONE,
@@ -120,6 +181,9 @@ TRANSITIONS: Mapping[tuple[Role, State, Event], State] = {
     (Role.SEND, State.PEER_GONE, Event.FINISH): State.CLOSED,
     (Role.RECEIVE, State.OPEN, Event.DATA): State.OPEN,
     (Role.RECEIVE, State.OPEN, Event.END): State.DRAINING,
+    (Role.RECEIVE, State.OPEN, Event.READY): State.OPEN,
+    (Role.RECEIVE, State.DRAINING, Event.READY): State.DRAINING,  # sent before its end
+    (Role.RECEIVE, State.GONE, Event.READY): State.GONE,
     (Role.RECEIVE, State.OPEN, Event.LOCAL_GONE): State.GONE,
     (Role.RECEIVE, State.DRAINING, Event.FLUSHED): State.CLOSED,
     (Role.RECEIVE, State.DRAINING, Event.LOCAL_GONE): State.CLOSED,
@@ -128,7 +192,9 @@ TRANSITIONS: Mapping[tuple[Role, State, Event], State] = {
     (Role.RECEIVE, State.GONE, Event.LOCAL_GONE): State.GONE,
 }
 
-_FROM_PEER = {Event.CREDIT, Event.DATA, Event.END, Event.GONE}
+_FROM_PEER = {
+    Event.CREDIT, Event.DATA, Event.END, Event.GONE, Event.PULL, Event.WANT, Event.READY,
+}  # fmt: skip
 
 
 @dataclass
@@ -150,11 +216,34 @@ class StreamInfo:
     max_buffered: int = 0
     sent: int = 0
     received: int = 0
+    #: pull mode (see the module docstring)
+    pull: bool = False
+    #: sender: the bytes of the one read the peer's reader waits for (0: none);
+    #: receiver: the want it sent and has not seen data for yet
+    want: int = 0
+    #: sender: said StreamReady since its last grant; receiver: got one since its last want
+    ready: bool = False
+    #: receiver: big wants served in a row; at STREAM_AFTER credit is granted; sender:
+    #: credit grants received
+    served: int = 0
+    #: receiver: the credit granted to a steady pull reader (0: the window)
+    granted: int = 0
+
+    @property
+    def probing(self) -> bool:
+        """Pull receiver: the peer has data waiting and nothing here asks for it yet, so
+        the relay should look for a reader blocked on its fd (and call ``demand``)."""
+        return (
+            self.pull and self.ready and self.state is State.OPEN
+            and not (self.want or self.credit or self.buffered)
+        )  # fmt: skip
 
     @property
     def in_flight(self) -> int:
         """Sender: bytes sent and not yet credited back."""
-        return self.window - self.credit if self.role is Role.SEND and self.window else 0
+        if self.role is not Role.SEND or not self.window or (self.pull and not self.served):
+            return 0  # a pull sender holds no window until the first one is granted
+        return self.window - self.credit
 
     @property
     def done(self) -> bool:
@@ -181,7 +270,7 @@ class StreamMux:
         self.window = window
         self._next = first if first is not None else 1 if odd else 2
         self._streams: dict[int, StreamInfo] = {}
-        self._early: dict[int, list[StreamCredit | StreamGone]] = {}
+        self._early: dict[int, list[StreamCredit | StreamGone | StreamPull]] = {}
 
     # -- registry ----------------------------------------------------------------------
 
@@ -209,12 +298,17 @@ class StreamMux:
         for msg in self._early.pop(stream, []):
             self._peer_event(info, msg)
 
-    def open_receiver(self, stream: int) -> list[StreamMessage]:
-        """Register a stream this side receives on; returns the opening credit to send."""
+    def open_receiver(self, stream: int, *, pull: bool = False) -> list[StreamMessage]:
+        """Register a stream this side receives on; returns the opening to send: its
+        window as credit, or with ``pull`` a ``StreamPull`` (no data until wanted)."""
         if stream in self._early:
             raise ProtocolError(f"stream {stream}: credit from the peer, but it is ours to give")
         info = self._register(stream, Role.RECEIVE, State.OPEN)
-        info.window = info.credit = self.window
+        info.window = self.window
+        if pull:
+            info.pull = True
+            return [StreamPull(stream, self.window)]
+        info.credit = self.window
         return [StreamCredit(stream, self.window)]
 
     def _register(self, stream: int, role: Role, state: State) -> StreamInfo:
@@ -247,19 +341,35 @@ class StreamMux:
     # -- sender side: what happened to the local fd ------------------------------------
 
     def sendable(self, stream: int) -> int:
-        """How many bytes the sender may read and send now (0 while waiting for credit)."""
+        """How many bytes the sender may read and send now (0 while waiting for credit).
+
+        A pull-mode want is one read: read it with a single read of at most this much."""
         info = self._local(stream, Role.SEND)
-        return info.credit if info.state is State.OPEN else 0
+        if info.state is not State.OPEN:
+            return 0
+        return info.want or info.credit
 
     def read(self, stream: int, data: bytes) -> list[StreamMessage]:
         """The sender read ``data`` from its fd: the message that carries it."""
         info = self._local(stream, Role.SEND)
-        if info.state is not State.OPEN or len(data) > info.credit:
+        if info.state is not State.OPEN or len(data) > (info.want or info.credit):
             raise RuntimeError(f"stream {stream}: read {len(data)} bytes beyond credit")
-        info.credit -= len(data)
+        if info.want:
+            info.want = 0  # one read per want, whatever it got
+        else:
+            info.credit -= len(data)
         info.sent += len(data)
         info.max_in_flight = max(info.max_in_flight, info.in_flight)
         return [StreamData(stream, data)]
+
+    def ready(self, stream: int) -> list[StreamMessage]:
+        """A pull-mode sender's fd has data and it holds no grant: ``StreamReady``, once
+        per grant (nothing if it said so already, holds a grant, or is not pulled)."""
+        info = self._local(stream, Role.SEND)
+        if not info.pull or info.ready or info.state is not State.OPEN or info.want or info.credit:
+            return []
+        info.ready = True
+        return [StreamReady(stream)]
 
     def local_eof(self, stream: int) -> list[StreamMessage]:
         """The sender's fd reached EOF, or the agent stops reading it.
@@ -281,16 +391,30 @@ class StreamMux:
 
     # -- receiver side -----------------------------------------------------------------
 
+    def demand(self, stream: int, nbytes: int) -> list[StreamMessage]:
+        """Pull mode: a reader here blocks reading up to ``nbytes`` (only while
+        ``probing``): one want, or, for a steady reader, the whole window as credit."""
+        info = self._local(stream, Role.RECEIVE)
+        if not info.probing or nbytes <= 0:
+            raise RuntimeError(f"stream {stream}: demand of {nbytes} while not probing")
+        info.ready = False
+        if info.served >= STREAM_AFTER and nbytes >= STREAM_MIN_READ:
+            info.granted = min(info.window, STREAM_READS * nbytes)
+            info.credit, info.unreturned = info.granted, 0
+            return [StreamCredit(stream, info.granted)]
+        info.want = min(nbytes, info.window)
+        return [StreamWant(stream, info.want)]
+
     def written(self, stream: int, nbytes: int) -> list[StreamMessage]:
         """The receiver wrote ``nbytes`` into its fd: credit to return, in batches."""
         info = self._local(stream, Role.RECEIVE)
         if nbytes > info.buffered:
             raise RuntimeError(f"stream {stream}: wrote {nbytes} of {info.buffered} held")
         info.buffered -= nbytes
-        if info.state is not State.OPEN:
-            return []
+        if info.state is not State.OPEN or (info.pull and not info.granted):
+            return []  # a pull stream's wants are not credit: nothing to give back
         info.unreturned += nbytes
-        if info.unreturned < max(1, self.window // 4):
+        if info.unreturned < max(1, (info.granted or self.window) // 4):
             return []
         grant, info.unreturned = info.unreturned, 0
         info.credit += grant
@@ -328,13 +452,13 @@ class StreamMux:
         return info
 
     def _keep_early(self, msg: StreamMessage) -> None:
-        if not isinstance(msg, StreamCredit | StreamGone):
+        if not isinstance(msg, StreamCredit | StreamGone | StreamPull):
             raise ProtocolError(f"{type(msg).__name__} for unknown stream {msg.stream}")
         if msg.stream <= 0:
             raise ProtocolError(f"stream ids are positive, not {msg.stream}")
         if msg.stream not in self._early and len(self._early) >= MAX_EARLY:
             raise ProtocolError(f"more than {MAX_EARLY} unknown streams credited")
-        kept = self._early.setdefault(msg.stream, [])
+        kept: list[StreamCredit | StreamGone | StreamPull] = self._early.setdefault(msg.stream, [])
         if len(kept) >= 2:  # an opening credit and a gone at most
             raise ProtocolError(f"too many messages for unknown stream {msg.stream}")
         kept.append(msg)
@@ -342,6 +466,13 @@ class StreamMux:
     def _peer_event(self, info: StreamInfo, msg: StreamMessage) -> None:
         if isinstance(msg, StreamCredit):
             self._credit(info, msg.nbytes)
+        elif isinstance(msg, StreamPull):
+            self._pull(info, msg.window)
+        elif isinstance(msg, StreamWant):
+            self._want(info, msg.nbytes)
+        elif isinstance(msg, StreamReady):
+            self._move(info, Event.READY)
+            info.ready = True
         elif isinstance(msg, StreamData):
             self._data(info, len(msg.data))
         elif isinstance(msg, StreamEnd):
@@ -354,6 +485,9 @@ class StreamMux:
             raise ProtocolError(f"stream {info.id}: credit of {nbytes}")
         opening = info.state is State.WAITING
         self._move(info, Event.CREDIT)
+        info.ready = False
+        if info.pull:
+            info.served += 1  # the sender's count of window grants (see in_flight)
         if opening:
             info.window = info.credit = nbytes
             return
@@ -365,7 +499,33 @@ class StreamMux:
                 )
             info.credit += nbytes
 
+    def _pull(self, info: StreamInfo, window: int) -> None:
+        if window <= 0:
+            raise ProtocolError(f"stream {info.id}: window of {window}")
+        self._move(info, Event.PULL)
+        info.window, info.credit, info.pull = window, 0, True
+
+    def _want(self, info: StreamInfo, nbytes: int) -> None:
+        if not info.pull or info.want or info.credit or not 0 < nbytes <= info.window:
+            raise ProtocolError(
+                f"stream {info.id}: want of {nbytes} (pull {info.pull}, want {info.want}, "
+                f"credit {info.credit}, window {info.window})"
+            )
+        self._move(info, Event.WANT)
+        info.want, info.ready = nbytes, False
+
     def _data(self, info: StreamInfo, nbytes: int) -> None:
+        if info.want and info.role is Role.RECEIVE:
+            self._move(info, Event.DATA)
+            if nbytes > info.want:
+                raise ProtocolError(f"stream {info.id}: {nbytes} bytes beyond want {info.want}")
+            info.served = info.served + 1 if info.want >= STREAM_MIN_READ else 0
+            info.want = 0
+            info.received += nbytes
+            if info.state is State.OPEN:
+                info.buffered += nbytes
+                info.max_buffered = max(info.max_buffered, info.buffered)
+            return
         self._move(info, Event.DATA)
         if nbytes > info.credit:
             raise ProtocolError(f"stream {info.id}: {nbytes} bytes beyond credit {info.credit}")

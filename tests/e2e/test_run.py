@@ -48,11 +48,7 @@ def run_both(argv: list[str], cwd: Path, **kw: Any) -> tuple[Any, Any]:
 
 
 #: known bugs, reproduced and not fixed yet (they must still pass under plain bash)
-KNOWN = {
-    "procsub_two": "the second substitution's process inherits the first pipe's read end "
-    "(bash leaves /dev/fd/63 open in it); run remotely, its relay reads that pipe eagerly and "
-    "steals what diff should get (about 1 run in 3). Needs demand-driven relays of read ends",
-}
+KNOWN: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from dunix.fdmove import (
     StreamHub,
     StreamMessage,
 )
+from dunix.fdmove.inventory import blocked_readers
 from dunix.wire import (
     Channel,
     TLSIdentity,
@@ -104,6 +105,25 @@ async def read_all(fd: int, chunk: int = MiB, delay: float = 0.0) -> bytes:
             await trio.sleep(delay)
 
 
+async def yes_into_head(w1: int, r2: int, pids: list[int] | None = None) -> None:
+    """``yes`` writing ``w1``, ``head -1`` reading ``r2`` (its pid put in ``pids``): head
+    prints one line and yes dies of SIGPIPE within 3 s."""
+    yes = subprocess.Popen(["yes"], stdout=w1)
+    os.close(w1)
+    head = subprocess.Popen(["head", "-1"], stdin=r2, stdout=subprocess.PIPE)
+    if pids is not None:
+        pids.append(head.pid)
+    os.close(r2)
+    try:
+        with trio.fail_after(3):
+            out, _ = await trio.to_thread.run_sync(head.communicate)
+            assert out == b"y\n"
+            assert await trio.to_thread.run_sync(yes.wait) == -signal.SIGPIPE
+    finally:
+        yes.kill()
+        yes.wait()
+
+
 def relay_pipe(sender: StreamHub, receiver: StreamHub) -> tuple[int, int, int]:
     """A pipe into ``sender`` relayed out of a pipe of ``receiver``: (stream, write end,
     read end) for the test to use."""
@@ -168,18 +188,7 @@ def test_yes_into_head_dies_of_sigpipe_promptly() -> None:
     async def body() -> None:
         async with linked_hubs() as (a, b):
             stream, w1, r2 = relay_pipe(a, b)
-            yes = subprocess.Popen(["yes"], stdout=w1)
-            os.close(w1)
-            head = subprocess.Popen(["head", "-1"], stdin=r2, stdout=subprocess.PIPE)
-            os.close(r2)
-            try:
-                with trio.fail_after(3):
-                    out, _ = await trio.to_thread.run_sync(head.communicate)
-                    assert out == b"y\n"
-                    assert await trio.to_thread.run_sync(yes.wait) == -signal.SIGPIPE
-            finally:
-                yes.kill()
-                yes.wait()
+            await yes_into_head(w1, r2)
             sender = a.endpoints.get(stream)
             if sender is not None:
                 assert await sender.wait() is Outcome.PEER_GONE
@@ -428,7 +437,9 @@ def test_public_names_are_pinned() -> None:
             "DEFAULT_CHUNK",
             "DEFAULT_WINDOW",
             "PIPE_SIZE",
+            "STREAM_AFTER",
             "STREAM_MESSAGES",
+            "STREAM_MIN_READ",
             "TRANSITIONS",
             "Event",
             "Outcome",
@@ -444,11 +455,115 @@ def test_public_names_are_pinned() -> None:
             "StreamInfo",
             "StreamMessage",
             "StreamMux",
+            "StreamPull",
+            "StreamReady",
+            "StreamWant",
             "odd_side",
         ]
     )
     for name in dunix.fdmove.__all__:
         assert hasattr(dunix.fdmove, name)
+
+
+# -- pull mode: a read end held elsewhere is read only for a blocked reader ---------------
+
+
+def pulled_pipe(
+    sender: StreamHub, receiver: StreamHub, pids: list[int]
+) -> tuple[int, int, int, int]:
+    """Like ``relay_pipe``, pulled by readers among ``pids``: (stream, write end, a second
+    reader's fd of the home pipe, the far read end)."""
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    other = os.dup(r1)
+    stream = sender.allocate()
+    sender.open_sender(stream, r1, shared=True)
+    receiver.open_receiver(stream, w2, pull=lambda key: blocked_readers(pids, key))
+    return stream, w1, other, r2
+
+
+def test_a_read_end_held_but_never_read_takes_nothing() -> None:
+    """The procsub race (tests/e2e/scripts/procsub_two.sh): a process that inherited the
+    read end must leave every byte to the reader at home."""
+
+    async def body() -> None:
+        async with linked_hubs() as (a, b):
+            pids: list[int] = []
+            stream, w1, other, r2 = pulled_pipe(a, b, pids)
+            sender = a.endpoints[stream]
+            holder = subprocess.Popen(["sleep", "0.6"], stdin=r2)  # holds, never reads
+            pids.append(holder.pid)
+            os.close(r2)
+            os.write(w1, b"1\n2\n3\n")
+            os.close(w1)
+            await trio.sleep(0.3)  # the relay would have read it by now
+            assert os.read(other, 100) == b"1\n2\n3\n"
+            await trio.to_thread.run_sync(holder.wait)
+            assert await sender.wait() in (Outcome.PEER_GONE, Outcome.EOF)
+            os.close(other)
+
+    run(body)
+
+
+SELECT_THEN_READ = "import os, select; select.select([0], [], []); print(os.read(0, 2))"
+
+
+@pytest.mark.parametrize("reader", ["head -c 3", f"python3 -c '{SELECT_THEN_READ}'"])
+def test_a_blocked_reader_gets_exactly_one_read(reader: str) -> None:
+    """read(2): the home gives up what that one read takes. A reader blocked in select(2)
+    is taken to want POLL_WANT bytes (it then reads 2 of the 3 it was given)."""
+
+    async def body() -> None:
+        async with linked_hubs() as (a, b):
+            pids: list[int] = []
+            _, w1, other, r2 = pulled_pipe(a, b, pids)
+            proc = subprocess.Popen(
+                ["sh", "-c", f"exec {reader}"], stdin=r2, stdout=subprocess.PIPE
+            )
+            pids.append(proc.pid)
+            os.close(r2)
+            await trio.sleep(0.2)  # blocked before the data comes
+            os.write(w1, b"abc")
+            out, _ = await trio.to_thread.run_sync(proc.communicate)
+            assert out.strip() in (b"abc", b"b'ab'")
+            os.write(w1, b"def")
+            os.close(w1)
+            rest = os.read(other, 100)
+            assert rest == b"def"
+            os.close(other)
+
+    run(body)
+
+
+def test_a_pulled_pipe_carries_megabytes_whole_to_a_steady_reader() -> None:
+    data = os.urandom(24 * MiB)
+
+    async def body() -> None:
+        async with linked_hubs() as (a, b):
+            pids: list[int] = []
+            stream, w1, other, r2 = pulled_pipe(a, b, pids)
+            sender = a.endpoints[stream]
+            os.close(other)
+            sink = subprocess.Popen(["sha256sum"], stdin=r2, stdout=subprocess.PIPE)
+            pids.append(sink.pid)
+            os.close(r2)
+            await write_all(w1, data, 300_000)
+            out, _ = await trio.to_thread.run_sync(sink.communicate)
+            assert out.split()[0].decode() == hashlib.sha256(data).hexdigest()
+            assert await sender.wait() is Outcome.EOF
+
+    run(body)
+
+
+def test_yes_into_a_pulled_head_ends_promptly() -> None:
+    async def body() -> None:
+        async with linked_hubs() as (a, b):
+            pids: list[int] = []
+            _, w1, other, r2 = pulled_pipe(a, b, pids)
+            os.close(other)
+            await yes_into_head(w1, r2, pids)
+
+    run(body)
 
 
 # -- over a real TLS channel ------------------------------------------------------------------
@@ -530,18 +645,7 @@ def test_yes_into_head_over_tls(identities: tuple[TLSIdentity, TLSIdentity]) -> 
     async def body() -> None:
         async with tls_hubs(identities) as (client, server):
             _, w1, r2 = relay_pipe(client, server)
-            yes = subprocess.Popen(["yes"], stdout=w1)
-            os.close(w1)
-            head = subprocess.Popen(["head", "-1"], stdin=r2, stdout=subprocess.PIPE)
-            os.close(r2)
-            try:
-                with trio.fail_after(3):
-                    out, _ = await trio.to_thread.run_sync(head.communicate)
-                    assert out == b"y\n"
-                    assert await trio.to_thread.run_sync(yes.wait) == -signal.SIGPIPE
-            finally:
-                yes.kill()
-                yes.wait()
+            await yes_into_head(w1, r2)
 
     run(body)
 

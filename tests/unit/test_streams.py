@@ -8,7 +8,9 @@ import pytest
 
 from dunix.errors import ProtocolError
 from dunix.fdmove import (
+    STREAM_AFTER,
     STREAM_MESSAGES,
+    STREAM_MIN_READ,
     TRANSITIONS,
     Event,
     Role,
@@ -19,6 +21,9 @@ from dunix.fdmove import (
     StreamGone,
     StreamMessage,
     StreamMux,
+    StreamPull,
+    StreamReady,
+    StreamWant,
     odd_side,
 )
 from dunix.fdmove import streams as streams_module
@@ -55,9 +60,13 @@ def test_ids_have_the_sides_parity_and_never_repeat() -> None:
 
 
 def test_messages_cross_the_wire() -> None:
-    for msg in (StreamData(3, b"\0" * 10), StreamEnd(3), StreamGone(3), StreamCredit(3, 7)):
+    sent = (
+        StreamData(3, b"\0" * 10), StreamEnd(3), StreamGone(3), StreamCredit(3, 7),
+        StreamPull(3, 9), StreamWant(3, 5), StreamReady(3),
+    )  # fmt: skip
+    for msg in sent:
         assert decode(encode(msg)) == msg
-    assert set(STREAM_MESSAGES) == {StreamData, StreamEnd, StreamGone, StreamCredit}
+    assert set(STREAM_MESSAGES) == {type(m) for m in sent}
 
 
 def test_sender_waits_for_the_opening_credit_which_sets_the_window() -> None:
@@ -200,6 +209,9 @@ def test_every_peer_event_missing_from_the_table_is_a_protocol_error() -> None:
         Event.DATA: StreamData(1, b""),
         Event.END: StreamEnd(1),
         Event.GONE: StreamGone(1),
+        Event.PULL: StreamPull(1, 1),
+        Event.WANT: StreamWant(1, 1),
+        Event.READY: StreamReady(1),
     }
     for role in Role:
         for state in State:
@@ -274,3 +286,121 @@ def test_a_new_hub_does_not_count_from_one_again() -> None:
 
     ids = {StreamHub(send, odd=True).allocate() for _ in range(20)}
     assert len(ids) == 20  # a hub made after a lost link would otherwise reuse stream 1
+
+
+# -- pull mode: a read end held elsewhere is read only on demand ---------------------------
+
+
+def pulled(window: int = WINDOW) -> tuple[StreamMux, StreamMux, int]:
+    sender, receiver = pair(window)
+    stream = sender.allocate()
+    sender.open_sender(stream)
+    opening = receiver.open_receiver(stream, pull=True)
+    assert opening == [StreamPull(stream, window)]
+    feed(sender, opening)
+    return sender, receiver, stream
+
+
+def test_a_pulled_sender_is_open_but_may_send_nothing() -> None:
+    sender, receiver, s = pulled()
+    assert sender.info(s).state is State.OPEN and sender.sendable(s) == 0
+    assert not receiver.info(s).probing  # nothing waits at the sender: no looking
+    with pytest.raises(RuntimeError):
+        sender.read(s, b"x")
+
+
+def test_data_waiting_is_said_once_until_the_next_grant() -> None:
+    sender, receiver, s = pulled()
+    ready = sender.ready(s)
+    assert ready == [StreamReady(s)] and sender.ready(s) == []
+    feed(receiver, ready)
+    assert receiver.info(s).probing
+    feed(sender, receiver.demand(s, 100))
+    assert not receiver.info(s).probing
+    assert sender.ready(s) == []  # it holds a want
+    feed(receiver, sender.read(s, b"abc"))
+    assert sender.ready(s) == [StreamReady(s)]
+
+
+def test_a_want_is_one_read_of_at_most_its_size() -> None:
+    sender, receiver, s = pulled()
+    feed(receiver, sender.ready(s))
+    assert receiver.demand(s, 10) == [StreamWant(s, 10)]
+    feed(sender, [StreamWant(s, 10)])
+    assert sender.sendable(s) == 10
+    msgs = sender.read(s, b"abc")  # the read got 3 bytes: the want is spent
+    assert sender.sendable(s) == 0
+    feed(receiver, msgs)
+    info = receiver.info(s)
+    assert info.buffered == 3 and info.want == 0 and info.served == 0  # a small read
+    assert receiver.written(s, 3) == []  # wants are not credit: nothing comes back
+
+
+def test_a_want_is_capped_by_the_window_and_must_not_be_exceeded() -> None:
+    sender, receiver, s = pulled(window=64)
+    feed(receiver, sender.ready(s))
+    assert receiver.demand(s, 1 << 20) == [StreamWant(s, 64)]
+    with pytest.raises(ProtocolError):
+        receiver.receive(StreamData(s, b"x" * 65))
+
+
+def serve(sender: StreamMux, receiver: StreamMux, s: int, n: int) -> list[StreamMessage]:
+    """The sender has data; a reader wants ``n``: what the receiver grants (the want
+    served with ``n`` bytes)."""
+    feed(receiver, sender.ready(s))
+    grant = receiver.demand(s, n)
+    feed(sender, grant)
+    if isinstance(grant[0], StreamWant):
+        feed(receiver, sender.read(s, b"x" * n))
+        receiver.written(s, n)
+    return grant
+
+
+def test_a_steady_reader_of_big_reads_gets_credit() -> None:
+    window = 64 * STREAM_MIN_READ
+    sender, receiver, s = pulled(window)
+    n = STREAM_MIN_READ
+    for _ in range(STREAM_AFTER):
+        assert serve(sender, receiver, s, n) == [StreamWant(s, n)]
+    granted = 4 * n
+    assert serve(sender, receiver, s, n) == [StreamCredit(s, granted)]
+    assert sender.sendable(s) == granted
+    feed(receiver, sender.read(s, b"y" * granted))
+    assert receiver.written(s, granted) == [StreamCredit(s, granted)]  # credit comes back
+
+
+def test_a_reader_of_small_reads_is_served_read_by_read_for_good() -> None:
+    window = 64 * STREAM_MIN_READ
+    sender, receiver, s = pulled(window)
+    for n in [STREAM_MIN_READ] * (STREAM_AFTER - 1) + [1] + [STREAM_MIN_READ] * (STREAM_AFTER - 1):
+        assert serve(sender, receiver, s, n) == [StreamWant(s, n)]
+    assert serve(sender, receiver, s, 1) == [StreamWant(s, 1)]  # a shell's `read`: 1 byte
+
+
+def test_an_end_needs_no_grant() -> None:
+    sender, receiver, s = pulled()
+    end = sender.local_eof(s)
+    assert end == [StreamEnd(s)]
+    feed(receiver, end)
+    assert receiver.info(s).state is State.DRAINING
+    feed(sender, receiver.flushed(s))
+    assert s not in sender and s not in receiver
+
+
+def test_the_peer_may_not_want_twice_or_without_pull() -> None:
+    sender, _, s = pulled()
+    sender.receive(StreamWant(s, 5))
+    with pytest.raises(ProtocolError):
+        sender.receive(StreamWant(s, 5))
+    plain, _, t = opened()
+    with pytest.raises(ProtocolError):
+        plain.receive(StreamWant(t, 5))
+
+
+def test_a_pull_opening_before_the_sender_registers_is_kept() -> None:
+    sender, _ = pair()
+    assert sender.receive(StreamPull(7, 50)) is None
+    sender.open_sender(7)
+    info = sender.info(7)
+    assert info.state is State.OPEN and info.pull and info.window == 50
+    assert sender.sendable(7) == 0 and info.in_flight == 0

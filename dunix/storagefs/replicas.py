@@ -433,8 +433,10 @@ class Replicas:
                                 dead, meta.path, rest)  # fmt: skip
                 elif heir is not None:
                     self.store.meta.set_file_meta(FileMeta(meta.path, heir, rest))
-            elif meta.owner == self.node_id and dead in meta.replicas:
-                self._own(meta.path, tuple(n for n in meta.replicas if n != dead))
+            # A dead replica of a file owned here stays in its set: the next change fails
+            # there and drops it (``_send``); unchanged, its copy is still good when it comes
+            # back, and if it was declared dead wrongly and took a file over, ``reconcile``
+            # finds out when it is seen alive again.
         self._seen.discard(dead)
         return taken
 

@@ -48,7 +48,7 @@ import trio
 from dunix.errors import DunixError, StoreError
 from dunix.storagefs import _syscalls
 from dunix.storagefs.peerfiles import FileReply, FileRequest, FileServer
-from dunix.storagefs.store import FileMeta, LocalStore, clean_relpath
+from dunix.storagefs.store import FileMeta, IncomingFile, LocalStore, clean_relpath
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,15 @@ FACTOR_XATTR = "user.dunix.replicas"
 #: the read-only xattr naming a file's owner and replicas (``owner,replica,...``)
 WHERE_XATTR = "user.dunix.where"
 OPS = frozenset(
-    {"rcreate", "rwrite", "rsetattr", "runlink", "rrename", "rfsync", "rfactor", "rwhere"}
-)
+    {"rcreate", "rwrite", "rsetattr", "runlink", "rrename", "rfsync", "rfactor", "rwhere",
+     "rfill", "rmeta"}
+)  # fmt: skip
+#: bytes per ``rfill`` request (a whole-file copy to a new replica)
+FILL_BLOCK = 1 << 20
+#: copies of a file that kept changing while it was copied, before giving up for this round
+FILL_TRIES = 3
+# rfill flags
+FILL_FIRST, FILL_LAST = 1, 2
 #: how often the agent looks for peers that came (back) alive
 RECONCILE_EVERY = 2.0
 
@@ -96,6 +103,8 @@ class _Shared:
     factors: dict[str, int]
     owned: dict[str, tuple[int, ...]]
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: files owned here with fewer replicas than their factor asks (refilled by ``run``)
+    short: set[str] = field(default_factory=set)
 
     @classmethod
     def load(cls, store: LocalStore) -> _Shared:
@@ -124,6 +133,7 @@ class Replicas:
         self._changed = changed
         self._s = shared if shared is not None else _Shared.load(store)
         self._seen: set[int] = set()
+        self._fills: dict[tuple[int, str], IncomingFile] = {}
 
     def with_call(self, call: Call) -> Replicas:
         """The same state, reaching peers through ``call`` (the FUSE thread's bridge)."""
@@ -192,6 +202,9 @@ class Replicas:
             log.warning("storagefs: no alive peer to replicate %s to", path)
             return False
         self._own(path, chosen)
+        if len(chosen) < factor - 1:
+            with self._s.lock:
+                self._s.short.add(path)  # more once more hosts are alive
         await self._send(path, "rcreate", setattr=(self.node_id, mode, uid, gid),
                          data=",".join(str(n) for n in chosen).encode())  # fmt: skip
         return bool(self.copies(path))
@@ -244,7 +257,20 @@ class Replicas:
             # the write happened here and on the others; a replica that missed it must never
             # take over, so it leaves the set (it drops its copy when it sees us again)
             log.warning("storagefs: %s: replicas %s dropped (%s failed)", path, failed, op)
-            self._own(path, tuple(n for n in self.copies(path) if n not in failed))
+            self._shrunk(path, tuple(n for n in self.copies(path) if n not in failed))
+            await self._tell_set(path)
+
+    def _shrunk(self, path: str, replicas: tuple[int, ...]) -> None:
+        """The set of a file owned here lost members: record it, and refill it later."""
+        self._own(path, replicas)
+        with self._s.lock:
+            self._s.short.add(path)
+
+    async def _tell_set(self, path: str) -> None:
+        """Every replica learns the file's current set (they pick the same heir from it)."""
+        replicas = self.copies(path)
+        csv = ",".join(str(n) for n in replicas)
+        await self._fanout(replicas, "rmeta", path=path, path2=csv)
 
     async def _fanout(self, peers: Iterable[int], op: str, **fields: object) -> list[int]:
         """``op`` on every peer at once; the peers that did not do it."""
@@ -424,9 +450,10 @@ class Replicas:
                     except OSError as exc:
                         log.error("storagefs: cannot take over %s: %s", meta.path, exc)
                         continue
-                    if rest:
-                        with self._s.lock:
+                    with self._s.lock:
+                        if rest:
                             self._s.owned[meta.path] = rest
+                        self._s.short.add(meta.path)
                     taken.append(meta.path)
                     self._created(meta.path)
                     log.warning("storagefs: node %d is gone: took over %s (replicas %s)",
@@ -438,6 +465,8 @@ class Replicas:
             # back, and if it was declared dead wrongly and took a file over, ``reconcile``
             # finds out when it is seen alive again.
         self._seen.discard(dead)
+        for key in [k for k in self._fills if k[0] == dead]:
+            self._fills.pop(key).abort()  # an interrupted copy never becomes visible
         return taken
 
     async def reconcile(self) -> None:
@@ -484,7 +513,7 @@ class Replicas:
             self.store.meta.drop_file_meta(meta.path)
             self._changed(meta.path, False)
         elif not view or view[0] != self.node_id:
-            self._own(meta.path, tuple(n for n in self.copies(meta.path) if n != peer))
+            self._shrunk(meta.path, tuple(n for n in self.copies(meta.path) if n != peer))
 
     async def _check_copy(self, meta: FileMeta) -> None:
         view = await self._ask_where(meta.owner, meta.path)
@@ -496,11 +525,119 @@ class Replicas:
                 os.unlink(self.store.replica_path(meta.path))
             self.store.meta.drop_file_meta(meta.path)
 
+    # --- refill: a file whose set shrank gets new replicas, by a whole copy ---------------
+
+    async def refill(self) -> None:
+        """Give every file owned here that has fewer replicas than its factor new ones."""
+        with self._s.lock:
+            paths, self._s.short = sorted(self._s.short), set()
+        for path in paths:
+            if not os.path.lexists(self.store.backing_path(path)):
+                continue
+            factor = self.factor_at(posixpath.dirname(path))
+            have = self.copies(path)
+            need = factor - 1 - len(have)
+            if need <= 0:
+                continue
+            more = [n for n in choose(path, self.node_id, factor + len(have), self._peers())
+                    if n not in have][:need]  # fmt: skip
+            if len(more) < need:
+                with self._s.lock:
+                    self._s.short.add(path)  # more once more hosts are alive
+            added = False
+            for peer in more:
+                if await self._fill(path, peer, (*self.copies(path), peer)):
+                    self._own(path, (*self.copies(path), peer))
+                    added = True
+                else:
+                    with self._s.lock:
+                        self._s.short.add(path)  # try again next round
+            if added:
+                await self._tell_set(path)
+                log.info("storagefs: %s: replicas now %s", path, self.copies(path))
+
+    async def _fill(self, path: str, peer: int, replicas: tuple[int, ...]) -> bool:
+        """Copy the file whole to ``peer``; it appears there only once complete (rfill
+        goes through ``incoming/``). Copied again if it changed meanwhile."""
+        assert self._call is not None
+        backing = self.store.backing_path(path)
+        csv = ",".join(str(n) for n in replicas)
+        for _ in range(FILL_TRIES):
+            try:
+                fd = os.open(backing, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                return False
+            try:
+                before = os.fstat(fd)
+                head = (self.node_id, before.st_mode, before.st_uid, before.st_gid,
+                        before.st_mtime_ns)  # fmt: skip
+                offset, flags = 0, FILL_FIRST
+                while True:
+                    data = await trio.to_thread.run_sync(os.pread, fd, FILL_BLOCK, offset)
+                    if offset + len(data) >= before.st_size or not data:
+                        flags |= FILL_LAST
+                    await self._call(peer, "rfill", path=path, path2=csv, offset=offset,
+                                     data=data, size=before.st_size, flags=flags,
+                                     setattr=head)  # fmt: skip
+                    if flags & FILL_LAST:
+                        break
+                    offset, flags = offset + len(data), 0
+                after = os.fstat(fd)
+            except (OSError, DunixError) as exc:
+                log.info("storagefs: copy of %s to node %d: %s", path, peer, exc)
+                return False
+            finally:
+                os.close(fd)
+            if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) == (
+                before.st_size, before.st_mtime_ns, before.st_ctime_ns):  # fmt: skip
+                return True
+        return False
+
+    async def _op_rfill(self, req: FileRequest) -> FileReply:
+        """One block of a whole copy from the owner (first: start; last: make it visible)."""
+        rel = clean_relpath(req.path)
+        key = (req.origin, rel)
+        if req.flags & FILL_FIRST:
+            old = self._fills.pop(key, None)
+            if old is not None:
+                old.abort()
+            owner, mode, uid, gid, mtime = (int(x or 0) for x in req.setattr)
+            if owner != req.origin:
+                raise OSError(errno.EINVAL, "a replica is filled by its owner only")
+            replicas = tuple(int(n) for n in req.path2.split(",") if n)
+            self._fills[key] = self.store.receive(rel, mode=mode, uid=uid, gid=gid,
+                                                  mtime_ns=mtime, owner=owner,
+                                                  replicas=replicas, replica=True)  # fmt: skip
+        incoming = self._fills.get(key)
+        if incoming is None:
+            raise OSError(errno.EBADF, "no copy of this file under way")
+        try:
+            if req.data:
+                await trio.to_thread.run_sync(incoming.write, req.offset, req.data)
+            if req.flags & FILL_LAST:
+                del self._fills[key]
+                incoming.truncate(req.size)
+                await trio.to_thread.run_sync(incoming.commit)
+        except BaseException:
+            self._fills.pop(key, None)
+            incoming.abort()
+            raise
+        return self._ok(req)
+
+    async def _op_rmeta(self, req: FileRequest) -> FileReply:
+        """The owner's current replica set of a file this host holds a copy of."""
+        self._copy(req)
+        replicas = tuple(int(n) for n in req.path2.split(",") if n)
+        self.store.meta.set_file_meta(FileMeta(clean_relpath(req.path), req.origin, replicas))
+        return self._ok(req)
+
     async def run(self) -> None:
-        """Reconcile with peers as they come alive; run in the agent's nursery."""
+        """Reconcile with peers as they come alive, refill short sets; in the agent's nursery."""
         while True:
             try:
                 await self.reconcile()
+                if self._s.short:
+                    await self.refill()
             except (OSError, DunixError) as exc:
-                log.warning("storagefs: replica reconcile: %s", exc)
+                log.warning("storagefs: replica upkeep: %s", exc)
             await trio.sleep(RECONCILE_EVERY)

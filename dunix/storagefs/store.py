@@ -229,6 +229,8 @@ class IncomingFile:
     gid: int | None
     mtime_ns: int | None
     meta: FileMeta
+    #: where it appears (None: its path in the tree; a replica's copy goes to replicas/)
+    target: Path | None = None
     done: bool = field(default=False, init=False)
 
     def write(self, offset: int, data: bytes) -> None:
@@ -254,7 +256,7 @@ class IncomingFile:
             if self.mtime_ns is not None:
                 os.utime(self.fd, ns=(self.mtime_ns, self.mtime_ns))
             os.fsync(self.fd)
-            target = self.store.backing_path(self.path)
+            target = self.target or self.store.backing_path(self.path)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.rename(self.temp, target)
             _fsync_dir(target.parent)
@@ -423,12 +425,15 @@ class LocalStore:
         mtime_ns: int | None = None,
         owner: int | None = None,
         replicas: tuple[int, ...] = (),
+        replica: bool = False,
     ) -> IncomingFile:
-        """Start receiving a file that will appear at ``path`` once complete."""
+        """Start receiving a file that will appear at ``path`` once complete (with
+        ``replica``: as this host's copy of another host's file, outside the tree)."""
         rel = clean_relpath(path)
         if not rel:
             raise StoreError("cannot receive a file as the tree's root")
         temp = self.incoming / f"{uuid.uuid4().hex}.part"
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         meta = FileMeta(rel, self.node_id if owner is None else owner, replicas)
-        return IncomingFile(self, rel, temp, fd, mode, uid, gid, mtime_ns, meta)
+        target = self.replica_path(rel) if replica else None
+        return IncomingFile(self, rel, temp, fd, mode, uid, gid, mtime_ns, meta, target)

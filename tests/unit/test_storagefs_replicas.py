@@ -184,3 +184,38 @@ def test_an_unreplicated_folder_stays_local_and_a_returning_owner_drops_its_copy
     run(back.reconcile)
     assert not net.stores[1].backing_path("rep/k").exists()
     assert back.copies("rep/k") == ()
+
+
+def test_the_heir_refills_the_set_with_a_whole_copy(net: Net) -> None:
+    folder = make_replicated_folder(net, 2)
+    info, _ = run(net.fs[1].create, folder, b"big", stat.S_IFREG | 0o600, os.O_RDWR, CTX)
+    data = os.urandom(2 * (1 << 20) + 77)
+    run(net.fs[1].write, info.fh, 0, data)
+    run(net.fs[1].release, info.fh)
+    heir = net.replicas[1].copies("rep/big")[0]
+    other = ({2, 3} - {heir}).pop()
+    net.kill(1)
+    assert net.replicas[heir].copies("rep/big") == ()
+    run(net.replicas[heir].refill)
+    assert net.replicas[heir].copies("rep/big") == (other,)
+    copy = net.stores[other].replica_path("rep/big")
+    assert copy.read_bytes() == data and stat.S_IMODE(copy.stat().st_mode) == 0o600
+    assert net.stores[other].file_meta("rep/big") == FileMeta("rep/big", heir, (other,))
+    assert not list(net.stores[other].incoming.iterdir())
+    # and it is a full replica: the heir's writes reach it
+    run(net.replicas[heir].wrote, "rep/big", 0, b"new")
+    assert copy.read_bytes()[:3] == b"new"
+
+
+def test_an_interrupted_copy_never_appears(net: Net) -> None:
+    make_replicated_folder(net, 2)
+    net.stores[1].backing_path("rep/half").write_bytes(b"x" * 100)
+    first = run(net.files[1].call, 2, "rfill", path="rep/half", path2="2", offset=0,
+                data=b"x" * 50, size=100, flags=1, setattr=(1, 0o100644, 0, 0, 0))  # fmt: skip
+    assert first.error == 0
+    assert len(list(net.stores[2].incoming.iterdir())) == 1
+    assert not net.stores[2].replica_path("rep/half").exists()
+    net.kill(1)  # the owner died in the middle of the copy
+    assert not list(net.stores[2].incoming.iterdir())
+    assert not net.stores[2].replica_path("rep/half").exists()
+    assert net.stores[2].meta.all_file_meta() == []

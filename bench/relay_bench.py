@@ -17,6 +17,13 @@ All processes share this machine's cores (2 here), as in DESIGN.md's reference: 
 work on the machine makes single runs vary by 2x.
 
     python -m bench.relay_bench [--size BYTES] [--json PATH]
+    python -m bench.relay_bench --cluster [--mib 256]
+
+``--cluster``: the cross-host pipe of bench/spread_bench.py alone, on a 4-host simulated
+cluster (0.5 CPU each, under the machine's cluster lock): a local ``dd | dd`` in n1,
+``dd | dunix run --placement remote -- dd`` (the reader on a peer, n1's pipe relayed to
+it), ``dunix run --placement remote sh -c 'dd | dd'``, and iperf3 n1 -> that peer in the
+same run, so the ratio to iperf3 compares numbers taken together.
 """
 
 from __future__ import annotations
@@ -209,6 +216,37 @@ def over_tls(
         return elapsed
 
 
+def cluster_pipe(mib: int, json_path: Path) -> int:
+    """The cross-host pipe against iperf3, in one run (see the module docstring)."""
+    from bench import spread_bench as sb
+    from bench._cluster import exclusive_cluster, keep_logs, up_when_free, wait_alive
+    from dunix import cluster
+
+    sb.WORK.mkdir(parents=True, exist_ok=True)
+    sizes = sb.Sizes(cpu_jobs=0, cpu_rounds=0, short_jobs=0, pipe_mib=mib, iperf_s=2)
+    with exclusive_cluster():
+        up_when_free(len(sb.NODES), sb.CPU_QUOTA)
+        try:
+            trio.run(wait_alive, sb.control(sb.HOME), len(sb.NODES))
+            pipe = sb.measure_pipe(sizes)
+        finally:
+            keep_logs(sb.WORK / "logs")
+            cluster.down()
+    iperf = pipe["iperf3"].get("mb_per_s") if pipe["iperf3"].get("ok") else None
+    print(f"{mib} MiB, {len(sb.NODES)} hosts x {sb.CPU_QUOTA} CPU, {os.cpu_count()} cores, "
+          f"load {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(f"{'case':<22} {'MB/s':>8} {'x iperf3':>9}")
+    for name in ("local", "dunix_cross_host", "dunix_in_one_job", "iperf3"):
+        r = pipe[name]
+        rate = r.get("mb_per_s") if r.get("ok") else None
+        ratio = f"{rate / iperf:.2f}" if rate and iperf else "-"
+        shown = f"{rate:.0f}" if rate else "FAILED"
+        print(f"{name:<22} {shown:>8} {ratio:>9}" + ("" if rate else f"  {r.get('error', '')}"))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"benchmark": "relay-cluster", "mib": mib, **pipe}, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.relay_bench", description=__doc__)
     ap.add_argument("--size", type=int, default=GiB, help="bytes per run (whole MiB)")
@@ -216,12 +254,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="bytes per StreamData")
     ap.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="receive window")
     ap.add_argument("--repeat", type=int, default=3, help="runs per case; the best counts")
+    ap.add_argument("--cluster", action="store_true", help="the cross-host pipe vs iperf3")
+    ap.add_argument("--mib", type=int, default=256, help="--cluster: MiB through the pipe")
     ap.add_argument("--peer", metavar="PKI", help=argparse.SUPPRESS)
     ap.add_argument("--drain", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.peer:
         peer(args.peer, args.drain, args.window)
         return 0
+    if args.cluster:
+        json_path = args.json if args.json != RESULTS else RESULTS.with_name("relay-cluster.json")
+        return cluster_pipe(args.mib, json_path)
     size, chunk, window = args.size, args.chunk, args.window
     rows: list[dict[str, Any]] = []
     baseline = min(local_pipe(size) for _ in range(args.repeat))

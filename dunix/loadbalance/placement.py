@@ -56,6 +56,7 @@ Nothing here reads a clock or does IO: times come in as ``now``, randomness from
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 from collections.abc import Sequence
@@ -435,18 +436,24 @@ class PlacementPolicy:
         hosts = [_Host(None, home_busy, home_cpus)]
         hosts += [_Host(p.name, p.load * p.cpus, p.cpus) for p in peers]
         hyst = cfg.hysteresis
+        # (load after one more, tie-break, index): home first among equals, then by name
+        heap = [(h.after(1, hyst), i, i) for i, h in enumerate(hosts)]
+        heapq.heapify(heap)
         for _ in range(cfg.spill_window if peers else 0):
-            min(hosts, key=lambda h: h.after(h.share + 1, hyst)).share += 1
+            _, tie, i = heapq.heappop(heap)
+            hosts[i].share += 1
+            heapq.heappush(heap, (hosts[i].after(hosts[i].share + 1, hyst), tie, i))
         order: list[str | None] = []
-        open_hosts = [h for h in hosts if h.share > 0]
-        while open_hosts:
-            best = min(h.after(h.given + 1, hyst) for h in open_hosts)
-            tied = [h for h in open_hosts if h.after(h.given + 1, hyst) <= best + 1e-9]
-            win = tied[self._rng.randrange(len(tied))]
+        rnd = self._rng.random
+        heap = [(round(h.after(1, hyst), 9), rnd(), i) for i, h in enumerate(hosts) if h.share]
+        heapq.heapify(heap)
+        while heap:  # the same filling again, ties drawn at random
+            _, _, i = heapq.heappop(heap)
+            win = hosts[i]
             order.append(win.node)
             win.given += 1
-            if win.given >= win.share:
-                open_hosts.remove(win)
+            if win.given < win.share:
+                heapq.heappush(heap, (round(win.after(win.given + 1, hyst), 9), rnd(), i))
         if all(node is None for node in order):
             order = []  # nothing would leave: no need to count running processes
         return SpillOrder(at, tuple(order), now + cfg.table_ttl)

@@ -24,7 +24,7 @@ from typing import Protocol
 import trio
 
 from dunix.errors import MigrationFailed
-from dunix.migrate import swrk
+from dunix.migrate import lazy, swrk
 from dunix.migrate.lifecycle import Action, Event, EventKind, Migration, State
 
 
@@ -55,6 +55,30 @@ class MoveReport:
     downtime_seconds: float
     total_seconds: float
     history: tuple[tuple[State, EventKind, State], ...]
+    #: post-copy: the pages still on their way when ``move_lazy`` returned
+    transfer: PageTransfer | None = None
+
+
+@dataclass
+class PageTransfer:
+    """The rest of a post-copy move: the source's criu serves pages until the target's
+    lazy-pages daemon has them all, then kills the source."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    #: from the start of the move until the source's criu returned (every page served)
+    seconds: float | None = None
+    #: why the transfer broke; the target's copy is then lost (see ``lazy.py``)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class LazyPlan:
+    """Where the source's page server listens and how it is secured (``lazy.py``)."""
+
+    port: int
+    tls: swrk.TlsFiles | None
+    #: the source's procfs: a copy CRIU resumed after a broken transfer is killed there
+    source_proc: Path = Path("/proc")
 
 
 @dataclass
@@ -64,6 +88,44 @@ class _Clock:
 
     def mark(self, name: str) -> None:
         self.marks[name] = time.monotonic() - self.started
+
+
+async def _perform(
+    action: Action,
+    pid: int,
+    images_dir_fd: int,
+    target: Target,
+    clock: _Clock,
+    phase_timeout: float,
+) -> Event | None:
+    """Carry out one of the table's actions against ``target``; the event it led to."""
+    with trio.move_on_after(phase_timeout) as scope:
+        try:
+            if action is Action.PREPARE_TARGET:
+                await target.prepare(pid)
+                return Event(EventKind.TARGET_READY)
+            if action is Action.SEND_IMAGES:
+                await target.send(images_dir_fd)
+                return Event(EventKind.SENT)
+            if action is Action.START_RESTORE:
+                started = time.monotonic()
+                restored = await target.restore(images_dir_fd)
+                clock.marks["restore"] = time.monotonic() - started
+                clock.mark("restored")
+                return Event(EventKind.RESTORE_OK, pid=restored)
+        except MigrationFailed as e:
+            failed = {
+                Action.PREPARE_TARGET: EventKind.TARGET_REFUSED,
+                Action.SEND_IMAGES: EventKind.SEND_FAILED,
+                Action.START_RESTORE: EventKind.RESTORE_FAILED,
+            }[action]
+            return Event(failed, str(e))
+    if scope.cancelled_caught:
+        return Event(EventKind.TIMEOUT, f"{action.value} took over {phase_timeout} s")
+    if action is Action.ABORT_TARGET:
+        with trio.CancelScope(shield=True):
+            await target.abort(pid)
+    return None  # KILL/RESUME_SOURCE are the notify answer; REPORT_* the outcome
 
 
 async def move(
@@ -91,33 +153,7 @@ async def move(
     machine.handle(Event(EventKind.START))  # -> START_DUMP, carried out below
 
     async def perform(action: Action) -> Event | None:
-        with trio.move_on_after(phase_timeout) as scope:
-            try:
-                if action is Action.PREPARE_TARGET:
-                    await target.prepare(pid)
-                    return Event(EventKind.TARGET_READY)
-                if action is Action.SEND_IMAGES:
-                    await target.send(images_dir_fd)
-                    return Event(EventKind.SENT)
-                if action is Action.START_RESTORE:
-                    started = time.monotonic()
-                    restored = await target.restore(images_dir_fd)
-                    clock.marks["restore"] = time.monotonic() - started
-                    clock.mark("restored")
-                    return Event(EventKind.RESTORE_OK, pid=restored)
-            except MigrationFailed as e:
-                failed = {
-                    Action.PREPARE_TARGET: EventKind.TARGET_REFUSED,
-                    Action.SEND_IMAGES: EventKind.SEND_FAILED,
-                    Action.START_RESTORE: EventKind.RESTORE_FAILED,
-                }[action]
-                return Event(failed, str(e))
-        if scope.cancelled_caught:
-            return Event(EventKind.TIMEOUT, f"{action.value} took over {phase_timeout} s")
-        if action is Action.ABORT_TARGET:
-            with trio.CancelScope(shield=True):
-                await target.abort(pid)
-        return None  # KILL/RESUME_SOURCE are the notify answer; REPORT_* the outcome
+        return await _perform(action, pid, images_dir_fd, target, clock, phase_timeout)
 
     async def on_notify(note: swrk.Notification) -> bool:
         if note.script == "query-ext-files":  # sent right after seizing (cr-dump.c)
@@ -177,6 +213,147 @@ async def move(
     )
 
 
+async def move_lazy(
+    pid: int,
+    images_dir_fd: int,
+    target: Target,
+    plan: LazyPlan,
+    background: trio.Nursery,
+    *,
+    source: swrk.CriuCommand | None = None,
+    shell_job: bool = False,
+    external: Sequence[str] = (),
+    phase_timeout: float = 30.0,
+) -> MoveReport:
+    """Post-copy: move ``pid`` to ``target`` with its pages following on demand.
+
+    The same table as :func:`move`, carried out differently (``lazy.py``): CRIU starts
+    its page server only after ``post-dump`` was answered with success, and the
+    target's lazy-pages daemon connects to it during the restore, so the answer is yes
+    as soon as the images are at the target; the restore is asked for once the page
+    server listens. ``RESUME_SOURCE`` then means killing the source's criu, which lets
+    the tree go as it was (no client has connected before the restore succeeded).
+    Returns once the target runs the process; the source's criu goes on in
+    ``background`` until every page was served (``MoveReport.transfer``).
+    ``target.restore`` must restore lazily from ``plan``'s port.
+    """
+    machine = Migration()
+    clock = _Clock()
+    transfer = PageTransfer()
+    machine.handle(Event(EventKind.START))
+    asked = trio.Event()  # post-dump answered: criu serves pages (or must be killed)
+    listening = trio.Event()  # criu's status-ready notify: its page server listens
+    ended = trio.Event()
+    resume = False
+    outcome: list[swrk.DumpResult | MigrationFailed] = []
+    criu_scope = trio.CancelScope()
+
+    async def perform(action: Action) -> Event | None:
+        return await _perform(action, pid, images_dir_fd, target, clock, phase_timeout)
+
+    async def on_notify(note: swrk.Notification) -> bool:
+        nonlocal resume
+        if note.script == "query-ext-files":
+            clock.mark("frozen")
+            machine.handle(Event(EventKind.FREEZE_OK))
+        if note.script == "status-ready":  # sent once the page server listens (page-xfer.c)
+            listening.set()
+            return True
+        if note.script != "post-dump":
+            return machine.state is State.FREEZING
+        clock.mark("dumped")
+        pending = list(machine.handle(Event(EventKind.DUMP_OK)))
+        while pending:
+            action = pending.pop(0)
+            if action is Action.START_RESTORE:
+                asked.set()
+                return True  # the page server must listen before the restore
+            if action is Action.RESUME_SOURCE:
+                resume = True  # criu serves anyway after a refusal: killed below
+            event = await perform(action)
+            if event is not None:
+                pending += machine.handle(event)
+        asked.set()
+        return False
+
+    async def run_dump() -> None:
+        try:
+            with criu_scope:
+                outcome.append(await swrk.dump(
+                    pid, images_dir_fd, shell_job=shell_job, external=external,
+                    notify=on_notify, command=source, lazy_port=plan.port, tls=plan.tls,
+                ))  # fmt: skip
+        except MigrationFailed as e:
+            outcome.append(e)
+        finally:
+            clock.mark("end")
+            ended.set()
+
+    background.start_soon(run_dump)
+    async with trio.open_nursery() as waiting:
+        waiting.start_soon(until, asked)
+        waiting.start_soon(until, ended)
+    if asked.is_set() and not resume and not ended.is_set():
+        with trio.move_on_after(phase_timeout):
+            async with trio.open_nursery() as waiting:
+                waiting.start_soon(until, listening)
+                waiting.start_soon(until, ended)
+        if not listening.is_set():
+            why = "the source's page server did not start"
+            actions = machine.handle(Event(EventKind.RESTORE_FAILED, why))
+        else:
+            event = await perform(Action.START_RESTORE)
+            assert event is not None
+            actions = machine.handle(event)
+        for action in actions:
+            if action is Action.RESUME_SOURCE:
+                resume = True
+            elif action is Action.ABORT_TARGET:
+                await perform(action)
+    if resume or machine.state is not State.RUNNING_THERE:
+        criu_scope.cancel()  # before a client connected: the tree is let go as it was
+        await ended.wait()
+        failure = next((o for o in outcome if isinstance(o, MigrationFailed)), None)
+        if machine.state is State.FREEZING:
+            machine.handle(Event(EventKind.DUMP_FAILED, str(failure or "criu dump ended")))
+        elif machine.state is State.FAILED:
+            machine.handle(Event(EventKind.SOURCE_RESUMED))
+        machine.raise_for_outcome()
+        raise MigrationFailed(machine.reason or "post-copy move failed")
+
+    async def finish() -> None:
+        await ended.wait()
+        transfer.seconds = clock.marks.get("end")
+        result = outcome[0] if outcome else MigrationFailed("criu dump was cancelled")
+        if isinstance(result, MigrationFailed):
+            transfer.error = str(result)
+            # CRIU resumes the tree when the page server fails: the target has it now
+            _signal_in(plan.source_proc, pid, signal.SIGKILL)
+        machine.handle(Event(EventKind.SOURCE_KILLED))
+        transfer.done.set()
+
+    background.start_soon(finish)
+    assert machine.restored_pid is not None
+    frozen = clock.marks.get("frozen", 0.0)
+    return MoveReport(
+        pid=pid,
+        restored_pid=machine.restored_pid,
+        freeze_seconds=frozen,
+        dump_seconds=clock.marks["dumped"],
+        restore_seconds=clock.marks["restore"],
+        downtime_seconds=clock.marks["restored"] - frozen,
+        total_seconds=clock.marks["restored"],
+        history=tuple(machine.history),
+        transfer=transfer,
+    )
+
+
+async def until(event: trio.Event) -> None:
+    """In a nursery of several: wait for ``event``, then end them all (first one wins)."""
+    await event.wait()
+    trio.lowlevel.current_task().parent_nursery.cancel_scope.cancel()  # type: ignore[union-attr]
+
+
 def _signal_in(proc: Path, pid: int, sig: int) -> bool:
     """Send ``sig`` to ``pid`` of the PID namespace whose procfs is ``proc``.
 
@@ -212,8 +389,12 @@ class HostTarget:
         shell_job: bool = False,
         ext_unix_sk: bool = False,
         inherit_fd: Sequence[tuple[str, int]] = (),
+        lazy_from: tuple[str, int, swrk.TlsFiles | None] | None = None,
     ) -> None:
         self.command = command
+        #: post-copy: restore lazily, pages from this (address, port, TLS) page server
+        self.lazy_from = lazy_from
+        self.daemon: lazy.LazyDaemon | None = None
         self.proc = proc
         self.tcp_established = tcp_established
         self.shell_job = shell_job
@@ -236,6 +417,7 @@ class HostTarget:
         shell_job: bool = False,
         ext_unix_sk: bool = False,
         inherit_fd: Sequence[tuple[str, int]] = (),
+        lazy_from: tuple[str, int, swrk.TlsFiles | None] | None = None,
     ) -> HostTarget:
         """A simulated host of the local cluster, reached from the machine; the restored
         tree joins ``cgroups`` (the host's, ``HostInfo.cgroup``)."""
@@ -246,6 +428,7 @@ class HostTarget:
             shell_job=shell_job,
             ext_unix_sk=ext_unix_sk,
             inherit_fd=inherit_fd,
+            lazy_from=lazy_from,
         )
 
     async def prepare(self, pid: int) -> None:
@@ -261,8 +444,14 @@ class HostTarget:
 
         self._maybe_restored = True
         try:
+            if self.lazy_from is not None:
+                address, port, tls = self.lazy_from
+                self.daemon = await lazy.LazyDaemon.start(
+                    images_dir_fd, address, port, tls, command=self.command
+                )
             result = await swrk.restore(
                 images_dir_fd,
+                lazy_pages=self.lazy_from is not None,
                 inherit_fd=self.inherit_fd,
                 tcp_established=self.tcp_established,
                 shell_job=self.shell_job,
@@ -272,10 +461,20 @@ class HostTarget:
             )
         except MigrationFailed:
             self._maybe_restored = False
+            if self.daemon is not None:
+                await self.daemon.kill()
             raise
         return result.pid
 
+    async def pages_in(self) -> int:
+        """Post-copy: wait until the lazy-pages daemon ended; its exit code (0: every
+        page arrived)."""
+        assert self.daemon is not None
+        return await self.daemon.wait()
+
     async def abort(self, pid: int) -> None:
+        if self.daemon is not None:
+            await self.daemon.kill()
         if self._maybe_restored:
             _signal_in(self.proc, pid, signal.SIGKILL)
             self._maybe_restored = False

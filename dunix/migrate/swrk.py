@@ -117,6 +117,26 @@ Notify = Callable[[Notification], Awaitable[bool]]
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    """CRIU's TLS for the page server (``--tls``): CA, certificate and key paths, and
+    the folder fd those paths go through (passed to criu). See ``lazy.py``."""
+
+    cacert: str
+    cert: str
+    key: str
+    dir_fd: int
+
+    def apply(self, opts: Any) -> None:
+        opts.tls = True
+        opts.tls_cacert, opts.tls_cert, opts.tls_key = self.cacert, self.cert, self.key
+        opts.tls_no_cn_verify = True  # a one-move certificate naming no host (lazy.py)
+
+    def argv(self) -> list[str]:
+        return ["--tls", "--tls-cacert", self.cacert, "--tls-cert", self.cert,
+                "--tls-key", self.key, "--tls-no-cn-verify"]  # fmt: skip
+
+
+@dataclass(frozen=True)
 class DumpResult:
     pid: int
     #: the source still runs: ``leave_running``, or our notify refused (e.g. post-dump)
@@ -176,8 +196,10 @@ class _Call:
         log_file: str,
         notify: Notify | None,
         extra_fds: Sequence[int] = (),
+        exit_grace: float = _EXIT_GRACE,
     ) -> None:
         self.what = what
+        self.exit_grace = exit_grace
         self.command = command
         self.images_dir_fd = images_dir_fd
         self.log_file = log_file
@@ -267,7 +289,7 @@ class _Call:
 
     async def _reap(self, proc: trio.Process) -> None:
         with trio.CancelScope(shield=True):
-            with trio.move_on_after(_EXIT_GRACE):
+            with trio.move_on_after(self.exit_grace):
                 await proc.wait()
                 return
             proc.kill()
@@ -299,6 +321,8 @@ async def dump(
     command: CriuCommand | None = None,
     log_file: str = "dump.log",
     log_level: int = 4,
+    lazy_port: int = 0,
+    tls: TlsFiles | None = None,
 ) -> DumpResult:
     """Dump the tree rooted at ``pid`` (as criu sees it) into the folder ``images_dir_fd``.
 
@@ -306,6 +330,11 @@ async def dump(
     success; answering it with failure thaws the tree (``resumed=True``). Raises
     ``MigrationFailed`` with CRIU's message when CRIU fails on its own. ``cgroups``
     False (CRIU's "ignore" mode) leaves cgroups out of the images: the target decides.
+
+    ``lazy_port`` (post-copy, ``lazy.py``): the pages stay out of the images; after a
+    successful ``post-dump`` CRIU serves them on that port (with ``tls``) and returns
+    only once a lazy-pages daemon took them all. Cancelling such a dump kills criu at
+    once (no grace): before a client connected, that lets the tree go unharmed.
     """
     rpc = _rpc()
     opts = _base_opts(rpc, images_dir_fd, log_file, log_level)
@@ -319,7 +348,15 @@ async def dump(
     opts.external.extend(external)
     opts.manage_cgroups = cgroups
     opts.notify_scripts = True
-    call = _Call(f"dump of pid {pid}", command or CriuCommand(), images_dir_fd, log_file, notify)
+    extra: list[int] = []
+    if lazy_port:
+        opts.lazy_pages = True
+        opts.ps.port = lazy_port
+    if tls is not None:
+        tls.apply(opts)
+        extra.append(tls.dir_fd)
+    call = _Call(f"dump of pid {pid}", command or CriuCommand(), images_dir_fd, log_file, notify,
+                 extra, 0.0 if lazy_port else _EXIT_GRACE)  # fmt: skip
     started = time.monotonic()
     resp = await call.run(rpc.criu_req(type=rpc.DUMP, opts=opts))
     seconds = time.monotonic() - started
@@ -350,6 +387,7 @@ async def restore(
     command: CriuCommand | None = None,
     log_file: str = "restore.log",
     log_level: int = 4,
+    lazy_pages: bool = False,
 ) -> RestoreResult:
     """Restore the images in ``images_dir_fd``; returns once the tree runs.
 
@@ -361,6 +399,8 @@ async def restore(
     With ``cgroups`` False the tree stays in criu's own cgroups (``CriuCommand`` puts
     criu where the target wants it); True is CRIU's "soft" mode: back into the dumped
     cgroup paths, which on another host are the wrong ones.
+    ``lazy_pages``: memory comes from a ``criu lazy-pages`` daemon already listening in
+    the images folder (``lazy.LazyDaemon``); the tree runs before its pages are in.
     """
     rpc = _rpc()
     opts = _base_opts(rpc, images_dir_fd, log_file, log_level)
@@ -373,6 +413,7 @@ async def restore(
     opts.external.extend(external)
     opts.manage_cgroups = cgroups
     opts.notify_scripts = True
+    opts.lazy_pages = lazy_pages
     for key, fd in inherit_fd:
         opts.inherit_fd.add(key=key, fd=fd)
     call = _Call(

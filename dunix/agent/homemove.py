@@ -4,13 +4,14 @@
 node that created it (``agent/migration.py`` moves one that is away already). The home
 is the source here:
 
-1. the process must be movable (``require_movable``, no socket or terminal fd), and the
-   target is asked before anything freezes (``MigratePrepare``: CPU, its pid free);
-2. the agent takes duplicates of its pipe fds with pidfd_getfd (the home's relays will
-   write and read them), the tracer ``release``s it (left stopped, untraced), and CRIU
-   dumps it with ``leave_running``: at home it stays stopped, since it will become the
-   deputy in place (while CRIU holds it, during ``post-dump``, the tracer cannot touch
-   it: EPERM);
+1. the process must be movable (``require_movable``, no terminal fd, a socket only when
+   it is a connected stream: ``dunix/migrate/sockets.py``), and the target is asked
+   before anything freezes (``MigratePrepare``: CPU, its pid free);
+2. the agent takes duplicates of its pipe and socket fds with pidfd_getfd (the home's
+   relays will write and read them; a socket's connection stays open here), the tracer
+   ``release``s it (left stopped, untraced), and CRIU dumps it with ``leave_running``: at
+   home it stays stopped, since it will become the deputy in place (while CRIU holds
+   it, during ``post-dump``, the tracer cannot touch it: EPERM);
 3. inside ``post-dump`` the images go to the target, which restores it as a guest of the
    job (``inherit_fd``: a new pipe per pipe, relayed to the home) and has its tracer seize
    it; the home registers the ``Deputy`` before the target runs it, so a quick exit
@@ -68,11 +69,17 @@ from dunix.errors import DunixError, MigrationFailed, NoSuchNode
 from dunix.fdmove.deputy import DeputyConnection
 from dunix.fdmove.inventory import FdInfo, inventory
 from dunix.fdmove.pidfd import pidfd_getfd, pidfd_open
-from dunix.migrate import driver
+from dunix.migrate import driver, sockets
 from dunix.migrate.cpufeatures import CpuFeatures
 from dunix.migrate.eligibility import cpu_reason, require_movable
 from dunix.wire.jobs import RemoteSignal
-from dunix.wire.migrate import MigratePhase, MigratePipe, MigratePrepare, MigrateReply
+from dunix.wire.migrate import (
+    MigratePhase,
+    MigratePipe,
+    MigratePrepare,
+    MigrateReply,
+    MigrateSocket,
+)
 
 if TYPE_CHECKING:
     from dunix.agent.daemon import Agent
@@ -80,7 +87,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("dunix.agent.homemove")
 
 #: fds a process at home may hold when it moves: the rest is refused before freezing
-_MOVABLE_KINDS = ("pipe", "file", "dir", "null")
+_MOVABLE_KINDS = ("pipe", "file", "dir", "null", "socket")
 
 
 @dataclass
@@ -187,22 +194,32 @@ class HomeMoves:
                 theirs = await trio.to_thread.run_sync(inventory, parent)
                 shared = {f.inode for f in theirs if f.kind == "pipe" and f.readable}
         cmdline = proc_cmd(pid) or proc.cmd
-        pipes = self._duplicate_pipes(pid, fds, shared)
+        socks = self._duplicate_sockets(pid, fds)
+        try:
+            pipes = self._duplicate_pipes(pid, fds, shared)
+        except BaseException:
+            for _, dup in socks:
+                os.close(dup)
+            raise
         move = f"{self.name}-h{next(self.service._ids)}-{pid}"
         prepare = MigratePrepare(
             move=move, job=proc.job, home=self.name, home_pid=pid, gpid=proc.gpid, pid=pid,
             uid=job.uid, gid=job.gid, groups=job.groups, mode=job.mode, cmd=proc.cmd,
             origin_flags=self.agent.features.flags, origin_level=self.agent.features.level,
             pipes=tuple(MigratePipe(p.inode, p.writes, i) for i, p in enumerate(pipes)),
-            moves=proc.moves + 1, nulls=nulls,
+            moves=proc.moves + 1, nulls=nulls, sockets=tuple(m for m, _ in socks),
         )  # fmt: skip
         deputy = Deputy(job, proc, target, proc.cmd)
         deputy.started.set()
         try:
-            report = await self._dump_and_restore(proc, tracer, target, prepare, pipes, deputy)
+            report = await self._dump_and_restore(
+                proc, tracer, target, prepare, pipes, deputy, socks
+            )
         finally:
             for p in pipes:
                 os.close(p.dup)
+            for _, dup in socks:
+                os.close(dup)
         t0 = time.monotonic()
         try:
             await tracer.deputize(pid, target)
@@ -242,6 +259,39 @@ class HomeMoves:
             os.close(pidfd)
         return pipes
 
+    def _duplicate_sockets(self, pid: int, fds: list[FdInfo]) -> list[tuple[MigrateSocket, int]]:
+        """A duplicate of each socket (its connection stays open here) with its plan;
+        ``MigrationFailed`` naming every socket that cannot be relayed."""
+        held = [f for f in fds if f.kind == "socket"]
+        if not held:
+            return []
+        first = 2 * len(fds)  # stream indexes after every pipe's (one per pipe at most)
+        found: list[tuple[MigrateSocket, int]] = []
+        reasons: list[str] = []
+        pidfd = pidfd_open(pid)
+        try:
+            for f in held:
+                dup = pidfd_getfd(pidfd, f.fd)
+                plan = sockets.classify(f.fd, dup, sockets.fd_flags(pid, f.fd))
+                if isinstance(plan, str):
+                    os.close(dup)
+                    reasons.append(plan)
+                    continue
+                out = first + 2 * len(found)
+                relayed = MigrateSocket(plan.inode, plan.tcp, plan.nonblock, out, out + 1)
+                found.append((relayed, dup))
+        except BaseException:
+            for _, dup in found:
+                os.close(dup)
+            raise
+        finally:
+            os.close(pidfd)
+        if reasons:
+            for _, dup in found:
+                os.close(dup)
+            raise MigrationFailed("cannot move: " + "; ".join(reasons))
+        return found
+
     async def _dump_and_restore(
         self,
         proc: Proc,
@@ -250,6 +300,7 @@ class HomeMoves:
         prepare: MigratePrepare,
         pipes: list[_HomePipe],
         deputy: Deputy,
+        socks: list[tuple[MigrateSocket, int]],
     ) -> HomeMoveReport:
         """Release, dump (leave_running: it stays here, stopped), send, restore there:
         ``driver.move``'s table, whose "source killed" means here "let go by CRIU"."""
@@ -274,7 +325,7 @@ class HomeMoves:
             async def restore(self, images_dir_fd: int) -> int:
                 restored = await remote.restore(images_dir_fd)
                 # it runs there now: relay its pipes, and be ready for its news
-                await home._open_relays(deputy, out.streams, pipes)
+                await home._open_relays(deputy, out.streams, pipes, socks)
                 return restored
 
             async def abort(self, pid: int) -> None:
@@ -291,9 +342,12 @@ class HomeMoves:
             await tracer.release(pid)
             released = True
             t0 = time.monotonic()
+            relayed = [m for m, _ in socks]
             report = await driver.move(
-                pid, dir_fd, Target(), shell_job=True, external=prepare.nulls,
-                phase_timeout=STEP_TIMEOUT, leave_running=True,
+                pid, dir_fd, Target(), shell_job=True,
+                external=prepare.nulls + sockets.dump_externals(relayed),
+                tcp_close=any(m.tcp for m in relayed), phase_timeout=STEP_TIMEOUT,
+                leave_running=True,
             )  # fmt: skip
         except BaseException:
             self._forget(deputy)
@@ -324,10 +378,17 @@ class HomeMoves:
         )  # fmt: skip
 
     async def _open_relays(
-        self, deputy: Deputy, streams: tuple[tuple[int, int], ...], pipes: list[_HomePipe]
+        self,
+        deputy: Deputy,
+        streams: tuple[tuple[int, int], ...],
+        pipes: list[_HomePipe],
+        socks: list[tuple[MigrateSocket, int]],
     ) -> None:
         """The target runs it now (its relays are open): relay each pipe to its new
-        stream, and register the deputy so that its guest's news finds it."""
+        stream, and each socket both ways (not shared: the process's copy here becomes
+        the deputy, which closes it, so a stream's end may shut the socket's direction
+        down and the peer sees the half-close), and register the deputy so that its
+        guest's news finds it."""
         hub = await self.agent.job_links.hub(deputy.peer)
         by_index = dict(streams)
         for i, p in enumerate(pipes):
@@ -338,6 +399,12 @@ class HomeMoves:
                 deputy.receivers.append(hub.open_receiver(stream, os.dup(p.dup), shared=True))
             else:
                 deputy.senders.append(hub.open_sender(stream, os.dup(p.dup), shared=True))
+        for m, dup in socks:
+            out, into = by_index.get(m.out_stream), by_index.get(m.in_stream)
+            if out is not None:
+                deputy.receivers.append(hub.open_receiver(out, os.dup(dup)))
+            if into is not None:
+                deputy.senders.append(hub.open_sender(into, os.dup(dup)))
         key = (deputy.proc.job, deputy.proc.pid)
         self.agent.remote.deputies[key] = deputy
         self.expected[deputy.proc.pid] = deputy

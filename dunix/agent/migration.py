@@ -31,6 +31,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import tempfile
 import termios
 import time
@@ -54,7 +55,8 @@ from dunix.errors import (
     error_from_wire,
 )
 from dunix.fdmove import StreamEndpoint, StreamHub
-from dunix.migrate import driver, swrk
+from dunix.loadbalance import MemberState
+from dunix.migrate import driver, sockets, swrk
 from dunix.migrate.cpufeatures import CpuFeatures
 from dunix.migrate.eligibility import cpu_reason, require_movable
 from dunix.pid import split_gpid
@@ -86,6 +88,8 @@ MOVE_TIMEOUT = 60.0
 #: one step between source and target (prepare, restore)
 STEP_TIMEOUT = 30.0
 IMAGE_CHUNK = 1024 * 1024
+#: while waiting for a peer's answer, how often to look whether it is still there
+LIVENESS_PERIOD = 0.25
 #: test knob: while this file exists in the agent's runtime folder, its restores are
 #: answered with failure at ``post-restore`` (CRIU then kills what it restored)
 FAIL_RESTORE_KNOB = "migrate-fail-restore"
@@ -136,15 +140,21 @@ class RemoteTarget:
         self.prepare_msg = prepare
 
     async def _ask(self, msg: Any, step: str) -> MigrateStatus:
-        await self.service.links.send(self.out.target, msg)
-        with trio.move_on_after(STEP_TIMEOUT):
-            status = await self.out.inbox.receive()
-            if status.error_kind:
-                raise MigrationFailed(f"{self.out.target}: {status.error}")
-            if status.step != step:
-                raise MigrationFailed(f"{self.out.target} answered {status.step}, not {step}")
-            return status
-        raise MigrationFailed(f"{self.out.target} did not answer ({step}) in {STEP_TIMEOUT} s")
+        target = self.out.target
+        await self.service.links.send(target, msg)
+        deadline = trio.current_time() + STEP_TIMEOUT
+        while trio.current_time() < deadline:
+            with trio.move_on_after(LIVENESS_PERIOD):
+                status = await self.out.inbox.receive()
+                if status.error_kind:
+                    raise MigrationFailed(f"{target}: {status.error}")
+                if status.step != step:
+                    raise MigrationFailed(f"{target} answered {status.step}, not {step}")
+                return status
+            gone = await self.service.peer_gone(target)
+            if gone:  # a dead target costs a probe, not the step timeout
+                raise MigrationFailed(f"{target} is gone ({gone}) while asked to {step}")
+        raise MigrationFailed(f"{target} did not answer ({step}) in {STEP_TIMEOUT} s")
 
     async def prepare(self, pid: int) -> None:
         if self.out.ready:
@@ -217,10 +227,36 @@ class MigrationService:
         self._spares: dict[str, dict[int, tuple[int, bool]]] = {}
         #: (job, home pid) of a process moved back home → its deputy's fds, as above
         self._home_fds: dict[tuple[str, int], dict[int, tuple[int, bool]]] = {}
+        #: (job, home pid) of guests here whose sockets are relayed to their home: such a
+        #: process moves once, from home (its socketpair end cannot be dumped again)
+        self._socket_guests: set[tuple[str, int]] = set()
 
     @property
     def links(self) -> Any:
         return self.agent.job_links
+
+    async def peer_gone(self, peer: str) -> str:
+        """Why ``peer`` cannot answer any more, or "" while it may: membership says it
+        is dead or left, or it is suspect and its agent's port refuses a connection (an
+        agent that died on a live host; a slow one is only suspect, and still listens)."""
+        if peer == self.name:
+            return ""
+        try:
+            member = self.agent.membership.member(peer)
+        except NoSuchNode:
+            return "not a member"
+        if member.state in (MemberState.DEAD, MemberState.LEFT):
+            return f"membership: {member.state.value}"
+        if member.state is not MemberState.SUSPECT:
+            return ""
+        host, _, port = member.address.rpartition(":")
+        with trio.move_on_after(1.0):
+            try:
+                stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
+            except OSError as exc:
+                return f"suspect, and its agent refused a connection: {exc.strerror}"
+            await stream.aclose()
+        return ""
 
     @property
     def remote(self) -> Any:
@@ -435,6 +471,11 @@ class MigrationService:
         if guest is None or job is None or not guest.pid or guest.tracer is None:
             raise NoSuchProcess(f"{order.job}/{order.home_pid} does not run on {self.name}")
         pid, tracer = guest.pid, guest.tracer
+        if (order.job, order.home_pid) in self._socket_guests:
+            raise MigrationFailed(
+                "cannot move: it holds a connection relayed through its home "
+                "(a process with sockets moves once, from home)"
+            )
         if len(self.agent.jobs.of(job)) > 1:
             raise MigrationFailed("it has child processes here; moving a tree is not wired yet")
         origin = CpuFeatures(order.origin_level, order.origin_flags)
@@ -541,7 +582,16 @@ class MigrationService:
         # process's flags), stopped until the old relays have delivered what they hold
         home = self._spares.get(inc.move) if prep.home == self.name else None
         back_home: list[tuple[int, int, bool]] = []  # its pipes, when restored at home
+        relayed: list[tuple[int, int, int]] = []  # (out index, in index, our socketpair end)
         try:
+            for sk in prep.sockets:  # the connection stays at home: a socketpair here
+                mine, its = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                relayed.append((sk.out_stream, sk.in_stream, mine.detach()))
+                its.setblocking(not sk.nonblock)
+                theirs.append((f"socket:[{sk.inode}]", its.detach()))
+            tcp = {sk.inode for sk in prep.sockets if sk.tcp}
+            if tcp:  # dumped with tcp_close: its image entry becomes a unix socket's
+                sockets.rewrite_images(inc.dir_fd, tcp)
             for pipe in prep.pipes:
                 key = f"pipe:[{pipe.inode}]"
                 if home is not None:
@@ -562,10 +612,12 @@ class MigrationService:
 
             result = await swrk.restore(
                 inc.dir_fd, inherit_fd=theirs, rst_sibling=True, shell_job=True, notify=notify,
-                command=RESTORE_COMMAND,
+                command=RESTORE_COMMAND, tcp_close=bool(tcp),
             )  # fmt: skip
         except (DunixError, OSError) as exc:
             for _, fd in ours:
+                os.close(fd)
+            for _, _, fd in relayed:
                 os.close(fd)
             self._forget_incoming(inc)
             # rst_sibling: a tree CRIU restored and then killed (post-restore refused) is
@@ -582,7 +634,7 @@ class MigrationService:
         guest.stopped_by_home = True
         guest.pipes += back_home
         streams = []
-        hub = await self.links.hub(prep.home) if ours else None
+        hub = await self.links.hub(prep.home) if ours or relayed else None
         for pipe, fd in ours:
             assert hub is not None
             new = hub.allocate()
@@ -593,6 +645,14 @@ class MigrationService:
                 guest.receivers.append(hub.open_receiver(new, fd))
             guest.pipes.append((new, inode, pipe.writable))
             streams.append((pipe.stream, new))
+        for out_index, in_index, fd in relayed:
+            assert hub is not None
+            out, into = hub.allocate(), hub.allocate()
+            guest.senders.append(hub.open_sender(out, fd))
+            guest.receivers.append(hub.open_receiver(into, os.dup(fd)))
+            streams += [(out_index, out), (in_index, into)]
+        if relayed:
+            self._socket_guests.add((prep.job, prep.home_pid))
         self._forget_incoming(inc, keep=True)
         self.agent.nursery.start_soon(self._host_guest, guest, prep)
         return MigrateStatus(inc.move, "restored", result.pid, tuple(streams), "", "")
@@ -655,6 +715,7 @@ class MigrationService:
                 for fd, _ in self._home_fds.pop(key, {}).values():
                     os.close(fd)
             self.agent.jobs.forget(job)
+            self._socket_guests.discard(key)
             if self.remote.guests.get(key) is guest:
                 self.remote.guests.pop(key, None)
             for endpoint in guest.receivers:

@@ -378,6 +378,7 @@ async def restore(
     rst_sibling: bool = False,
     leave_stopped: bool = False,
     tcp_established: bool = False,
+    tcp_close: bool = False,
     shell_job: bool = False,
     ext_unix_sk: bool = False,
     file_locks: bool = False,
@@ -407,6 +408,7 @@ async def restore(
     opts.rst_sibling = rst_sibling
     opts.leave_stopped = leave_stopped  # restored tree left SIGSTOPped: the caller continues it
     opts.tcp_established = tcp_established
+    opts.tcp_close = tcp_close  # a dump with tcp_close is refused without it (image.c)
     opts.shell_job = shell_job
     opts.ext_unix_sk = ext_unix_sk
     opts.file_locks = file_locks

@@ -58,7 +58,7 @@ def test_only_the_named_tcp_sockets_become_unix_stream_entries() -> None:
     _fown(reg.reg.fown, 0)
     data = _image(reg, _inet(7, 777), _inet(8, 888))
     new, found = rewrite_tcp_as_unix(data, {777, 999})
-    assert found == {777}
+    assert found == {7: 777}
     assert new[:8] == data[:8]
     first, moved, kept = _entries(new)
     assert first == reg and kept == _inet(8, 888)
@@ -67,6 +67,23 @@ def test_only_the_named_tcp_sockets_become_unix_stream_entries() -> None:
     assert (usk.id, usk.ino, usk.type, usk.state, usk.peer) == (7, 777, socket.SOCK_STREAM, 1, 0)
     assert usk.flags == 0o4002 and usk.fown.uid == 1000 and usk.opts.so_rcvbuf == 8192
     assert usk.name == b"" and not moved.HasField("isk")
+    assert usk.uflags == sockets.USK_CALLBACK  # no fake queuer waiting for a second end
+
+
+def test_fdinfo_entries_of_rewritten_files_name_the_unix_type() -> None:
+    def fd(file_id: int, kind: int, num: int) -> object:
+        return pb.fdinfo_entry(id=file_id, flags=0, type=kind, fd=num)
+
+    data = _image(fd(3, 1, 0), fd(7, sockets.FD_INETSK, 4), fd(8, sockets.FD_INETSK, 5))
+    new = sockets.rewrite_fdinfo(data, {7})
+    pos, kinds = 8, []
+    while pos < len(new):
+        (size,) = struct.unpack_from("<I", new, pos)
+        e = pb.fdinfo_entry()
+        e.ParseFromString(new[pos + 4 : pos + 4 + size])
+        kinds.append((e.id, e.type, e.fd))
+        pos += 4 + size
+    assert kinds == [(3, 1, 0), (7, sockets.FD_UNIXSK, 4), (8, sockets.FD_INETSK, 5)]
 
 
 def test_connected_stream_sockets_are_relayed_and_others_refused() -> None:

@@ -1,0 +1,151 @@
+"""A process holding a TCP or unix stream connection moves; the connection carries on.
+
+The client (a child of a shell in a `dunix run --node n1 --placement local` job) connects
+to a server this test runs outside the job: TCP on the bridge's address (the machine's
+side, 10.213.0.254), or a unix socket in a folder every host sees. It answers each line
+the server sends with the line in upper case and the host it runs on. It is moved n1 → n2
+(a move from home: the connection stays in n1, relayed to a socketpair in n2): the server
+keeps talking to it over the same connection, both ways, sees it answer from n2, and sees
+EOF when it closes. A second move of it is refused (such a process moves once).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import DUNIX, dunix, running_cluster, wait_for
+
+pytestmark = pytest.mark.e2e
+
+WORK = Path("/var/tmp/dunix-e2e-migrate-sockets")  # seen by every host (/tmp is per host)
+N1 = "/run/dunix/hosts/n1/control.sock"
+BRIDGE = "10.213.0.254"  # the machine's address on the cluster's bridge
+CLONE_NEWNET = 0x40000000
+
+CLIENT = """
+import socket, sys
+kind, where = sys.argv[1], sys.argv[2]
+if kind == "tcp":
+    host, port = where.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)))
+else:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(where)
+f = s.makefile("rwb")
+for line in f:
+    if line.strip() == b"bye":
+        break
+    f.write(line.strip().upper() + b" " + socket.gethostname().encode() + b"\\n")
+    f.flush()
+f.write(b"done\\n")
+f.flush()
+s.shutdown(socket.SHUT_WR)
+print("client ends", flush=True)
+sys.exit(3)
+"""
+JOB = '/usr/bin/python3 -c "$1" "$2" "$3" & c=$!; wait $c; echo status=$?'
+
+
+@pytest.fixture(scope="module")
+def hosts() -> Iterator[list[Any]]:
+    WORK.mkdir(parents=True, exist_ok=True)
+    os.chmod(WORK, 0o777)
+    with running_cluster(2, alive_from="n1") as up:
+        yield up
+
+
+def ps() -> list[dict[str, Any]]:
+    return json.loads(dunix("ps", "--json", "--control", N1).stdout)  # type: ignore[no-any-return]
+
+
+def listener(kind: str, host: Any) -> tuple[socket.socket, str]:
+    """The server's listening socket: TCP on the bridge, or a unix socket made in the
+    client's host's network namespace (CRIU looks a unix socket's peer up with sock_diag,
+    which sees one namespace: a peer in another one fails the dump)."""
+    if kind == "tcp":
+        srv = socket.socket()
+        srv.bind((BRIDGE, 0))
+        return srv, f"{BRIDGE}:{srv.getsockname()[1]}"
+    path = WORK / f"srv-{os.getpid()}.sock"
+    path.unlink(missing_ok=True)
+    made: list[socket.socket] = []
+
+    def make() -> None:  # setns(CLONE_NEWNET) changes the calling thread only
+        with open(f"/proc/{host.init_pid}/ns/net") as ns:  # os.setns is 3.12+
+            if ctypes.CDLL(None, use_errno=True).setns(ns.fileno(), CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns")
+        made.append(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+
+    thread = threading.Thread(target=make)
+    thread.start()
+    thread.join()
+    srv = made[0]
+    srv.bind(str(path))
+    os.chmod(path, 0o777)
+    return srv, str(path)
+
+
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+def test_a_connection_carries_on_across_a_move(hosts: list[Any], kind: str) -> None:
+    srv, where = listener(kind, next(h for h in hosts if h.name == "n1"))
+    srv.listen(1)
+    srv.settimeout(30)
+    run = subprocess.Popen(
+        [*DUNIX, "run", "--node", "n1", "--control", N1, "--placement", "local", "--",
+         "sh", "-c", JOB, "sh", CLIENT, kind, where],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=WORK,
+    )  # fmt: skip
+    conn: socket.socket | None = None
+    try:
+        conn, _ = srv.accept()
+        conn.settimeout(30)
+        f = conn.makefile("rwb")
+
+        def ask(word: str) -> bytes:
+            f.write(word.encode() + b"\n")
+            f.flush()
+            return f.readline()
+
+        assert ask("before") == b"BEFORE n1\n"
+
+        def client() -> dict[str, Any] | None:
+            found = [p for p in ps() if p["cmd"].startswith("/usr/bin/python3 -c")]
+            return found[0] if found else None
+
+        gpid = wait_for(client, 20, "the client in ps")["gpid"]
+        # bytes the server sent while it was frozen arrive once, after the move
+        f.write(b"during\n")
+        f.flush()
+        moved = dunix("migrate", str(gpid), "n2", "--control", N1, timeout=90)
+        print(moved.stdout)
+        now = [p for p in ps() if p["gpid"] == gpid]
+        assert now and now[0]["node"] == "n2" and now[0]["state"] == "deputy", now
+        assert f.readline() in (b"DURING n1\n", b"DURING n2\n")  # before or after the freeze
+        assert ask("after") == b"AFTER n2\n"
+        assert ask("x" * 100_000) == b"X" * 100_000 + b" n2\n"  # more than one chunk
+        # its connection is relayed through n1: it moves once
+        again = dunix("migrate", str(gpid), "home", "--control", N1, check=False, timeout=90)
+        assert again.returncode == 1 and "relayed through its home" in again.stderr, again
+        assert ask("still") == b"STILL n2\n"
+        assert ask("bye") == b"done\n"
+        assert f.readline() == b""  # its shutdown(SHUT_WR) reached the server: EOF
+        out, err = run.communicate(timeout=60)
+    finally:
+        if conn is not None:
+            conn.close()
+        srv.close()
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert out.decode().split("\n")[-3:] == ["client ends", "status=3", ""], err.decode()
+    assert run.returncode == 0, err.decode()

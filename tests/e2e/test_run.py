@@ -139,6 +139,22 @@ def test_parallel_cpu_work_spreads_over_hosts(work: Path) -> None:
     assert len(set(hosts)) >= 2, hosts
 
 
+def test_a_burst_of_cpu_jobs_spreads_over_every_host_at_once(work: Path) -> None:
+    """Six CPU-bound jobs started together, before any load figure can move: the spill
+    order shares them over the home and both peers by their quotas (2 each here)."""
+    worker = (
+        'awk "BEGIN { t = systime(); while (systime() - t < 3) s++ }"; '
+        "read h < /proc/sys/kernel/hostname; echo $h"
+    )
+    script = f"for i in 1 2 3 4 5 6; do sh -c '{worker}' & done; wait"
+    out = dunix("run", "--control", N1, "--", "bash", "-c", script, cwd=work, timeout=120,
+                stdin=subprocess.DEVNULL)  # fmt: skip
+    hosts = out.stdout.split()
+    assert len(hosts) == 6
+    assert set(hosts) == {"n1", "n2", "n3"}, hosts
+    assert max(hosts.count(h) for h in set(hosts)) <= 3, hosts
+
+
 def test_ps_shows_remote_processes_and_kill_by_gpid(work: Path) -> None:
     job = subprocess.Popen(  # stdio not in this machine's /tmp, which hosts do not see
         [*DUNIX, "run", "--control", N1, "--placement", "remote", "--", "sleep", "60"],

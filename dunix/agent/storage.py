@@ -23,6 +23,7 @@ keeps running. Cancelling the service (agent exit) unmounts.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -31,10 +32,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import outcome
 import trio
 
 from dunix.errors import DunixError, PeerUnreachable
-from dunix.storagefs import _syscalls
+from dunix.storagefs import _syscalls, locks
 from dunix.storagefs.lookup import Lookup, LookupConfig, LookupQuery, LookupReply, NameCreated
 from dunix.storagefs.peerfiles import FileMessage, FileReply, FileRequest, FileServer, PeerFiles
 from dunix.storagefs.replicas import OPS as REPLICA_OPS
@@ -105,6 +107,8 @@ class StorageService:
         self.replicas: Replicas | None = None
         self.serving = False
         self._nursery: trio.Nursery | None = None
+        self.locks: locks.LockManager | None = None  # lives on the storagefs thread
+        self._fs_token: trio.lowlevel.TrioToken | None = None
 
     @property
     def node_id(self) -> int:
@@ -150,6 +154,7 @@ class StorageService:
             task_status.started()
 
     async def _start(self, nursery: trio.Nursery, mountpoint: str) -> None:
+        library = locks.preload()  # before pyfuse3 loads: it adds the FUSE lock handlers
         from dunix.storagefs.fs import StorageFS  # loads pyfuse3
 
         cfg = self.agent.config
@@ -166,7 +171,12 @@ class StorageService:
         fs = StorageFS(
             store, bridge, files=bridge, peers=self.peers, list_deadline=cfg.storagefs_list_deadline
         )
-        self.server = FileServer(store, created=self.resolver.created, changed=fs.notify_changed)
+        self.locks = manager = locks.LockManager(self.node_id)
+        if library is not None:
+            locks.FuseLocks(manager, fs, bridge.call, lambda: fs.nursery).install(library)
+        self.server = FileServer(
+            store, created=self.resolver.created, changed=fs.notify_changed, locks=self._serve_lock
+        )
         # replicated files (dunix/storagefs/replicas.py): the same state for both threads
         self.replicas = Replicas(
             store, self.peers, self.files.call,
@@ -186,6 +196,7 @@ class StorageService:
         await nursery.start(self._serve_in_thread, fs, mountpoint)
         self.serving = True
         log.info("storagefs: serving %s at %s (node %d)", store.tree, mountpoint, self.node_id)
+        log.info("storagefs: %s", locks.describe(library))
 
     async def _serve_in_thread(
         self, fs: Any, mountpoint: str, *, task_status: trio.TaskStatus[None]
@@ -206,7 +217,7 @@ class StorageService:
                 agent_token.run_sync_soon(fn)
 
         async def fuse_main() -> None:
-            token = trio.lowlevel.current_trio_token()
+            token = self._fs_token = trio.lowlevel.current_trio_token()
             async with trio.open_nursery() as inner:
                 stop.append(lambda: token.run_sync_soon(inner.cancel_scope.cancel))
                 await inner.start(serve_fs, fs, mountpoint)
@@ -262,8 +273,41 @@ class StorageService:
             await self.resolver.received(msg.origin if isinstance(msg, LookupQuery) else
                                          msg.node, msg)  # fmt: skip
 
+    async def _serve_lock(self, key: int, req: FileRequest) -> tuple[int, tuple[int, ...]]:
+        """A peer's lock request, decided on the storagefs thread (where the table lives).
+
+        No worker thread waits meanwhile: the call is started there as a task and its
+        outcome handed back (a blocked lock waits up to ``locks.WAIT_SLICE`` there).
+        """
+        manager, fs_token = self.locks, self._fs_token
+        if manager is None or fs_token is None:
+            return errno.ENOLCK, ()
+        agent_token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        result: list[outcome.Outcome[tuple[int, tuple[int, ...]]]] = []
+
+        async def decide() -> None:
+            try:
+                result.append(await outcome.acapture(manager.serve_peer, key, req))
+            finally:
+                with contextlib.suppress(trio.RunFinishedError):
+                    agent_token.run_sync_soon(done.set)
+
+        def start() -> None:
+            trio.lowlevel.spawn_system_task(decide)
+
+        try:
+            fs_token.run_sync_soon(start)
+        except trio.RunFinishedError:
+            return errno.ENOLCK, ()
+        await done.wait()
+        return result[0].unwrap() if result else (errno.EIO, ())
+
     def peer_gone(self, node_id: int) -> None:
         """Membership declared a peer dead or gone."""
+        if self.locks is not None and self._fs_token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                self._fs_token.run_sync_soon(self.locks.release_node, node_id)
         if self.resolver is not None:
             self.resolver.peer_gone(node_id)
         if self.files is not None:

@@ -219,6 +219,11 @@ class StorageFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ESTALE)
         return node
 
+    def lock_target(self, ino: int) -> tuple[int, str] | None:
+        """(owner, tree path) of a peer's file for its locks; None for one of this host."""
+        remote = self._remote.get(ino)
+        return None if remote is None else (remote.owner, remote.path)
+
     def _owner_files(self) -> OwnerFiles:
         if self.files is None:
             raise pyfuse3.FUSEError(errno.EREMOTE)  # no transport to the owners (tests)

@@ -49,7 +49,8 @@ ATTR_FIELDS = (
 )  # fmt: skip
 OPS = frozenset(
     {"stat", "open", "read", "write", "release", "fsync", "setattr", "readlink", "unlink",
-     "rmdir", "rename", "link", "listdir", "getxattr", "setxattr", "listxattr", "removexattr"}
+     "rmdir", "rename", "link", "listdir", "getxattr", "setxattr", "listxattr", "removexattr",
+     "lock"}
 )  # fmt: skip
 
 
@@ -91,6 +92,8 @@ class FileReply:
 
 FileMessage = FileRequest | FileReply
 Send = Callable[[int, FileMessage], Awaitable[None]]
+#: the owner's lock arbiter: (inode number, request) -> (errno, attrs), see locks.py
+LockServe = Callable[[int, "FileRequest"], Awaitable[tuple[int, tuple[int, ...]]]]
 
 
 def stat_tuple(st: os.stat_result, ino: int) -> tuple[int, ...]:
@@ -169,6 +172,8 @@ class FileServer:
     ``changed(path, contents)`` is called after a peer changed ``path`` here (contents:
     True when file data changed, False when names did), so the FUSE side can drop what the
     local kernel cached; ``created(path)`` after a name appeared (rename or link target).
+    ``locks`` decides peers' lock requests (``op="lock"``, see locks.py); without it they
+    get ENOLCK.
     """
 
     def __init__(
@@ -176,8 +181,10 @@ class FileServer:
         store: LocalStore,
         created: Callable[[str], None] = lambda path: None,
         changed: Callable[[str, bool], None] = lambda path, contents: None,
+        locks: LockServe | None = None,
     ) -> None:
         self.store = store
+        self._locks = locks
         self._created = created
         self._changed = changed
         self._handles: dict[tuple[int, int], tuple[int, str]] = {}
@@ -368,6 +375,16 @@ class FileServer:
                     st = entry.stat(follow_symlinks=False)
                     entries.append((entry.name, self._attrs(st)))
         return self._ok(req, entries=tuple(entries))
+
+    async def _op_lock(self, req: FileRequest) -> FileReply:
+        """A lock on a file of this host, decided here (fields: see locks.py)."""
+        if self._locks is None:
+            raise OSError(errno.ENOLCK, "no lock arbiter here")
+        key = self.store.inode_number(os.lstat(self._backing(req.path)))
+        error, attrs = await self._locks(key, req)
+        if error:
+            raise OSError(error, os.strerror(error))
+        return self._ok(req, attrs=attrs)
 
     # --- extended attributes: name in ``path2``, value in ``data`` -------------------------
 

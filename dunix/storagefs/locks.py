@@ -19,7 +19,8 @@ Who decides: the host that owns the file (the one whose disk holds it).
 - A file a peer owns: its lock requests go to the owner as ``FileRequest(op="lock")``
   (fields: ``path2`` "test"/"set"/"release", ``handle`` the lock owner id, ``offset`` and
   ``size`` the first and last byte, ``flags`` the type plus :data:`FLOCK` and
-  :data:`SLEEP`). The owner waits at most :data:`WAIT_SLICE` for a blocked lock, then
+  :data:`SLEEP`, ``data`` the asking host's close count, 8 bytes little-endian: see
+  ``LockTable.release``). The owner waits at most :data:`WAIT_SLICE` for a blocked lock, then
   answers EINPROGRESS and the caller asks again, so no request outlives the peer timeout.
   When a host dies, its owners drop its locks (``release_node``).
 
@@ -73,6 +74,8 @@ class Lock:
     start: int
     end: int  # inclusive; TO_END for "to the end of the file"
     pid: int = 0
+    #: the requesting host's close count when asked (see LockTable.release)
+    epoch: int = 0
 
     def overlaps(self, start: int, end: int) -> bool:
         return self.start <= end and start <= self.end
@@ -126,7 +129,7 @@ class LockTable:
             rest = []
             for lock in mine:  # merge touching ranges of the same type (fcntl(2))
                 touches = lock.start <= new.end + 1 and new.start <= lock.end + 1
-                if lock.type == new.type and touches:
+                if lock.type == new.type and lock.epoch == new.epoch and touches:
                     new = replace(new, start=min(new.start, lock.start), end=max(new.end, lock.end))
                 else:
                     rest.append(lock)
@@ -138,12 +141,21 @@ class LockTable:
             self._locks.pop(key, None)
         return None
 
-    def release(self, key: int, holder: Holder, flock: bool) -> bool:
-        """Drop every lock of ``holder`` (of one kind) on ``key``; whether any was there."""
+    def release(self, key: int, holder: Holder, flock: bool, epoch: int = TO_END) -> bool:
+        """Drop the locks of ``holder`` (of one kind) on ``key``; whether any was there.
+
+        Only those asked for at ``epoch`` or before: a peer's release (sent when a file
+        closed) can arrive after its next request, and the kernel reuses lock owner ids
+        (the address of a closed file or of an exited process's fd table). The peer counts
+        its closes; a lock asked for after a close carries a later epoch and stays.
+        """
         locks = self._locks.get(key)
         if not locks:
             return False
-        left = [lock for lock in locks if lock.holder != holder or lock.flock != flock]
+        left = [
+            lock for lock in locks
+            if lock.holder != holder or lock.flock != flock or lock.epoch > epoch
+        ]  # fmt: skip
         if len(left) == len(locks):
             return False
         if left:
@@ -195,8 +207,8 @@ class LockManager:
                 await self._changed.setdefault(key, trio.Event()).wait()
         return errno.EINPROGRESS
 
-    def release(self, key: int, holder: Holder, flock: bool) -> None:
-        if self.table.release(key, holder, flock):
+    def release(self, key: int, holder: Holder, flock: bool, epoch: int = TO_END) -> None:
+        if self.table.release(key, holder, flock, epoch):
             self._wake(key)
 
     def release_node(self, node: int) -> None:
@@ -208,6 +220,7 @@ class LockManager:
         holder = (req.origin, req.handle)
         flock = bool(req.flags & FLOCK)
         type_ = req.flags & 0xF
+        epoch = int.from_bytes(req.data, "little")
         if req.path2 == "test":
             found = self.test(key, holder, flock, type_, req.offset, req.size)
             if found is None:
@@ -215,10 +228,10 @@ class LockManager:
             # a pid means nothing in another host's PID namespace: the kernel shows 0
             return 0, (found.type, found.start, found.end, 0)
         if req.path2 == "release":
-            self.release(key, holder, flock)
+            self.release(key, holder, flock, epoch)
             return 0, ()
         if req.path2 == "set":
-            want = Lock(holder, flock, type_, req.offset, req.size)
+            want = Lock(holder, flock, type_, req.offset, req.size, epoch=epoch)
             return await self.acquire(key, want, bool(req.flags & SLEEP), WAIT_SLICE), ()
         return errno.EINVAL, ()
 
@@ -292,6 +305,7 @@ class FuseLocks:
         self._nursery = nursery
         self._waiting: dict[int, trio.CancelScope] = {}
         self._remote_held: set[tuple[int, int, bool]] = set()  # (ino, owner id, flock)
+        self._epoch = 1  # closes of peers' files locked from here (LockTable.release)
         self._callback = _CALLBACK(self._on_event)  # kept alive: C holds the pointer
 
     def install(self, library: ctypes.CDLL) -> None:
@@ -341,10 +355,12 @@ class FuseLocks:
         if (ino, owner, flock) not in self._remote_held:
             return  # never locked there: no message per close
         self._remote_held.discard((ino, owner, flock))
+        epoch = self._epoch
+        self._epoch += 1  # requests from now on outlive this release, whatever its delay
         nursery = self._nursery()
         if nursery is not None:
             nursery.start_soon(self._ask_owner, target, "release", owner, flock, F_UNLCK, 0,
-                               TO_END, False)  # fmt: skip
+                               TO_END, False, epoch)  # fmt: skip
 
     async def _serve(self, cmd: int, req: int, ino: int, want: Lock, sleep: bool) -> None:
         error, found = errno.EIO, None
@@ -399,13 +415,15 @@ class FuseLocks:
                 raise
 
     async def _ask_owner(self, target: tuple[int, str], op: str, owner: int, flock: bool,
-                         type_: int, start: int, end: int, sleep: bool) -> FileReply:  # fmt: skip
+                         type_: int, start: int, end: int, sleep: bool,
+                         epoch: int | None = None) -> FileReply:  # fmt: skip
         if self.call is None:
             raise OSError(errno.ENOLCK, "no transport to the file's owner")
         flags = type_ | (FLOCK if flock else 0) | (SLEEP if sleep else 0)
         node, path = target
+        data = (self._epoch if epoch is None else epoch).to_bytes(8, "little")
         return await self.call(node, "lock", path=path, path2=op, handle=owner, offset=start,
-                               size=end, flags=flags)  # fmt: skip
+                               size=end, flags=flags, data=data)  # fmt: skip
 
 
 def describe(library: Any) -> str:

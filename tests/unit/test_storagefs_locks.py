@@ -99,3 +99,13 @@ async def _slice() -> None:
     request = FileRequest(1, 2, "lock", path="f", path2="set", handle=9, offset=0, size=TO_END,
                           flags=F_WRLCK | SLEEP)  # fmt: skip
     assert await manager.serve_peer(7, request) == (errno.EINPROGRESS, ())
+
+
+def test_a_late_release_spares_locks_asked_for_after_it() -> None:
+    """A peer's release can arrive after its next request, from a reused lock owner id."""
+    table = LockTable()
+    assert table.set(5, Lock(A, True, F_WRLCK, 0, TO_END, epoch=1)) is None
+    assert table.set(5, Lock(A, True, F_WRLCK, 0, TO_END, epoch=2)) is None  # after a close
+    assert not table.release(5, A, True, epoch=1)
+    assert ranges(table, 5) == [(F_WRLCK, 0, TO_END)]
+    assert table.release(5, A, True, epoch=2) and table.locks(5) == []

@@ -343,8 +343,13 @@ class MigrationService:
             order = MigrateOrder(move, proc.job, proc.pid, target, features.flags, features.level)
             await self.links.send(source, order)
             done: MigrateDone | None = None
-            with trio.move_on_after(MOVE_TIMEOUT):
-                done = await receive.receive()
+            deadline = trio.current_time() + MOVE_TIMEOUT
+            while done is None and trio.current_time() < deadline:
+                with trio.move_on_after(LIVENESS_PERIOD):
+                    done = await receive.receive()
+                gone = "" if done is not None else await self.peer_gone(source)
+                if gone:  # the process was lost with it, or runs on the target unknown
+                    raise MigrationFailed(f"{source} (moving gpid {gpid}) is gone ({gone})")
             if done is None:
                 raise MigrationFailed(f"{source} did not finish the move in {MOVE_TIMEOUT} s")
             if done.error_kind:

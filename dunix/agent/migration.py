@@ -254,7 +254,7 @@ class MigrationService:
             try:
                 stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
             except OSError as exc:
-                return f"suspect, and its agent refused a connection: {exc.strerror}"
+                return f"suspect, and its agent refused a connection: {exc}"
             await stream.aclose()
         return ""
 

@@ -61,6 +61,8 @@ FLOCK = 1 << 4
 SLEEP = 1 << 5
 #: the longest an owner keeps a peer's blocked lock request before "ask again"
 WAIT_SLICE = 3.0
+#: how long an interrupted request may take to give its range back (also at unmount)
+UNDO_TIMEOUT = 2.0
 LIBRARY = Path(__file__).resolve().parents[2] / "native" / "build" / "libfuselocks.so"
 
 Holder = tuple[int, int]  # (node id, kernel lock owner id)
@@ -409,7 +411,11 @@ class FuseLocks:
                     return exc.errno or errno.EIO, None
             except trio.Cancelled:
                 # interrupted while the owner may be granting it: give that range back
-                with trio.CancelScope(shield=True), contextlib.suppress(OSError, DunixError):
+                with (
+                    trio.CancelScope(shield=True) as undo,
+                    contextlib.suppress(OSError, DunixError),
+                ):
+                    undo.deadline = trio.current_time() + UNDO_TIMEOUT
                     await self._ask_owner(target, "set", owner, want.flock, F_UNLCK,
                                           want.start, want.end, False)  # fmt: skip
                 raise

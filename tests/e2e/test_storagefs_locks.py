@@ -1,0 +1,120 @@
+"""storagefs locks across hosts: flock(1), fcntl.lockf and F_GETLK, the file's owner decides.
+
+Each test writes or updates one file from n1 and n3 (the file created on n1, so n1 owns it
+and n3's locks travel to it). A read-modify-write counter is the real check: without
+cluster-wide locks two hosts read the same value and one increment is lost.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from tests.e2e.conftest import wait_for
+from tests.e2e.test_storagefs_cluster import FS, sh
+from tests.e2e.test_storagefs_cluster import hosts as hosts  # the module's cluster fixture
+
+pytestmark = pytest.mark.e2e
+
+ROUNDS = 40
+
+
+def _locks_forwarded(host: str) -> bool:
+    log = sh(host, f"cat /run/dunix/hosts/{host}/agent.log", cwd="/", check=False)
+    return "locks are cluster-wide" in log
+
+
+@pytest.fixture(scope="module")
+def lockdir(hosts: list[str]) -> str:
+    if not all(_locks_forwarded(h) for h in ("n1", "n3")):
+        pytest.fail("an agent says its locks stay per host (native/build/libfuselocks.so?)")
+    sh("n1", "rm -rf locks && mkdir locks && printf '%08d\\n' 0 > locks/counter"
+             " && : > locks/lines && printf '%08d\\n' 0 > locks/pycounter")  # fmt: skip
+    return f"{FS}/locks"
+
+
+def _both(script: str, timeout: float = 120) -> None:
+    """Run ``script`` on n1 and n3 at once (each in its host, started together)."""
+    from dunix import cluster
+
+    procs = [
+        cluster.exec_in(host, ["sh", "-ec", script.replace("HOST", host)], cwd=FS)
+        for host in ("n1", "n3")
+    ]
+    for proc in procs:
+        assert proc.wait(timeout=timeout) == 0
+
+
+def test_two_hosts_under_flock_lose_no_update(lockdir: str) -> None:
+    # read-modify-write of a fixed-width counter, plus an append, under flock(1)
+    _both(
+        textwrap.dedent(f"""
+            cd {lockdir}; i=0
+            while [ $i -lt {ROUNDS} ]; do
+                flock counter sh -c 'n=$(cat counter); printf "%08d\\n" $(expr $n + 1) > counter
+                    echo "$1" >> lines' _ HOST-$i
+                i=$((i + 1))
+            done
+        """)
+    )
+    assert int(sh("n2", "cat locks/counter")) == 2 * ROUNDS
+    lines = sh("n3", "cat locks/lines").split()
+    assert sorted(lines) == sorted(f"{h}-{i}" for h in ("n1", "n3") for i in range(ROUNDS))
+
+
+def test_two_hosts_under_lockf_lose_no_update(lockdir: str) -> None:
+    script = textwrap.dedent(f"""
+        import fcntl, os
+        for _ in range({ROUNDS}):
+            fd = os.open("{lockdir}/pycounter", os.O_RDWR)
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            n = int(os.pread(fd, 64, 0))
+            os.pwrite(fd, b"%08d\\n" % (n + 1), 0)
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+            os.close(fd)
+    """)
+    _both(f"python3 -c '{script}'")
+    assert int(sh("n2", "cat locks/pycounter")) == 2 * ROUNDS
+
+
+def test_a_held_lock_refuses_or_blocks_on_the_other_host(lockdir: str) -> None:
+    sh("n1", f"cd {lockdir} && : > held && rm -f released")
+    # n1 holds an flock and a POSIX lock on bytes 0-9 until the file 'go' appears
+    holder = textwrap.dedent(f"""
+        import fcntl, os, time
+        fd = os.open("{lockdir}/held", os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.lockf(fd, fcntl.LOCK_EX, 10, 0)
+        open("{lockdir}/holding", "w").close()
+        while not os.path.exists("{lockdir}/go"):
+            time.sleep(0.05)
+        open("{lockdir}/released", "w").close()
+        os.close(fd)
+    """)
+    sh("n1", f"rm -f holding go; python3 -c '{holder}' >/dev/null 2>&1 &")
+    wait_for(lambda: "holding" in sh("n3", f"ls {lockdir}"), 15, "n1 to hold its locks")
+    probe = textwrap.dedent(f"""
+        import errno, fcntl, os, struct
+        fd = os.open("{lockdir}/held", os.O_RDWR)
+        for how in ("flock", "lockf"):
+            try:
+                if how == "flock":
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                else:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 5)
+                print(how, "got it")
+            except OSError as exc:
+                print(how, errno.errorcode[exc.errno])
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 10)  # bytes 10-19 are free
+        print("free range ok")
+        got = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0))
+        kind, _, start, length, _ = struct.unpack("hhqqi", got)
+        print("getlk", kind == fcntl.F_WRLCK, start, length)
+    """)
+    out = sh("n3", f"python3 -c '{probe}'").split("\n")
+    assert out[:4] == ["flock EAGAIN", "lockf EAGAIN", "free range ok", "getlk True 0 10"], out
+    # a blocking flock on n3 waits for n1's release, then gets it
+    sh("n3", f"(sleep 1; touch {lockdir}/go) >/dev/null 2>&1 &")
+    waited = sh("n3", f"cd {lockdir} && flock -w 30 held sh -c 'ls released'")
+    assert waited.strip() == "released"

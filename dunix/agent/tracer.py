@@ -314,7 +314,13 @@ class Tracer:
         """The next event; None once the tracer has closed its socket."""
         try:
             data = await self._sock.recv(65536)
-        except OSError as e:  # ECONNRESET when the tracer died with messages unread
+        except ConnectionResetError:
+            # the tracer exited with a message of ours unread (a table pushed to a guest
+            # that execs nothing more): the kernel reports that once, *before* the events
+            # still queued for us (its `started`, `exit`, `done`); losing them left a
+            # remote exec waiting 15 s for its start
+            return await self.next_event()
+        except OSError as e:
             log.warning("tracer socket: %s", e)
             data = b""
         if not data:

@@ -445,15 +445,15 @@ class PlacementPolicy:
             heapq.heappush(heap, (hosts[i].after(hosts[i].share + 1, hyst), tie, i))
         order: list[str | None] = []
         rnd = self._rng.random
-        heap = [(round(h.after(1, hyst), 9), rnd(), i) for i, h in enumerate(hosts) if h.share]
-        heapq.heapify(heap)
-        while heap:  # the same filling again, ties drawn at random
-            _, _, i = heapq.heappop(heap)
+        turns = [(round(h.after(1, hyst), 9), rnd(), i) for i, h in enumerate(hosts) if h.share]
+        heapq.heapify(turns)
+        while turns:  # the same filling again, ties drawn at random
+            _, _, i = heapq.heappop(turns)
             win = hosts[i]
             order.append(win.node)
             win.given += 1
             if win.given < win.share:
-                heapq.heappush(heap, (round(win.after(win.given + 1, hyst), 9), rnd(), i))
+                heapq.heappush(turns, (round(win.after(win.given + 1, hyst), 9), rnd(), i))
         if all(node is None for node in order):
             order = []  # nothing would leave: no need to count running processes
         return SpillOrder(at, tuple(order), now + cfg.table_ttl)

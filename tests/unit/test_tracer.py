@@ -566,3 +566,30 @@ def test_auto_spill_order_is_taken_in_order_home_entries_stay_here(fake_deputy: 
     lines = r.stdout.splitlines()[1:]
     assert [line.startswith("DEPUTY") for line in lines] == [True, True, False, True, False]
     assert lines[2] == "c" and lines[4] == "e"  # the home's entry, then the order used up
+
+
+def test_events_queued_behind_a_connection_reset_are_still_read() -> None:
+    """A tracer that exits with a pushed table unread makes the kernel report ECONNRESET
+    once, before the events still queued for the agent: they must not be lost."""
+    import socket
+
+    import trio
+
+    from dunix.agent.tracer import Exited, Started, Tracer
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for packet in (b"started\x0042", b"exit\x0042\x000", b"done"):
+        theirs.send(packet)
+    ours.send(b"slots\x00n2\x001")  # never read by the "tracer"
+    theirs.close()
+
+    async def events() -> list[object]:
+        tracer = Tracer(os.getpid(), ours)
+        got = []
+        while (event := await tracer.next_event()) is not None:
+            got.append(event)
+        return got
+
+    got = trio.run(events)
+    assert isinstance(got[0], Started) and isinstance(got[1], Exited)
+    assert len(got) == 3  # and `done`

@@ -97,6 +97,13 @@ def test_a_replica_takes_over_and_an_unreplicated_file_waits_for_its_owner(
     assert sh("n3", "cat rep/log") == "one\ntwo\nthree\n"
     out = sh("n3", "cat plain/single 2>&1 || true")
     assert os.strerror(errno.EIO) in out, out
+    # the heir copies the file whole to the host left, so there are two copies again
+    def copies() -> list[int]:
+        got = json.loads(sh("n3", f"{DUNIX} fs where --json rep/data"))
+        return [r["node_id"] for r in got["replicas"]]
+
+    wait_for(lambda: copies() == [({ids["n2"], ids["n3"]} - {heir}).pop()], 20,
+             "a new replica of rep/data")  # fmt: skip
 
     cluster.start_agent("n1")
     wait_for(lambda: FS in sh("n1", "cat /proc/self/mountinfo"), 10, "n1 mounted again")

@@ -49,6 +49,7 @@ RECEIVE_CHUNK = 64 * 1024
 DRAIN_BYTES = 1024 * 1024
 #: how long a goodbye (close_notify, a refusal) may take before the socket is just closed
 CLOSE_TIMEOUT = 1.0
+SEND_GRACE = 10.0  # how long a started frame may wait for the peer to read (Channel.send)
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid (see unix(7), SO_PEERCRED)
 _EOF: Any = object()
 
@@ -100,14 +101,26 @@ class Channel:
         return f"<Channel {self.peer_role} {self.peer_name!r} at {self.peer_address!r}>"
 
     async def send(self, msg: Any) -> None:
-        """Send one registered message; an unregistered one is a ``TypeError`` (our bug)."""
+        """Send one registered message; an unregistered one is a ``TypeError`` (our bug).
+
+        A message goes out whole or not at all, so cancelling a sender leaves the channel
+        usable: trio marks an ``SSLStream`` broken when its ``send_all`` is cancelled after
+        the first checkpoint (half a TLS record may be out), and the next send then failed
+        with ``BrokenResourceError`` (a cancelled terminal watcher lost the ``RemoteExited``
+        sent after it, and its deputy waited forever). Once the lock is ours, the write is
+        shielded for at most ``SEND_GRACE`` seconds: a peer that reads nothing that long
+        is unreachable.
+        """
         data = frame(msg)
+        who = self.peer_name or "peer"
         async with self._send_lock:
-            try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, OSError) as exc:
-                who = self.peer_name or "peer"
-                raise PeerUnreachable(f"sending to {who}: {describe(exc)}") from exc
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + SEND_GRACE):
+                try:
+                    await self.stream.send_all(data)
+                    return
+                except (trio.BrokenResourceError, OSError) as exc:
+                    raise PeerUnreachable(f"sending to {who}: {describe(exc)}") from exc
+            raise PeerUnreachable(f"sending to {who}: nothing read for {SEND_GRACE:g} s")
 
     async def receive(self) -> Any:
         """The next message; ``PeerUnreachable`` once the peer has hung up."""

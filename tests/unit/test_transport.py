@@ -336,6 +336,40 @@ def test_receive_after_peer_hangs_up_raises_peer_unreachable(pki: Pki) -> None:
     run_server(pki.n1, hang_up, body)
 
 
+def test_a_cancelled_send_leaves_the_channel_usable(pki: Pki) -> None:
+    """A sender cancelled at any point sends its message whole or not at all: the sends
+    after it still arrive (trio breaks an SSLStream whose send_all is cancelled midway)."""
+    seen: list[int] = []
+
+    async def main() -> None:
+        async def collect(channel: Channel) -> None:
+            async for msg in channel:
+                seen.append(msg.n)
+
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(serve_tls, "127.0.0.1:0", pki.n1, collect)
+            channel = await open_channel(listener_addresses(listeners)[0], pki.n2)
+            for n in range(0, 100, 2):
+                with trio.CancelScope() as scope:
+
+                    async def cancel_soon(scope: trio.CancelScope = scope) -> None:
+                        await trio.lowlevel.checkpoint()  # the sender is inside send by now
+                        scope.cancel()
+
+                    nursery.start_soon(cancel_soon)
+                    await channel.send(TransportTestPing(n, b"x"))
+                await channel.send(TransportTestPing(n + 1, b""))  # raised before the fix
+            await channel.aclose()
+            with trio.fail_after(10):
+                while len(seen) < 100 and (not seen or seen[-1] != 99):
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert [n for n in seen if n % 2] == list(range(1, 100, 2))
+    assert seen == sorted(seen)
+
+
 def test_expect_name_refuses_another_node(pki: Pki) -> None:
     async def body(address: str) -> None:
         with pytest.raises(AuthenticationFailed):

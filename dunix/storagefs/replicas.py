@@ -233,8 +233,12 @@ class Replicas:
         for path in moved:
             target = new + path[len(old):]
             with self._s.lock:
+                replaced = self._s.owned.get(target, ())
                 replicas = self._s.owned.pop(path, ())
                 self._s.owned[target] = replicas
+            # the file the rename replaced: its copies elsewhere go too (or one could take
+            # over a removed file one day); a host holding both gets the rename over it
+            await self._fanout([n for n in replaced if n not in replicas], "runlink", path=target)
             await self._fanout(replicas, "rrename", path=path, path2=target)
 
     def _own(self, path: str, replicas: tuple[int, ...]) -> None:

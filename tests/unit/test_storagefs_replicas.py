@@ -219,3 +219,24 @@ def test_an_interrupted_copy_never_appears(net: Net) -> None:
     assert not list(net.stores[2].incoming.iterdir())
     assert not net.stores[2].replica_path("rep/half").exists()
     assert net.stores[2].meta.all_file_meta() == []
+
+
+def test_a_rename_over_a_replicated_file_drops_its_copies(net: Net) -> None:
+    folder = make_replicated_folder(net, 2)
+    names = [f"f{i}".encode() for i in range(12)]  # some pairs have different replicas
+    for name in names:
+        info, _ = run(net.fs[1].create, folder, name, stat.S_IFREG | 0o644, os.O_RDWR, CTX)
+        run(net.fs[1].write, info.fh, 0, name)
+        run(net.fs[1].release, info.fh)
+    assert len({net.replicas[1].copies(f"rep/{n.decode()}") for n in names}) == 2
+    for old, new in zip(names[::2], names[1::2], strict=True):
+        run(net.fs[1].rename, folder, old, folder, new, 0, CTX)
+        path = f"rep/{new.decode()}"
+        held = {n for n in (2, 3) if net.stores[n].replica_path(path).exists()}
+        assert held == set(net.replicas[1].copies(path))
+        for n in held:
+            assert net.stores[n].replica_path(path).read_bytes() == old
+    for n in (2, 3):
+        rows = {m.path for m in net.stores[n].meta.all_file_meta()}
+        assert rows == {f"rep/{p.relative_to(net.stores[n].replicas / 'rep')}"
+                        for p in (net.stores[n].replicas / "rep").iterdir()}  # fmt: skip

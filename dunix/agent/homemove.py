@@ -194,7 +194,9 @@ class HomeMoves:
                 theirs = await trio.to_thread.run_sync(inventory, parent)
                 shared = {f.inode for f in theirs if f.kind == "pipe" and f.readable}
         cmdline = proc_cmd(pid) or proc.cmd
-        socks = self._duplicate_sockets(pid, fds)
+        held = [f.inode for f in fds if f.kind == "socket"]
+        shared_sockets = await trio.to_thread.run_sync(sockets.socket_holders, held, pid)
+        socks = self._duplicate_sockets(pid, fds, shared_sockets)
         try:
             pipes = self._duplicate_pipes(pid, fds, shared)
         except BaseException:
@@ -259,12 +261,22 @@ class HomeMoves:
             os.close(pidfd)
         return pipes
 
-    def _duplicate_sockets(self, pid: int, fds: list[FdInfo]) -> list[tuple[MigrateSocket, int]]:
+    def _duplicate_sockets(
+        self, pid: int, fds: list[FdInfo], shared: dict[int, int]
+    ) -> list[tuple[MigrateSocket, int]]:
         """A duplicate of each socket (its connection stays open here) with its plan;
-        ``MigrationFailed`` naming every socket that cannot be relayed."""
+        ``MigrationFailed`` naming every socket that cannot be relayed (``shared``:
+        inode → another pid holding it, as a child at its fork stop shares its parent's)."""
         held = [f for f in fds if f.kind == "socket"]
         if not held:
             return []
+        if shared:
+            why = "; ".join(
+                f"fd {f.fd} is a socket pid {shared[f.inode]} holds too"
+                for f in held
+                if f.inode in shared
+            )
+            raise MigrationFailed(f"cannot move: {why}")
         first = 2 * len(fds)  # stream indexes after every pipe's (one per pipe at most)
         found: list[tuple[MigrateSocket, int]] = []
         reasons: list[str] = []

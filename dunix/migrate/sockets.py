@@ -29,8 +29,9 @@ read stays in the home's socket, which the home relays to the target.
 
 Limits (the process sees a unix socketpair end, not its original socket):
 ``getpeername``/``getsockname`` return an unnamed AF_UNIX address; TCP and IP socket
-options (``TCP_NODELAY``, ``SO_KEEPALIVE``, ``IP_TOS`` ...) fail with EOPNOTSUPP or
-ENOPROTOOPT, and options set before the move stay on the home socket; ``SO_PEERCRED``
+options (``TCP_NODELAY``, ``IP_TOS`` ...) fail with EOPNOTSUPP (checked), and the
+options set before the move stay on the home socket (socket-level
+ones too: ``SO_RCVTIMEO``, buffer sizes; only ``O_NONBLOCK`` is copied); ``SO_PEERCRED``
 names the target's agent; out-of-band data and ``SCM_RIGHTS`` do not pass; UDP,
 datagram and seqpacket sockets and listening sockets are refused. Such a process moves
 once, from home: a later move of it (guest to guest, or back home) is refused. A unix
@@ -101,6 +102,32 @@ class _Relayed(Protocol):
 
     @property
     def tcp(self) -> bool: ...
+
+
+def socket_holders(inodes: Collection[int], skip: int, proc: str = "/proc") -> dict[int, int]:
+    """{inode: a pid other than ``skip`` holding ``socket:[inode]``} for the sockets of
+    ``inodes`` held by another process too (a parent, a sibling): relaying such a
+    socket would take that process's incoming bytes, so it is refused."""
+    wanted = {f"socket:[{i}]": i for i in inodes}
+    found: dict[int, int] = {}
+    if not wanted:
+        return found
+    for name in os.listdir(proc):
+        if not name.isdigit() or int(name) == skip:
+            continue
+        try:
+            fds = os.listdir(f"{proc}/{name}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"{proc}/{name}/fd/{fd}")
+            except OSError:
+                continue
+            inode = wanted.get(link)
+            if inode is not None:
+                found.setdefault(inode, int(name))
+    return found
 
 
 def dump_externals(sockets: Iterable[_Relayed]) -> tuple[str, ...]:

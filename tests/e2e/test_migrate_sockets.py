@@ -6,7 +6,9 @@ side, 10.213.0.254), or a unix socket in a folder every host sees. It answers ea
 the server sends with the line in upper case and the host it runs on. It is moved n1 → n2
 (a move from home: the connection stays in n1, relayed to a socketpair in n2): the server
 keeps talking to it over the same connection, both ways, sees it answer from n2, and sees
-EOF when it closes. A second move of it is refused (such a process moves once).
+EOF when it closes. Before that, a move whose restore fails on the target (injected)
+leaves it running in n1 with its connection; after it, a second move is refused (such a
+process moves once).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ WORK = Path("/var/tmp/dunix-e2e-migrate-sockets")  # seen by every host (/tmp is
 N1 = "/run/dunix/hosts/n1/control.sock"
 BRIDGE = "10.213.0.254"  # the machine's address on the cluster's bridge
 CLONE_NEWNET = 0x40000000
+KNOB = "migrate-fail-restore"  # dunix/agent/migration.py FAIL_RESTORE_KNOB
 
 CLIENT = """
 import socket, sys
@@ -123,6 +126,15 @@ def test_a_connection_carries_on_across_a_move(hosts: list[Any], kind: str) -> N
             return found[0] if found else None
 
         gpid = wait_for(client, 20, "the client in ps")["gpid"]
+        # an injected restore failure on the target: it runs on at home, connection and all
+        knob = Path(f"/run/dunix/hosts/n2/{KNOB}")
+        knob.touch()
+        try:
+            failed = dunix("migrate", str(gpid), "n2", "--control", N1, check=False, timeout=90)
+        finally:
+            knob.unlink()
+        assert failed.returncode == 1 and "restore" in failed.stderr, failed.stderr
+        assert ask("home") == b"HOME n1\n"
         # bytes the server sent while it was frozen arrive once, after the move
         f.write(b"during\n")
         f.flush()
@@ -132,7 +144,7 @@ def test_a_connection_carries_on_across_a_move(hosts: list[Any], kind: str) -> N
         assert now and now[0]["node"] == "n2" and now[0]["state"] == "deputy", now
         assert f.readline() in (b"DURING n1\n", b"DURING n2\n")  # before or after the freeze
         assert ask("after") == b"AFTER n2\n"
-        assert ask("x" * 100_000) == b"X" * 100_000 + b" n2\n"  # more than one chunk
+        assert ask("x" * 1_000_000) == b"X" * 1_000_000 + b" n2\n"  # several relay chunks
         # its connection is relayed through n1: it moves once
         again = dunix("migrate", str(gpid), "home", "--control", N1, check=False, timeout=90)
         assert again.returncode == 1 and "relayed through its home" in again.stderr, again

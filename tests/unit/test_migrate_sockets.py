@@ -105,3 +105,15 @@ def test_connected_stream_sockets_are_relayed_and_others_refused() -> None:
     finally:
         for s in (a, b, server, client, udp):
             s.close()
+
+
+def test_a_socket_another_process_holds_is_found() -> None:
+    a, b = socket.socketpair()
+    try:
+        inode = os.fstat(a.fileno()).st_ino
+        assert sockets.socket_holders([inode], skip=os.getpid()) == {}
+        assert sockets.socket_holders([inode], skip=-1) == {inode: os.getpid()}
+        assert sockets.socket_holders([], skip=-1) == {}
+    finally:
+        a.close()
+        b.close()

@@ -936,9 +936,10 @@ class StorageFS(pyfuse3.Operations):
 
     async def _replica_write(self, fh: int, path: str, off: int, data: bytes) -> None:
         assert self.replicas is not None
+        st = os.fstat(fh)
         if fcntl.fcntl(fh, fcntl.F_GETFL) & os.O_APPEND:
-            off = os.fstat(fh).st_size - len(data)  # where the kernel put it
-        await self.replicas.wrote(path, off, data)
+            off = st.st_size - len(data)  # where the kernel put it
+        await self.replicas.wrote(path, off, data, st.st_mtime_ns)
 
     async def _replica_renamed(self, old: str, new: str) -> None:
         if self.replicas is None or not self.replicas.any_owned():

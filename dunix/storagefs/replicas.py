@@ -209,8 +209,10 @@ class Replicas:
                          data=",".join(str(n) for n in chosen).encode())  # fmt: skip
         return bool(self.copies(path))
 
-    async def wrote(self, path: str, offset: int, data: bytes) -> None:
-        await self._send(path, "rwrite", offset=offset, data=data)
+    async def wrote(self, path: str, offset: int, data: bytes, mtime_ns: int = 0) -> None:
+        """``data`` written at ``offset``; the replicas take the owner's mtime too (so a copy
+        that takes over looks to make and rsync as the file did)."""
+        await self._send(path, "rwrite", offset=offset, data=data, setattr=(mtime_ns,))
 
     async def changed_attrs(self, path: str, change: tuple[int | None, ...]) -> None:
         """(size, mode, uid, gid, atime_ns, mtime_ns), None for "unchanged" (as setattr)."""
@@ -313,10 +315,10 @@ class Replicas:
                 if req.op == "fsync":
                     await self.synced(path)
                     return
-                offset = req.offset
+                offset, st = req.offset, os.fstat(fd)
                 if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:
-                    offset = os.fstat(fd).st_size - reply.size
-                await self.wrote(path, offset, req.data[: reply.size])
+                    offset = st.st_size - reply.size
+                await self.wrote(path, offset, req.data[: reply.size], st.st_mtime_ns)
             elif req.op == "open" and req.flags & os.O_TRUNC:
                 await self.changed_attrs(clean_relpath(req.path), (0, None, None, None, None, None))
             elif req.op == "setattr":
@@ -374,7 +376,10 @@ class Replicas:
         def write() -> int:
             fd = os.open(copy, os.O_WRONLY | os.O_CLOEXEC)
             try:
-                return os.pwrite(fd, req.data, req.offset)
+                written = os.pwrite(fd, req.data, req.offset)
+                if req.setattr and req.setattr[0]:
+                    _syscalls.utimens_fd(fd, None, req.setattr[0])
+                return written
             finally:
                 os.close(fd)
 

@@ -133,6 +133,7 @@ def test_writes_reach_the_replica_and_it_takes_over(net: Net) -> None:
     replica = where[1]
     copy = net.stores[replica].replica_path("rep/f")
     assert copy.read_bytes() == expect
+    assert copy.stat().st_mtime_ns == net.stores[1].backing_path("rep/f").stat().st_mtime_ns
     assert stat.S_IMODE(copy.stat().st_mode) == 0o640
     assert not net.stores[replica].backing_path("rep/f").exists()  # not its file yet
     net.kill(1)

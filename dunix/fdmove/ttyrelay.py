@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import math
 import os
 import struct
 import termios
@@ -36,6 +37,7 @@ log = logging.getLogger("dunix.fdmove.ttyrelay")
 _KTERMIOS = struct.Struct("4IB19s")
 _WINSIZE_BYTES = 8
 WATCH_PERIOD = 0.05  # how often a guest looks at its pty's modes (a TCGETS each)
+CR_WAIT = 0.02  # how long a CR that ends a read waits for its LF before it goes alone
 #: what the guest's line discipline does with keys, never done twice: echo, line editing,
 #: and the signal keys (only the guest knows its terminal's foreground group: a `bash -i`
 #: there puts its `sleep` in front, and Ctrl-Z must reach that, not bash)
@@ -72,6 +74,26 @@ def home_modes(guest: bytes) -> bytes:
     """The modes the home terminal takes while a guest interprets keys with ``guest``."""
     iflag, oflag, cflag, lflag, line, cc = _KTERMIOS.unpack(guest)
     return _KTERMIOS.pack(iflag, oflag, cflag, lflag & ~GUEST_LFLAGS, line, cc)
+
+
+class CrLfFolder:
+    """Turns CR LF back into LF in a byte stream read in chunks: a CR that ends one chunk
+    is held until the next shows whether LF follows (``flush`` lets it go alone)."""
+
+    def __init__(self) -> None:
+        self.held = b""
+
+    def feed(self, data: bytes, fold: bool = True) -> bytes:
+        data, self.held = self.held + data, b""
+        if not fold:
+            return data
+        if data.endswith(b"\r"):
+            data, self.held = data[:-1], b"\r"
+        return data.replace(b"\r\n", b"\n")
+
+    def flush(self) -> bytes:
+        data, self.held = self.held, b""
+        return data
 
 
 class HomeTerminal:
@@ -136,6 +158,8 @@ class HomeTerminal:
     async def pump_keys(self) -> None:
         """Move keys from the terminal into the pipe of :meth:`keys_fd` while the deputy is
         in front; its own open file description, so being non-blocking touches no one."""
+        if self.fd < 0 or self._keys < 0:
+            return  # the program ended before this task ran (end() closed both)
         flags = os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
         tty = os.open(f"/proc/self/fd/{self.fd}", flags)
         os.set_blocking(self._keys, False)
@@ -195,6 +219,7 @@ class GuestTerminal:
         except (OSError, ValueError) as exc:
             log.warning("pty settings from home: %s", exc)
         self.modes = get_modes(self.master)
+        self._sent = b""  # the modes home has (RemoteTtyMode)
         self._scope = trio.CancelScope()
         self._out = -1
 
@@ -217,36 +242,43 @@ class GuestTerminal:
         its children have closed the pty (EIO), then end the pipe.
 
         The guest's line discipline turned each newline into CR LF (ONLCR) and the home's
-        will do it again: a CR LF within a chunk becomes LF here, so the caller sees one CR
-        (what the program wrote as CR LF itself comes out the same, CR CR LF as directly).
+        will do it again: each CR LF becomes LF here (:class:`CrLfFolder`), so the caller
+        sees one CR (what the program wrote as CR LF itself comes out the same, CR CR LF
+        as directly).
         """
         master = self.master_fd()
         os.set_blocking(master, False)
         os.set_blocking(self._out, False)
+        fold = CrLfFolder()
         try:
             while True:
                 try:
                     data = os.read(master, 65536)
                 except BlockingIOError:
-                    await trio.lowlevel.wait_readable(master)
+                    with trio.move_on_after(CR_WAIT if fold.held else math.inf) as waited:
+                        await trio.lowlevel.wait_readable(master)
+                    if waited.cancelled_caught:  # a lone CR (a progress line): show it
+                        await self._write_out(fold.flush())
                     continue
                 except OSError:  # EIO: every slave fd is closed
                     break
                 if not data:
                     break
-                if _onlcr(self.modes):
-                    data = data.replace(b"\r\n", b"\n")
-                view = memoryview(data)
-                while view:
-                    try:
-                        view = view[os.write(self._out, view) :]
-                    except BlockingIOError:
-                        await trio.lowlevel.wait_writable(self._out)
+                await self._write_out(fold.feed(data, _onlcr(self.modes)))
+            await self._write_out(fold.flush())
         except OSError as exc:  # EPIPE: the relay stopped
             log.info("pty output: %s", exc)
         finally:
             os.close(master)
             self._close_out()
+
+    async def _write_out(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self._out, view) :]
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self._out)
 
     def _close_out(self) -> None:
         if self._out >= 0:
@@ -266,25 +298,28 @@ class GuestTerminal:
     async def watch_modes(self, send_modes: Callable[[bytes], Awaitable[None]]) -> None:
         """``send_modes(modes)`` now and at every change of the pty's modes."""
         with self._scope:
-            await send_modes(self.modes)
-            while True:
+            while await self._report(send_modes):
                 await trio.sleep(WATCH_PERIOD)
-                try:
-                    modes = get_modes(self.master)
-                except OSError:
-                    return
-                if modes != self.modes:
-                    self.modes = modes
-                    await send_modes(modes)
 
     async def last_modes(self, send_modes: Callable[[bytes], Awaitable[None]]) -> None:
-        """The program ended: report modes it set since the last look."""
+        """The program ended: report modes it set since the last report home."""
         self._scope.cancel()
-        with contextlib.suppress(OSError):
-            modes = get_modes(self.master)
-            if modes != self.modes:
-                self.modes = modes
-                await send_modes(modes)
+        await self._report(send_modes)
+
+    async def _report(self, send_modes: Callable[[bytes], Awaitable[None]]) -> bool:
+        """Send the pty's modes unless home has them; False once the pty is gone.
+
+        What home has is what was sent, not what was seen: a watcher cancelled while it
+        sends (the program ended) leaves the change to :meth:`last_modes`."""
+        try:
+            self.modes = get_modes(self.master)
+        except OSError:
+            return False
+        if self.modes != self._sent:
+            modes = self.modes
+            await send_modes(modes)
+            self._sent = modes
+        return True
 
     def close(self) -> None:
         self._scope.cancel()

@@ -11,6 +11,7 @@ import tty
 import trio
 
 from dunix.fdmove.ttyrelay import (
+    CrLfFolder,
     GuestTerminal,
     HomeTerminal,
     get_modes,
@@ -100,6 +101,52 @@ def test_output_leaves_the_newline_to_the_home_terminal() -> None:
         assert os.read(out, 100) == b"one\ntwo\r\n"
         assert os.read(out, 100) == b""  # the pipe ended with the pty
         os.close(out)
+        guest.close()
+
+    trio.run(main)
+
+
+def test_a_cr_lf_split_between_reads_still_becomes_lf() -> None:
+    """seq 1 100000 on a remote pty lost ~17 lines to CR CR LF: a read ended between the
+    CR and the LF of a newline, so neither half was folded."""
+    fold = CrLfFolder()
+    out = fold.feed(b"1\r\n2\r") + fold.feed(b"\n3\r\r") + fold.feed(b"\n4\r") + fold.flush()
+    assert out == b"1\n2\n3\r\n4\r"  # a CR the program wrote before its newline stays
+    assert fold.feed(b"a\r\nb\r", fold=False) == b"a\r\nb\r"  # raw output: as it is
+    assert fold.held == b""
+
+
+def test_a_mode_report_cancelled_on_its_way_is_sent_at_the_end() -> None:
+    """The program went raw and ended while the watcher's report waited for the link: the
+    end's report still carries the raw modes (the home terminal must keep them)."""
+
+    async def main() -> None:
+        guest = GuestTerminal(b"", b"")
+        program = guest.slave_fd()
+        guest.spawned()
+        sent: list[bytes] = []
+        stuck = trio.Event()
+
+        async def busy_link(modes: bytes) -> None:
+            if sent:  # the first report goes; the next one finds the link busy
+                stuck.set()
+                await trio.sleep_forever()
+            sent.append(modes)
+
+        async def link(modes: bytes) -> None:
+            sent.append(modes)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(guest.watch_modes, busy_link)
+            with trio.fail_after(5):
+                while not sent:
+                    await trio.sleep(0.01)
+                tty.setraw(program)
+                await stuck.wait()
+            await guest.last_modes(link)  # cancels the watcher, whose report never went
+        assert len(sent) == 2 and sent[-1] == get_modes(program)
+        assert not _lflag(sent[-1]) & termios.ICANON
+        os.close(program)
         guest.close()
 
     trio.run(main)

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import array
 import contextlib
+import dataclasses
 import fcntl
+import functools
 import itertools
 import logging
 import os
@@ -42,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from dunix.agent import lazymove
 from dunix.agent.jobs import Job, Proc
 from dunix.agent.remote import DRAIN_TIMEOUT, Deputy, Guest
 from dunix.agent.tracer import JobContext, Tracer
@@ -66,6 +69,7 @@ from dunix.wire.migrate import (
     MigrateAnswer,
     MigrateDone,
     MigrateImage,
+    MigrateLost,
     MigrateOrder,
     MigratePhase,
     MigratePipe,
@@ -207,12 +211,14 @@ def _guest_pipes(guest: Guest) -> tuple[MigratePipe, ...]:
 
 def _phases(report: driver.MoveReport, sent: float) -> tuple[MigratePhase, ...]:
     ms = 1000.0
+    # post-copy: the source serves pages until the target has them all, then dies
+    last = "source killed" if report.transfer is None else "post-copy: pages follow"
     return (
         MigratePhase("frozen", round(report.freeze_seconds * ms, 1)),
         MigratePhase("dumped", round(report.dump_seconds * ms, 1)),
         MigratePhase("sent", round(sent * ms, 1)),
         MigratePhase("restored", round((report.freeze_seconds + report.downtime_seconds) * ms, 1)),
-        MigratePhase("source killed", round(report.total_seconds * ms, 1)),
+        MigratePhase(last, round(report.total_seconds * ms, 1)),
     )
 
 
@@ -504,7 +510,9 @@ class MigrationService:
             # the process's exit, so this guest ends without a word to the home
             guest.moved = True
 
-        report, out = await move_process(self, pid, order.target, prepare, tracer, kill_source)
+        report, out = await move_process(
+            self, pid, order.target, prepare, tracer, kill_source, lazy_ok=True
+        )
         self.agent.nursery.start_soon(_end_senders, guest.senders)
         if proc is not None:
             self.agent.jobs.procs.pop(pid, None)
@@ -587,6 +595,7 @@ class MigrationService:
         # process's flags), stopped until the old relays have delivered what they hold
         home = self._spares.get(inc.move) if prep.home == self.name else None
         back_home: list[tuple[int, int, bool]] = []  # its pipes, when restored at home
+        daemon: lazymove.TargetDaemon | None = None  # post-copy: its pages' fetcher
         relayed: list[tuple[int, int, int]] = []  # (out index, in index, our socketpair end)
         try:
             for sk in prep.sockets:  # the connection stays at home: a socketpair here
@@ -615,11 +624,19 @@ class MigrationService:
             async def notify(note: swrk.Notification) -> bool:
                 return not (fail and note.script == "post-restore")
 
+            if prep.lazy is not None:
+                daemon = await lazymove.start_daemon(
+                    prep, self._host_of(inc.source), inc.dir_fd, IMAGES_ROOT
+                )
             result = await swrk.restore(
                 inc.dir_fd, inherit_fd=theirs, rst_sibling=True, shell_job=True, notify=notify,
+                lazy_pages=daemon is not None,
                 command=RESTORE_COMMAND, tcp_close=bool(tcp),
             )  # fmt: skip
         except (DunixError, OSError) as exc:
+            if daemon is not None:
+                await daemon.daemon.kill()
+                daemon.close()
             for _, fd in ours:
                 os.close(fd)
             for _, _, fd in relayed:
@@ -633,6 +650,9 @@ class MigrationService:
             for _, fd in theirs:
                 os.close(fd)
         inc.restored_pid = result.pid
+        if daemon is not None:
+            lost = functools.partial(self._lost, prep)
+            self.agent.nursery.start_soon(lazymove.watch, daemon, result.pid, lost)
         guest = Guest(prep.job, prep.home, prep.home_pid, pid=result.pid)
         # CRIU restores the stop the source's release made (the task state is in the
         # images): the tracer reports it when it seizes; that stop is not the job's
@@ -661,6 +681,25 @@ class MigrationService:
         self._forget_incoming(inc, keep=True)
         self.agent.nursery.start_soon(self._host_guest, guest, prep)
         return MigrateStatus(inc.move, "restored", result.pid, tuple(streams), "", "")
+
+    def _host_of(self, node: str) -> str:
+        """``node``'s host address, as membership knows it (no port)."""
+        host, _, _ = self.agent.membership.member(node).address.rpartition(":")
+        return host.strip("[]")
+
+    async def _lost(self, prep: MigratePrepare, reason: str) -> None:
+        """A post-copy move lost the process (lazymove.watch): its home says so in ps."""
+        proc = self.agent.jobs.procs.get(prep.pid)
+        if proc is not None:
+            proc.state = f"lost: {reason}"
+        await self.links.send(prep.home, MigrateLost(prep.job, prep.home_pid, reason))
+
+    def _on_lost(self, msg: MigrateLost) -> None:
+        """Home: the process was lost in a post-copy move; its SIGKILL exit follows."""
+        deputy: Deputy | None = self.remote.deputies.get((msg.job, msg.home_pid))
+        if deputy is not None:
+            deputy.proc.state = f"lost: {msg.reason}"
+        log.warning("%s/%d lost: %s", msg.job, msg.home_pid, msg.reason)
 
     def _on_abort(self, msg: MigrateAbort) -> None:
         inc = self._incoming.get(msg.move)
@@ -792,6 +831,8 @@ class MigrationService:
             self._on_restore(sender, msg)
         elif isinstance(msg, MigrateAbort):
             self._on_abort(msg)
+        elif isinstance(msg, MigrateLost):
+            self._on_lost(msg)
         elif isinstance(msg, MigrateOrder):
             self._on_order(sender, msg)
         elif isinstance(msg, MigrateDone):
@@ -851,6 +892,8 @@ async def move_process(
     prepare: MigratePrepare,
     tracer: Tracer,
     after_restore: AfterRestore,
+    *,
+    lazy_ok: bool = False,
 ) -> tuple[driver.MoveReport, _Outgoing]:
     """Move ``pid`` (traced by ``tracer`` here) to ``target_node``.
 
@@ -859,12 +902,22 @@ async def move_process(
     target confirmed the restore, before CRIU's post-dump answer (a guest: nothing, CRIU
     kills the copy; a process at home: turn it into a deputy). On failure the process
     runs here again, traced as before, and ``MigrationFailed`` says why.
+
+    ``lazy_ok``: post-copy when ``lazymove.wanted`` (large enough, lazy pages work
+    here); the report then comes at the restore, while the pages still travel, and a
+    post-copy failure before the commit is tried once more with a plain dump.
     """
+    lazy_plan = None
+    if lazy_ok and lazymove.wanted(pid):
+        lazy_plan = lazymove.source_plan(IMAGES_ROOT, prepare.move)
+    if lazy_plan is not None:
+        prepare = dataclasses.replace(prepare, lazy=lazy_plan.wire)
     send, receive = trio.open_memory_channel[MigrateStatus](4)
     out = _Outgoing(prepare.move, target_node, send, receive)
     service._outgoing[out.move] = out
     target = RemoteTarget(service, out, prepare)
     folder: Path | None = None
+    deferred = False  # post-copy: the source's criu still serves from the folder
     try:
         await target.prepare(pid)  # refused before freezing: CPU, busy pid, no space
         IMAGES_ROOT.mkdir(parents=True, exist_ok=True)
@@ -877,26 +930,46 @@ async def move_process(
             await release(pid)
             try:
                 out.started = time.monotonic()
-                report = await _move_with_hook(pid, dir_fd, target, after_restore)
+                report = await _move_with_hook(
+                    pid, dir_fd, target, after_restore, lazy_plan, service.agent.nursery
+                )
+                if lazy_plan is not None:
+                    done = functools.partial(shutil.rmtree, folder, ignore_errors=True)
+                    service.agent.nursery.start_soon(
+                        lazymove.after_transfer, report, lazy_plan, done
+                    )
+                    deferred = True
             except MigrationFailed:
                 with contextlib.suppress(DunixError, OSError):
                     await tracer.seize(pid)  # type: ignore[attr-defined]
                 raise
         finally:
             os.close(dir_fd)
-    except MigrationFailed:
+    except MigrationFailed as exc:
         with contextlib.suppress(DunixError):
             await service.links.send(target_node, MigrateAbort(out.move, "failed"))
-        raise
+        if lazy_plan is None or not lazymove.is_lazy_failure(exc):
+            raise
+        log.warning("post-copy move %s failed, trying a plain dump: %s", out.move, exc)
+        retry = dataclasses.replace(prepare, lazy=None)
+        service._outgoing.pop(out.move, None)
+        return await move_process(service, pid, target_node, retry, tracer, after_restore)
     finally:
         service._outgoing.pop(out.move, None)
-        if folder is not None:
+        if lazy_plan is not None and not deferred:
+            lazy_plan.close()
+        if folder is not None and not deferred:
             shutil.rmtree(folder, ignore_errors=True)
     return report, out
 
 
 async def _move_with_hook(
-    pid: int, dir_fd: int, target: RemoteTarget, after_restore: AfterRestore
+    pid: int,
+    dir_fd: int,
+    target: RemoteTarget,
+    after_restore: AfterRestore,
+    lazy_plan: lazymove.SourcePlan | None = None,
+    background: driver.Spawner | None = None,
 ) -> driver.MoveReport:
     class Hooked:
         async def prepare(self, pid: int) -> None:
@@ -913,4 +986,7 @@ async def _move_with_hook(
         async def abort(self, pid: int) -> None:
             await target.abort(pid)
 
+    if lazy_plan is not None and background is not None:
+        return await driver.move_lazy(pid, dir_fd, Hooked(), lazy_plan.plan, background,
+                                      shell_job=True, phase_timeout=STEP_TIMEOUT)  # fmt: skip
     return await driver.move(pid, dir_fd, Hooked(), shell_job=True, phase_timeout=STEP_TIMEOUT)

@@ -122,6 +122,19 @@ class MigrateSocket:
 
 @message
 @dataclass(frozen=True)
+class MigrateLazy:
+    """Post-copy (dunix/migrate/lazy.py): the target's lazy-pages daemon connects to
+    ``port`` at the source's address (from membership) with TLS, trusting only ``cert``
+    and showing it with ``key`` (made for this move, sent only over the agents'
+    mutual-TLS link)."""
+
+    port: int
+    cert: bytes
+    key: bytes
+
+
+@message
+@dataclass(frozen=True)
 class MigratePrepare:
     move: str
     job: str
@@ -144,6 +157,8 @@ class MigratePrepare:
     nulls: tuple[str, ...] = ()
     #: connected stream sockets relayed through the home (moves from home only)
     sockets: tuple[MigrateSocket, ...] = ()
+    #: post-copy: where the source's page server will listen, and its one-move key
+    lazy: MigrateLazy | None = None
 
 
 @message
@@ -183,7 +198,18 @@ class MigrateAbort:
     reason: str
 
 
+@message
+@dataclass(frozen=True)
+class MigrateLost:
+    """Target → home: a post-copy move lost the process (its pages stopped coming from
+    the source); the target kills it, and its exit (SIGKILL) follows."""
+
+    job: str
+    home_pid: int
+    reason: str
+
+
 MIGRATE_PEER_MESSAGES: tuple[type, ...] = (
     MigrateOrder, MigrateDone, MigratePrepare, MigrateImage, MigrateRestore, MigrateStatus,
-    MigrateAbort,
+    MigrateAbort, MigrateLost,
 )  # fmt: skip

@@ -629,8 +629,15 @@ class RemoteService:
             term.close()
         if guest.moved:
             return  # its exit status will come from where it runs now
-        with contextlib.suppress(DunixError):
-            await self.links.send(home, RemoteExited(req.job, req.home_pid, status))
+        # its deputy waits for this message: a link that broke under an earlier send (which
+        # drops it) is opened anew, and a loss is logged, never silent
+        for attempt in (1, 2):
+            try:
+                await self.links.send(home, RemoteExited(req.job, req.home_pid, status))
+                break
+            except DunixError as exc:
+                log.warning("exit of %s/%d to %s, try %d: %s", req.job, req.home_pid, home,
+                            attempt, exc)  # fmt: skip
 
     def _modes_sender(
         self, home: str, req: RemoteExec, stream: int

@@ -58,6 +58,7 @@ from dunix.errors import (
     error_from_wire,
 )
 from dunix.fdmove import StreamEndpoint, StreamHub
+from dunix.fdmove.inventory import inventory
 from dunix.loadbalance import MemberState
 from dunix.migrate import driver, sockets, swrk
 from dunix.migrate.cpufeatures import CpuFeatures
@@ -496,6 +497,10 @@ class MigrationService:
         if reason is not None:
             raise MigrationFailed(f"cannot move: {reason}")
         require_movable(pid, allowed_tracers={tracer.pid})
+        held = [f for f in inventory(pid) if f.kind == "socket"]
+        if held:  # only a process at home has its connections relayed (homemove.py)
+            what = ", ".join(f"fd {f.fd}" for f in held)
+            raise MigrationFailed(f"cannot move: holds a socket away from home ({what})")
         proc = self.agent.jobs.procs.get(pid)
         prepare = MigratePrepare(
             move=order.move, job=order.job, home=home, home_pid=order.home_pid,

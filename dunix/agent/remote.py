@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from dunix.agent.jobs import Job, Proc
+from dunix.agent.storage import storagefs_cwd
 from dunix.agent.tracer import JobContext, Started, Stopped, Tracer, WentRemote
 from dunix.errors import DunixError, PeerUnreachable
 from dunix.fdmove import StreamEndpoint, StreamHub, odd_side
@@ -340,7 +341,7 @@ class RemoteService:
             argv = _nul_list(cmdline.read())
         with open(f"/proc/{pid}/environ", "rb") as environ:
             env = tuple(tuple(e.split("=", 1)) for e in _nul_list(environ.read()) if "=" in e)
-        cwd = os.readlink(f"/proc/{pid}/cwd")
+        cwd = storagefs_cwd(os.readlink(f"/proc/{pid}/cwd"))
         hub = await self.links.hub(peer)
         pidfd = pidfd_open(pid)
         remote_fds: list[RemoteFd] = []

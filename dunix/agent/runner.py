@@ -24,6 +24,7 @@ import trio
 
 from dunix.agent.jobs import Job, JobService, user_groups
 from dunix.agent.pty import JobTerminal, same_terminal
+from dunix.agent.storage import JOB_TMP_ENV
 from dunix.agent.tracer import Started, Stopped
 from dunix.errors import AccessDenied, ConfigError, DunixError, ProtocolError
 from dunix.wire import Channel
@@ -82,6 +83,9 @@ async def serve_run(jobs: JobService, channel: Channel, req: RunRequest) -> None
     mode = req.mode or jobs.default_mode
     ctx = jobs.context_for(uid, gid, groups, req.cwd, req.umask, dict(req.env), mode)
     job = Job(jobs.new_job_id(), uid, gid, groups, mode)
+    job_tmp = await jobs.agent.storage.job_tmp(job.id, ctx.env, ctx.cwd)  # one /tmp
+    if job_tmp is not None:
+        ctx = dataclasses.replace(ctx, env={**ctx.env, JOB_TMP_ENV: job_tmp})
     await channel.send(RunAccepted(job.id))
     fds = await receive_fds(channel, req.nfds)
     terminal: JobTerminal | None = None
@@ -138,6 +142,7 @@ async def serve_run(jobs: JobService, channel: Channel, req: RunRequest) -> None
             terminal.close()
         jobs.kill_job(job)
         jobs.forget(job)
+        await jobs.agent.storage.drop_job_tmp(job_tmp)
         log.info("job %s ended with status %s", job.id, job.status)
 
 

@@ -27,6 +27,7 @@ import errno
 import functools
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -87,6 +88,49 @@ class _Bridge:
             functools.partial(self._files.call, peer, op, **fields)
         )
         return reply
+
+
+#: one /tmp for all of a job's processes on every host: the home agent makes a folder in
+#: storagefs, puts its path in the job's environment under this name, and every tracer of
+#: the job (home and guests: a remote exec ships the environment) starts in a mount
+#: namespace of its own with that folder bound over /tmp; removed when the job ends. On by
+#: default for a job whose cwd is in storagefs (`cc` runs cc1 and as, which share a file in
+#: /tmp, as separate execs that may land on different hosts); ``0`` turns it off, any other
+#: value turns it on for a job elsewhere.
+JOB_TMP_ENV = "DUNIX_JOB_TMP"
+JOB_TMP_OFF = ("0", "off", "no")
+JOBS_FOLDER = ".dunix-jobs"
+
+
+def job_tmp_wrapper(env: dict[str, str], argv: list[str]) -> list[str]:
+    """The argv that starts ``argv`` (a tracer) with the job's /tmp bound, if it has one.
+
+    unshare(1) gives it a private mount namespace (its own copy of /dunix/fs's mount: the
+    same FUSE connection) and sh binds the folder; both exec, so the pid, session and fds
+    the agent set up stay the tracer's. Not given to a job by default: CRIU cannot dump a
+    process in a mount namespace of its own with a FUSE mount, so such a job's processes
+    move at exec time only (a checkpoint move of one fails and leaves it where it was).
+    """
+    folder = env.get(JOB_TMP_ENV, "")
+    if not folder.startswith("/"):
+        return argv
+    bind = '/usr/bin/mount --bind -- "$0" /tmp && exec "$@"'
+    return ["/usr/bin/unshare", "--mount", "--propagation", "private", "--",
+            "/bin/sh", "-c", bind, folder, *argv]  # fmt: skip
+
+
+def storagefs_cwd(cwd: str) -> str:
+    """A process's cwd as a remote exec ships it (``readlink /proc/PID/cwd``).
+
+    A storagefs folder's inode number changes on a host that gets its own part of it (a
+    merged folder: a peer's folder first, then this host's once a file is created in it
+    here); the kernel's next revalidation then unhashes the old dentry, and the cwd of a
+    process still in it reads "PATH (deleted)" although PATH is there (seen in a parallel
+    build: cc on a guest, cc1 sent on to a third host). The name is what the peer needs;
+    a folder really gone fails its chdir there just the same. No stat here: this runs on
+    the agent's loop, which must not wait for the mount.
+    """
+    return cwd.removesuffix(" (deleted)")
 
 
 def mounted_at(path: str) -> bool:
@@ -302,6 +346,41 @@ class StorageService:
             return errno.ENOLCK, ()
         await done.wait()
         return result[0].unwrap() if result else (errno.EIO, ())
+
+    async def job_tmp(self, job_id: str, env: dict[str, str], cwd: str) -> str | None:
+        """The folder a job gets as /tmp on every host (see ``JOB_TMP_ENV``), or None.
+
+        Made through the mount in a worker thread (never from the agent's loop: the mount
+        may need that loop for the peers' part of a folder).
+        """
+        mount = str(self.agent.config.storagefs_mount)
+        asked = env.get(JOB_TMP_ENV, "")
+        if asked.startswith("/") or asked in JOB_TMP_OFF:
+            return None  # a job started from inside a job keeps that job's /tmp
+        if not asked and not (self.serving and (cwd == mount or cwd.startswith(mount + "/"))):
+            return None
+        if not self.serving:
+            raise DunixError(f"{JOB_TMP_ENV}: no storagefs on {self.agent.config.name}")
+        folder = f"{mount}/{JOBS_FOLDER}/{job_id}/tmp"
+
+        def make() -> None:
+            os.makedirs(folder, mode=0o755)
+            os.chmod(folder, 0o1777)
+
+        await trio.to_thread.run_sync(make)
+        return folder
+
+    async def drop_job_tmp(self, folder: str | None) -> None:
+        """Remove a job's /tmp folder (its job ended), whichever hosts hold its files."""
+        if folder is None:
+            return
+        job_dir = os.path.dirname(folder)
+
+        def drop() -> None:
+            shutil.rmtree(job_dir, ignore_errors=True)
+
+        with trio.CancelScope(shield=True), trio.move_on_after(30):
+            await trio.to_thread.run_sync(drop, abandon_on_cancel=True)
 
     def peer_gone(self, node_id: int) -> None:
         """Membership declared a peer dead or gone."""

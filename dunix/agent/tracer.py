@@ -19,6 +19,7 @@ from pathlib import Path
 
 import trio
 
+from dunix.agent.storage import job_tmp_wrapper
 from dunix.errors import DunixError, NoSuchProcess, TracerRefused
 
 log = logging.getLogger("dunix.agent.tracer")
@@ -276,9 +277,11 @@ class Tracer:
             # The agent ignores or catches signals of its own (Python ignores SIGPIPE, glibc
             # and trio hold some real-time ones): the job starts from defaults, then the
             # tracer applies the dispositions exec would have kept (--sigign).
+            # a job with one /tmp on every host: the tracer starts in its own mount namespace
+            full = job_tmp_wrapper(ctx.env, tracer_argv(ctx, argv))
             pid = os.posix_spawn(
-                str(TRACER),
-                tracer_argv(ctx, argv),
+                full[0],
+                full,
                 ctx.env,
                 file_actions=actions,
                 setsid=True,

@@ -60,9 +60,12 @@ from dunix.fdmove.streams import (
 
 log = logging.getLogger("dunix.fdmove")
 
-#: largest read from a local fd, and so the largest StreamData payload. Bigger chunks did
-#: not measure faster over TLS, and one frame holds up the shared channel that long.
-DEFAULT_CHUNK = 256 * 1024
+#: largest read from a local fd, and so the largest StreamData payload. Each frame costs
+#: fixed Python work in both agents (trio's TLS send and receive loops): on 0.5-CPU hosts
+#: 1 MiB frames carried a cross-host pipe at ~300 MB/s against ~210 with 256 KiB (agent
+#: CPU per 256 MiB ~400 ms against ~600); 2 MiB gained nothing more. One frame holds up
+#: the shared channel (a terminal's keys) that long: ~3 ms.
+DEFAULT_CHUNK = 1024 * 1024
 #: pipe buffer asked for with F_SETPIPE_SZ (the default 64 KiB costs a wakeup per 64 KiB)
 PIPE_SIZE = 1024 * 1024
 

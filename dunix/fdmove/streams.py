@@ -55,8 +55,9 @@ from dunix.errors import ProtocolError
 from dunix.wire import message
 
 #: the default receive window per stream: what a slow reader can make its agent hold.
-#: 1 MiB measured as fast as 2 or 4 MiB over loopback TLS (bench/relay_bench.py).
-DEFAULT_WINDOW = 1024 * 1024
+#: Four frames of relay.DEFAULT_CHUNK (1 MiB), so credit returned in quarters keeps one
+#: frame's worth moving while the rest is written (bench/relay_bench.py --cluster).
+DEFAULT_WINDOW = 4 * 1024 * 1024
 #: how many not yet registered streams may have early credit waiting
 MAX_EARLY = 1024
 #: pull mode: wants of at least STREAM_MIN_READ bytes served in a row before credit is

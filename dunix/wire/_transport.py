@@ -171,16 +171,38 @@ def _more_decrypted(stream: trio.abc.Stream, data: bytes | bytearray) -> bytes |
     trio's ``SSLStream.receive_some`` returns one TLS record (16 KiB at most) per call and
     passes through the scheduler each time; a 256 KiB stream frame then took 16 trips, the
     biggest cost of a relayed pipe's receiving side (bench/relay_bench.py). The records
-    already read from the socket are decrypted here in one go. A close_notify or a broken
-    record is left for the next ``receive_some`` to report (``SSLError``).
+    already read, and those the socket holds already (read without waiting), are
+    decrypted here in one go, up to ``DRAIN_BYTES``. A close_notify, a broken record, EOF
+    or a socket error are left for the next ``receive_some`` to report.
     """
     tls = getattr(stream, "_ssl_object", None)  # trio.SSLStream's; no public way
     if not isinstance(tls, ssl.SSLObject):
         return data
-    parts = [data]
-    with contextlib.suppress(ssl.SSLError):  # SSLWantReadError: nothing more buffered
-        while more := tls.read(DRAIN_BYTES):
-            parts.append(more)
+    incoming = getattr(stream, "_incoming", None)
+    transport = getattr(stream, "transport_stream", None)
+    raw = transport.socket if isinstance(transport, trio.SocketStream) else None
+    parts, size = [data], len(data)
+    while size < DRAIN_BYTES:
+        try:
+            more = tls.read(DRAIN_BYTES)
+        except ssl.SSLWantReadError:
+            # what the socket holds already, as trio's next receive_some would read it
+            if raw is None or not isinstance(incoming, ssl.MemoryBIO):
+                break
+            try:
+                got = os.read(raw.fileno(), RECEIVE_CHUNK)  # trio's sockets never block
+            except OSError:  # nothing there (EAGAIN), or broken: left for receive_some
+                break
+            if not got:
+                break  # EOF: receive_some sees it next
+            incoming.write(got)
+            continue
+        except ssl.SSLError:  # close_notify or a bad record: receive_some reports it
+            break
+        if not more:
+            break
+        parts.append(more)
+        size += len(more)
     return data if len(parts) == 1 else b"".join(parts)
 
 

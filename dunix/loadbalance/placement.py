@@ -408,8 +408,10 @@ class PlacementPolicy:
         ``plan`` gives no slots while the home looks idle, but a script that starts 32
         CPU-bound jobs at once does so before any load figure moves. The tracer counts the
         job's own processes running here at each exec (state R, so a shell waiting for its
-        child does not count) and, once ``at`` of them run (the home's quota in CPUs,
-        rounded up), places the next exec by the next entry of this order.
+        child does not count, nor the exec-ing process's parent, which just forked it
+        and is about to wait in a sequential script) and, once ``at`` of them run (the
+        home's quota in CPUs, rounded up), places the next exec by the next entry of this
+        order.
 
         Shares: ``spill_window`` execs water-filled over the home and every candidate
         peer, one at a time to the host whose load (runnable CPUs / quota, projected with

@@ -202,6 +202,47 @@ static int absolute_path(pid_t pid, long dirfd, const char *path, int empty_path
 	return n2 < (int)size ? 0 : -1;
 }
 
+/* State letter and parent of a task from /proc/PID/stat; 0 on failure. */
+static char stat_of(pid_t pid, pid_t *ppid)
+{
+	char path[48], buf[512];
+	snprintf(path, sizeof path, "/proc/%d/stat", pid);
+	int f = open(path, O_RDONLY | O_CLOEXEC);
+	if (f < 0)
+		return 0;
+	ssize_t n = read(f, buf, sizeof buf - 1);
+	close(f);
+	if (n <= 0)
+		return 0;
+	buf[n] = '\0';
+	char *close_paren = strrchr(buf, ')');
+	char state;
+	int parent;
+	if (!close_paren || sscanf(close_paren + 1, " %c %d", &state, &parent) != 2)
+		return 0;
+	*ppid = parent;
+	return state;
+}
+
+/*
+ * The job's processes running here, for the spill mark, without the exec-ing one and
+ * without its parent: a shell that just forked it is still running at that moment but
+ * about to wait for it (a sequential script must not spill; a shell starting a burst
+ * in the background is cheap), so only the burst's earlier members count.
+ */
+static long running_besides(pid_t pid)
+{
+	long running = running_here(pid);
+	pid_t ppid = 0, unused;
+	if (running > 0 && stat_of(pid, &ppid) && ppid > 0) {
+		struct tracee *p = tracee_find(ppid);
+		if (p && p->pid == p->tgid && !p->deputy && !p->remote &&
+		    stat_of(ppid, &unused) == 'R')
+			running--;
+	}
+	return running;
+}
+
 /* Points the exec at the deputy: new path below the red zone, path register at it. */
 static int redirect(pid_t pid, struct user_regs_struct *r, int is_at)
 {
@@ -244,7 +285,7 @@ void on_exec_stop(pid_t pid)
 	read_agent(); /* decide with the latest table, even if its SIGCHLD came first */
 	int slot = pick_slot();
 	if (slot < 0 && spill_armed())
-		slot = pick_spill(running_here(pid));
+		slot = pick_spill(running_besides(pid));
 	if (slot < 0 || !exec_target_ok(pid, dirfd, path, empty_path))
 		return;
 	if (spill_is_home(slot)) { /* the home's share of the burst */

@@ -1037,6 +1037,34 @@ class StorageFS(pyfuse3.Operations):
             os.removexattr(target, name)
 
 
+#: the kernel's read-ahead on the mount, KiB: reads then reach us as 1 MiB requests (the
+#: default 128 KiB makes 8 Python calls per MiB, and the backing file is read in small sync
+#: steps); measured with fio on a cold backing file: 440 -> 480..870 MB/s, CPU per MiB halved
+READ_AHEAD_KB = 1024
+
+
+async def _raise_read_ahead(mountpoint: str) -> None:
+    """Set the mount's bdi read-ahead (``/sys/class/bdi/MAJ:MIN/read_ahead_kb``); FUSE
+    splits it into requests of up to ``max_pages`` (1 MiB with libfuse 3.14).
+
+    Only once the kernel took our INIT reply: it lowers the bdi's read-ahead to the
+    ``max_readahead`` of that reply (fs/fuse/inode.c process_init_reply), which is what
+    the kernel proposed at mount time (128 KiB). A stat of the mount root from a worker
+    thread returns only after that (requests wait for INIT), served by this very loop.
+    """
+    try:
+        await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+        with open("/proc/self/mountinfo") as f:
+            devs = [line.split()[2] for line in f if line.split()[4] == mountpoint]
+        if not devs:
+            raise OSError(f"{mountpoint} not in mountinfo")
+        knob = f"/sys/class/bdi/{devs[-1]}/read_ahead_kb"
+        with open(knob, "w") as f:
+            f.write(str(READ_AHEAD_KB))
+    except OSError as exc:
+        log.info("storagefs: read-ahead of %s stays the kernel's: %s", mountpoint, exc)
+
+
 async def serve(
     store: LocalStore,
     mountpoint: str,
@@ -1069,6 +1097,7 @@ async def serve_fs(
         async with trio.open_nursery() as nursery:
             fs.nursery = nursery
             fs.mounted = True
+            nursery.start_soon(_raise_read_ahead, os.path.abspath(mountpoint))
             task_status.started()
             await pyfuse3.main()
             unmounted = True  # the loop ends by itself only when the file system was unmounted

@@ -111,19 +111,27 @@ static int allowed_device(dev_t rdev)
 	return ma >= 136 && ma <= 143; /* /dev/pts/N */
 }
 
+/* A small /proc file into buf, NUL-terminated; 0 when it cannot be read. */
+static int read_proc(const char *path, char *buf, size_t size)
+{
+	int f = open(path, O_RDONLY | O_CLOEXEC);
+	if (f < 0)
+		return 0;
+	ssize_t n = read(f, buf, size - 1);
+	close(f);
+	if (n <= 0)
+		return 0;
+	buf[n] = '\0';
+	return 1;
+}
+
 static int fd_cloexec(pid_t pid, const char *fd)
 {
 	char path[320], buf[512];
 	if (snprintf(path, sizeof path, "/proc/%d/fdinfo/%s", pid, fd) >= (int)sizeof path)
 		return 0;
-	int f = open(path, O_RDONLY | O_CLOEXEC);
-	if (f < 0)
+	if (!read_proc(path, buf, sizeof buf))
 		return 0;
-	ssize_t n = read(f, buf, sizeof buf - 1);
-	close(f);
-	if (n <= 0)
-		return 0;
-	buf[n] = '\0';
 	char *flags = strstr(buf, "flags:");
 	return flags && (strtoul(flags + 6, NULL, 8) & O_CLOEXEC);
 }
@@ -207,14 +215,8 @@ static char stat_of(pid_t pid, pid_t *ppid)
 {
 	char path[48], buf[512];
 	snprintf(path, sizeof path, "/proc/%d/stat", pid);
-	int f = open(path, O_RDONLY | O_CLOEXEC);
-	if (f < 0)
+	if (!read_proc(path, buf, sizeof buf))
 		return 0;
-	ssize_t n = read(f, buf, sizeof buf - 1);
-	close(f);
-	if (n <= 0)
-		return 0;
-	buf[n] = '\0';
 	char *close_paren = strrchr(buf, ')');
 	char state;
 	int parent;

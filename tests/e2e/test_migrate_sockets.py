@@ -161,3 +161,40 @@ def test_a_connection_carries_on_across_a_move(hosts: list[Any], kind: str) -> N
             run.wait()
     assert out.decode().split("\n")[-3:] == ["client ends", "status=3", ""], err.decode()
     assert run.returncode == 0, err.decode()
+
+
+def test_a_guest_holding_a_socket_is_refused_before_freezing(hosts: list[Any]) -> None:
+    """A process execed on a peer that then connects: its connection is on the peer, not
+    at home, so nothing relays it; the move is refused with the reason and it runs on."""
+    srv, where = listener("tcp", None)
+    srv.listen(1)
+    srv.settimeout(30)
+    run = subprocess.Popen(
+        [*DUNIX, "run", "--control", N1, "--placement", "remote", "--",
+         "/usr/bin/python3", "-c", CLIENT, "tcp", where],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=WORK,
+    )  # fmt: skip
+    conn: socket.socket | None = None
+    try:
+        conn, _ = srv.accept()
+        conn.settimeout(30)
+        f = conn.makefile("rwb")
+        f.write(b"there\n")
+        f.flush()
+        assert f.readline() == b"THERE n2\n"
+        gpid = next(p["gpid"] for p in ps() if p["state"] == "deputy")
+        refused = dunix("migrate", str(gpid), "home", "--control", N1, check=False, timeout=90)
+        assert refused.returncode == 1, refused.stdout
+        assert "holds a socket away from home" in refused.stderr, refused.stderr
+        f.write(b"bye\n")
+        f.flush()
+        assert f.readline() == b"done\n"
+        _, err = run.communicate(timeout=60)
+    finally:
+        if conn is not None:
+            conn.close()
+        srv.close()
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 3, err.decode()

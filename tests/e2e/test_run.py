@@ -126,31 +126,30 @@ def test_non_root_job_runs_as_that_user_everywhere(work: Path) -> None:
     assert host in ("n2", "n3")
 
 
-def test_parallel_cpu_work_spreads_over_hosts(work: Path) -> None:
+def cpu_workers_hosts(work: Path, n: int, seconds: int, pause: str) -> list[str]:
+    """Hosts of ``n`` CPU-bound workers (``seconds`` each) a job starts in the
+    background, ``pause`` between two starts; each prints the host it ran on."""
     worker = (
-        'awk "BEGIN { t = systime(); while (systime() - t < 4) s++ }"; '
+        f'awk "BEGIN {{ t = systime(); while (systime() - t < {seconds}) s++ }}"; '
         "read h < /proc/sys/kernel/hostname; echo $h"
     )
-    script = f"for i in 1 2 3 4 5 6 7 8; do sh -c '{worker}' & sleep 1; done; wait"
+    script = f"for ((i = 0; i < {n}; i++)); do sh -c '{worker}' & {pause}; done; wait"
     out = dunix("run", "--control", N1, "--", "bash", "-c", script, cwd=work, timeout=300,
                 stdin=subprocess.DEVNULL)  # fmt: skip
     hosts = out.stdout.split()
-    assert len(hosts) == 8
+    assert len(hosts) == n
+    return hosts
+
+
+def test_parallel_cpu_work_spreads_over_hosts(work: Path) -> None:
+    hosts = cpu_workers_hosts(work, 8, 4, "sleep 1")
     assert len(set(hosts)) >= 2, hosts
 
 
 def test_a_burst_of_cpu_jobs_spreads_over_every_host_at_once(work: Path) -> None:
     """Six CPU-bound jobs started together, before any load figure can move: the spill
     order shares them over the home and both peers by their quotas (2 each here)."""
-    worker = (
-        'awk "BEGIN { t = systime(); while (systime() - t < 3) s++ }"; '
-        "read h < /proc/sys/kernel/hostname; echo $h"
-    )
-    script = f"for i in 1 2 3 4 5 6; do sh -c '{worker}' & done; wait"
-    out = dunix("run", "--control", N1, "--", "bash", "-c", script, cwd=work, timeout=120,
-                stdin=subprocess.DEVNULL)  # fmt: skip
-    hosts = out.stdout.split()
-    assert len(hosts) == 6
+    hosts = cpu_workers_hosts(work, 6, 3, ":")
     assert set(hosts) == {"n1", "n2", "n3"}, hosts
     assert max(hosts.count(h) for h in set(hosts)) <= 3, hosts
 

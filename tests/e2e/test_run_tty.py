@@ -2,8 +2,9 @@
 
 A `bash -c 'set -m; ...'` session leader on the test's pty runs `dunix run` as a job with
 job control (its own foreground group, as an interactive shell does), so Ctrl-Z and `fg`
-act on it exactly as for a user. Each test runs with placement local and with every exec
-forced remote (the terminal then reaches a pty on the peer).
+act on it exactly as for a user. Each `placement` test runs with placement local and with
+every exec forced remote (the terminal then reaches a pty on the peer); the others are about
+remote ptys only (a chain of hops, output at the end, many short remote processes).
 """
 
 from __future__ import annotations

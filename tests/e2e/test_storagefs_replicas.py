@@ -13,41 +13,22 @@ import json
 import os
 import signal
 import sys
-from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import REPO, nodes_json, wait_for
+from tests.e2e.conftest import nodes_json, wait_for
+from tests.e2e.test_storagefs_cluster import (  # the same cluster helpers
+    FS,
+    LOCAL_BITS,
+    _dunix_cmd,
+    hosts,  # noqa: F401 (a fixture)
+    sh,
+)
 
 pytestmark = pytest.mark.e2e
 
-FS = "/dunix/fs"
-LOCAL_BITS = 53  # dunix.pid.devino: the owner's node id sits above these bits
 FACTOR = "user.dunix.replicas"  # dunix.storagefs.replicas.FACTOR_XATTR
-DUNIX = f"PYTHONPATH={REPO} {sys.executable} -m dunix"
-
-
-def sh(host: str, script: str, check: bool = True, timeout: float = 60) -> str:
-    from dunix import cluster
-
-    done = cluster.run_in(
-        host, ["sh", "-ec", script], capture_output=True, text=True, timeout=timeout, cwd=FS
-    )
-    if check and done.returncode != 0:
-        raise AssertionError(f"{host}: {script!r} exited {done.returncode}: {done.stderr}")
-    return str(done.stdout)
-
-
-@pytest.fixture(scope="module")
-def hosts(cluster3: list[Any]) -> list[str]:
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("no /dev/fuse on this machine")
-    names = [h.name for h in cluster3]
-    for name in names:
-        wait_for(lambda name=name: FS in sh(name, "cat /proc/self/mountinfo"), 10,
-                 f"storagefs mounted in {name}")  # fmt: skip
-    wait_for(lambda: len(nodes_json("n1")) == 3 and len(nodes_json("n3")) == 3, 15, "3 members")
-    return names
+DUNIX = _dunix_cmd()
 
 
 def _agent(name: str) -> int:
@@ -65,7 +46,7 @@ def digest(host: str, path: str) -> str:
 
 
 def test_a_replica_takes_over_and_an_unreplicated_file_waits_for_its_owner(
-    hosts: list[str],
+    hosts: list[str],  # noqa: F811 (the fixture imported above)
 ) -> None:
     from dunix import cluster
 
@@ -106,7 +87,7 @@ def test_a_replica_takes_over_and_an_unreplicated_file_waits_for_its_owner(
              "a new replica of rep/data")  # fmt: skip
 
     cluster.start_agent("n1")
-    wait_for(lambda: FS in sh("n1", "cat /proc/self/mountinfo"), 10, "n1 mounted again")
+    wait_for(lambda: FS in sh("n1", "cat /proc/self/mountinfo", cwd="/"), 10, "n1 mounted again")
     wait_for(lambda: sh("n3", "cat plain/single 2>/dev/null || true") == "alone\n", 40,
              "n1's unreplicated file back on n3")  # fmt: skip
     # n1 drops its stale copy of the file the replica took over, and reads the new owner's

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -26,6 +26,13 @@ import trio
 from dunix.errors import MigrationFailed
 from dunix.migrate import lazy, swrk
 from dunix.migrate.lifecycle import Action, Event, EventKind, Migration, State
+
+
+class Spawner(Protocol):
+    """Where a post-copy move's source criu goes on running: a trio nursery or the
+    agent's guarded task group."""
+
+    def start_soon(self, async_fn: Callable[..., Awaitable[object]], *args: object) -> None: ...
 
 
 class Target(Protocol):
@@ -218,7 +225,7 @@ async def move_lazy(
     images_dir_fd: int,
     target: Target,
     plan: LazyPlan,
-    background: trio.Nursery,
+    background: Spawner,
     *,
     source: swrk.CriuCommand | None = None,
     shell_job: bool = False,

@@ -50,6 +50,26 @@ def where(gpid: int) -> str:
     return str(home[0]["node"])
 
 
+def counter_gpid() -> int:
+    """The counter's gpid, once it runs on a peer behind its deputy on n1."""
+
+    def deputy() -> dict[str, Any] | None:
+        procs = json.loads(dunix("ps", "--json", "--control", N1).stdout)
+        found = [p for p in procs if p["state"] == "deputy" and "-c" in p["cmd"]]
+        return found[0] if found and found[0]["node"] in ("n2", "n3") else None
+
+    return int(wait_for(deputy, 30, "the counter running on a peer")["gpid"])
+
+
+def assert_counted(run: subprocess.Popen[bytes], out: bytes, err: bytes) -> None:
+    """Every number once, in order, then "end" and the program's exit status."""
+    lines = out.decode().split()
+    assert lines[-1] == "end", err.decode()
+    numbers = [int(x) for x in lines[:-1]]
+    assert numbers == list(range(1, len(numbers) + 1)), err.decode()
+    assert run.returncode == 7, err.decode()
+
+
 def start(args: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [*DUNIX, "run", "--control", N1, *args],
@@ -66,13 +86,7 @@ def test_many_moves_between_forking_hosts(hosts: list[Any]) -> None:
     failures: list[str] = []
     started = time.monotonic()
     try:
-
-        def deputy() -> dict[str, Any] | None:
-            procs = json.loads(dunix("ps", "--json", "--control", N1).stdout)
-            found = [p for p in procs if p["state"] == "deputy" and "-c" in p["cmd"]]
-            return found[0] if found and found[0]["node"] in ("n2", "n3") else None
-
-        gpid = wait_for(deputy, 30, "the counter running on a peer")["gpid"]
+        gpid = counter_gpid()
         node = where(gpid)
         for _ in range(MOVES):
             to = "n3" if node == "n2" else "n2"
@@ -101,11 +115,7 @@ def test_many_moves_between_forking_hosts(hosts: list[Any]) -> None:
         assert fout.decode().startswith("forks="), ferr.decode()
         print(fout.decode().strip())
         assert int(fout.decode().split("=")[1]) > MOVES, "the hosts were not forking"
-    lines = out.decode().split()
-    assert lines[-1] == "end", err.decode()
-    numbers = [int(x) for x in lines[:-1]]
-    assert numbers == list(range(1, len(numbers) + 1)), err.decode()
-    assert run.returncode == 7, err.decode()
+    assert_counted(run, out, err)
 
 
 def test_a_dead_target_fails_the_move_at_once(hosts: list[Any]) -> None:
@@ -115,13 +125,7 @@ def test_a_dead_target_fails_the_move_at_once(hosts: list[Any]) -> None:
     stop.unlink(missing_ok=True)
     run = start(["--placement", "remote", "--", "/usr/bin/python3", "-c", COUNTER, str(stop)])
     try:
-
-        def deputy() -> dict[str, Any] | None:
-            procs = json.loads(dunix("ps", "--json", "--control", N1).stdout)
-            found = [p for p in procs if p["state"] == "deputy" and "-c" in p["cmd"]]
-            return found[0] if found and found[0]["node"] in ("n2", "n3") else None
-
-        gpid = wait_for(deputy, 30, "the counter running on a peer")["gpid"]
+        gpid = counter_gpid()
         if where(gpid) == "n3":
             dunix("migrate", str(gpid), "n2", "--control", N1, timeout=90)
         n3 = next(h for h in hosts if h.name == "n3")
@@ -143,8 +147,4 @@ def test_a_dead_target_fails_the_move_at_once(hosts: list[Any]) -> None:
             run.kill()
             run.wait()
         stop.unlink(missing_ok=True)
-    lines = out.decode().split()
-    assert lines[-1] == "end", err.decode()
-    numbers = [int(x) for x in lines[:-1]]
-    assert numbers == list(range(1, len(numbers) + 1)), err.decode()
-    assert run.returncode == 7, err.decode()
+    assert_counted(run, out, err)

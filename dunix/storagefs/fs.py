@@ -53,7 +53,7 @@ import trio
 from dunix.errors import DunixError, PeerUnreachable, StoreError
 from dunix.storagefs import _syscalls
 from dunix.storagefs.lookup import LookupReply
-from dunix.storagefs.peerfiles import FileReply
+from dunix.storagefs.peerfiles import FileReply, stat_tuple
 from dunix.storagefs.remote_nodes import RemoteFile, RemoteNode, RemoteNodes
 from dunix.storagefs.replicas import FACTOR_XATTR, WHERE_XATTR, Replicas
 from dunix.storagefs.store import LocalStore
@@ -450,7 +450,13 @@ class StorageFS(pyfuse3.Operations):
         with _fuse_errors():
             remote = self._remote.get(inode)
             if remote is not None:
-                reply = await self._ask(remote, "stat")
+                try:
+                    reply = await self._ask(remote, "stat")
+                except PeerUnreachable:
+                    moved = await self._taken_over(remote, inode)
+                    if moved is None:
+                        raise
+                    return self._attr_of(moved)
                 remote.attrs = reply.attrs
                 return self._attr_of(reply.attrs)
             return self._attr(os.fstat(self._fd(inode)), inode)
@@ -721,7 +727,8 @@ class StorageFS(pyfuse3.Operations):
             if remote is not None:
                 reply = await self._ask(remote, "open", flags=flags)
                 fh = next(self._next_rfh)
-                self._rfiles[fh] = RemoteFile(remote.owner, reply.handle, remote.path)
+                self._rfiles[fh] = RemoteFile(remote.owner, reply.handle, remote.path,
+                                              flags=flags)  # fmt: skip
                 # other hosts may write it meanwhile: no page cache across opens
                 return pyfuse3.FileInfo(fh=fh, keep_cache=False)
             fd = self._fd(inode)
@@ -736,21 +743,30 @@ class StorageFS(pyfuse3.Operations):
         with _fuse_errors():
             rf = self._rfiles.get(fh)
             if rf is not None:
-                return await rf.read(self._owner_files().call, off, size, self.nursery)
+                if rf.local_fd is not None:
+                    return os.pread(rf.local_fd, size, off)
+                try:
+                    return await rf.read(self._owner_files().call, off, size, self.nursery)
+                except PeerUnreachable:
+                    if not await self._reopen(rf):
+                        raise
+                return await self.read(fh, off, size)
             return os.pread(fh, size, off)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         with _fuse_errors():
             rf = self._rfiles.get(fh)
-            if rf is not None:
+            if rf is not None and rf.local_fd is not None:  # taken over here meanwhile
+                fh = rf.local_fd
+            elif rf is not None:
                 rf.changed()
                 reply = await self._owner_files().call(
                     rf.owner, "write", handle=rf.handle, offset=off, data=bytes(buf)
                 )
                 return reply.size
             written = os.pwrite(fh, buf, off)
-            path = self._rpaths.get(fh)
-            if path is not None:
+            path = self._rpaths.get(fh) if rf is None else rf.path
+            if path is not None and self.replicas is not None and self.replicas.copies(path):
                 await self._replica_write(fh, path, off, bytes(buf[:written]))
             return written
 
@@ -760,6 +776,9 @@ class StorageFS(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         with _fuse_errors():
             rf = self._rfiles.pop(fh, None)
+            if rf is not None and rf.local_fd is not None:
+                os.close(rf.local_fd)
+                return
             if rf is not None:
                 try:
                     await self._owner_files().call(rf.owner, "release", handle=rf.handle)
@@ -772,13 +791,15 @@ class StorageFS(pyfuse3.Operations):
     async def fsync(self, fh: int, datasync: bool) -> None:
         with _fuse_errors():
             rf = self._rfiles.get(fh)
-            if rf is not None:
+            if rf is not None and rf.local_fd is not None:  # taken over here meanwhile
+                fh = rf.local_fd
+            elif rf is not None:
                 await self._owner_files().call(
                     rf.owner, "fsync", handle=rf.handle, flags=int(datasync)
                 )
                 return
             await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fh)
-            path = self._rpaths.get(fh)
+            path = self._rpaths.get(fh) if rf is None else rf.path
             if path is not None and self.replicas is not None:
                 await self.replicas.synced(path)
 
@@ -925,6 +946,43 @@ class StorageFS(pyfuse3.Operations):
         return data
 
     # --- replicated files (dunix/storagefs/replicas.py) ------------------------------------
+
+    async def _taken_over(self, node: RemoteNode, ino: int) -> tuple[int, ...] | None:
+        """The attributes of a peer's node whose owner cannot be reached, from the host that
+        took the file over (this one or a peer; then the node is asked there from now on),
+        under the number the kernel knows; None when nobody did."""
+        local = self._try_local(node.path)
+        if local is not None:
+            try:
+                return stat_tuple(os.fstat(local), ino)
+            finally:
+                os.close(local)
+        found = await self.resolver.lookup(node.path)
+        if found is None or found.node == node.owner or len(found.attrs) < 12:
+            return None
+        node.owner = found.node
+        return (ino, *found.attrs[1:])
+
+    async def _reopen(self, rf: RemoteFile) -> bool:
+        """The owner of a peer's file open here cannot be reached: if a replica took the
+        file over (another host, or this one), reads of the open file continue there."""
+        keep = rf.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)
+        local = self._try_local(rf.path)
+        if local is not None:
+            try:
+                rf.local_fd = os.open(_proc(local), keep | os.O_CLOEXEC)
+            finally:
+                os.close(local)
+        else:
+            found = await self.resolver.lookup(rf.path)
+            if found is None or found.node == rf.owner:
+                return False
+            reply = await self._owner_files().call(found.node, "open", path=rf.path, flags=keep)
+            rf.owner, rf.handle = found.node, reply.handle
+        rf.changed()
+        log.warning("storagefs: %s, open here, is read from node %s now", rf.path,
+                    "this host" if rf.local_fd is not None else rf.owner)  # fmt: skip
+        return True
 
     async def _replica_open(self, inode: int, fh: int, flags: int) -> None:
         assert self.replicas is not None

@@ -244,6 +244,8 @@ class FileServer:
         here. The last component is never followed (lstat, O_NOFOLLOW, O_PATH below).
         """
         backing = self.store.backing_path(path)
+        if backing == self.store.tree:
+            return str(backing)  # the root (a listing of it): its parent is the store itself
         parent = os.path.realpath(backing.parent)
         tree = str(self.store.tree)
         if parent != tree and not parent.startswith(tree + os.sep):

@@ -145,6 +145,9 @@ class RemoteFile:
     handle: int
     path: str
     blocks: dict[int, _Block] = field(default_factory=dict)
+    flags: int = 0  # as opened (to open it again on the host that took the file over)
+    #: the file became this host's own (it took it over from a dead owner): read it here
+    local_fd: int | None = None
 
     async def read(self, call: Call, off: int, size: int, nursery: trio.Nursery | None) -> bytes:
         """``size`` bytes at ``off``; ``call`` is ``OwnerFiles.call``; read-ahead runs in

@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -29,6 +30,18 @@ pytestmark = pytest.mark.e2e
 
 FACTOR = "user.dunix.replicas"  # dunix.storagefs.replicas.FACTOR_XATTR
 DUNIX = _dunix_cmd()
+
+
+#: opens a file, reads 1 MiB, says "ready", waits for a line, reads the rest: sha256 of all
+HOLD_OPEN = """
+import hashlib, sys
+with open(sys.argv[1], "rb") as f:
+    h = hashlib.sha256(f.read(1 << 20))
+    print("ready", flush=True)
+    sys.stdin.readline()
+    h.update(f.read())
+print(h.hexdigest())
+"""
 
 
 def _agent(name: str) -> int:
@@ -66,9 +79,18 @@ def test_a_replica_takes_over_and_an_unreplicated_file_waits_for_its_owner(
     assert heir in (ids["n2"], ids["n3"])
     assert "replica" in sh("n2", f"{DUNIX} fs where rep/data")
 
+    # a reader in n3 holds the file open across the owner's death
+    reader = cluster.exec_in(
+        "n3", [sys.executable, "-c", HOLD_OPEN, f"{FS}/rep/data"], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert reader.stdout is not None and reader.stdout.readline() == "ready\n"
+
     os.kill(_agent("n1"), signal.SIGKILL)
     # once n1 is declared dead, its replica owns the file and serves it
     wait_for(lambda: digest("n3", "rep/data") == want, 40, "n3 reads rep/data from the replica")
+    out, err = reader.communicate("go\n", timeout=30)
+    assert out.strip() == want, err
     assert digest("n2", "rep/data") == want
     assert sh("n3", "cat rep/log") == "one\ntwo\n"
     owner = int(sh("n3", "stat -c %i rep/data").strip()) >> LOCAL_BITS

@@ -19,6 +19,7 @@ import pytest
 import trio
 
 from dunix.storagefs.fs import ROOT, StorageFS
+from dunix.storagefs.lookup import LookupQuery, LookupReply, reply_for
 from dunix.storagefs.peerfiles import FileMessage, FileReply, FileServer, PeerFiles
 from dunix.storagefs.replicas import (
     FACTOR_XATTR,
@@ -50,8 +51,8 @@ class Net:
             self.replicas[n] = rep
             self.servers[n].extra_ops.update(dict.fromkeys(OPS, rep.serve))
             self.servers[n].after = rep.server_hook(self.servers[n])
-            self.fs[n] = StorageFS(self.stores[n], files=self.files[n], peers=self.peers,
-                                   replicas=rep)  # fmt: skip
+            self.fs[n] = StorageFS(self.stores[n], Finder(self, n), files=self.files[n],
+                                   peers=self.peers, replicas=rep)  # fmt: skip
 
     def peers(self) -> list[int]:
         return sorted(self.up)
@@ -75,6 +76,26 @@ class Net:
     def close(self) -> None:
         for store in self.stores.values():
             store.close()
+
+
+class Finder:
+    """The lookup over the alive hosts' trees (what PeerResolver does over the network)."""
+
+    def __init__(self, net: Net, me: int) -> None:
+        self.net, self.me = net, me
+
+    async def lookup(self, path: str) -> LookupReply | None:
+        for node in sorted(self.net.up - {self.me}):
+            store = self.net.stores[node]
+            try:
+                st = os.lstat(store.backing_path(path))
+            except FileNotFoundError:
+                continue
+            return reply_for(LookupQuery(1, self.me, path), node, st, store.inode_number(st))
+        return None
+
+    def created(self, path: str) -> None:
+        pass
 
 
 @pytest.fixture
@@ -241,3 +262,27 @@ def test_a_rename_over_a_replicated_file_drops_its_copies(net: Net) -> None:
         rows = {m.path for m in net.stores[n].meta.all_file_meta()}
         assert rows == {f"rep/{p.relative_to(net.stores[n].replicas / 'rep')}"
                         for p in (net.stores[n].replicas / "rep").iterdir()}  # fmt: skip
+
+
+@pytest.mark.parametrize("reader_is_heir", [False, True])
+def test_an_open_file_reads_on_from_the_host_that_took_it_over(
+    net: Net, reader_is_heir: bool
+) -> None:
+    folder = make_replicated_folder(net, 2)
+    data = os.urandom(3 * (1 << 20))
+    info, _ = run(net.fs[1].create, folder, b"r", stat.S_IFREG | 0o644, os.O_RDWR, CTX)
+    run(net.fs[1].write, info.fh, 0, data)
+    run(net.fs[1].release, info.fh)
+    heir = net.replicas[1].copies("rep/r")[0]
+    reader = heir if reader_is_heir else ({2, 3} - {heir}).pop()
+    fs = net.fs[reader]
+    d = run(fs.lookup, ROOT, b"rep", CTX)
+    f = run(fs.lookup, d.st_ino, b"r", CTX)
+    opened = run(fs.open, f.st_ino, os.O_RDONLY, CTX)
+    assert run(fs.read, opened.fh, 0, 1000) == data[:1000]
+    net.kill(1)
+    # the next read finds the owner gone and goes on from the heir, with the same handle
+    assert run(fs.read, opened.fh, 2 << 20, 4096) == data[2 << 20 : (2 << 20) + 4096]
+    attrs = run(fs.getattr, f.st_ino, CTX)  # (Python's read() of the rest fstats first)
+    assert (attrs.st_ino, attrs.st_size) == (f.st_ino, len(data))
+    run(fs.release, opened.fh)

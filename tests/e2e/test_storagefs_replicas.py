@@ -65,6 +65,9 @@ def test_a_replica_takes_over_and_an_unreplicated_file_waits_for_its_owner(
 
     ids = {n["name"]: n["node_id"] for n in nodes_json("n1")}
     sh("n1", f"mkdir -p rep plain && {DUNIX} fs replicas 2 rep")
+    # n1's folders show in the root's listing everywhere (a peer's root listing was refused)
+    for name in hosts:
+        assert {"rep", "plain"} <= set(sh(name, "ls").split())
     # the factor reached every host, and a file created on n1 gets a replica
     factor = f"{sys.executable} -c 'import os; print(os.getxattr(\"rep\", \"{FACTOR}\").decode())'"
     for name in hosts:

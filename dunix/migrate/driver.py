@@ -206,18 +206,7 @@ async def move(
             machine.handle(Event(EventKind.SOURCE_KILLED))
     clock.mark("end")
     machine.raise_for_outcome()
-    assert machine.restored_pid is not None
-    frozen = clock.marks.get("frozen", 0.0)
-    return MoveReport(
-        pid=pid,
-        restored_pid=machine.restored_pid,
-        freeze_seconds=frozen,
-        dump_seconds=clock.marks["dumped"],
-        restore_seconds=clock.marks["restore"],
-        downtime_seconds=clock.marks["restored"] - frozen,
-        total_seconds=clock.marks["end"],
-        history=tuple(machine.history),
-    )
+    return _report(pid, machine, clock, clock.marks["end"])
 
 
 async def move_lazy(
@@ -340,6 +329,12 @@ async def move_lazy(
         transfer.done.set()
 
     background.start_soon(finish)
+    return _report(pid, machine, clock, clock.marks["restored"], transfer)
+
+
+def _report(
+    pid: int, machine: Migration, clock: _Clock, total: float, transfer: PageTransfer | None = None
+) -> MoveReport:
     assert machine.restored_pid is not None
     frozen = clock.marks.get("frozen", 0.0)
     return MoveReport(
@@ -349,7 +344,7 @@ async def move_lazy(
         dump_seconds=clock.marks["dumped"],
         restore_seconds=clock.marks["restore"],
         downtime_seconds=clock.marks["restored"] - frozen,
-        total_seconds=clock.marks["restored"],
+        total_seconds=total,
         history=tuple(machine.history),
         transfer=transfer,
     )

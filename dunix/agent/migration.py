@@ -697,7 +697,11 @@ class MigrationService:
         proc = self.agent.jobs.procs.get(prep.pid)
         if proc is not None:
             proc.state = f"lost: {reason}"
-        await self.links.send(prep.home, MigrateLost(prep.job, prep.home_pid, reason))
+        msg = MigrateLost(prep.job, prep.home_pid, reason)
+        if prep.home == self.name:  # moved back home: the deputy is here
+            self._on_lost(msg)
+        else:
+            await self.links.send(prep.home, msg)
 
     def _on_lost(self, msg: MigrateLost) -> None:
         """Home: the process was lost in a post-copy move; its SIGKILL exit follows."""

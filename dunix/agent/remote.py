@@ -546,6 +546,11 @@ class RemoteService:
         self.guests[key] = guest
         child_fds: dict[int, int] = {}
         try:
+            # a job whose cwd is outside storagefs runs here only if this host sees it too
+            # (a shared folder); else the home runs it and says why (RemoteFailed)
+            if not await trio.to_thread.run_sync(os.path.isdir, req.cwd):
+                raise DunixError(f"its working directory {req.cwd} is not on "
+                                 f"{self.agent.config.name}")  # fmt: skip
             hub = await self.links.hub(home)
             for rf in req.fds:
                 if rf.kind in ("tty", "pipe") or _null_device(rf):

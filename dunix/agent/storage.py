@@ -107,9 +107,10 @@ def job_tmp_wrapper(env: dict[str, str], argv: list[str]) -> list[str]:
 
     unshare(1) gives it a private mount namespace (its own copy of /dunix/fs's mount: the
     same FUSE connection) and sh binds the folder; both exec, so the pid, session and fds
-    the agent set up stay the tracer's. Not given to a job by default: CRIU cannot dump a
-    process in a mount namespace of its own with a FUSE mount, so such a job's processes
-    move at exec time only (a checkpoint move of one fails and leaves it where it was).
+    the agent set up stay the tracer's. Not tried: a CRIU move of such a process (a mount
+    namespace of the job's own, with the FUSE mount and the /tmp bind in it); expect a
+    checkpoint move of one to fail, which leaves it where it was. Exec-time placement
+    works (tests/e2e/test_storagefs_build.py).
     """
     folder = env.get(JOB_TMP_ENV, "")
     if not folder.startswith("/"):

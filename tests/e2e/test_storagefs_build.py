@@ -136,3 +136,22 @@ def test_a_job_asking_for_it_sees_one_tmp_on_every_host(hosts: list[str]) -> Non
         assert sh(name, "test -e /tmp/note && echo there || echo absent", cwd="/") == "absent\n"
         wait_for(lambda name=name: sh(name, f"test -e {folder} || echo gone") == "gone\n", 15,
                  f"the job's /tmp folder to go ({name})")  # fmt: skip
+
+
+def test_a_job_outside_storagefs_runs_at_home_where_peers_cannot_follow(
+    hosts: list[str],
+) -> None:
+    """A cwd only the home sees (its private /tmp): execs stay home and the log says why."""
+    from dunix import cluster
+
+    sh("n1", "rm -rf /tmp/only-here && mkdir /tmp/only-here", cwd="/")
+    script = 'for i in 1 2 3; do sh -c "read h < /proc/sys/kernel/hostname; echo \\$h"; done'
+    done = cluster.run_in(
+        "n1",
+        ["sh", "-c", f"{_dunix_cmd()} run --control /run/dunix/hosts/n1/control.sock"
+                     f" --placement remote -- sh -c '{script}'"],
+        capture_output=True, text=True, timeout=120, cwd="/tmp/only-here",
+    )  # fmt: skip
+    assert (done.stdout, done.returncode) == ("n1\nn1\nn1\n", 0), done.stderr
+    log = sh("n1", "cat /run/dunix/hosts/n1/agent.log", cwd="/")
+    assert "its working directory /tmp/only-here is not on" in log

@@ -192,7 +192,10 @@ def iperf3(client: str, server: str, seconds: int) -> dict[str, Any]:
 
 def measure_throughput(sizes: Sizes) -> dict[str, Any]:
     mib = sizes.file_mib
-    run_in(OWNER, ["mkdir", "-p", DIRECT, f"{FS}/fs-bench"])
+    run_in(OWNER, ["mkdir", "-p", DIRECT, f"{FS}/fs-bench/rep2"])
+    # `dunix fs replicas 2` (its xattr): every write also goes to one peer before returning
+    run_in(OWNER, [sys.executable, "-c", "import os, sys; os.setxattr(sys.argv[1], "
+                   "'user.dunix.replicas', b'2')", f"{FS}/fs-bench/rep2"])  # fmt: skip
     local_file, direct_file = f"{FS}/fs-bench/local.bin", f"{DIRECT}/direct.bin"
     peer_file = f"{FS}/fs-bench/peer.bin"
     out: dict[str, Any] = {"file_mib": mib}
@@ -202,6 +205,7 @@ def measure_throughput(sizes: Sizes) -> dict[str, Any]:
     for label, host, path, rw in (
         ("direct_write", OWNER, direct_file, "write"),
         ("storagefs_local_write", OWNER, local_file, "write"),
+        ("storagefs_replicated_write", OWNER, f"{FS}/fs-bench/rep2/r.bin", "write"),
         ("direct_read", OWNER, direct_file, "read"),
         ("storagefs_local_read", OWNER, local_file, "read"),
         ("storagefs_peer_write", READER, peer_file, "write"),
@@ -298,6 +302,7 @@ def table(res: dict[str, Any]) -> str:
     ]
     for label, ours, ref, goal in (
         ("write, owned by n1 (in n1)", "storagefs_local_write", "direct_write", GOALS["local"]),
+        ("same, 2 copies (replicas 2)", "storagefs_replicated_write", "direct_write", None),
         ("read, owned by n1 (in n1)", "storagefs_local_read", "direct_read", GOALS["local"]),
         ("write, owned by n1 (in n2)", "storagefs_peer_write", "iperf3", GOALS["peer"]),
         ("read, owned by n1 (in n2)", "storagefs_peer_read", "iperf3", GOALS["peer"]),

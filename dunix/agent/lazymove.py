@@ -30,6 +30,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import trio
+
 from dunix.errors import DunixError, MigrationFailed
 from dunix.migrate import driver, lazy
 from dunix.wire.migrate import MigrateLazy, MigratePrepare
@@ -89,9 +91,13 @@ def source_plan(root: Path, move: str) -> SourcePlan:
 
 
 async def after_transfer(
-    report: driver.MoveReport, plan: SourcePlan, cleanup: Callable[[], None]
+    report: driver.MoveReport,
+    plan: SourcePlan,
+    cleanup: Callable[[], None],
+    serving: dict[int, trio.Event],
 ) -> None:
-    """Once the source's criu served every page (or broke off): log and clean up."""
+    """Once the source's criu served every page (or broke off): log and clean up; the
+    pid leaves ``serving`` once its copy here is gone (see :func:`wait_served`)."""
     transfer = report.transfer
     try:
         if transfer is not None:
@@ -101,9 +107,25 @@ async def after_transfer(
             else:
                 log.info("post-copy of pid %d: every page served %.0f ms after the start",
                          report.pid, (transfer.seconds or 0.0) * 1000)  # fmt: skip
+            with trio.move_on_after(5.0):
+                while Path(f"/proc/{report.pid}").exists():  # killed; its parent reaps it
+                    await trio.sleep(0.01)
     finally:
         plan.close()
         cleanup()
+        if transfer is not None and serving.get(report.pid) is transfer.done:
+            del serving[report.pid]
+
+
+async def wait_served(serving: dict[int, trio.Event], pid: int, timeout: float) -> None:
+    """Wait until a post-copy source copy of ``pid`` here is gone (its criu served the
+    last page and killed it), so the pid is free for the process to come back."""
+    done = serving.get(pid)
+    if done is None:
+        return
+    with trio.move_on_after(timeout):
+        while serving.get(pid) is done:  # after_transfer drops it once the copy is gone
+            await trio.sleep(0.01)
 
 
 @dataclass
@@ -164,4 +186,3 @@ def is_lazy_failure(exc: MigrationFailed) -> bool:
     """A failure a plain dump may not have: worth one more try without post-copy."""
     text = str(exc)
     return any(word in text for word in ("lazy", "uffd", "userfault", "page server"))
-

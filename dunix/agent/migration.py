@@ -98,6 +98,9 @@ LIVENESS_PERIOD = 0.25
 #: test knob: while this file exists in the agent's runtime folder, its restores are
 #: answered with failure at ``post-restore`` (CRIU then kills what it restored)
 FAIL_RESTORE_KNOB = "migrate-fail-restore"
+#: test knob: while this file exists there, post-copy restores are refused as if this
+#: host had no userfaultfd (the source then moves the process with a plain dump)
+FAIL_LAZY_KNOB = "migrate-fail-lazy"
 
 AfterRestore = Callable[[int], Awaitable[None]]
 
@@ -237,6 +240,8 @@ class MigrationService:
         #: (job, home pid) of guests here whose sockets are relayed to their home: such a
         #: process moves once, from home (its socketpair end cannot be dumped again)
         self._socket_guests: set[tuple[str, int]] = set()
+        #: pid → the post-copy transfer of its copy here (gone from it once the copy is)
+        self.serving: dict[int, trio.Event] = {}
 
     @property
     def links(self) -> Any:
@@ -539,6 +544,9 @@ class MigrationService:
         async def run() -> None:
             status = MigrateStatus(prep.move, "ready", 0, (), "", "")
             try:
+                # coming back while its post-copy pages still leave from here: its frozen
+                # copy holds the pid until the last page was served
+                await lazymove.wait_served(self.serving, prep.pid, STEP_TIMEOUT)
                 self._check_prepare(prep)
                 IMAGES_ROOT.mkdir(parents=True, exist_ok=True)
                 folder = Path(tempfile.mkdtemp(prefix=f"in-{prep.move}-", dir=IMAGES_ROOT))
@@ -630,6 +638,8 @@ class MigrationService:
                 return not (fail and note.script == "post-restore")
 
             if prep.lazy is not None:
+                if (self.agent.config.control.parent / FAIL_LAZY_KNOB).exists():
+                    raise MigrationFailed(f"lazy pages refused ({FAIL_LAZY_KNOB} is set)")
                 daemon = await lazymove.start_daemon(
                     prep, self._host_of(inc.source), inc.dir_fd, IMAGES_ROOT
                 )
@@ -943,9 +953,11 @@ async def move_process(
                     pid, dir_fd, target, after_restore, lazy_plan, service.agent.nursery
                 )
                 if lazy_plan is not None:
+                    assert report.transfer is not None
+                    service.serving[pid] = report.transfer.done
                     done = functools.partial(shutil.rmtree, folder, ignore_errors=True)
                     service.agent.nursery.start_soon(
-                        lazymove.after_transfer, report, lazy_plan, done
+                        lazymove.after_transfer, report, lazy_plan, done, service.serving
                     )
                     deferred = True
             except MigrationFailed:

@@ -1,6 +1,7 @@
 """Post-copy `dunix migrate` (issue 4, part 3): a guest with ~200 MiB of touched memory
 moves between peers with lazy pages; its memory (a checksum over all of it) and its
-pipes (stdin and stdout through its home's deputy) come through whole. Then its page
+pipes (stdin and stdout through its home's deputy) come through whole; a target that
+refuses lazy pages gets it by the plain streamed dump instead. Then its page
 server is killed in the middle of a second post-copy move: the process is lost, and
 `dunix run` reports it killed by SIGKILL.
 """
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.e2e
 
 WORK = Path("/var/tmp/dunix-e2e-migrate-lazy")
 N1 = "/run/dunix/hosts/n1/control.sock"
+LAZY_KNOB = "migrate-fail-lazy"  # dunix/agent/migration.py FAIL_LAZY_KNOB
 
 # MIB MiB touched (random bytes when FILL is 1, else one byte a page); answers lines on
 # stdin: "check" prints the checksum again (every page read), anything else is echoed;
@@ -107,6 +109,17 @@ def test_post_copy_keeps_memory_and_pipes(cluster3: list[Any]) -> None:
         assert ask(run, "after") == "echo after"
         moved = wait_for(deputy, 10, "the holder seen on its new node")
         assert moved["node"] == to and moved["moves"] == 1
+        # lazy pages refused by the next target (as without userfaultfd): the move
+        # falls back to the plain streamed dump
+        knob = Path(f"/run/dunix/hosts/{node}/{LAZY_KNOB}")
+        knob.touch()
+        try:
+            out = dunix("migrate", str(gpid), node, "--control", N1, timeout=90)
+        finally:
+            knob.unlink()
+        assert f"moved {to} -> {node}" in out.stdout and "source killed" in out.stdout, out.stdout
+        assert ask(run, "check") == first
+        assert ask(run, "back") == "echo back"
         run.stdin.close()  # type: ignore[union-attr]
         assert run.wait(timeout=30) == 5
     finally:

@@ -72,7 +72,8 @@ class JobTerminal:
         self.paused = False  # the caller's shell owns its terminal (the job is stopped)
         self._resumed = trio.Event()
         self._ended = trio.Event()  # every slave fd is closed (EIO on the master)
-        self._last_output = trio.current_time()
+        self._last_output = trio.current_time()  # bytes last came from the job or went on
+        self._pending = 0  # bytes read from the job's pty that the caller has not taken
 
     def slave_given(self) -> None:
         if self.slave >= 0:
@@ -104,14 +105,15 @@ class JobTerminal:
 
     async def drained(self, idle: float = 0.1, limit: float = 2.0) -> None:
         """Wait until the job's output has reached the caller: the pty ended (EIO), or no
-        byte came for ``idle`` seconds (a background process may hold it open), at most
-        ``limit`` seconds."""
+        byte came for ``idle`` seconds (a background process may hold it open) and none
+        waits for the caller, at most ``limit`` seconds. A caller that reads slowly is not
+        a quiet job: output blocked on it for more than ``idle`` was cut off."""
         with trio.move_on_after(limit):
             while not self._ended.is_set():
                 quiet = trio.current_time() - self._last_output
-                if quiet >= idle:
+                if quiet >= idle and not self._pending:
                     return
-                with trio.move_on_after(idle - quiet):
+                with trio.move_on_after(max(idle - quiet, idle / 10)):
                     await self._ended.wait()
 
     async def _output(self) -> None:
@@ -128,7 +130,10 @@ class JobTerminal:
             if not data:
                 break
             self._last_output = trio.current_time()
+            self._pending = len(data)
             await _write_all(self.caller, data)
+            self._pending = 0
+            self._last_output = trio.current_time()
         self._ended.set()
 
     async def _keys(self) -> None:

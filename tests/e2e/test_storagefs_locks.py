@@ -17,7 +17,7 @@ from tests.e2e.test_storagefs_cluster import hosts as hosts  # the module's clus
 
 pytestmark = pytest.mark.e2e
 
-ROUNDS = 40
+ROUNDS = 100
 
 
 def _locks_forwarded(host: str) -> bool:

@@ -107,10 +107,11 @@ def job_tmp_wrapper(env: dict[str, str], argv: list[str]) -> list[str]:
 
     unshare(1) gives it a private mount namespace (its own copy of /dunix/fs's mount: the
     same FUSE connection) and sh binds the folder; both exec, so the pid, session and fds
-    the agent set up stay the tracer's. Not tried: a CRIU move of such a process (a mount
-    namespace of the job's own, with the FUSE mount and the /tmp bind in it); expect a
-    checkpoint move of one to fail, which leaves it where it was. Exec-time placement
-    works (tests/e2e/test_storagefs_build.py).
+    the agent set up stay the tracer's. CRIU cannot checkpoint a process in that mount
+    namespace (tried by hand with `dunix migrate`: "mnt: ./run/netns/dunix-n1 doesn't have
+    a proper root mount", dump failed, the process ran on at home): such a job moves at
+    exec time only (tests/e2e/test_storagefs_build.py); DUNIX_JOB_TMP=0 gives up the
+    shared /tmp to keep checkpoint moves.
     """
     folder = env.get(JOB_TMP_ENV, "")
     if not folder.startswith("/"):

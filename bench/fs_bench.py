@@ -155,7 +155,7 @@ def fio(host: str, path: str, rw: str, mib: int) -> dict[str, Any]:
         run_in(OWNER, [sys.executable, "-c", UNCACHE, backing])
     proc = run_in(host, argv)
     try:
-        job = json.loads(proc.stdout[proc.stdout.index("{"):])["jobs"][0]
+        job = json.loads(proc.stdout[proc.stdout.index("{") :])["jobs"][0]
     except (ValueError, KeyError, IndexError) as exc:
         raise Failed(f"fio output unreadable: {exc}: {proc.stdout[-300:]}") from exc
     part = job["write" if rw == "write" else "read"]

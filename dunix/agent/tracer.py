@@ -54,6 +54,8 @@ def public_deputy(source: Path = DEPUTY, dest: Path = PUBLIC_DEPUTY) -> Path:
         log.info("deputy stays at %s: %s", source, e)
         return source
     return dest
+
+
 SOCK_FD = 800  # where the tracer finds its socket (it marks it close-on-exec)
 HIGH_FD = 801  # sources are parked from here while the child's fds are laid out
 

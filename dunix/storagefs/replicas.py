@@ -233,7 +233,7 @@ class Replicas:
         prefix = old + "/"
         moved = [p for p in list(self._s.owned) if p == old or p.startswith(prefix)]
         for path in moved:
-            target = new + path[len(old):]
+            target = new + path[len(old) :]
             with self._s.lock:
                 replaced = self._s.owned.get(target, ())
                 replicas = self._s.owned.pop(path, ())

@@ -89,7 +89,6 @@ def test_cpu_bound_loops_spread_from_a_hot_host_by_themselves(cluster: list[Any]
     )  # fmt: skip
     seen: dict[int, set[str]] = {}
     try:
-
         exec_host: dict[int, str] = {}  # where each loop ran before any move
 
         def started() -> str | None:

@@ -69,7 +69,7 @@ def test_a_replica_takes_over_and_an_unreplicated_file_waits_for_its_owner(
     for name in hosts:
         assert {"rep", "plain"} <= set(sh(name, "ls").split())
     # the factor reached every host, and a file created on n1 gets a replica
-    factor = f"{sys.executable} -c 'import os; print(os.getxattr(\"rep\", \"{FACTOR}\").decode())'"
+    factor = f'{sys.executable} -c \'import os; print(os.getxattr("rep", "{FACTOR}").decode())\''
     for name in hosts:
         assert sh(name, factor).strip() == "2"
     sh("n1", "head -c 3145728 /dev/urandom > rep/data && echo one > rep/log && echo two >> rep/log")
@@ -103,6 +103,7 @@ def test_a_replica_takes_over_and_an_unreplicated_file_waits_for_its_owner(
     assert sh("n3", "cat rep/log") == "one\ntwo\nthree\n"
     out = sh("n3", "cat plain/single 2>&1 || true")
     assert os.strerror(errno.EIO) in out, out
+
     # the heir copies the file whole to the host left, so there are two copies again
     def copies() -> list[int]:
         got = json.loads(sh("n3", f"{DUNIX} fs where --json rep/data"))

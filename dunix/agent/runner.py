@@ -25,7 +25,7 @@ import trio
 from dunix.agent.jobs import Job, JobService, user_groups
 from dunix.agent.pty import JobTerminal, same_terminal
 from dunix.agent.storage import JOB_TMP_ENV
-from dunix.agent.tracer import Started, Stopped
+from dunix.agent.tracer import Started, Stopped, Tracer
 from dunix.errors import AccessDenied, ConfigError, DunixError, ProtocolError
 from dunix.wire import Channel
 from dunix.wire.jobs import (
@@ -113,7 +113,7 @@ async def serve_run(jobs: JobService, channel: Channel, req: RunRequest) -> None
     log.info("job %s for uid %d: %s", job.id, uid, " ".join(req.argv))
     try:
         async with trio.open_nursery() as nursery:
-            started = trio.Event()
+            started = trio.Event()  # the program started, or never will (its tracer ended)
 
             def on_started(event: Started) -> None:
                 started.set()
@@ -122,11 +122,11 @@ async def serve_run(jobs: JobService, channel: Channel, req: RunRequest) -> None
             if terminal is not None:
                 jobs.on_first_stopped[job.id] = _stopper(terminal, channel, nursery)
                 nursery.start_soon(terminal.run)
-            nursery.start_soon(jobs.follow, job, tracer, req.argv[0])
+            nursery.start_soon(_follow_home, jobs, job, tracer, req.argv[0], started)
             nursery.start_soon(_client_signals, jobs, job, channel, nursery.cancel_scope, terminal)
             with trio.move_on_after(30):
                 await started.wait()
-            if started.is_set():
+            if started.is_set() and job.first_pid:
                 await channel.send(RunStarted(job.id, jobs.gpid(job.first_pid), jobs.name))
             await job.finished.wait()
             if terminal is not None:
@@ -144,6 +144,19 @@ async def serve_run(jobs: JobService, channel: Channel, req: RunRequest) -> None
         jobs.forget(job)
         await jobs.agent.storage.drop_job_tmp(job_tmp)
         log.info("job %s ended with status %s", job.id, job.status)
+
+
+async def _follow_home(
+    jobs: JobService, job: Job, tracer: Tracer, argv0: str, started: trio.Event
+) -> None:
+    """Follow the job's home tracer; a tracer that ended without its first process's status
+    (it could not start, or died) ends the job: nothing is left to wait for."""
+    await jobs.follow(job, tracer, argv0)
+    if job.status is None:
+        log.warning("job %s: its tracer ended without the program's status", job.id)
+        job.status = 127 << 8  # what a shell reports for a program it could not run
+        job.finished.set()
+        started.set()
 
 
 def _stopper(

@@ -30,11 +30,16 @@ DEPUTY = NATIVE / "dunix-deputy"
 #: where jobs exec the deputy from: they run as their user, who may not be able to reach the
 #: checkout (a 0700 folder); a copy here is world-executable (a root-owned folder, 0755)
 PUBLIC_DEPUTY = Path("/run/dunix/bin/dunix-deputy")
+#: where the tracer is started from: a job with one /tmp on every host has the job's folder
+#: bound over /tmp before the tracer is exec'd (storage.job_tmp_wrapper), which hides a
+#: checkout under /tmp (what `mktemp -d` makes): the job never started
+PUBLIC_TRACER = Path("/run/dunix/bin/dunix-tracer")
 
 
-def public_deputy(source: Path = DEPUTY, dest: Path = PUBLIC_DEPUTY) -> Path:
-    """The deputy as every job user can exec it: a copy made once per build (same size
-    and mtime), written under a temporary name and renamed, as agents may race here."""
+def public_copy(source: Path, dest: Path) -> Path:
+    """``source`` (a native program) where every job user can exec it: a copy made once per
+    build (same size and mtime), written under a temporary name and renamed, as agents may
+    race here."""
     st = source.stat()
     try:
         have = dest.stat()
@@ -51,9 +56,17 @@ def public_deputy(source: Path = DEPUTY, dest: Path = PUBLIC_DEPUTY) -> Path:
         os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
         os.replace(tmp, dest)
     except OSError as e:  # not root (a test's agent): jobs run as us and reach the build
-        log.info("deputy stays at %s: %s", source, e)
+        log.info("%s stays at %s: %s", source.name, source, e)
         return source
     return dest
+
+
+def public_deputy() -> Path:
+    return public_copy(DEPUTY, PUBLIC_DEPUTY)
+
+
+def public_tracer() -> Path:
+    return public_copy(TRACER, PUBLIC_TRACER)
 
 
 SOCK_FD = 800  # where the tracer finds its socket (it marks it close-on-exec)
@@ -219,7 +232,7 @@ class JobContext:
 
 def tracer_argv(ctx: JobContext, argv: Sequence[str]) -> list[str]:
     out = [
-        str(TRACER),
+        str(public_tracer()),
         "--sock", str(SOCK_FD),
         "--uid", str(ctx.uid),
         "--gid", str(ctx.gid),

@@ -88,6 +88,15 @@ def test_exit_status_and_signal_death(work: Path) -> None:
     assert proc.returncode == 128 + signal.SIGSEGV
 
 
+def test_a_job_whose_tracer_cannot_start_ends_with_127(work: Path) -> None:
+    """A job /tmp that cannot be bound (the job's tracer never starts) ends the job with
+    the reason on its stderr, as a shell that cannot run a program; it used to hang."""
+    env = {**os.environ, "DUNIX_JOB_TMP": "/nonexistent-job-tmp"}
+    proc = dunix("run", "--control", N1, "--", "true", check=False, cwd=work, env=env)
+    assert proc.returncode == 127
+    assert "nonexistent-job-tmp" in proc.stderr
+
+
 def test_binary_stdin_of_tens_of_megabytes(work: Path) -> None:
     data = os.urandom(24 * 1024 * 1024)
     blob = work / "blob.bin"

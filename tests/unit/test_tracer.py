@@ -543,18 +543,18 @@ def test_first_local_keeps_only_the_first_exec_here() -> None:
 
 
 def test_the_deputy_is_copied_where_every_user_can_exec_it(tmp_path: Path) -> None:
-    from dunix.agent.tracer import public_deputy
+    from dunix.agent.tracer import public_copy
 
     source = tmp_path / "private" / "dunix-deputy"
     source.parent.mkdir(mode=0o700)
     source.write_bytes(b"\x7fELF deputy")
     dest = tmp_path / "public" / "bin" / "dunix-deputy"
-    assert public_deputy(source, dest) == dest
+    assert public_copy(source, dest) == dest
     assert dest.read_bytes() == source.read_bytes()
     assert dest.stat().st_mode & 0o777 == 0o755 and dest.parent.stat().st_mode & 0o777 == 0o755
     source.write_bytes(b"\x7fELF deputy, rebuilt")
     os.utime(source, (1, 1))
-    assert public_deputy(source, dest).read_bytes() == b"\x7fELF deputy, rebuilt"
+    assert public_copy(source, dest).read_bytes() == b"\x7fELF deputy, rebuilt"
 
 
 def test_auto_spill_order_is_taken_in_order_home_entries_stay_here(fake_deputy: Path) -> None:

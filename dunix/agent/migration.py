@@ -47,6 +47,7 @@ import trio
 from dunix.agent import lazymove
 from dunix.agent.jobs import Job, Proc
 from dunix.agent.remote import DRAIN_TIMEOUT, Deputy, Guest
+from dunix.agent.storage import JOB_TMP_ENV, JOBS_FOLDER, job_tmp_wrapper
 from dunix.agent.tracer import JobContext, Tracer
 from dunix.errors import (
     AccessDenied,
@@ -139,6 +140,36 @@ class _Incoming:
     files: dict[str, int] = field(default_factory=dict)
 
 
+def job_tmp_of(pid: int) -> str:
+    """The job's shared /tmp of ``pid`` as a path under the storagefs mount
+    ("/.dunix-jobs/JOB/tmp"), read from what is mounted on /tmp in its mount namespace;
+    "" without one (agent/storage.py ``job_tmp_wrapper``)."""
+    try:
+        with open(f"/proc/{pid}/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return ""
+    found = ""
+    for line in lines:  # mount id, parent, dev, root, mount point, ...: the last wins
+        fields = line.split()
+        if len(fields) > 4 and fields[4] == "/tmp":
+            found = fields[3] if fields[3].startswith(f"/{JOBS_FOLDER}/") else ""
+    return found
+
+
+def restore_command(agent: Agent, tmp: str) -> swrk.CriuCommand:
+    """criu for a restore here: with the job's /tmp bound, as its tracers start (a
+    mount namespace of its own, which the restored tree keeps), when it has one."""
+    if not tmp:
+        return RESTORE_COMMAND
+    if ".." in tmp.split("/") or not tmp.startswith(f"/{JOBS_FOLDER}/"):
+        raise MigrationFailed(f"not a job's /tmp: {tmp!r}")
+    # no stat of it here: the agent's loop serves that mount (mount(8) fails if missing)
+    folder = f"{agent.config.storagefs_mount}{tmp}"
+    prefix = job_tmp_wrapper({JOB_TMP_ENV: folder}, [])
+    return dataclasses.replace(RESTORE_COMMAND, prefix=tuple(prefix))
+
+
 class RemoteTarget:
     """``driver.Target`` over the job links: the target is another agent."""
 
@@ -167,6 +198,10 @@ class RemoteTarget:
     async def prepare(self, pid: int) -> None:
         if self.out.ready:
             return  # asked before freezing already (CPU, pid, space)
+        if not self.prepare_msg.tmp:
+            tmp = job_tmp_of(pid)
+            if tmp:
+                self.prepare_msg = dataclasses.replace(self.prepare_msg, tmp=tmp)
         try:
             await self._ask(self.prepare_msg, "ready")
         except PeerUnreachable as exc:
@@ -502,17 +537,23 @@ class MigrationService:
         if reason is not None:
             raise MigrationFailed(f"cannot move: {reason}")
         require_movable(pid, allowed_tracers={tracer.pid})
-        held = [f for f in inventory(pid) if f.kind == "socket"]
+        fds = inventory(pid)
+        held = [f for f in fds if f.kind == "socket"]
         if held:  # only a process at home has its connections relayed (homemove.py)
             what = ", ".join(f"fd {f.fd}" for f in held)
             raise MigrationFailed(f"cannot move: holds a socket away from home ({what})")
+        from dunix.agent.homemove import _foreign_nulls  # homemove imports this module
+
+        # in a job's own mount namespace (its /tmp) the /dev/null the agent gave it lies
+        # on a mount that namespace does not show: an external, as for a home move
+        nulls = _foreign_nulls(pid, fds)
         proc = self.agent.jobs.procs.get(pid)
         prepare = MigratePrepare(
             move=order.move, job=order.job, home=home, home_pid=order.home_pid,
             gpid=proc.gpid if proc else 0, pid=pid, uid=job.uid, gid=job.gid,
             groups=job.groups, mode=job.mode, cmd=proc.cmd if proc else "",
             origin_flags=order.origin_flags, origin_level=order.origin_level,
-            pipes=_guest_pipes(guest), moves=(proc.moves if proc else 0) + 1,
+            pipes=_guest_pipes(guest), moves=(proc.moves if proc else 0) + 1, nulls=nulls,
         )  # fmt: skip
 
         async def kill_source(pid: int) -> None:
@@ -646,7 +687,7 @@ class MigrationService:
             result = await swrk.restore(
                 inc.dir_fd, inherit_fd=theirs, rst_sibling=True, shell_job=True, notify=notify,
                 lazy_pages=daemon is not None,
-                command=RESTORE_COMMAND, tcp_close=bool(tcp),
+                command=restore_command(self.agent, prep.tmp), tcp_close=bool(tcp),
             )  # fmt: skip
         except (DunixError, OSError) as exc:
             if daemon is not None:
@@ -1007,7 +1048,10 @@ async def _move_with_hook(
         async def abort(self, pid: int) -> None:
             await target.abort(pid)
 
+    nulls = target.prepare_msg.nulls  # external /dev/null (homemove._foreign_nulls)
     if lazy_plan is not None and background is not None:
         return await driver.move_lazy(pid, dir_fd, Hooked(), lazy_plan.plan, background,
-                                      shell_job=True, phase_timeout=STEP_TIMEOUT)  # fmt: skip
-    return await driver.move(pid, dir_fd, Hooked(), shell_job=True, phase_timeout=STEP_TIMEOUT)
+                                      shell_job=True, external=nulls,
+                                      phase_timeout=STEP_TIMEOUT)  # fmt: skip
+    return await driver.move(pid, dir_fd, Hooked(), shell_job=True, external=nulls,
+                             phase_timeout=STEP_TIMEOUT)  # fmt: skip

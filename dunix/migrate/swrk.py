@@ -88,6 +88,25 @@ class CriuCommand:
     def argv(self, sock_fd: int) -> list[str]:
         return [*self.prefix, self.binary, "swrk", str(sock_fd)]
 
+    @classmethod
+    def dumping(cls, pid: int) -> CriuCommand:
+        """criu for a dump of ``pid`` from this host: in the process's mount namespace
+        when it has one of its own (a job with its own /tmp, agent/storage.py).
+
+        CRIU treats a task whose mount namespace equals its own as in the root one and
+        dumps no mounts; from outside it tries to dump that namespace and fails ("mnt:
+        ... doesn't have a proper root mount"). ``nsenter -m`` joins that namespace only
+        (root and cwd become its root); the image folder still goes by /proc/self/fd.
+        """
+        try:
+            theirs = os.stat(f"/proc/{pid}/ns/mnt").st_ino
+            ours = os.stat("/proc/self/ns/mnt").st_ino
+        except OSError:
+            return cls()
+        if theirs == ours:
+            return cls()
+        return cls(prefix=("nsenter", "-t", str(pid), "-m", "--"))
+
 
 def _joiner(paths: tuple[str, ...]) -> Callable[[], None]:
     def join() -> None:  # between fork and exec: plain os calls only
@@ -355,7 +374,8 @@ async def dump(
     if tls is not None:
         tls.apply(opts)
         extra.append(tls.dir_fd)
-    call = _Call(f"dump of pid {pid}", command or CriuCommand(), images_dir_fd, log_file, notify,
+    command = command or CriuCommand.dumping(pid)
+    call = _Call(f"dump of pid {pid}", command, images_dir_fd, log_file, notify,
                  extra, 0.0 if lazy_port else _EXIT_GRACE)  # fmt: skip
     started = time.monotonic()
     resp = await call.run(rpc.criu_req(type=rpc.DUMP, opts=opts))

@@ -159,6 +159,9 @@ class MigratePrepare:
     sockets: tuple[MigrateSocket, ...] = ()
     #: post-copy: where the source's page server will listen, and its one-move key
     lazy: MigrateLazy | None = None
+    #: the job's shared /tmp (agent/storage.py) as a path under the storagefs mount, when
+    #: the process runs with it: the target's criu restores with that folder bound on /tmp
+    tmp: str = ""
 
 
 @message

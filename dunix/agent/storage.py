@@ -107,11 +107,9 @@ def job_tmp_wrapper(env: dict[str, str], argv: list[str]) -> list[str]:
 
     unshare(1) gives it a private mount namespace (its own copy of /dunix/fs's mount: the
     same FUSE connection) and sh binds the folder; both exec, so the pid, session and fds
-    the agent set up stay the tracer's. CRIU cannot checkpoint a process in that mount
-    namespace (tried by hand with `dunix migrate`: "mnt: ./run/netns/dunix-n1 doesn't have
-    a proper root mount", dump failed, the process ran on at home): such a job moves at
-    exec time only (tests/e2e/test_storagefs_build.py); DUNIX_JOB_TMP=0 gives up the
-    shared /tmp to keep checkpoint moves.
+    the agent set up stay the tracer's. A checkpoint move dumps from inside that mount
+    namespace and restores under this same wrapper (agent/migration.py
+    ``restore_command``; CRIU from outside fails: "doesn't have a proper root mount").
     """
     folder = env.get(JOB_TMP_ENV, "")
     if not folder.startswith("/"):

@@ -546,7 +546,12 @@ class MigrationService:
 
         # in a job's own mount namespace (its /tmp) the /dev/null the agent gave it lies
         # on a mount that namespace does not show: an external, as for a home move
-        nulls = _foreign_nulls(pid, fds)
+        nulls: tuple[str, ...] = ()
+        if swrk.CriuCommand.dumping(pid).prefix:  # only then: a plain guest as before
+            try:
+                nulls = _foreign_nulls(pid, fds)
+            except OSError as exc:  # an fd gone meanwhile: the next try sees it settled
+                raise MigrationFailed(f"cannot move: its fds changed ({exc})") from exc
         proc = self.agent.jobs.procs.get(pid)
         prepare = MigratePrepare(
             move=order.move, job=order.job, home=home, home_pid=order.home_pid,

@@ -48,10 +48,15 @@ _STDERR_KEEP = 4096
 
 
 def default_binary() -> str:
-    """The criu that scripts/setup.sh links into the venv, else the one on PATH."""
+    """The criu that scripts/setup.sh links into the venv, else the one on PATH.
+
+    The link's target, not the link: criu may start in a job's own mount namespace, whose
+    /tmp is the job's folder (agent/storage.py job_tmp_wrapper), and that hides a checkout
+    under /tmp (what `mktemp -d` makes); the build cache the link points into stays seen.
+    """
     venv = Path(sys.prefix) / "bin" / "criu"
     if os.access(venv, os.X_OK):
-        return str(venv)
+        return str(venv.resolve())
     return shutil.which("criu") or "criu"
 
 

@@ -136,7 +136,7 @@ def running_counter(proc: Path, pid: int) -> bool:
     try:
         state = (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
         cmdline = (proc / str(pid) / "cmdline").read_bytes()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, or going (ESRCH mid-read)
         return False
     return state not in ("Z", "X") and b"os.write" in cmdline
 

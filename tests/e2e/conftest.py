@@ -43,6 +43,19 @@ def nodes_json(host: str) -> list[dict[str, Any]]:
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
+def shared_folder(path: Path) -> Path:
+    """``path`` made, writable by every job user: a folder under /var/tmp, which every
+    simulated host sees (a host's /tmp is its own)."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o777)
+    return path
+
+
+def ps_json(control: str) -> list[dict[str, Any]]:
+    """`dunix ps --json` through one host's control socket."""
+    return json.loads(dunix("ps", "--json", "--control", control).stdout)  # type: ignore[no-any-return]
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
     """Poll until ``predicate`` is truthy; fail with ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import DUNIX, dunix, require_root, running_cluster, wait_for
+from tests.e2e.conftest import DUNIX, dunix, require_root, running_cluster, shared_folder, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -48,8 +48,7 @@ def cluster() -> Iterator[list[Any]]:
     require_root()
     from dunix import cluster as sim
 
-    WORK.mkdir(parents=True, exist_ok=True)
-    os.chmod(WORK, 0o777)
+    shared_folder(WORK)
     fast = WORK / "balancer.toml"  # a shorter residency than the default 5 s: a faster test
     fast.write_text("[balancer]\nmin_residency = 3.0\n")
     old_cpu = WORK / "old-cpu.toml"

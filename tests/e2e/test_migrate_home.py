@@ -20,7 +20,15 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import COUNTER, DUNIX, dunix, running_cluster, wait_for
+from tests.e2e.conftest import (
+    COUNTER,
+    DUNIX,
+    dunix,
+    ps_json,
+    running_cluster,
+    shared_folder,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -35,14 +43,13 @@ JOB = '/usr/bin/python3 -c "$1" "$2" & c=$!; wait $c; echo status=$?'
 
 @pytest.fixture(scope="module")
 def hosts() -> Iterator[list[Any]]:
-    WORK.mkdir(parents=True, exist_ok=True)
-    os.chmod(WORK, 0o777)
+    shared_folder(WORK)
     with running_cluster(3, alive_from="n1") as up:
         yield up
 
 
 def ps() -> list[dict[str, Any]]:
-    return json.loads(dunix("ps", "--json", "--control", N1).stdout)  # type: ignore[no-any-return]
+    return ps_json(N1)
 
 
 def test_a_counter_moves_from_home_and_on(hosts: list[Any]) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import dunix, wait_for
+from tests.e2e.conftest import dunix, shared_folder, wait_for
 from tests.e2e.test_storagefs_cluster import FS, _dunix_cmd, sh
 from tests.e2e.test_storagefs_cluster import hosts as hosts  # the module's cluster fixture
 
@@ -54,8 +54,7 @@ def where(gpid: int) -> tuple[str, int]:
 def test_a_job_with_its_own_tmp_moves_home_away_and_home(hosts: list[str]) -> None:
     from dunix import cluster
 
-    WORK.mkdir(parents=True, exist_ok=True)
-    os.chmod(WORK, 0o777)
+    shared_folder(WORK)
     stop = WORK / f"stop-{os.getpid()}"
     stop.unlink(missing_ok=True)
     sh("n1", "mkdir -p jobtmp-move")

@@ -19,7 +19,7 @@ from typing import IO, Any
 
 import pytest
 
-from tests.e2e.conftest import DUNIX, dunix, running_cluster, wait_for
+from tests.e2e.conftest import DUNIX, dunix, running_cluster, shared_folder, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -55,8 +55,7 @@ HOLDER = textwrap.dedent(
 def cluster3() -> Iterator[list[Any]]:
     if int(Path("/proc/sys/fs/pipe-max-size").read_text()) < 4 << 20:
         pytest.skip("post-copy needs fs.pipe-max-size >= 4 MiB (dunix/migrate/lazy.py)")
-    WORK.mkdir(parents=True, exist_ok=True)
-    os.chmod(WORK, 0o777)
+    shared_folder(WORK)
     with running_cluster(3, quota=None, alive_from="n1") as hosts:
         yield hosts
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import COUNTER, DUNIX, dunix, running_cluster, wait_for
+from tests.e2e.conftest import COUNTER, DUNIX, dunix, running_cluster, shared_folder, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -37,8 +37,7 @@ FORKER = 'n=0; while [ ! -e "$1" ]; do /bin/true; n=$((n+1)); done; echo forks=$
 
 @pytest.fixture(scope="module")
 def hosts() -> Iterator[list[Any]]:
-    WORK.mkdir(parents=True, exist_ok=True)
-    os.chmod(WORK, 0o777)
+    shared_folder(WORK)
     with running_cluster(3, alive_from="n1") as up:
         yield up
 

@@ -19,7 +19,15 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import COUNTER, DUNIX, dunix, require_root, running_cluster, wait_for
+from tests.e2e.conftest import (
+    COUNTER,
+    DUNIX,
+    dunix,
+    require_root,
+    running_cluster,
+    shared_folder,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -35,8 +43,7 @@ def cluster4() -> Iterator[list[Any]]:
     require_root()
     from dunix import cluster
 
-    WORK.mkdir(parents=True, exist_ok=True)
-    os.chmod(WORK, 0o777)
+    shared_folder(WORK)
     old_cpu = WORK / "old-cpu.toml"
     old_cpu.write_text('[agent]\ncpu_flags = ["fpu", "sse", "sse2"]\n')
 

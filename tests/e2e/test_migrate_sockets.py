@@ -14,7 +14,6 @@ process moves once).
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import socket
 import subprocess
@@ -25,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import DUNIX, dunix, running_cluster, wait_for
+from tests.e2e.conftest import DUNIX, dunix, ps_json, running_cluster, shared_folder, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -61,14 +60,13 @@ JOB = '/usr/bin/python3 -c "$1" "$2" "$3" & c=$!; wait $c; echo status=$?'
 
 @pytest.fixture(scope="module")
 def hosts() -> Iterator[list[Any]]:
-    WORK.mkdir(parents=True, exist_ok=True)
-    os.chmod(WORK, 0o777)
+    shared_folder(WORK)
     with running_cluster(2, alive_from="n1") as up:
         yield up
 
 
 def ps() -> list[dict[str, Any]]:
-    return json.loads(dunix("ps", "--json", "--control", N1).stdout)  # type: ignore[no-any-return]
+    return ps_json(N1)
 
 
 def listener(kind: str, host: Any) -> tuple[socket.socket, str]:

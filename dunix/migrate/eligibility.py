@@ -195,6 +195,9 @@ def cpu_reason(origin: CpuFeatures, target: CpuFeatures, target_name: str) -> Re
     """Why a process started on a CPU like ``origin`` may not run on ``target``."""
     if target.can_host(origin):
         return None
+    if target.level == 0 and target.flags == 0:  # a member heard of, but not its load yet
+        return Reason("cpu", f"{target_name}'s CPU features are not known here yet (no load "
+                      "report from it so far): try again in a second")  # fmt: skip
     missing = sorted(set(origin.names()) - set(target.names()))
     detail = f"{target_name} lacks CPU features " + (
         ", ".join(missing) if missing else f"(level {target.level} < {origin.level})"

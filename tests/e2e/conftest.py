@@ -173,7 +173,8 @@ def running_cluster(
     n: int, quota: float | None = 0.5, agent_argv: Any = None, *, alive_from: str = ""
 ) -> Iterator[list[Any]]:
     """A real n-host cluster, held under the machine's lock and torn down afterwards
-    (agent logs kept); with ``alive_from``, once that host lists every host alive."""
+    (agent logs kept); with ``alive_from``, once that host (and then every other) lists
+    every host alive with its load."""
     require_root()
     from dunix import cluster
 
@@ -183,13 +184,20 @@ def running_cluster(
             hosts = cluster.up(n, quota, agent_argv=agent_argv)
             if alive_from:
                 names = {h.name for h in hosts}
-                control = f"/run/dunix/hosts/{alive_from}/control.sock"
 
-                def all_alive() -> bool:
+                def all_alive(host: str) -> bool:
+                    control = f"/run/dunix/hosts/{host}/control.sock"
                     view = json.loads(dunix("nodes", "--json", "--control", control).stdout)
-                    return {v["name"]: v["state"] for v in view} == dict.fromkeys(names, "alive")
+                    states = {v["name"]: v["state"] for v in view}
+                    return states == dict.fromkeys(names, "alive") and all(
+                        v["mem_free"] > 0
+                        for v in view  # a load report (CPU features) heard
+                    )
 
-                wait_for(all_alive, 20, f"{n} alive agents")
+                # every host's view: a move's source may be any of them (a peer that had not
+                # heard n3's load yet refused to move there: "n3 lacks CPU features ...")
+                order = [alive_from, *sorted(names - {alive_from})]
+                wait_for(lambda: all(all_alive(h) for h in order), 20, f"{n} alive agents")
             yield hosts
         finally:
             keep_logs()

@@ -96,6 +96,13 @@ def test_cpu_reason_names_missing_features() -> None:
     )
 
 
+def test_cpu_reason_of_a_member_without_a_load_report_says_so() -> None:
+    origin = CpuFeatures.from_flags(["sse", "sse2"])
+    reason = cpu_reason(origin, CpuFeatures(0, 0), "n3")
+    assert reason is not None and "not known here yet" in str(reason)
+    assert "lacks" not in str(reason)
+
+
 @contextmanager
 def child(code: str) -> Iterator[int]:
     """A Python child that runs ``code``, says ready, and sleeps until killed."""

@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import trio
 
 from dunix.errors import DunixError, MigrationFailed
@@ -42,14 +43,12 @@ log = logging.getLogger("dunix.agent.lazymove")
 ENV = "DUNIX_MIGRATE_LAZY"
 
 
-def resident_bytes(pid: int, proc: Path = Path("/proc")) -> int:
+def resident_bytes(pid: int) -> int:
+    """``pid``'s resident memory as `dunix ps` and the balancer read it (psutil); 0 when gone."""
     try:
-        for line in (proc / str(pid) / "status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+        return int(psutil.Process(pid).memory_info().rss)
+    except (psutil.Error, ValueError):  # ValueError: not a pid at all
+        return 0
 
 
 def wanted(pid: int) -> bool:

@@ -43,6 +43,13 @@ def nodes_json(host: str) -> list[dict[str, Any]]:
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
+def reap(run: subprocess.Popen[Any]) -> None:
+    """End a job's client that is still running (the test failed before it ended)."""
+    if run.poll() is None:
+        run.kill()
+        run.wait()
+
+
 def shared_folder(path: Path) -> Path:
     """``path`` made, writable by every job user: a folder under /var/tmp, which every
     simulated host sees (a host's /tmp is its own)."""

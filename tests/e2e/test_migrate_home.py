@@ -25,6 +25,7 @@ from tests.e2e.conftest import (
     DUNIX,
     dunix,
     ps_json,
+    reap,
     running_cluster,
     shared_folder,
     wait_for,
@@ -100,9 +101,7 @@ def test_a_counter_moves_from_home_and_on(hosts: list[Any]) -> None:
         stop.touch()
         out, err = run.communicate(timeout=60)
     finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
+        reap(run)
         stop.unlink(missing_ok=True)
     for text in outs:
         print(text)
@@ -180,9 +179,7 @@ def test_signals_reach_a_process_moved_from_home(hosts: list[Any]) -> None:
         dunix("kill", "-s", "TERM", str(gpid), "--control", N1)
         out, err = run.communicate(timeout=30)
     finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
+        reap(run)
     lines = out.decode().split()
     assert lines[-1] == "status=143", err.decode()  # 128 + SIGTERM, seen by the shell
     numbers = [int(x) for x in lines[:-1]]
@@ -222,9 +219,7 @@ def test_a_process_reading_a_pipe_moves_with_its_input(hosts: list[Any]) -> None
         run.stdin = None  # closed: communicate only reads
         out, err = run.communicate(timeout=30)
     finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
+        reap(run)
     lines = out.decode().splitlines()
     assert lines == [f"got {i}" for i in range(200)] + ["eof"], err.decode()
     assert run.returncode == 0, err.decode()

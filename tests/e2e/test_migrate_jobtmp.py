@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import dunix, shared_folder, wait_for
+from tests.e2e.conftest import dunix, reap, shared_folder, wait_for
 from tests.e2e.test_storagefs_cluster import FS, _dunix_cmd, sh
 from tests.e2e.test_storagefs_cluster import hosts as hosts  # the module's cluster fixture
 
@@ -88,9 +88,7 @@ def test_a_job_with_its_own_tmp_moves_home_away_and_home(hosts: list[str]) -> No
         stop.touch()
         out_b, err_b = run.communicate(timeout=60)
     finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
+        reap(run)
         stop.unlink(missing_ok=True)
     for text in outs:
         print(text)

@@ -19,7 +19,7 @@ from typing import IO, Any
 
 import pytest
 
-from tests.e2e.conftest import DUNIX, dunix, running_cluster, shared_folder, wait_for
+from tests.e2e.conftest import DUNIX, dunix, reap, running_cluster, shared_folder, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -122,9 +122,7 @@ def test_post_copy_keeps_memory_and_pipes(cluster3: list[Any]) -> None:
         run.stdin.close()  # type: ignore[union-attr]
         assert run.wait(timeout=30) == 5
     finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
+        reap(run)
 
 
 def page_servers(host: Any) -> list[int]:
@@ -168,6 +166,4 @@ def test_a_dead_page_server_loses_the_process(cluster3: list[Any]) -> None:
         assert pids, "no criu dump serving pages on the source after the move"
         assert run.wait(timeout=60) == 128 + signal.SIGKILL or run.returncode == -signal.SIGKILL
     finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
+        reap(run)

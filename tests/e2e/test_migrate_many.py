@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import COUNTER, DUNIX, dunix, running_cluster, shared_folder, wait_for
+from tests.e2e.conftest import COUNTER, DUNIX, dunix, reap, running_cluster, shared_folder, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -142,8 +142,6 @@ def test_a_dead_target_fails_the_move_at_once(hosts: list[Any]) -> None:
         out, err = run.communicate(timeout=60)
     finally:
         stop.touch()
-        if run.poll() is None:
-            run.kill()
-            run.wait()
+        reap(run)
         stop.unlink(missing_ok=True)
     assert_counted(run, out, err)

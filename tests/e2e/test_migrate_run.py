@@ -23,6 +23,7 @@ from tests.e2e.conftest import (
     COUNTER,
     DUNIX,
     dunix,
+    reap,
     require_root,
     running_cluster,
     shared_folder,
@@ -165,9 +166,7 @@ def test_counter_moves_between_peers_and_home(cluster4: list[Any]) -> None:
         stop.touch()
         out, err = run.communicate(timeout=60)
     finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
+        reap(run)
         stop.unlink(missing_ok=True)
     for text in timings:
         print(text)
@@ -212,6 +211,4 @@ def test_stdin_pipe_follows_the_moves(cluster4: list[Any]) -> None:
         run.stdin.close()
         assert run.wait(timeout=30) == 0, run.stderr.read() if run.stderr else ""
     finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
+        reap(run)

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import DUNIX, dunix, ps_json, running_cluster, shared_folder, wait_for
+from tests.e2e.conftest import DUNIX, dunix, ps_json, reap, running_cluster, shared_folder, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -154,9 +154,7 @@ def test_a_connection_carries_on_across_a_move(hosts: list[Any], kind: str) -> N
         if conn is not None:
             conn.close()
         srv.close()
-        if run.poll() is None:
-            run.kill()
-            run.wait()
+        reap(run)
     assert out.decode().split("\n")[-3:] == ["client ends", "status=3", ""], err.decode()
     assert run.returncode == 0, err.decode()
 
@@ -192,7 +190,5 @@ def test_a_guest_holding_a_socket_is_refused_before_freezing(hosts: list[Any]) -
         if conn is not None:
             conn.close()
         srv.close()
-        if run.poll() is None:
-            run.kill()
-            run.wait()
+        reap(run)
     assert run.returncode == 3, err.decode()

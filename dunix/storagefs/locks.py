@@ -335,6 +335,11 @@ class FuseLocks:
                     scope.cancel()
                 return 0
             flock = cmd in (_FLOCK, _CLOSE_FLOCK)
+            if flock:
+                # a flock belongs to the open file, whose fh is unique while it is open; the
+                # kernel's lock owner id is reused, and its release of a closed file can come
+                # after the next file's request (a counter under flock(1) lost 2 of 200)
+                owner = fh
             if cmd in (_CLOSE_POSIX, _CLOSE_FLOCK):
                 self._closed(ino, owner, flock)
                 return 0

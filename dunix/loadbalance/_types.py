@@ -60,6 +60,9 @@ class MembershipConfig:
     mem_change_ratio: float = 0.1
     #: full-state exchange with one random member (heals partitions)
     pushpull_interval: float = 10.0
+    #: a full-state exchange with one random dead member this often (scaled like
+    #: push-pull): a restarted node that knows no seed (the founder) is found again
+    reconnect_interval: float = 2.0
     #: above this many members the push-pull interval grows linearly, keeping bytes flat
     pushpull_scale_members: int = 32
     #: a second push-pull this long after joining (members that joined alongside)

@@ -28,6 +28,9 @@ Protocol (Das et al., "SWIM", DSN 2002; Dadgar et al., "Lifeguard", arXiv:1707.0
   so bytes per member stay flat) a node swaps full state with one random member, dead
   ones included: this is what heals a partition. Dead claims received that way count only
   as suspicions (the subject gets a chance to refute), as in memberlist.
+* Every ``reconnect_interval`` (scaled the same way) a node that knows dead members sends
+  one of them, at random, its full state, as serf's reconnect does: a restarted node that
+  has no seed to join (the cluster's founder) hears from the others within seconds.
 
 Load: each node's ``NodeLoad`` has a version. The newest published version rides first in
 the ``loads`` of every ping and ack the node sends, so the members it talks to learn it
@@ -149,6 +152,7 @@ class Membership:
         self._load_next_pub = -_INF
         self._awareness = 0
         self._next_pushpull: float | None = None
+        self._next_reconnect = -_INF
         self._next_gossip = -_INF
         self._gossip_idx = 0
         self._seeds: tuple[str, ...] = ()
@@ -270,7 +274,7 @@ class Membership:
         if self._load_pending is not None:
             t = min(t, self._load_next_pub)
         for since in self._gone.values():
-            t = min(t, since + self.config.dead_reap_time)
+            t = min(t, since + self.config.dead_reap_time, self._next_reconnect)
             break
         return t
 
@@ -307,6 +311,8 @@ class Membership:
             peer = self._random_peer()
             if peer is not None:
                 out.append(Send(peer.address, self._full_state(PUSHPULL_SYNC)))
+        if self._gone and now >= self._next_reconnect:
+            self._reconnect(now, out)
         if not self._joined and now >= self._next_join:
             self._next_join = now + cfg.join_retry_interval
             out.extend(self._join_sends())
@@ -323,19 +329,19 @@ class Membership:
         """Handle one message from ``src_address``; ProtocolError if it is not ours."""
         out: list[Action] = []
         if isinstance(msg, Ping):
-            self._gossip_in(msg.updates, msg.loads, now, out)
+            self._gossip_in(msg.updates, msg.loads, now, out, src_address)
             if msg.target == self.name:
                 updates, loads = self._piggyback()
                 out.append(Send(src_address, Ack(msg.seq, updates, loads)))
         elif isinstance(msg, Ack):
-            self._gossip_in(msg.updates, msg.loads, now, out)
+            self._gossip_in(msg.updates, msg.loads, now, out, src_address)
             self._on_ack(msg, now, out)
         elif isinstance(msg, PingReq):
-            self._gossip_in(msg.updates, msg.loads, now, out)
+            self._gossip_in(msg.updates, msg.loads, now, out, src_address)
             if not self._leaving:
                 self._relay(src_address, msg, now, out)
         elif isinstance(msg, Gossip):
-            self._gossip_in(msg.updates, msg.loads, now, out)
+            self._gossip_in(msg.updates, msg.loads, now, out, src_address)
         elif isinstance(msg, Nack):
             if self._probe is not None and self._probe.seq == msg.seq:
                 self._probe.nacks += 1
@@ -351,9 +357,16 @@ class Membership:
         loads: tuple[LoadUpdate, ...],
         now: float,
         out: list[Action],
+        src: str,
     ) -> None:
+        declared_dead = False
         for u in updates:
+            declared_dead |= u.name == self._self.name and u.state == STATE_DEAD
             self._apply(u, now, out, gossip_new=True)
+        if declared_dead and not self._leaving:
+            # the sender buried us, so we were away (a restart): what it knows of the
+            # cluster is news here too, and a restarted founder has no seed to ask
+            out.append(Send(src, self._full_state(PUSHPULL_SYNC)))
         for lu in loads:
             self._apply_load(lu, now, regossip=True)
 
@@ -654,6 +667,16 @@ class Membership:
                 return r
         return None
 
+    def _reconnect(self, now: float, out: list[Action]) -> None:
+        """Offer full state to one dead member: if it came back alone, it refutes."""
+        self._next_reconnect = now + self.config.reconnect_interval * self._size_scale() * (
+            self._rng.uniform(0.75, 1.25)
+        )
+        dead = [name for name in self._gone if self._members[name].state == STATE_DEAD]
+        if dead:
+            rec = self._members[dead[self._rng.randrange(len(dead))]]
+            out.append(Send(rec.address, self._full_state(PUSHPULL_SYNC)))
+
     # -- gossip out ---------------------------------------------------------------------
 
     def _retransmit_limit(self) -> int:
@@ -714,9 +737,11 @@ class Membership:
         return PushPull(self.name, kind, members, all_loads)
 
     def _pushpull_period(self) -> float:
-        cfg = self.config
-        scale = max(1.0, self._n_live / max(1, cfg.pushpull_scale_members))
-        return cfg.pushpull_interval * scale
+        return self.config.pushpull_interval * self._size_scale()
+
+    def _size_scale(self) -> float:
+        """Periodic full-state sends slow down linearly above ``pushpull_scale_members``."""
+        return max(1.0, self._n_live / max(1, self.config.pushpull_scale_members))
 
     def _join_sends(self) -> list[Action]:
         state = self._full_state(PUSHPULL_JOIN)

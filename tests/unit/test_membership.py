@@ -298,6 +298,16 @@ def test_restart_with_same_name_is_alive_again_with_higher_incarnation(seed: int
 
 
 @seeded
+def test_a_founder_restarted_without_seeds_is_found_by_the_others(seed: int) -> None:
+    c = formed(3, seed=seed)
+    c.net.crash(c.addr(0))
+    assert c.net.run_until_true(lambda: c.state_everywhere("n0", "dead"), timeout=20)
+    c.start(0, seeds=[], incarnation=1000)
+    # push-pull alone picks the dead founder one time in two per 10 s; reconnect is ~2 s
+    assert c.net.run_until_true(c.converged, timeout=3 * CFG.reconnect_interval)
+
+
+@seeded
 def test_quick_restart_before_death_is_detected(seed: int) -> None:
     c = formed(6, seed=seed)
     c.net.run_for(1.0)

@@ -36,11 +36,16 @@ Rules, all numbers from :class:`PlacementConfig`:
   CPU features can host the origin's (:meth:`CpuFeatures.can_host`) and it reports a
   positive CPU quota;
 * a node's load is the higher of ``load_now`` and ``now_weight * load_now + (1 -
-  now_weight) * load1`` (both already divided by its CPU quota): a rise counts at once (a
-  burst must be seen within a second, and a charged placement counts in full too), a dip
-  only as fast as the 1-minute average lets it (one quiet sample does not make a busy
-  node look idle); plus, for a peer, the placements charged to it and not yet
-  reflected in its gossiped figure divided by its quota;
+  now_weight) * load1`` (both already divided by its CPU quota). With the default
+  ``now_weight`` of 1 that is ``load_now`` alone: the runnable threads of the node's
+  cgroup when it was sampled, which shows a burst within a sample and a host that has
+  just finished its work as idle at once. The 1-minute average lets a dip count only
+  slowly: a 2-CPU host that had run 16 jobs for 25 s still shows ``load1`` ~2.7, so
+  with the old weight of 0.7 it looked 1.6 runnable busy for most of a minute after,
+  and a burst's spill gave it a job fewer (tests/unit/test_placement.py). A quiet
+  sample of a host running short jobs may make it look idle; the charges below and the
+  spill window bound what one such look sends there. Plus, for a peer, the placements
+  charged to it and not yet reflected in its gossiped figure divided by its quota;
 * nothing goes remote unless the home's load is at least ``home_threshold``;
 * a peer gets slots only if it is at least ``hysteresis`` below the home's load (so a
   process is not sent to a peer that would then want to send it back), and then only until
@@ -85,8 +90,9 @@ class PlacementConfig:
     #: much higher (above it, peers are filled up to the home's level at most)
     target_load: float = 1.0
     #: weight of ``load_now`` against the 1-minute average ``load1`` when the load falls
-    #: (a rise counts at once): one quiet sample alone does not make a node look idle
-    now_weight: float = 0.7
+    #: (a rise counts at once); below 1 a host that has just finished work looks busy
+    #: for about a minute (see the module docstring), so 1: the runnable count alone
+    now_weight: float = 1.0
     #: a peer whose load was last heard longer ago than this is not a candidate (on 8
     #: hosts a quiet peer's figure is confirmed every ~2 s; see MembershipConfig)
     max_load_age: float = 10.0

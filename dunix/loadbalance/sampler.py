@@ -12,6 +12,13 @@ whatever the node's size. A node in the root cgroup (a real host) uses the syste
 
 CFS-throttled threads stay in state R, so a CPU-bound loop under a 0.5-CPU quota counts
 as one runnable thread and a normalised load of 2.0.
+
+Placement wants the count *now*: a sample is up to ``sample_interval`` (1 s) old, and a
+home that planned a burst from its sample taken while a job had just ended saw itself
+busy and sent the job's first process away (spread_bench: the 32-job script ran on n2
+instead of n1, and n1's equally stale figure cost it a job). :meth:`LoadSampler.fresh_runnable`
+counts again when the last count is older than ``fresh_age`` (cheap: one read of the
+cgroup's thread list and one ``/proc/TID/stat`` per thread).
 """
 
 from __future__ import annotations
@@ -114,6 +121,8 @@ class LoadSampler:
         self._avg: float | None = None
         self._last: float | None = None
         self._self_tids = {int(t) for t in os.listdir("/proc/self/task")}
+        #: the last count of runnable threads and when it was taken (monotonic)
+        self._counted: tuple[float, int] | None = None
 
     def runnable(self) -> int:
         if self.view.threads_file is None:
@@ -121,14 +130,25 @@ class LoadSampler:
         self._self_tids = {int(t) for t in os.listdir("/proc/self/task")}
         return count_runnable(self.view.threads_file, self._self_tids)
 
+    def fresh_runnable(self, now: float, fresh_age: float = 0.05) -> int:
+        """Runnable threads here, counted at most ``fresh_age`` seconds before ``now``
+        (a new count when the last one, by this or :meth:`sample`, is older)."""
+        last = self._counted
+        if last is not None and 0.0 <= now - last[0] <= fresh_age:
+            return last[1]
+        count = self.runnable()
+        self._counted = (now, count)
+        return count
+
     def sample(self, now: float) -> LoadSample:
         cpus = self.view.cpus
         mem_free = int(psutil.virtual_memory().available)
+        count = self.runnable()
+        self._counted = (now, count)
+        running = float(count)
         if self.view.threads_file is None:
-            running = float(self.runnable())
             load1 = os.getloadavg()[0]
         else:
-            running = float(self.runnable())
             if self._avg is None or self._last is None:
                 self._avg = running
             else:

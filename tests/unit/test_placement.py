@@ -314,3 +314,23 @@ def test_spill_orders_differ_between_homes_but_not_their_counts() -> None:
 def test_spill_runs_are_the_wire_form() -> None:
     order = SpillOrder(1, ("a", "a", None, "b", None, None), NOW)
     assert order.runs() == [("a", 2), (HOME_MARK, 1), ("b", 1), (HOME_MARK, 2)]
+
+
+def test_a_host_that_just_finished_work_gets_a_full_share_of_a_burst() -> None:
+    """Its runnable count is 0 at once while its 1-minute average still remembers the
+    jobs it ran (16 runnable for 25 s on 2 CPUs: 8 x (1 - e^(-25/60)) ~ 2.7 per CPU)."""
+    members = [member(n, 0.0, cpus=2.0) for n in ("home", "p1", "p2", "p3")]
+    members[1] = replace(members[1], load=replace(members[1].load, load1=2.7))
+    counts = policy(spill_window=31).spill("home", members, NOW).counts()
+    assert counts["p1"] == counts["p2"] == counts["p3"] == 8
+    # weighing the 1-minute average in as before (0.3 of it), p1 lost a job to the others
+    old = policy(spill_window=31, now_weight=0.7).spill("home", members, NOW).counts()
+    assert old["p1"] == 7
+
+
+def test_the_homes_fresh_count_keeps_its_first_exec_home() -> None:
+    """A home whose last sample caught a job that has ended since looks busy by it; the
+    agent passes the count now (``local_runnable_hint``), and an idle home keeps it."""
+    members = [member("home", 2.0, cpus=0.5)] + [member(f"p{i}", 0.0, cpus=0.5) for i in range(3)]
+    assert policy().plan("home", members, NOW).total > 0
+    assert policy().plan("home", members, NOW, local_runnable_hint=0.0).total == 0

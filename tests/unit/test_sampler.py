@@ -61,3 +61,23 @@ def test_counts_a_busy_thread_and_averages(tmp_path: Path) -> None:
         idle.kill()
         busy.wait()
         idle.wait()
+
+
+def test_fresh_runnable_counts_again_only_when_older_than_asked(tmp_path: Path) -> None:
+    tasks = tmp_path / "tasks"
+    tasks.write_text("")
+    sampler = LoadSampler(CgroupView(tasks, 0.5))
+    assert sampler.fresh_runnable(10.0) == 0
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        tasks.write_text(f"{busy.pid}\n")
+        assert sampler.fresh_runnable(10.01, fresh_age=0.05) == 0  # the count of 10.0
+        # a new count sees the busy loop (R nearly always; a few tries for a preemption)
+        assert max(sampler.fresh_runnable(10.1 + k, fresh_age=0.05) for k in range(20)) == 1
+        sampler.sample(40.0)  # a sample's count serves too
+        tasks.write_text("")
+        assert sampler.fresh_runnable(40.02, fresh_age=0.05) in (0, 1)
+        assert sampler.fresh_runnable(40.2, fresh_age=0.05) == 0
+    finally:
+        busy.kill()
+        busy.wait()

@@ -231,17 +231,22 @@ class Agent:
         """Where this node's tracers may send execs now (docs/run.md, ``slots``)."""
         now = trio.current_time()
         members = self.membership.members()
+        hint = self._runnable if mode == "remote" else self._runnable_now()
         table = self.placement.plan(
-            self.config.name, members, now, self._runnable, force_remote=(mode == "remote")
+            self.config.name, members, now, hint, force_remote=(mode == "remote")
         )
         return list(table.slots)
 
     def spill_table(self) -> tuple[int, list[tuple[str, int]]]:
         """Where an auto job's burst may go before gossip shows it (docs/run.md, ``spill``)."""
         order = self.placement.spill(
-            self.config.name, self.membership.members(), trio.current_time(), self._runnable
+            self.config.name, self.membership.members(), trio.current_time(), self._runnable_now()
         )
         return order.at, order.runs()
+
+    def _runnable_now(self) -> float:
+        """Runnable threads here now (the last sample may be a second old: see sampler.py)."""
+        return float(self.sampler.fresh_runnable(time.monotonic()))
 
     def _went_remote(self, job: Job, event: WentRemote) -> None:
         # counted against the peer until its gossiped load shows it (PlacementPolicy.charge)

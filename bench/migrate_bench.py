@@ -50,6 +50,8 @@ from dunix.migrate import driver, lazy, swrk
 
 RESULTS = Path(__file__).parent / "results"
 IMAGES = Path("/run/dunix-bench-migrate")  # a tmpfs mounted here before the hosts exist
+#: --logs: where the criu logs (-v4, timestamped) of each post-copy move are kept
+KEEP_LOGS: Path | None = None
 CRIU = swrk.default_binary()  # the criu scripts/setup.sh built
 
 # Touches SIZE MiB, then counts; detached (own session, stdio on /dev/null) so that CRIU
@@ -215,9 +217,11 @@ def lazy_once(n1: HostInfo, n2: HostInfo, mib: int) -> dict[str, float]:
                         await report.transfer.done.wait()
                         if report.transfer.error:
                             raise RuntimeError(report.transfer.error)
-                    return report, pages, report.transfer.seconds or 0.0, code
+                    keep_logs(folder, f"lazy-{mib}")
+                    marks = {k: v - t0 for k, v in target.marks.items()}
+                    return report, pages, report.transfer.seconds or 0.0, code, marks
 
-                report, every_page, source_freed, code = trio.run(go)
+                report, every_page, source_freed, code, marks = trio.run(go)
             finally:
                 os.close(fd)
                 os.close(kfd)
@@ -234,10 +238,21 @@ def lazy_once(n1: HostInfo, n2: HostInfo, mib: int) -> dict[str, float]:
             "downtime_s": report.downtime_seconds,
             "total_s": every_page,
             "source_freed_s": source_freed,
+            **{f"at_{k.replace(' ', '_')}_s": v for k, v in (*report.phases, *marks.items())},
         }
     finally:
         kill_in(n2, pid)
         kill_in(n1, pid)
+
+
+def keep_logs(folder: Path, name: str) -> None:
+    """Copy the criu logs of ``folder`` into ``KEEP_LOGS/name/`` (the last move wins)."""
+    if KEEP_LOGS is None:
+        return
+    dest = KEEP_LOGS / name
+    dest.mkdir(parents=True, exist_ok=True)
+    for log in folder.glob("*.log"):
+        shutil.copy(log, dest / log.name)
 
 
 def _criu_in(host: HostInfo, args: list[str]) -> float:
@@ -266,20 +281,30 @@ def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
-def measure(sizes: list[int], rounds: int) -> list[dict[str, Any]]:
+KINDS = ("plain", "lazy", "raw")
+
+
+def measure(
+    sizes: list[int], rounds: int, kinds: tuple[str, ...] = KINDS, cpu_quota: float | None = None
+) -> list[dict[str, Any]]:
+    """``kinds``: which of the plain move, post-copy and the raw pair to run;
+    ``cpu_quota``: the hosts' CPU quota (None: unlimited)."""
     rows = []
     with exclusive_cluster(), tmpfs(IMAGES):
         cluster.down()
-        hosts = cluster.up(2, None, agent_argv=lambda h: ["sleep", "100000"])
+        hosts = cluster.up(2, cpu_quota, agent_argv=lambda h: ["sleep", "100000"])
         try:
             n1, n2 = hosts
             for mib in sizes:
-                say(f"{mib} MiB: {rounds} moves n1 -> n2 and {rounds} raw dump+restore pairs")
-                moves = [move_once(n1, n2, mib) for _ in range(rounds)]
-                lazies = [lazy_once(n1, n2, mib) for _ in range(rounds)]
-                raws = [raw_once(n1, mib) for _ in range(rounds)]
-                rows.append({"mib": mib, "dunix": median_of(moves), "lazy": median_of(lazies),
-                             "raw": median_of(raws)})  # fmt: skip
+                say(f"{mib} MiB: {rounds} rounds of {', '.join(kinds)}")
+                row: dict[str, Any] = {"mib": mib, "cpu_quota": cpu_quota}
+                if "plain" in kinds:
+                    row["dunix"] = median_of([move_once(n1, n2, mib) for _ in range(rounds)])
+                if "lazy" in kinds:
+                    row["lazy"] = median_of([lazy_once(n1, n2, mib) for _ in range(rounds)])
+                if "raw" in kinds:
+                    row["raw"] = median_of([raw_once(n1, mib) for _ in range(rounds)])
+                rows.append(row)
         finally:
             cluster.down()
     return rows
@@ -294,21 +319,21 @@ def table(rows: list[dict[str, Any]]) -> str:
     )  # fmt: skip
     out = [head]
     for r in rows:
-        d, lz, raw = r["dunix"], r.get("lazy"), r["raw"]
+        d, lz, raw = r.get("dunix"), r.get("lazy"), r.get("raw")
         ms = "{:.0f} ms".format
         out.append(
             (
                 f"{r['mib']} MiB",
-                f"{d['rss_mib']:.0f}",
-                ms(d["downtime_s"] * 1000),
-                ms(d["total_s"] * 1000),
+                f"{(d or lz or {'rss_mib': 0})['rss_mib']:.0f}",
+                ms(d["downtime_s"] * 1000) if d else "-",
+                ms(d["total_s"] * 1000) if d else "-",
                 ms(lz["downtime_s"] * 1000) if lz else "-",
                 ms(lz["total_s"] * 1000) if lz else "-",
                 f"{lz['rss_mib'] * 1.048576 / lz['total_s']:.0f}" if lz else "-",
                 ms(lz["source_freed_s"] * 1000) if lz else "-",
-                ms(raw["total_s"] * 1000),
-                f"{d['total_s'] / raw['total_s']:.2f}x",
-                f"{lz['total_s'] / raw['total_s']:.2f}x" if lz else "-",
+                ms(raw["total_s"] * 1000) if raw else "-",
+                f"{d['total_s'] / raw['total_s']:.2f}x" if d and raw else "-",
+                f"{lz['total_s'] / raw['total_s']:.2f}x" if lz and raw else "-",
             )
         )
     widths = [max(len(row[i]) for row in out) for i in range(len(head))]
@@ -323,14 +348,29 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--sizes", default="16,256,1024", help="MiB touched, comma-separated")
     ap.add_argument("--rounds", type=int, default=3, help="moves per size (median reported)")
     ap.add_argument("--quick", action="store_true", help="16 and 256 MiB, one round")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="of plain,lazy,raw")
+    ap.add_argument("--cpu-quota", type=float, default=None, help="hosts' CPU quota")
+    ap.add_argument("--logs", type=Path, help="keep each post-copy move's criu logs here")
+    ap.add_argument("--out", default="migrate.json", help="file name in bench/results")
     args = ap.parse_args(argv)
     sizes = [16, 256] if args.quick else [int(s) for s in args.sizes.split(",")]
     rounds = 1 if args.quick else args.rounds
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    if unknown := set(kinds) - set(KINDS):
+        ap.error(f"unknown kinds: {', '.join(sorted(unknown))}")
+    global KEEP_LOGS
+    KEEP_LOGS = args.logs
     say(f"taking {LOCK} (one simulated cluster per machine)")
-    rows = measure(sizes, rounds)
+    rows = measure(sizes, rounds, kinds, args.cpu_quota)
     print(table(rows))
+    for r in rows:
+        if "lazy" in r:
+            at = {k[3:-2]: v for k, v in r["lazy"].items() if k.startswith("at_")}
+            order = sorted(at.items(), key=lambda kv: kv[1])
+            steps = ", ".join(f"{k} {v * 1000:.0f}" for k, v in order)
+            print(f"post-copy {r['mib']} MiB phases (ms from the start): {steps}")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "migrate.json").write_text(json.dumps(rows, indent=2))
+    (RESULTS / args.out).write_text(json.dumps(rows, indent=2))
     return rows
 
 

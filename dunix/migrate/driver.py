@@ -64,6 +64,9 @@ class MoveReport:
     history: tuple[tuple[State, EventKind, State], ...]
     #: post-copy: the pages still on their way when ``move_lazy`` returned
     transfer: PageTransfer | None = None
+    #: seconds from the move's start to each phase mark (frozen, dumped, sent,
+    #: listening, restored, ...): where the downtime goes
+    phases: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass
@@ -92,6 +95,8 @@ class LazyPlan:
 class _Clock:
     started: float = field(default_factory=time.monotonic)
     marks: dict[str, float] = field(default_factory=dict)
+    #: durations, not marks
+    spans: dict[str, float] = field(default_factory=dict)
 
     def mark(self, name: str) -> None:
         self.marks[name] = time.monotonic() - self.started
@@ -113,12 +118,14 @@ async def _perform(
                 return Event(EventKind.TARGET_READY)
             if action is Action.SEND_IMAGES:
                 await target.send(images_dir_fd)
+                clock.mark("sent")
                 return Event(EventKind.SENT)
             if action is Action.START_RESTORE:
                 started = time.monotonic()
                 restored = await target.restore(images_dir_fd)
-                clock.marks["restore"] = time.monotonic() - started
+                restore_seconds = time.monotonic() - started
                 clock.mark("restored")
+                clock.spans["restore"] = restore_seconds
                 return Event(EventKind.RESTORE_OK, pid=restored)
         except MigrationFailed as e:
             failed = {
@@ -253,6 +260,7 @@ async def move_lazy(
             clock.mark("frozen")
             machine.handle(Event(EventKind.FREEZE_OK))
         if note.script == "status-ready":  # sent once the page server listens (page-xfer.c)
+            clock.mark("listening")
             listening.set()
             return True
         if note.script != "post-dump":
@@ -342,11 +350,12 @@ def _report(
         restored_pid=machine.restored_pid,
         freeze_seconds=frozen,
         dump_seconds=clock.marks["dumped"],
-        restore_seconds=clock.marks["restore"],
+        restore_seconds=clock.spans["restore"],
         downtime_seconds=clock.marks["restored"] - frozen,
         total_seconds=total,
         history=tuple(machine.history),
         transfer=transfer,
+        phases=tuple(sorted(clock.marks.items(), key=lambda kv: kv[1])),
     )
 
 
@@ -397,6 +406,8 @@ class HostTarget:
         #: post-copy: restore lazily, pages from this (address, port, TLS) page server
         self.lazy_from = lazy_from
         self.daemon: lazy.LazyDaemon | None = None
+        #: time.monotonic() of the last restore's steps (daemon ready, restored)
+        self.marks: dict[str, float] = {}
         self.proc = proc
         self.tcp_established = tcp_established
         self.shell_job = shell_job
@@ -451,6 +462,7 @@ class HostTarget:
                 self.daemon = await lazy.LazyDaemon.start(
                     images_dir_fd, address, port, tls, command=self.command
                 )
+                self.marks["daemon ready"] = time.monotonic()
             result = await swrk.restore(
                 images_dir_fd,
                 lazy_pages=self.lazy_from is not None,

@@ -160,6 +160,7 @@ class LazyDaemon:
         log_level: int = 4,
     ) -> LazyDaemon:
         command = command or swrk.CriuCommand()
+        await swrk.ensure_kdat_cache(command.binary)
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         argv = [
             *command.prefix, command.binary, "lazy-pages",

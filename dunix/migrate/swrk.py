@@ -13,6 +13,9 @@ Why the options look as they do:
   resolve_images_dir_path), which is 0 when criu runs in another host's PID namespace;
 - to act inside a simulated host, criu itself runs under ``nsenter -t INIT -p -m -u -n``
   (``CriuCommand.in_host``): ``join_ns`` cannot join a PID namespace;
+- every criu start loads CRIU's kernel-feature cache, ``/run/criu.kdat``
+  (:func:`prime_kdat_cache`): without it each criu call probes the kernel for ~20-50 ms,
+  twice inside a post-copy move's downtime (lazy-pages daemon and restore);
 - the log goes into the images folder, and a failure comes out as ``MigrationFailed``
   carrying CRIU's first error (``cr_errmsg``) and the error lines of that log. This module
   is the only edge where CRIU's errors are translated.
@@ -24,6 +27,7 @@ since the caller chose it. That is the commit point of ``lifecycle.Migration``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -111,6 +115,97 @@ class CriuCommand:
         if theirs == ours:
             return cls()
         return cls(prefix=("nsenter", "-t", str(pid), "-m", "--"))
+
+
+#: CRIU's kernel-feature cache (criu/kerndat.c: KERNDAT_CACHE_FILE, RUNDIR ``/run``)
+KDAT_FILE = Path("/run/criu.kdat")
+_TMPFS_MAGIC = 0x01021994
+_KDAT_MAGIC = 0x57023458  # criu/include/magic.h, the cache's first word
+
+
+def _boot_time() -> float:
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("btime "):
+                return float(line.split()[1])
+    return 0.0
+
+
+def kdat_cache_fresh(kdat: Path = KDAT_FILE) -> bool:
+    """Whether there is a cache written since boot (criu drops one of another build)."""
+    try:
+        return kdat.stat().st_mtime >= _boot_time()
+    except OSError:
+        return False
+
+
+def prime_kdat_cache(binary: str | None = None, kdat: Path = KDAT_FILE) -> bool:
+    """Make sure ``/run/criu.kdat`` exists, so that criu skips its kernel probing.
+
+    CRIU probes the kernel at every start (~20-50 ms here: pagemap, uffd, a veth pair,
+    ptrace of a child ...) unless it can load that cache; it saves the cache itself only
+    when ``/run`` is a tmpfs (criu/kerndat.c ``kerndat_save_cache``: a file on disk would
+    outlive a reboot into another kernel). On this machine kind ``/run`` is on disk, so it
+    never does. Loading does not check the file system, so the cache is made here: criu
+    runs once with a tmpfs of its own over ``/run`` (a private mount namespace), and its
+    file is copied out. Against a reboot, a cache older than the boot is made again.
+    CRIU refreshes the per-process parts (rseq) on load (``kerndat_try_load_new``) and
+    drops a cache of another build ("Stale"). The rest is the kernel's: made in the root
+    namespaces or in fresh PID, mount, network and UTS ones it differed only in the rseq
+    pointer. Returns
+    whether a fresh cache is there now; failing to make one only costs the probing.
+    """
+    binary = binary or default_binary()
+    if _fs_magic(kdat.parent) == _TMPFS_MAGIC:
+        return True  # criu keeps its own cache there
+    if kdat_cache_fresh(kdat):
+        return True
+    script = 'mount -t tmpfs dunix-kdat "$2" && "$1" check >/dev/null 2>&1; cat "$3"'
+    try:
+        done = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "--", "sh", "-c", script, "sh",
+             binary, str(kdat.parent), str(kdat)],
+            capture_output=True, timeout=30, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    if len(done.stdout) < 8 or int.from_bytes(done.stdout[:4], "little") != _KDAT_MAGIC:
+        return False  # not a criu that made a cache
+    tmp = kdat.with_name(f"{kdat.name}.dunix-{os.getpid()}")
+    try:
+        tmp.write_bytes(done.stdout)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, kdat)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        return False
+    return True
+
+
+def _fs_magic(path: Path) -> int:
+    """The file system type (statfs f_type) of ``path``; -1 when unknown."""
+    import ctypes
+
+    buf = ctypes.create_string_buffer(256)  # struct statfs: f_type is the first long
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.statfs(os.fsencode(path), buf) != 0:
+        return -1
+    return ctypes.c_long.from_buffer(buf).value
+
+
+_kdat_primed: set[str] = set()
+
+
+async def ensure_kdat_cache(binary: str) -> None:
+    """:func:`prime_kdat_cache` without blocking trio, for the criu that setup built
+    (a test's fake criu makes no cache); one stat per criu start once there is one."""
+    if binary in _kdat_primed and kdat_cache_fresh():
+        return
+    if binary != default_binary():
+        return
+    if await trio.to_thread.run_sync(prime_kdat_cache, binary):
+        _kdat_primed.add(binary)
 
 
 def _joiner(paths: tuple[str, ...]) -> Callable[[], None]:
@@ -253,6 +348,7 @@ class _Call:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # criu's stderr (what it says before its log is set up) goes to an unnamed file:
         # no reader task, so errors raised here stay plain, not exception groups.
+        await ensure_kdat_cache(self.command.binary)
         with tempfile.TemporaryFile() as errors:
             try:
                 fds = (theirs.fileno(), self.images_dir_fd, *self.extra_fds)

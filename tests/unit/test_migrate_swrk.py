@@ -193,3 +193,44 @@ def test_cancelling_at_post_dump_makes_criu_roll_back(
     log = os.open("dump.log", os.O_RDONLY, dir_fd=images)
     with os.fdopen(log) as f:
         assert "RPC client reported script error" in f.read()
+
+
+# A criu whose `check` saves a kernel-feature cache the way criu does: into its /run,
+# which prime_kdat_cache has made a private tmpfs (here: the folder given as kdat's).
+FAKE_KDAT = textwrap.dedent(
+    """\
+    import struct, sys
+    assert sys.argv[1] == "check"
+    with open(sys.argv[0].rsplit("/", 1)[0] + "/run/criu.kdat", "wb") as f:
+        f.write(struct.pack("<II", 0x57023458, 7) + bytes(24))
+    """
+)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs in a mount namespace")
+def test_kdat_cache_is_made_in_a_private_tmpfs_and_copied_out(tmp_path: Path) -> None:
+    script = tmp_path / "criu"
+    script.write_text(f"#!{sys.executable}\n{FAKE_KDAT}")
+    script.chmod(0o755)
+    run = tmp_path / "run"
+    run.mkdir()
+    kdat = run / "criu.kdat"
+    assert not swrk.kdat_cache_fresh(kdat)
+    assert swrk.prime_kdat_cache(str(script), kdat)
+    assert kdat.read_bytes()[:4] == (0x57023458).to_bytes(4, "little")
+    assert swrk.kdat_cache_fresh(kdat)
+    assert list(run.iterdir()) == [kdat]  # written by rename; the tmpfs is gone
+    os.utime(kdat, (0, 0))  # from before the boot: made again
+    assert not swrk.kdat_cache_fresh(kdat)
+    assert swrk.prime_kdat_cache(str(script), kdat) and swrk.kdat_cache_fresh(kdat)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs in a mount namespace")
+def test_kdat_cache_is_not_made_from_what_is_not_criu(tmp_path: Path) -> None:
+    script = tmp_path / "criu"
+    script.write_text(f"#!{sys.executable}\nprint('hello')\n")
+    script.chmod(0o755)
+    (tmp_path / "run").mkdir()
+    kdat = tmp_path / "run" / "criu.kdat"
+    assert not swrk.prime_kdat_cache(str(script), kdat)
+    assert not kdat.exists()

@@ -165,6 +165,9 @@ class Agent:
             self._links.forget(member.address)
         if event.kind in ("dead", "left"):
             self.storage.peer_gone(member.node_id)
+        remote = getattr(self, "remote", None)  # processes lost with a host, or orphaned
+        if remote is not None:
+            remote.member_changed(event.kind, member.name)
         record = NodeEvent(event.kind, self.node_info(member), time.time())
         for send in list(self._watchers):
             try:
@@ -318,6 +321,7 @@ class Agent:
         async with trio.open_nursery() as nursery:
             self.nursery = TaskGroup(nursery)
             self.jobs.aim_pids()
+            self.jobs.sweep_leftovers()  # what an agent killed here before still ran
             self.job_links = JobLinks(self, nursery)
             self.remote = RemoteService(self, self.job_links)
             self.migration = MigrationService(self)

@@ -17,6 +17,7 @@ import secrets
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psutil
@@ -51,6 +52,10 @@ log = logging.getLogger("dunix.agent.jobs")
 FORK_PLACEMENT_ENV = "DUNIX_FORK_PLACEMENT"
 
 MODES = ("auto", "local", "remote")
+#: the agent's runtime folder keeps a file per running tracer here (``sweep_leftovers``)
+TRACERS_FOLDER = "tracers"
+#: how often a lost process's zombie is looked at (ps shows it until it is reaped)
+REAP_POLL = 0.2
 
 
 @dataclass
@@ -93,6 +98,20 @@ def user_groups(uid: int, gid: int) -> tuple[int, ...]:
     except KeyError:
         return (gid,)
     return tuple(os.getgrouplist(name, gid))
+
+
+def start_time(pid: int, *, zombies: bool = False) -> int | None:
+    """Field 22 of /proc/PID/stat (clock ticks since boot): with the pid, what names one
+    process (a pid alone may be reused); None if gone (or a zombie, unless ``zombies``)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2 :].split()  # comm may hold spaces and parentheses
+    if fields[0] in (b"X", b"x") or (fields[0] == b"Z" and not zombies):
+        return None
+    return int(fields[19])
 
 
 def proc_cmd(pid: int) -> str:
@@ -160,6 +179,7 @@ class JobService:
 
     async def follow(self, job: Job, tracer: Tracer, argv0: str = "") -> None:
         """Read the tracer's events until it is done; keep ``self.procs`` current."""
+        mark = self._mark(tracer.pid)
         try:
             if job.id in self.fork_jobs:
                 await tracer.hold_forks(True)
@@ -175,6 +195,48 @@ class JobService:
             tracer.close()
             if tracer in job.tracers:
                 job.tracers.remove(tracer)
+            if mark is not None:
+                with contextlib.suppress(OSError):
+                    mark.unlink()
+
+    # -- what an agent that died left running --------------------------------------------
+
+    @property
+    def _marks(self) -> Path:
+        return self.agent.config.control.parent / TRACERS_FOLDER
+
+    def _mark(self, pid: int) -> Path | None:
+        """Note a running tracer (pid and start time) in the agent's runtime folder: if this
+        agent dies, the next one here ends what it traced (``sweep_leftovers``)."""
+        start = start_time(pid)
+        if start is None:
+            return None
+        mark = self._marks / f"{pid}-{start}"
+        try:
+            mark.touch()
+        except FileNotFoundError:
+            self._marks.mkdir(parents=True, exist_ok=True)
+            mark.touch()
+        return mark
+
+    def sweep_leftovers(self) -> int:
+        """At start-up: kill the tracers an earlier agent here left (it was killed), and
+        with them (PTRACE_O_EXITKILL) every process they traced: guests whose home has
+        given them up, a home job whose client and deputies are gone. How many."""
+        killed = 0
+        with contextlib.suppress(FileNotFoundError):
+            for mark in self._marks.iterdir():
+                pid, _, start = mark.name.partition("-")
+                if pid.isdigit() and start.isdigit() and start_time(int(pid)) == int(start):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
+                        killed += 1
+                with contextlib.suppress(OSError):
+                    mark.unlink()
+        if killed:
+            log.warning("killed %d tracer(s) an earlier agent left, with what they traced",
+                        killed)  # fmt: skip
+        return killed
 
     def _on_event(self, job: Job, tracer: Tracer, event: TracerEvent, argv0: str) -> None:
         if self.pid_steer is not None and isinstance(event, Started | Forked):
@@ -223,10 +285,23 @@ class JobService:
             if first_stopped is not None and event.pid == job.first_pid:
                 first_stopped(event)
         elif isinstance(event, Exited):
-            self.procs.pop(event.pid, None)
+            gone = self.procs.pop(event.pid, None)
+            if gone is not None and gone.state.startswith("lost:"):
+                self.procs[event.pid] = gone  # ps says why until its parent reaps it
+                self.agent.nursery.start_soon(self._until_reaped, gone)
             if event.pid == job.first_pid and job.status is None:
                 job.status = event.status
                 job.finished.set()
+
+    async def _until_reaped(self, proc: Proc) -> None:
+        """Drop a lost process's entry once its zombie is reaped (or the job ended)."""
+        pid, start = proc.pid, start_time(proc.pid, zombies=True)
+        while self.procs.get(pid) is proc and start is not None:
+            await trio.sleep(REAP_POLL)
+            if start_time(pid, zombies=True) != start:
+                break
+        if self.procs.get(pid) is proc:
+            del self.procs[pid]
 
     # -- ending a job -------------------------------------------------------------------
 

@@ -46,7 +46,7 @@ import trio
 
 from dunix.agent import lazymove
 from dunix.agent.jobs import Job, Proc
-from dunix.agent.remote import DRAIN_TIMEOUT, Deputy, Guest
+from dunix.agent.remote import Deputy, Guest, flush
 from dunix.agent.storage import JOB_TMP_ENV, JOBS_FOLDER, job_tmp_wrapper
 from dunix.agent.tracer import JobContext, Tracer
 from dunix.errors import (
@@ -812,10 +812,8 @@ class MigrationService:
                 if pidfd >= 0:
                     await trio.lowlevel.wait_readable(pidfd)
                     _, status = os.waitpid(pid, 0)  # rst_sibling: the restored root is ours
-                if not guest.moved:
-                    with trio.move_on_after(DRAIN_TIMEOUT):
-                        for endpoint in guest.senders:
-                            await endpoint.wait()
+                if not guest.moved and not guest.orphaned:
+                    await flush(guest.senders)
                 nursery.cancel_scope.cancel()
         finally:
             if pidfd >= 0:
@@ -829,7 +827,7 @@ class MigrationService:
                 self.remote.guests.pop(key, None)
             for endpoint in guest.receivers:
                 endpoint.stop()
-        if guest.moved:
+        if guest.moved or guest.orphaned:
             return
         with contextlib.suppress(DunixError):
             await self.links.send(prep.home, RemoteExited(prep.job, prep.home_pid, status))

@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
 import signal
+import struct
+import termios
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -31,7 +34,7 @@ import trio
 
 from dunix.agent.jobs import Job, Proc
 from dunix.agent.storage import storagefs_cwd
-from dunix.agent.tracer import JobContext, Started, Stopped, Tracer, WentRemote
+from dunix.agent.tracer import JobContext, Started, Stopped, Tracer, WarmTracer, WentRemote
 from dunix.errors import DunixError, PeerUnreachable
 from dunix.fdmove import StreamEndpoint, StreamHub, odd_side
 from dunix.fdmove.deputy import DeputyConnection
@@ -45,6 +48,8 @@ from dunix.fdmove.inventory import (
 )
 from dunix.fdmove.openas import open_as
 from dunix.fdmove.pidfd import pidfd_getfd, pidfd_open
+from dunix.fdmove.streams import State as StreamState
+from dunix.fdmove.streams import StreamInfo
 from dunix.fdmove.ttyrelay import GuestTerminal, HomeTerminal
 from dunix.wire import Channel, open_channel
 from dunix.wire.jobs import (
@@ -73,7 +78,10 @@ START_TIMEOUT = 15.0
 #: null-like devices a guest's fd is reopened on without the user's rights (0666 everywhere;
 #: a thread per open_as cost a remote /bin/true 0.6 ms of its 8)
 NULL_DEVICES = frozenset({"/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"})
-DRAIN_TIMEOUT = 2.0  # output held open by a process's own children does not hold its exit
+#: a process's output is flushed after its exit as long as bytes move; this long without
+#: progress ends the wait (output held open by its own children does not hold its exit)
+DRAIN_IDLE = 2.0
+DRAIN_POLL = 0.05
 
 
 class JobLinks:
@@ -118,6 +126,15 @@ class JobLinks:
                 hub.link_lost()
             raise
 
+    def forget(self, peer: str) -> None:
+        """``peer``'s host is gone: close its channel, and its relays end as lost."""
+        channel = self._channels.pop(peer, None)
+        if channel is not None:
+            self.nursery.start_soon(channel.aclose)
+        hub = self.hubs.pop(peer, None)
+        if hub is not None:
+            hub.link_lost()
+
     async def hub(self, peer: str) -> StreamHub:
         # one at a time per peer: two tasks (a guest starting, a stream message arriving)
         # would each make a hub across the await, and streams opened on the one replaced
@@ -151,6 +168,7 @@ class Deputy:
     mirrored_stop: bool = False  # stopped because its guest stopped: do not echo it back
     moving: bool = False  # a `dunix migrate` is re-pointing it (agent/migration.py)
     held_exit: int | None = None  # an exit status that arrived while moving
+    lost: str = ""  # why its guest is gone with its host (it ends as killed by SIGKILL)
 
 
 @dataclass
@@ -166,6 +184,7 @@ class Guest:
     #: relayed pipes: (stream, pipe inode, the program writes it): what a move re-creates
     pipes: list[tuple[int, int, bool]] = field(default_factory=list)
     moved: bool = False  # moved away: its end here is not its exit
+    orphaned: bool = False  # its home died: killed here, no exit status to send
 
 
 STOP_SIGNALS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
@@ -197,6 +216,11 @@ class RemoteService:
         self.guest_ttys: dict[tuple[str, int], dict[int, GuestTerminal]] = {}
         #: serves a deputy the tracer's ``deputize`` made (agent/homemove.py)
         self.on_migrated: Callable[[int, DeputyConnection], Awaitable[None]] | None = None
+        #: a guest's tracer, started before it is needed (one after the first remote exec)
+        self.warm: WarmTracer | None = None
+        #: per node declared dead or gone: (job, home pid) of the guests lost with it, which
+        #: are killed there if it comes back (a host that was only cut off still runs them)
+        self.lost_guests: dict[str, set[tuple[str, int]]] = {}
 
     # -- home side ----------------------------------------------------------------------
 
@@ -256,6 +280,9 @@ class RemoteService:
             deputy.receivers.append(hub.open_receiver(stream, fd, shared=True))
         with trio.move_on_after(START_TIMEOUT):
             await deputy.started.wait()
+        if deputy.lost:  # it may have started there: never a second run here
+            await self._tell_deputy(conn, "killed", signal.SIGKILL)
+            return
         if not deputy.started.is_set() or deputy.failed:
             await self._fail_home(deputy, conn, deputy.failed or f"{peer} did not start it")
             return
@@ -276,9 +303,12 @@ class RemoteService:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._forward_signals, deputy, conn, nursery.cancel_scope)
             await deputy.exited.wait()
-            with trio.move_on_after(DRAIN_TIMEOUT):
+            if deputy.lost:  # nothing more comes from a dead host
                 for endpoint in deputy.receivers:
-                    await endpoint.wait()
+                    endpoint.stop()
+            elif not await flush(deputy.receivers):
+                log.info("pid %d: its output stopped moving; it ends without the rest",
+                         deputy.proc.pid)  # fmt: skip
             self._end_home_ttys((deputy.proc.job, deputy.proc.pid))  # before its parent goes on
             status = deputy.status
             if os.WIFSIGNALED(status):
@@ -535,6 +565,65 @@ class RemoteService:
         with contextlib.suppress(DunixError):
             await self.links.send(peer, msg)
 
+    # -- a peer's host dies ---------------------------------------------------------------
+
+    def member_changed(self, kind: str, node: str) -> None:
+        """Membership news of ``node`` (daemon ``_publish``). Dead or left: the guests of
+        this node's deputies died with it (each deputy ends as killed by SIGKILL, as the
+        design's failure rule says) and the guests here whose home it was have no parent
+        any more (killed). Alive again: the guests lost with it may still run there (it
+        was cut off, not down): they are killed there."""
+        if node == self.agent.config.name:
+            return
+        if kind in ("dead", "left"):
+            reason = f"host {node} {'died' if kind == 'dead' else 'left'}"
+            self.links.forget(node)
+            for deputy in list(self.deputies.values()):
+                if deputy.peer == node:
+                    self.lose(deputy, reason)
+            for key, guest in list(self.guests.items()):
+                if guest.home == node:
+                    self.orphan(key, guest, reason)
+        elif kind == "alive":
+            for job, home_pid in sorted(self.lost_guests.pop(node, set())):
+                kill = RemoteSignal(job, home_pid, signal.SIGKILL, True)
+                self.agent.nursery.start_soon(self._send_quietly, node, kill)
+
+    def lose(self, deputy: Deputy, reason: str) -> None:
+        """``deputy``'s guest is gone with its host: the deputy ends as killed by SIGKILL
+        (its parent's wait() sees it), ps says why until it is reaped, its relays close."""
+        if deputy.lost:
+            return
+        log.warning("pid %d of job %s is lost: %s", deputy.proc.pid, deputy.proc.job, reason)
+        deputy.lost = reason
+        deputy.proc.state = f"lost: {reason}"
+        self.lost_guests.setdefault(deputy.peer, set()).add((deputy.proc.job, deputy.proc.pid))
+        for endpoint in deputy.senders + deputy.receivers:
+            endpoint.stop()
+        self._end_home_ttys((deputy.proc.job, deputy.proc.pid))
+        killed = signal.SIGKILL  # the raw wait status of a death by SIGKILL
+        if not deputy.started.is_set():
+            deputy.started.set()
+        elif deputy.moving:  # the move fails on the source's death, then this applies
+            deputy.held_exit = killed
+        else:
+            deputy.status = killed
+            deputy.exited.set()
+
+    def orphan(self, key: tuple[str, int], guest: Guest, reason: str) -> None:
+        """A guest here whose home is gone: its parent and its deputy went with it, so it
+        is killed with its part of the job here, and nothing is sent home."""
+        log.warning("guest %s/%d is killed: its home is gone (%s)", key[0], key[1], reason)
+        guest.orphaned = True
+        job = self.agent.jobs.jobs.get(f"{key[0]}/{key[1]}")
+        if job is not None:  # its tracer reports the deaths, then the job ends as usual
+            self.agent.jobs.kill_job(job)
+        if guest.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(guest.pid, signal.SIGKILL)
+        for endpoint in guest.senders + guest.receivers:
+            endpoint.stop()
+
     # -- guest side ---------------------------------------------------------------------
 
     def _guest_exec(self, home: str, req: RemoteExec) -> None:
@@ -568,7 +657,10 @@ class RemoteService:
             )  # fmt: skip
             if ttys:  # its pty is its controlling terminal, as the home's is the job's
                 ctx = dataclasses.replace(ctx, extra=(*ctx.extra, "--ctty", str(ttys[0])))
-            tracer = Tracer.spawn(ctx, list(req.argv), child_fds)
+            warm = self.warm
+            tracer = Tracer.spawn(ctx, list(req.argv), child_fds, warm=warm)
+            if warm is not None and warm.used:
+                self.warm = None
         except (DunixError, OSError) as exc:
             if isinstance(exc, OSError):
                 reason = f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc.strerror)
@@ -613,11 +705,11 @@ class RemoteService:
                 nursery.start_soon(self.agent.jobs.follow, job, tracer, req.argv[0])
                 await first.wait()
                 await self.links.send(home, RemoteStarted(req.job, req.home_pid, guest.pid))
+                self._warm_up()
                 await job.finished.wait()
                 status = job.status if job.status is not None else status
-                with trio.move_on_after(DRAIN_TIMEOUT):
-                    for endpoint in guest.senders:
-                        await endpoint.wait()
+                if not guest.orphaned:
+                    await flush(guest.senders)
                 nursery.cancel_scope.cancel()
         except PeerUnreachable:
             log.warning("home %s of job %s is gone: killing its guest", home, req.job)
@@ -633,8 +725,8 @@ class RemoteService:
         for stream, term in self.guest_ttys.pop(key, {}).items():
             await term.last_modes(self._modes_sender(home, req, stream))  # before the exit
             term.close()
-        if guest.moved:
-            return  # its exit status will come from where it runs now
+        if guest.moved or guest.orphaned:
+            return  # its exit status will come from where it runs now, or goes nowhere
         # its deputy waits for this message: a link that broke under an earlier send (which
         # drops it) is opened anew, and a loss is logged, never silent
         for attempt in (1, 2):
@@ -644,6 +736,19 @@ class RemoteService:
             except DunixError as exc:
                 log.warning("exit of %s/%d to %s, try %d: %s", req.job, req.home_pid, home,
                             attempt, exc)  # fmt: skip
+
+    def _warm_up(self) -> None:
+        """Have a tracer ready for the next guest (off the path of this one's start)."""
+        if self.warm is None:
+            try:
+                self.warm = WarmTracer()
+            except DunixError as exc:
+                log.warning("no warm tracer: %s", exc)
+
+    def close(self) -> None:
+        if self.warm is not None:
+            self.warm.close()
+            self.warm = None
 
     def _modes_sender(
         self, home: str, req: RemoteExec, stream: int
@@ -698,6 +803,90 @@ class RemoteService:
         if rf.kind == "file" and rf.pos and not rf.flags & os.O_APPEND:
             os.lseek(fd, rf.pos, os.SEEK_SET)
         return fd
+
+
+def _stream(endpoint: StreamEndpoint) -> StreamInfo | None:
+    try:
+        return endpoint.hub.mux.info(endpoint.stream)
+    except KeyError:  # forgotten: it has said its last word
+        return None
+
+
+def _queued(endpoint: StreamEndpoint) -> int:
+    """Bytes waiting in a sender's fd (FIONREAD; 0 when it cannot tell)."""
+    try:
+        fd = endpoint.duplicate()
+    except OSError:
+        return 0
+    try:
+        raw = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
+    return int(struct.unpack("i", raw)[0])
+
+
+def _handed_over(endpoint: StreamEndpoint, info: StreamInfo) -> bool:
+    """Whether the stream may have gone to the native relay (dunix/fdmove/bulk.py), whose
+    bytes the mux does not count: then only its end says it is flushed."""
+    bulk = getattr(endpoint.hub, "bulk", None)
+    after = getattr(bulk, "after", None)
+    return isinstance(after, int) and info.sent + info.received >= after
+
+
+def _target(endpoint: StreamEndpoint) -> int:
+    """What ``endpoint`` must have relayed to be flushed: a sender, what it sent plus what
+    waits in its fd now; a receiver, what it received so far (the peer sends a process's
+    exit after its data, on the same channel)."""
+    info = _stream(endpoint)
+    if info is None:
+        return 0
+    return info.sent + _queued(endpoint) if endpoint.sending else info.received
+
+
+def _flushed(endpoint: StreamEndpoint, target: int) -> bool:
+    if not endpoint.running:
+        return True
+    info = _stream(endpoint)
+    if info is None:
+        return True
+    if _handed_over(endpoint, info):
+        return False
+    if endpoint.sending:
+        return info.sent >= target
+    # written all it had; once the end came it closes its fd (EOF) at once: wait for that
+    return info.received - info.buffered >= target and info.state is StreamState.OPEN
+
+
+def _progress(endpoints: list[StreamEndpoint]) -> tuple[tuple[int, ...], ...]:
+    out = []
+    for endpoint in endpoints:
+        info = _stream(endpoint)
+        if info is not None and endpoint.running:
+            out.append((info.sent, info.received, info.buffered, info.unreturned))
+    return tuple(out)
+
+
+async def flush(endpoints: list[StreamEndpoint], idle: float = DRAIN_IDLE) -> bool:
+    """Wait until ``endpoints`` relayed what their process left when it ended (``_target``),
+    as long as bytes move (a slow reader at the far end), however long; False once none
+    moved for ``idle`` seconds. Bytes written later (by a child that keeps the fd) do not
+    hold it."""
+    targets = {id(e): _target(e) for e in endpoints}
+    last: tuple[tuple[int, ...], ...] | None = None
+    quiet_since = trio.current_time()
+    while True:
+        left = [e for e in endpoints if not _flushed(e, targets.get(id(e), 0))]
+        if not left:
+            return True
+        now, state = trio.current_time(), _progress(endpoints)
+        if state != last:
+            last, quiet_since = state, now
+        elif now - quiet_since >= idle:
+            return False
+        with trio.move_on_after(DRAIN_POLL):
+            await left[0].finished.wait()
 
 
 def _fds_under(pid: int, mount: str) -> bool:

@@ -31,6 +31,7 @@
 #include <sys/ptrace.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -351,8 +352,71 @@ static void drop_job_fds(int keep)
 		close(fds[i]);
 }
 
+/*
+ * --warm: started before its job (the agent keeps one ready, so a remote exec does not
+ * wait for a tracer to be spawned and exec'd); its command line, environment and fds come
+ * in one `spawn` packet: NFDS TARGET... NENV VAR=VALUE... ARG..., the fds as SCM_RIGHTS in
+ * TARGET order. Then it goes on as if started with those. EOF: not needed after all.
+ */
+#define WARM_FDS 253 /* SCM_MAX_FD */
+static void warm_start(int sock, int *argc, char ***argv)
+{
+	static char buf[65536];
+	static char cbuf[CMSG_SPACE(WARM_FDS * sizeof(int))];
+	struct iovec iov = { buf, sizeof buf - 1 };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+			     .msg_controllen = sizeof cbuf };
+	ssize_t n;
+	while ((n = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC)) < 0 && errno == EINTR)
+		;
+	if (n <= 0)
+		exit(0);
+	if (mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC))
+		die("--warm: spawn packet too large");
+	buf[n] = '\0';
+	char **f = calloc((size_t)n + 2, sizeof *f);
+	int nf = 0;
+	for (char *p = buf; p <= buf + n; p += strlen(p) + 1)
+		f[nf++] = p;
+	int *fds = NULL, nfds = 0;
+	for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c))
+		if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+			fds = (int *)CMSG_DATA(c);
+			nfds = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+		}
+	if (nf < 3 || strcmp(f[0], "spawn") || atoi(f[1]) != nfds || nf < 3 + nfds)
+		die("--warm: bad spawn packet");
+	int parked[WARM_FDS];
+	for (int k = 0; k < nfds; k++) { /* above every target first: none is overwritten */
+		parked[k] = fcntl(fds[k], F_DUPFD_CLOEXEC, 801);
+		if (parked[k] < 0)
+			die("--warm: fcntl: %s", strerror(errno));
+		close(fds[k]);
+	}
+	for (int k = 0; k < nfds; k++) {
+		int target = atoi(f[2 + k]);
+		if (target == sock || dup2(parked[k], target) < 0)
+			die("--warm: cannot place fd %d", target);
+	}
+	for (int k = 0; k < nfds; k++)
+		close(parked[k]);
+	int i = 2 + nfds, nenv = i < nf ? atoi(f[i++]) : -1;
+	if (nenv < 0 || i + nenv > nf)
+		die("--warm: bad spawn packet");
+	char **env = calloc((size_t)nenv + 1, sizeof *env);
+	for (int k = 0; k < nenv; k++)
+		env[k] = f[i++];
+	environ = env;
+	f[i - 1] = (*argv)[0]; /* the new argv: our name, then the rest of the packet */
+	*argv = f + i - 1;
+	*argc = nf - i + 1;
+	(*argv)[*argc] = NULL;
+}
+
 int main(int argc, char **argv)
 {
+	if (argc == 4 && !strcmp(argv[1], "--sock") && !strcmp(argv[3], "--warm"))
+		warm_start((int)number(argv[2], 10, "--sock"), &argc, &argv);
 	parse_args(argc, argv);
 	if (fcntl(opt.sock, F_SETFD, FD_CLOEXEC) < 0)
 		die("--sock %d: %s", opt.sock, strerror(errno));
@@ -394,6 +458,7 @@ int main(int argc, char **argv)
 		die("PTRACE_SEIZE: %s", strerror(e));
 	}
 	struct tracee *first = tracee_add(pid, pid);
+	first_pid = pid;
 	first->deputy = opt.first_local; /* its next exec stays here, like a deputy's */
 	emit_pid("started", pid, NULL);
 	close(ready[1]); /* the first process may go on */
@@ -411,7 +476,7 @@ int main(int argc, char **argv)
 		/* the released processes' pidfds wake us when one ends: maybe the last one */
 		struct pollfd p[2 + 64] = { { sigfd, POLLIN, 0 }, { agent_fd(), POLLIN, 0 } };
 		int np = 2 + released_pollfds(p + 2, 64);
-		if (poll(p, np, 1000) < 0 && errno != EINTR)
+		if (poll(p, np, flush_if_due(1000)) < 0 && errno != EINTR)
 			die("poll: %s", strerror(errno));
 		if (p[0].revents) { /* SIGCHLD coalesces; reap() collects every status */
 			struct signalfd_siginfo si[16];
@@ -426,6 +491,7 @@ int main(int argc, char **argv)
 			return 0;
 		}
 		if (quit_requested) {
+			flush_events();
 			released_continue_all();
 			detach_all_and_exit();
 		}

@@ -7,6 +7,7 @@ fds at their final numbers and turns its packets into typed events.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -175,7 +176,10 @@ Answer = Released | Seized | Deputized | CommandFailed
 
 def parse_event(packet: bytes) -> TracerEvent:
     """One tracer packet (``\\0``-separated fields) as an event."""
-    fields = packet.rstrip(b"\0").decode("utf-8", "surrogateescape").split("\0")
+    return _event(packet.rstrip(b"\0").decode("utf-8", "surrogateescape").split("\0"), packet)
+
+
+def _event(fields: list[str], packet: bytes) -> TracerEvent:
     kind, args = fields[0], fields[1:]
     try:
         if kind == "started":
@@ -207,6 +211,25 @@ def parse_event(packet: bytes) -> TracerEvent:
     except (IndexError, ValueError):
         pass
     raise DunixError(f"tracer sent an unreadable message: {packet[:80]!r}")
+
+
+def parse_events(packet: bytes) -> list[TracerEvent]:
+    """One tracer packet as its events: a ``batch`` packet holds several messages, each
+    as its field count and its fields (the tracer batches process-table events)."""
+    if not packet.startswith(b"batch\0"):
+        return [parse_event(packet)]
+    fields = packet.decode("utf-8", "surrogateescape").split("\0")
+    events, i = [], 1
+    try:
+        while i < len(fields):
+            n = int(fields[i])
+            if n < 1 or i + 1 + n > len(fields):
+                raise ValueError(n)
+            events.append(_event(fields[i + 1 : i + 1 + n], packet))
+            i += 1 + n
+    except ValueError:
+        raise DunixError(f"tracer sent an unreadable batch: {packet[:80]!r}") from None
+    return events
 
 
 def packet(*fields: str | int) -> bytes:
@@ -272,10 +295,21 @@ class Tracer:
         self._pidfd = os.pidfd_open(pid)
         self.returncode: int | None = None
         self._waiters: dict[int, list[_Waiter]] = {}
+        self._queued: collections.deque[TracerEvent] = collections.deque()
 
     @classmethod
-    def spawn(cls, ctx: JobContext, argv: Sequence[str], fds: dict[int, int]) -> Tracer:
-        """Start a tracer whose first child gets ``fds`` ({target fd: our fd}) and ``argv``."""
+    def spawn(
+        cls, ctx: JobContext, argv: Sequence[str], fds: dict[int, int],
+        warm: WarmTracer | None = None,
+    ) -> Tracer:  # fmt: skip
+        """Start a tracer whose first child gets ``fds`` ({target fd: our fd}) and ``argv``.
+
+        With ``warm`` (a tracer started before: ``WarmTracer``), that one gets the job when
+        it can take it (``WarmTracer.hand_over``); else, or when it cannot, a new one."""
+        if warm is not None:
+            started = warm.hand_over(ctx, argv, fds)
+            if started is not None:
+                return started
         if not TRACER.exists():
             raise DunixError(f"{TRACER} is missing: run `make setup` (it builds native/)")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -330,6 +364,8 @@ class Tracer:
 
     async def next_event(self) -> TracerEvent | None:
         """The next event; None once the tracer has closed its socket."""
+        if self._queued:
+            return self._queued.popleft()
         try:
             data = await self._sock.recv(65536)
         except ConnectionResetError:
@@ -344,10 +380,12 @@ class Tracer:
         if not data:
             self._answer_all(CommandFailed(0, "the tracer is gone"))
             return None
-        event = parse_event(data)
-        if isinstance(event, Released | Seized | Deputized | CommandFailed):
-            self._answer(event)
-        return event
+        events = parse_events(data)
+        for event in events:
+            if isinstance(event, Released | Seized | Deputized | CommandFailed):
+                self._answer(event)
+        self._queued.extend(events[1:])
+        return events[0]
 
     async def release(self, pid: int) -> None:
         """Stop tracing ``pid`` (only it) and leave it stopped, so CRIU can seize it.
@@ -434,6 +472,79 @@ class Tracer:
 
     def close(self) -> None:
         self._sock.close()
+
+
+class WarmTracer:
+    """A tracer started before its job (``dunix-tracer --warm``), waiting on its socket for
+    the command line, environment and fds that ``Tracer.spawn`` would have given it.
+
+    A remote exec otherwise waits for the guest's tracer to be spawned and exec'd (~1 ms
+    of its ~7 in docs/run.md, "Where a remote exec's time goes"); the agent keeps one
+    ready and starts the next once it is used. A job whose tracer needs a wrapper (its own
+    /tmp), or whose command line or fds do not fit in one packet, gets a new one.
+    """
+
+    MAX_PACKET = 60000  # the tracer reads up to 64 KiB
+    MAX_FDS = 250  # SCM_MAX_FD is 253
+
+    def __init__(self) -> None:
+        if not TRACER.exists():
+            raise DunixError(f"{TRACER} is missing: run `make setup` (it builds native/)")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        high = _park(theirs.fileno())
+        try:
+            tracer = str(public_tracer())
+            self.pid = os.posix_spawn(
+                tracer,
+                [tracer, "--sock", str(SOCK_FD), "--warm"],
+                {},
+                file_actions=[(os.POSIX_SPAWN_DUP2, high, SOCK_FD)],
+                setsid=True,
+                setsigdef=_ALL_SIGNALS,
+                setsigmask=(),
+            )
+        except OSError as exc:
+            ours.close()
+            raise DunixError(f"cannot start the tracer: {exc.strerror}") from None
+        finally:
+            os.close(high)
+            theirs.close()
+        self._sock: socket.socket | None = ours
+
+    def hand_over(self, ctx: JobContext, argv: Sequence[str], fds: dict[int, int]) -> Tracer | None:
+        """This tracer runs the job, or None (it stays unused) when it cannot."""
+        sock = self._sock
+        full = tracer_argv(ctx, argv)
+        if sock is None or job_tmp_wrapper(ctx.env, full) != full or len(fds) > self.MAX_FDS:
+            return None
+        if SOCK_FD in fds:
+            return None
+        targets = sorted(fds)
+        env = [f"{k}={v}" for k, v in ctx.env.items()]
+        data = packet("spawn", len(targets), *targets, len(env), *env, *full[1:])
+        if len(data) > self.MAX_PACKET:
+            return None
+        try:
+            socket.send_fds(sock, [data], [fds[t] for t in targets])
+        except OSError as exc:  # it died meanwhile: a new one then
+            log.info("warm tracer %d: %s", self.pid, exc)
+            self.close()
+            return None
+        self._sock = None
+        return Tracer(self.pid, sock)
+
+    def close(self) -> None:
+        """End an unused one (it waits in recvmsg: SIGKILL ends it at once) and reap it."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            with contextlib.suppress(ChildProcessError, ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+
+    @property
+    def used(self) -> bool:
+        return self._sock is None
 
 
 # valid_signals(): glibc's own 32 and 33 are not settable (Python warns); the tracer resets

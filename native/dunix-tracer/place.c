@@ -303,7 +303,7 @@ void on_exec_stop(pid_t pid)
 	if (!reason && redirect(pid, &r, is_at) < 0)
 		reason = "cannot rewrite the exec";
 	if (reason) {
-		emit_pid("unmovable", pid, reason);
+		emit_pid_later("unmovable", pid, reason);
 		return;
 	}
 	t->remote = 1;

@@ -19,6 +19,7 @@
 
 #include "tracer.h"
 
+pid_t first_pid;
 static struct tracee *tracees;
 static size_t ntracees, captracees;
 
@@ -143,7 +144,10 @@ struct tracee *tracee_meet(pid_t pid)
 		char p[16], c[16];
 		snprintf(p, sizeof p, "%d", ppid);
 		snprintf(c, sizeof c, "%d", pid);
-		emit("fork", p, c, (char *)NULL);
+		if (hold_forks) /* the agent decides where it goes: now */
+			emit("fork", p, c, (char *)NULL);
+		else
+			emit_later("fork", p, c, (char *)NULL);
 	}
 	return t;
 }
@@ -168,7 +172,10 @@ static void on_new_task(pid_t parent, pid_t child, int event)
 		char p[16], c[16];
 		snprintf(p, sizeof p, "%d", pt ? pt->tgid : parent);
 		snprintf(c, sizeof c, "%d", child);
-		emit("fork", p, c, (char *)NULL);
+		if (hold_forks) /* the agent decides where it goes: now */
+			emit("fork", p, c, (char *)NULL);
+		else
+			emit_later("fork", p, c, (char *)NULL);
 	}
 }
 
@@ -211,7 +218,7 @@ static void on_exec_event(pid_t pid)
 			exe[n > 0 ? n : 0] = '\0';
 			path = exe;
 		}
-		emit_pid("exec", pid, path);
+		emit_pid_later("exec", pid, path);
 	}
 	t->deputy = t->remote;
 	free(t->path);
@@ -227,7 +234,10 @@ static void on_status(pid_t pid, int status)
 		if (t && t->tgid == pid) {
 			char s[16];
 			snprintf(s, sizeof s, "%d", status);
-			emit_pid("exit", pid, s);
+			if (pid == first_pid) /* the job's status */
+				emit_pid("exit", pid, s);
+			else
+				emit_pid_later("exit", pid, s);
 		}
 		if (t)
 			on_wanted_exit(t);

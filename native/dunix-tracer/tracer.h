@@ -10,11 +10,13 @@
 #define PROG "dunix-tracer"
 
 /* Every tracee gets these, at the first seize and at a `seize` from the agent. TRACESYSGOOD
- * only matters while an injected exec runs (PTRACE_SYSCALL, see inject.c). */
+ * only matters while an injected exec runs (PTRACE_SYSCALL, see inject.c). No TRACEEXIT:
+ * the exit status comes with the reaping anyway, and its stop cost every task one more
+ * stop (two context switches) for nothing. */
 #define TRACE_OPTIONS                                                                    \
 	(PTRACE_O_TRACEFORK | PTRACE_O_TRACEVFORK | PTRACE_O_TRACECLONE |                \
-	 PTRACE_O_TRACEEXEC | PTRACE_O_TRACESECCOMP | PTRACE_O_TRACEEXIT |               \
-	 PTRACE_O_TRACESYSGOOD | PTRACE_O_EXITKILL)
+	 PTRACE_O_TRACEEXEC | PTRACE_O_TRACESECCOMP | PTRACE_O_TRACESYSGOOD |             \
+	 PTRACE_O_EXITKILL)
 
 /* What the agent asked for a process, done at its next ptrace-stop (control.c). */
 enum want { WANT_NONE, WANT_RELEASE, WANT_DEPUTIZE };
@@ -45,8 +47,12 @@ extern enum mode placement;
 extern int quit_requested;
 void agent_init(int sock);
 int agent_fd(void);                   /* -1 once the agent is gone */
-void emit(const char *kind, ...);     /* fields up to a NULL */
+void emit(const char *kind, ...);     /* fields up to a NULL; sends the batch first */
 void emit_pid(const char *kind, pid_t pid, const char *rest);
+void emit_later(const char *kind, ...); /* process-table events: batched (agent.c) */
+void emit_pid_later(const char *kind, pid_t pid, const char *rest);
+void flush_events(void);
+int flush_if_due(int longest);        /* poll timeout (ms) until the batch is due */
 void read_agent(void);                /* never blocks; commands are queued for control.c */
 int pick_slot(void);                  /* a peer for a remote exec, or -1 */
 #define SPILL_BASE 100000             /* use_slot() index of a spill-table peer */
@@ -57,6 +63,7 @@ long running_here(pid_t except);      /* traced processes running user code now 
 const char *use_slot(int slot);       /* takes it: round robin, auto counts down */
 
 /* trace.c: the tracee table and every ptrace stop */
+extern pid_t first_pid;               /* the job's first process: its exit is not batched */
 struct tracee *tracee_add(pid_t pid, pid_t tgid);
 struct tracee *tracee_find(pid_t pid);
 struct tracee *tracee_meet(pid_t pid);

@@ -263,6 +263,18 @@ def test_loop_of_200_execs_completes() -> None:
     assert len(r.of("exec")) == 201
 
 
+def test_process_table_events_are_batched_and_the_job_status_is_not() -> None:
+    """fork, exec and exit of the job's other processes ride in `batch` packets (the
+    agent's cost is per packet); the first process's exit and `done` come at once, in
+    order after everything before them."""
+    r = trace(["sh", "-c", "i=0; while [ $i -lt 200 ]; do /bin/true; i=$((i+1)); done"])
+    check_protocol_frame(r)
+    assert len(r.of("fork")) == len(r.of("exit")) - 1 == 200
+    assert r.packets < len(r.messages) / 4, (r.packets, len(r.messages))
+    assert [m[0] for m in r.messages[-2:]] == ["exit", "done"]
+    assert r.messages[-2][1] == str(r.first_pid)
+
+
 # ------------------------------------------------------------------------- signals
 
 

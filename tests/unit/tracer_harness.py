@@ -25,12 +25,26 @@ def build_native() -> None:
     subprocess.run(["make", "-s", "-C", str(NATIVE), "build/dunix-tracer"], check=True)
 
 
+def split_packet(data: bytes) -> list[Message]:
+    """A packet's messages: one, or a ``batch`` of (field count, fields...) each."""
+    fields = data.decode().split("\0")
+    if fields[0] != "batch":
+        return [tuple(fields)]
+    out, i = [], 1
+    while i < len(fields):
+        n = int(fields[i])
+        out.append(tuple(fields[i + 1 : i + 1 + n]))
+        i += 1 + n
+    return out
+
+
 @dataclass
 class Result:
     returncode: int
     stdout: str
     stderr: str
     messages: list[Message]
+    packets: int = 0
 
     def of(self, kind: str) -> list[Message]:
         return [m for m in self.messages if m[0] == kind]
@@ -58,6 +72,7 @@ class TracerRun:
     env: dict[str, str] | None = None
     tracer: Path = TRACER
     messages: list[Message] = field(default_factory=list)
+    packets: int = 0  # how many packets carried them
 
     def __post_init__(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -87,7 +102,8 @@ class TracerRun:
                 data = b""
             with self._cond:
                 if data:
-                    self.messages.append(tuple(data.decode().split("\0")))
+                    self.packets += 1
+                    self.messages.extend(split_packet(data))
                 else:
                     self.messages.append(("<eof>",))
                 self._cond.notify_all()
@@ -123,7 +139,7 @@ class TracerRun:
         self._reader.join(timeout)
         self._sock.close()
         msgs = [m for m in self.messages if m != ("<eof>",)]
-        return Result(self.proc.returncode, out.decode(), err.decode(), msgs)
+        return Result(self.proc.returncode, out.decode(), err.decode(), msgs, self.packets)
 
 
 def trace(argv: Sequence[str], *options: str, timeout: float = 30.0) -> Result:

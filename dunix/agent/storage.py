@@ -36,8 +36,10 @@ from typing import TYPE_CHECKING, Any
 import outcome
 import trio
 
+from dunix.agent.config import split_address
 from dunix.errors import DunixError, PeerUnreachable
 from dunix.storagefs import _syscalls, locks
+from dunix.storagefs.bulk import BulkClient, BulkServer, locator
 from dunix.storagefs.lookup import Lookup, LookupConfig, LookupQuery, LookupReply, NameCreated
 from dunix.storagefs.peerfiles import FileMessage, FileReply, FileRequest, FileServer, PeerFiles
 from dunix.storagefs.replicas import OPS as REPLICA_OPS
@@ -64,6 +66,8 @@ class _Bridge:
         self._resolver = resolver
         self._files = files
         self.timeout = files.timeout + 1.0
+        #: contents of peers' files go over the bulk lane (storagefs/bulk.py) when it works
+        self.bulk: BulkClient | None = None
 
     async def _in_agent(self, fn: Callable[[], Awaitable[Any]]) -> Any:
         def blocking() -> Any:
@@ -84,6 +88,13 @@ class _Bridge:
             self._token.run_sync_soon(self._resolver.created, path)
 
     async def call(self, peer: int, op: str, **fields: object) -> FileReply:
+        if self.bulk is not None and op in ("read", "write"):
+            carried = await self.bulk.carry(peer, op, fields)
+            if carried is not None:
+                return carried
+        return await self.by_message(peer, op, **fields)
+
+    async def by_message(self, peer: int, op: str, **fields: object) -> FileReply:
         reply: FileReply = await self._in_agent(
             functools.partial(self._files.call, peer, op, **fields)
         )
@@ -153,6 +164,8 @@ class StorageService:
         self._nursery: trio.Nursery | None = None
         self.locks: locks.LockManager | None = None  # lives on the storagefs thread
         self._fs_token: trio.lowlevel.TrioToken | None = None
+        self.bulk_server: BulkServer | None = None
+        self._bulk_client: BulkClient | None = None  # lives on the storagefs thread
 
     @property
     def node_id(self) -> int:
@@ -190,6 +203,8 @@ class StorageService:
         finally:
             self.serving = False
             self._nursery = None
+            if self.bulk_server is not None:
+                self.bulk_server.close()
             if self.server is not None:
                 self.server.close()
             if self.store is not None:
@@ -221,6 +236,7 @@ class StorageService:
         self.server = FileServer(
             store, created=self.resolver.created, changed=fs.notify_changed, locks=self._serve_lock
         )
+        self._start_bulk(bridge, fs)
         # replicated files (dunix/storagefs/replicas.py): the same state for both threads
         self.replicas = Replicas(
             store, self.peers, self.files.call,
@@ -241,6 +257,49 @@ class StorageService:
         self.serving = True
         log.info("storagefs: serving %s at %s (node %d)", store.tree, mountpoint, self.node_id)
         log.info("storagefs: %s", locks.describe(library))
+
+    def _start_bulk(self, bridge: _Bridge, fs: Any) -> None:
+        """The bulk lane (storagefs/bulk.py): its listener here, its client in ``bridge``."""
+        assert self.server is not None
+        cfg, token = self.agent.config, trio.lowlevel.current_trio_token()
+
+        def node_of(name: str) -> int | None:  # from a lane thread: asks the agent's loop
+            def find() -> int | None:
+                for m in self.agent.membership.members():
+                    if m.name == name and m.state in ("alive", "suspect"):
+                        return int(m.node_id)
+                return None
+
+            try:
+                found: int | None = trio.from_thread.run_sync(find, trio_token=token)
+            except trio.RunFinishedError:
+                return None
+            return found
+
+        def wrote(path: str) -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(fs.notify_changed, path, True)
+
+        def plain_write(path: str) -> bool:  # a replicated file's writes go by message
+            return self.replicas is None or not self.replicas.copies(path)
+
+        try:
+            self.bulk_server = BulkServer(
+                self.agent.identity.server_context(), self.server.dup_handle, node_of,
+                plain_write=plain_write, wrote=wrote,
+            )  # fmt: skip
+            host = split_address(cfg.listen)[0]
+            port = self.bulk_server.start(host)
+        except (DunixError, OSError) as exc:
+            log.warning("storagefs: no bulk lane (peers' file contents go by message): %s", exc)
+            return
+        self.server.bulk_address = f"{cfg.name} {split_address(cfg.address)[0]} {port}"
+        bridge.bulk = BulkClient(
+            self.agent.identity.client_context(), locator(bridge.by_message),
+            timeout=cfg.storagefs_timeout,
+        )  # fmt: skip
+        self._bulk_client = bridge.bulk
+        log.info("storagefs: bulk lane for file contents on port %d", port)
 
     async def _serve_in_thread(
         self, fs: Any, mountpoint: str, *, task_status: trio.TaskStatus[None]
@@ -391,6 +450,9 @@ class StorageService:
             self.resolver.peer_gone(node_id)
         if self.files is not None:
             self.files.peer_gone(node_id)
+        if self._bulk_client is not None and self._fs_token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                self._fs_token.run_sync_soon(self._bulk_client.forget, node_id)
         if self.server is not None:
             self.server.peer_gone(node_id)
         if self.replicas is not None:

@@ -739,7 +739,7 @@ class StorageFS(pyfuse3.Operations):
                 await self._replica_open(inode, fh, flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
         with _fuse_errors():
             rf = self._rfiles.get(fh)
             if rf is not None:

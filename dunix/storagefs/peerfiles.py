@@ -26,6 +26,7 @@ import itertools
 import logging
 import os
 import stat
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -50,7 +51,7 @@ ATTR_FIELDS = (
 OPS = frozenset(
     {"stat", "open", "read", "write", "release", "fsync", "setattr", "readlink", "unlink",
      "rmdir", "rename", "link", "listdir", "getxattr", "setxattr", "listxattr", "removexattr",
-     "lock"}
+     "lock", "bulk"}
 )  # fmt: skip
 
 
@@ -88,6 +89,8 @@ class FileReply:
     handle: int = 0
     size: int = 0
     entries: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    #: the answer to ``bulk``: "NAME HOST PORT" of the owner's bulk lane (see bulk.py)
+    bulk: str = ""
 
 
 FileMessage = FileRequest | FileReply
@@ -188,6 +191,11 @@ class FileServer:
         self._created = created
         self._changed = changed
         self._handles: dict[tuple[int, int], tuple[int, str]] = {}
+        #: taken to close a handle's descriptor and to duplicate one for the bulk lane's
+        #: threads (so a release never closes a number a bulk read is about to use)
+        self._fd_lock = threading.Lock()
+        #: where this host's bulk lane listens ("NAME HOST PORT"), empty if it has none
+        self.bulk_address = ""
         self._next_handle = itertools.count(1)
         #: ops served elsewhere (replicas.OPS -> Replicas.serve), and a hook run after each
         #: successful op (the owner's replication of what a peer changed)
@@ -205,16 +213,29 @@ class FileServer:
         """(descriptor, tree path) of a file ``origin`` has open here."""
         return self._handles.get((origin, handle))
 
+    def dup_handle(self, origin: int, handle: int) -> tuple[int, str] | None:
+        """A duplicate of the descriptor of a file ``origin`` has open here, and its tree
+        path; the caller closes it. Safe from any thread (the bulk lane's)."""
+        with self._fd_lock:
+            entry = self._handles.get((origin, handle))
+            if entry is None:
+                return None
+            return os.dup(entry[0]), entry[1]
+
+    def _close(self, key: tuple[int, int]) -> None:
+        with self._fd_lock:
+            entry = self._handles.pop(key, None)
+            if entry is not None:
+                os.close(entry[0])
+
     def peer_gone(self, origin: int) -> None:
         """Close what ``origin`` had open: it cannot release it any more."""
         for key in [k for k in self._handles if k[0] == origin]:
-            fd, _ = self._handles.pop(key)
-            os.close(fd)
+            self._close(key)
 
     def close(self) -> None:
-        for fd, _ in self._handles.values():
-            os.close(fd)
-        self._handles.clear()
+        for key in list(self._handles):
+            self._close(key)
 
     async def handle(self, req: FileRequest) -> FileReply:
         """Carry out one request; every failure becomes an errno in the reply."""
@@ -293,10 +314,14 @@ class FileServer:
         return self._ok(req, size=written)
 
     async def _op_release(self, req: FileRequest) -> FileReply:
-        entry = self._handles.pop((req.origin, req.handle), None)
-        if entry is not None:
-            os.close(entry[0])
+        self._close((req.origin, req.handle))
         return self._ok(req)
+
+    async def _op_bulk(self, req: FileRequest) -> FileReply:
+        """Where this host's bulk lane listens (bulk.py); EOPNOTSUPP: it has none."""
+        if not self.bulk_address:
+            raise OSError(errno.EOPNOTSUPP, "no bulk lane here")
+        return self._ok(req, bulk=self.bulk_address)
 
     async def _op_fsync(self, req: FileRequest) -> FileReply:
         fd = self._fd(req)

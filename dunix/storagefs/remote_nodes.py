@@ -25,8 +25,9 @@ from dunix.storagefs.peerfiles import BLOCK, FileReply
 
 #: how many peer names a host remembers the owner of (a dead owner then gives EIO)
 LAST_OWNERS = 100_000
-#: blocks fetched ahead of the one being read, so the owner works while we copy
-READ_AHEAD = 2
+#: blocks fetched ahead of the one being read, so the owner works while we copy (with the
+#: bulk lane each runs on a connection of its own, so the owner reads them in parallel)
+READ_AHEAD = 4
 
 
 @dataclass
@@ -133,7 +134,7 @@ Call = Callable[..., Awaitable[FileReply]]
 @dataclass
 class _Block:
     ready: trio.Event = field(default_factory=trio.Event)
-    data: bytes = b""
+    data: bytes | bytearray = b""
     error: BaseException | None = None
 
 
@@ -148,20 +149,28 @@ class RemoteFile:
     flags: int = 0  # as opened (to open it again on the host that took the file over)
     #: the file became this host's own (it took it over from a dead owner): read it here
     local_fd: int | None = None
+    #: the start of a short block seen (the end of the file then): nothing is read ahead
+    #: past it, though a read there still asks (the file may have grown)
+    eof: int | None = None
 
-    async def read(self, call: Call, off: int, size: int, nursery: trio.Nursery | None) -> bytes:
+    async def read(
+        self, call: Call, off: int, size: int, nursery: trio.Nursery | None
+    ) -> bytes | memoryview:
         """``size`` bytes at ``off``; ``call`` is ``OwnerFiles.call``; read-ahead runs in
-        ``nursery`` (none: no read-ahead)."""
+        ``nursery`` (none: no read-ahead). A piece of one block is a view of it, not a copy
+        (pyfuse3 takes any buffer)."""
         start = off - off % BLOCK
         data = await self._block(call, start)
-        piece = data[off - start : off - start + size]
+        piece: bytes | memoryview = memoryview(data)[off - start : off - start + size]
         if len(piece) < size and len(data) == BLOCK:
-            piece += (await self._block(call, start + BLOCK))[: size - len(piece)]
+            piece = bytes(piece) + (await self._block(call, start + BLOCK))[: size - len(piece)]
         for old in [b for b in self.blocks if b < start]:
             del self.blocks[old]
         if len(data) == BLOCK and nursery is not None:  # a short block is the end of file
             for n in range(1, READ_AHEAD + 1):
                 ahead = start + n * BLOCK
+                if self.eof is not None and ahead > self.eof:
+                    break
                 if ahead not in self.blocks:
                     block = self.blocks[ahead] = _Block()
                     nursery.start_soon(self._fetch, call, ahead, block)
@@ -170,8 +179,9 @@ class RemoteFile:
     def changed(self) -> None:
         """This host wrote or truncated the file: the blocks read so far are stale."""
         self.blocks.clear()
+        self.eof = None
 
-    async def _block(self, call: Call, start: int) -> bytes:
+    async def _block(self, call: Call, start: int) -> bytes | bytearray:
         block = self.blocks.get(start)
         if block is None:
             block = self.blocks[start] = _Block()
@@ -186,6 +196,10 @@ class RemoteFile:
         try:
             reply = await call(self.owner, "read", handle=self.handle, offset=start, size=BLOCK)
             block.data = reply.data
+            if len(reply.data) < BLOCK and (self.eof is None or start < self.eof):
+                self.eof = start
+            elif len(reply.data) == BLOCK and self.eof is not None and start >= self.eof:
+                self.eof = None  # it grew
         except (OSError, DunixError, pyfuse3.FUSEError) as exc:
             block.error = exc
             if self.blocks.get(start) is block:

@@ -1,0 +1,166 @@
+"""The bulk lane (dunix/storagefs/bulk.py) over real TLS on loopback: host 1's FileServer
+serves its open files' contents to host 2's BulkClient; the e2e throughput and coherence
+tests (tests/e2e/test_storagefs_bulk.py) run it between simulated hosts."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from dunix.storagefs import bulk
+from dunix.storagefs.bulk import BulkClient, BulkServer
+from dunix.storagefs.peerfiles import FileRequest, FileServer
+from dunix.storagefs.store import LocalStore
+from dunix.wire import TLSIdentity, keygen
+
+MIB = 1 << 20
+
+
+class Lane:
+    """Owner n1 (node 1) and asker n2 (node 2); ``n3`` holds a certificate nobody lists."""
+
+    def __init__(self, tmp: Path) -> None:
+        keygen(tmp / "tls", ["n1", "n2", "n3"], [])
+        self.ids = {n: TLSIdentity.load(tmp / "tls", n, "node") for n in ("n1", "n2", "n3")}
+        self.store = LocalStore(tmp / "n1", 1)
+        self.files = FileServer(self.store)
+        self.replicated: set[str] = set()
+        self.wrote: list[str] = []
+        self.server = BulkServer(
+            self.ids["n1"].server_context(), self.files.dup_handle, {"n2": 2}.get,
+            plain_write=lambda p: p not in self.replicated, wrote=self.wrote.append,
+        )  # fmt: skip
+        self.port = self.server.start("127.0.0.1")
+        self.located = 0
+
+    def client(self, name: str = "n2", claims: str = "n1") -> BulkClient:
+        async def locate(peer: int) -> tuple[str, str, int] | None:
+            self.located += 1
+            return claims, "127.0.0.1", self.port
+
+        return BulkClient(self.ids[name].client_context(), locate, timeout=5)
+
+    async def open(self, path: str, origin: int = 2, flags: int = os.O_RDWR) -> int:
+        reply = await self.files.handle(FileRequest(1, origin, "open", path=path, flags=flags))
+        assert reply.error == 0, os.strerror(reply.error)
+        return reply.handle
+
+    def put(self, path: str, data: bytes) -> None:
+        self.store.backing_path(path).write_bytes(data)
+
+    def close(self) -> None:
+        self.server.close()
+        self.files.close()
+        self.store.close()
+
+
+@pytest.fixture
+def lane(tmp_path: Path) -> Iterator[Lane]:
+    one = Lane(tmp_path)
+    yield one
+    one.close()
+
+
+def test_blocks_read_and_written_match_the_owners_file(lane: Lane) -> None:
+    data = os.urandom(3 * MIB + 123)
+    lane.put("f.bin", data)
+
+    async def main() -> None:
+        client = lane.client()
+        handle = await lane.open("f.bin")
+        got = bytearray()
+        async with trio.open_nursery() as nursery:  # blocks in parallel: several connections
+            parts: dict[int, bytearray] = {}
+
+            async def one(off: int) -> None:
+                part = await client.read(1, handle, off, MIB)
+                assert part is not None
+                parts[off] = part
+
+            for off in range(0, len(data) + MIB, MIB):
+                nursery.start_soon(one, off)
+        for off in sorted(parts):
+            got += parts[off]
+        assert bytes(got) == data  # the last block short, the one past the end empty
+        assert await client.write(1, handle, MIB, b"x" * 1000) == 1000
+        reply = await client.carry(1, "read", {"handle": handle, "offset": MIB - 1, "size": 3})
+        assert reply is not None and bytes(reply.data) == data[MIB - 1 : MIB] + b"xx"
+        assert lane.wrote == ["f.bin"]
+        assert client.used == 7 and lane.located == 1
+        client.close()
+
+    trio.run(main)
+    assert lane.store.backing_path("f.bin").read_bytes()[MIB : MIB + 1000] == b"x" * 1000
+
+
+def test_owner_errors_come_back_as_the_same_oserror(lane: Lane) -> None:
+    lane.put("ro.bin", b"abc")
+
+    async def main() -> None:
+        client = lane.client()
+        handle = await lane.open("ro.bin", flags=os.O_RDONLY)
+        with pytest.raises(OSError) as bad:
+            await client.write(1, handle, 0, b"no")
+        assert bad.value.errno == errno.EBADF  # pwrite on a read-only descriptor
+        with pytest.raises(OSError) as unknown:
+            await client.read(1, handle + 99, 0, 10)
+        assert unknown.value.errno == errno.EBADF
+        other = await lane.open("ro.bin", origin=3)  # node 3's handle: not node 2's to use
+        with pytest.raises(OSError):
+            await client.read(1, other, 0, 10)
+        client.close()
+
+    trio.run(main)
+
+
+def test_replicated_writes_go_by_message(lane: Lane) -> None:
+    lane.put("r.bin", b"")
+    lane.replicated.add("r.bin")
+
+    async def main() -> None:
+        client = lane.client()
+        handle = await lane.open("r.bin")
+        assert await client.write(1, handle, 0, b"abc") is None  # the owner must replicate it
+        assert await client.read(1, handle, 0, 10) == b""  # reads still ride the lane
+        client.close()
+
+    trio.run(main)
+    assert lane.store.backing_path("r.bin").read_bytes() == b""
+
+
+def test_wrong_or_unknown_peers_fall_back_to_messages(lane: Lane) -> None:
+    lane.put("f.bin", b"data")
+
+    async def main() -> None:
+        handle = await lane.open("f.bin")
+        impostor = lane.client(claims="n3")  # the listener's certificate says n1, not n3
+        assert await impostor.read(1, handle, 0, 4) is None
+        assert await impostor.read(1, handle, 0, 4) is None  # not retried at once
+        assert lane.located == 1
+        stranger = lane.client(name="n3")  # n3 is no member on the owner's side
+        assert await stranger.read(1, handle, 0, 4) is None
+        client = lane.client()
+        assert await client.read(1, handle, 0, 4) == b"data"
+        lane.server.close()  # the owner's lane goes away: by message from now on
+        assert await client.read(1, handle, 0, 4) is None
+        client.close()
+
+    trio.run(main)
+
+
+def test_no_lane_at_the_owner_means_messages(lane: Lane, monkeypatch: Any) -> None:
+    async def nowhere(peer: int) -> None:
+        return None
+
+    async def main() -> None:
+        client = BulkClient(lane.ids["n2"].client_context(), nowhere)
+        assert await client.read(1, 1, 0, 4) is None
+        assert await client.read(1, 1, 0, bulk.MAX_BLOCK + 1) is None
+
+    trio.run(main)

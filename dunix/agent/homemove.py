@@ -62,6 +62,7 @@ from dunix.agent.migration import (
     MigrationService,
     RemoteTarget,
     _Outgoing,
+    half_close,
 )
 from dunix.agent.remote import Deputy
 from dunix.agent.tracer import Forked, Tracer
@@ -397,10 +398,9 @@ class HomeMoves:
         socks: list[tuple[MigrateSocket, int]],
     ) -> None:
         """The target runs it now (its relays are open): relay each pipe to its new
-        stream, and each socket both ways (not shared: the process's copy here becomes
-        the deputy, which closes it, so a stream's end may shut the socket's direction
-        down and the peer sees the half-close), and register the deputy so that its
-        guest's news finds it."""
+        stream, and each socket both ways (the process's shutdown reaches the peer
+        through ``half_close``), and register the deputy so that its guest's news
+        finds it."""
         hub = await self.agent.job_links.hub(deputy.peer)
         by_index = dict(streams)
         for i, p in enumerate(pipes):
@@ -413,10 +413,13 @@ class HomeMoves:
                 deputy.senders.append(hub.open_sender(stream, os.dup(p.dup), shared=True))
         for m, dup in socks:
             out, into = by_index.get(m.out_stream), by_index.get(m.in_stream)
+            # shared: a later move ends these streams without shutting the connection down
+            # (half_close passes the process's own shutdown on) or reading it shut
             if out is not None:
-                deputy.receivers.append(hub.open_receiver(out, os.dup(dup)))
+                deputy.receivers.append(hub.open_receiver(out, os.dup(dup), shared=True))
+                half_close(self.agent, deputy, deputy.receivers[-1], dup)
             if into is not None:
-                deputy.senders.append(hub.open_sender(into, os.dup(dup)))
+                deputy.senders.append(hub.open_sender(into, os.dup(dup), shared=True))
         key = (deputy.proc.job, deputy.proc.pid)
         self.agent.remote.deputies[key] = deputy
         self.expected[deputy.proc.pid] = deputy

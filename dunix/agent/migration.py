@@ -34,6 +34,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import tempfile
 import termios
 import time
@@ -58,8 +59,9 @@ from dunix.errors import (
     PeerUnreachable,
     error_from_wire,
 )
-from dunix.fdmove import StreamEndpoint, StreamHub
+from dunix.fdmove import Outcome, StreamEndpoint, StreamHub
 from dunix.fdmove.inventory import inventory
+from dunix.fdmove.pidfd import pidfd_getfd
 from dunix.loadbalance import MemberState
 from dunix.migrate import driver, sockets, swrk
 from dunix.migrate.cpufeatures import CpuFeatures
@@ -79,7 +81,9 @@ from dunix.wire.migrate import (
     MigrateQuery,
     MigrateReply,
     MigrateRestore,
+    MigrateSocket,
     MigrateStatus,
+    MigrateTail,
 )
 
 if TYPE_CHECKING:
@@ -138,6 +142,43 @@ class _Incoming:
     restored_pid: int = 0
     aborted: bool = False
     files: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Tail:
+    """Target: a relayed socket's input, held until the source sent its unread bytes."""
+
+    hub: StreamHub
+    stream: int  # on the link with the home
+    fd: int  # our socketpair end
+    guest: Guest
+    data: bytearray = field(default_factory=bytearray)
+    complete: trio.Event = field(default_factory=trio.Event)
+    aborted: bool = False  # the move failed: the process runs on at the source
+
+
+def _relayed_sockets(
+    guest: Guest, fds: list[Any], home: str, target: str
+) -> list[tuple[MigrateSocket, int]]:
+    """The sockets of a guest that is to move, each with its fd: only the ones relayed
+    through its home (a socketpair end here), and not back home; else why not."""
+    held = [f for f in fds if f.kind == "socket"]
+    relayed = {inode: (out, into) for inode, out, into, _ in guest.sockets}
+    alone = [f for f in held if f.inode not in relayed]
+    if alone:  # it connected here: only a process at home has its connections relayed
+        what = ", ".join(f"fd {f.fd}" for f in alone)
+        raise MigrationFailed(f"cannot move: holds a socket away from home ({what})")
+    if held and target == home:
+        raise MigrationFailed(
+            "cannot move home: it holds a connection relayed through its home, and the "
+            "bytes relayed to it that it has not read cannot be put back into that "
+            "connection's queue there"
+        )
+    out = []
+    for f in held:
+        o, i = relayed[f.inode]
+        out.append((MigrateSocket(f.inode, False, bool(f.flags & os.O_NONBLOCK), o, i), f.fd))
+    return out
 
 
 def job_tmp_of(pid: int) -> str:
@@ -272,9 +313,9 @@ class MigrationService:
         self._spares: dict[str, dict[int, tuple[int, bool]]] = {}
         #: (job, home pid) of a process moved back home → its deputy's fds, as above
         self._home_fds: dict[tuple[str, int], dict[int, tuple[int, bool]]] = {}
-        #: (job, home pid) of guests here whose sockets are relayed to their home: such a
-        #: process moves once, from home (its socketpair end cannot be dumped again)
-        self._socket_guests: set[tuple[str, int]] = set()
+        #: target: (move, in stream) of a relayed socket whose unread bytes the source
+        #: still sends (``MigrateTail``) before the home's stream may be written into it
+        self._tails: dict[tuple[str, int], _Tail] = {}
         #: pid → the post-copy transfer of its copy here (gone from it once the copy is)
         self.serving: dict[int, trio.Event] = {}
 
@@ -459,7 +500,11 @@ class MigrationService:
             if old is not None:
                 old.stop()  # an input: what it sent and the process had not read is lost
             if writes:
+                # (a shared pipe is reopened, its fd closed; a socket keeps it until we yield)
+                is_socket = stat.S_ISSOCK(os.fstat(spare).st_mode)
                 receivers.append(hub.open_receiver(new, spare, shared=True))
+                if is_socket:
+                    half_close(self.agent, deputy, receivers[-1], spare)
             else:
                 senders.append(hub.open_sender(new, spare, shared=True))
         for old in old_ends.values():
@@ -523,11 +568,6 @@ class MigrationService:
         if guest is None or job is None or not guest.pid or guest.tracer is None:
             raise NoSuchProcess(f"{order.job}/{order.home_pid} does not run on {self.name}")
         pid, tracer = guest.pid, guest.tracer
-        if (order.job, order.home_pid) in self._socket_guests:
-            raise MigrationFailed(
-                "cannot move: it holds a connection relayed through its home "
-                "(a process with sockets moves once, from home)"
-            )
         if len(self.agent.jobs.of(job)) > 1:
             raise MigrationFailed("it has child processes here; moving a tree is not wired yet")
         origin = CpuFeatures(order.origin_level, order.origin_flags)
@@ -538,10 +578,7 @@ class MigrationService:
             raise MigrationFailed(f"cannot move: {reason}")
         require_movable(pid, allowed_tracers={tracer.pid})
         fds = inventory(pid)
-        held = [f for f in fds if f.kind == "socket"]
-        if held:  # only a process at home has its connections relayed (homemove.py)
-            what = ", ".join(f"fd {f.fd}" for f in held)
-            raise MigrationFailed(f"cannot move: holds a socket away from home ({what})")
+        relayed = _relayed_sockets(guest, fds, home, order.target)
         from dunix.agent.homemove import _foreign_nulls  # homemove imports this module
 
         # in a job's own mount namespace (its /tmp) the /dev/null the agent gave it lies
@@ -559,6 +596,7 @@ class MigrationService:
             groups=job.groups, mode=job.mode, cmd=proc.cmd if proc else "",
             origin_flags=order.origin_flags, origin_level=order.origin_level,
             pipes=_guest_pipes(guest), moves=(proc.moves if proc else 0) + 1, nulls=nulls,
+            sockets=tuple(m for m, _ in relayed),
         )  # fmt: skip
 
         async def kill_source(pid: int) -> None:
@@ -566,9 +604,26 @@ class MigrationService:
             # the process's exit, so this guest ends without a word to the home
             guest.moved = True
 
-        report, out = await move_process(
-            self, pid, order.target, prepare, tracer, kill_source, lazy_ok=True
-        )
+        # the unread bytes of each relayed socket are read here after the move (CRIU does
+        # not restore a queue into an inherited socket): a duplicate of the process's end
+        tails: list[tuple[int, int]] = []
+        try:
+            if relayed:
+                pidfd = os.pidfd_open(pid)
+                try:
+                    for m, fd in relayed:
+                        tails.append((m.in_stream, pidfd_getfd(pidfd, fd)))
+                finally:
+                    os.close(pidfd)
+            report, out = await move_process(
+                self, pid, order.target, prepare, tracer, kill_source, lazy_ok=True
+            )
+        except BaseException:
+            for _, dup in tails:
+                os.close(dup)
+            raise
+        if tails:
+            self.agent.nursery.start_soon(self._send_tails, order.target, order.move, tails)
         self.agent.nursery.start_soon(_end_senders, guest.senders)
         if proc is not None:
             self.agent.jobs.procs.pop(pid, None)
@@ -655,12 +710,12 @@ class MigrationService:
         home = self._spares.get(inc.move) if prep.home == self.name else None
         back_home: list[tuple[int, int, bool]] = []  # its pipes, when restored at home
         daemon: lazymove.TargetDaemon | None = None  # post-copy: its pages' fetcher
-        relayed: list[tuple[int, int, int]] = []  # (out index, in index, our socketpair end)
+        relayed: list[tuple[MigrateSocket, int, int]] = []  # (socket, our end, its inode)
         try:
             for sk in prep.sockets:  # the connection stays at home: a socketpair here
                 mine, its = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-                relayed.append((sk.out_stream, sk.in_stream, mine.detach()))
                 its.setblocking(not sk.nonblock)
+                relayed.append((sk, mine.detach(), os.fstat(its.fileno()).st_ino))
                 theirs.append((f"socket:[{sk.inode}]", its.detach()))
             tcp = {sk.inode for sk in prep.sockets if sk.tcp}
             if tcp:  # dumped with tcp_close: its image entry becomes a unix socket's
@@ -700,7 +755,7 @@ class MigrationService:
                 daemon.close()
             for _, fd in ours:
                 os.close(fd)
-            for _, _, fd in relayed:
+            for _, fd, _ in relayed:
                 os.close(fd)
             self._forget_incoming(inc)
             # rst_sibling: a tree CRIU restored and then killed (post-restore refused) is
@@ -731,14 +786,18 @@ class MigrationService:
                 guest.receivers.append(hub.open_receiver(new, fd))
             guest.pipes.append((new, inode, pipe.writable))
             streams.append((pipe.stream, new))
-        for out_index, in_index, fd in relayed:
+        for sk, fd, its_inode in relayed:
             assert hub is not None
             out, into = hub.allocate(), hub.allocate()
             guest.senders.append(hub.open_sender(out, fd))
-            guest.receivers.append(hub.open_receiver(into, os.dup(fd)))
-            streams += [(out_index, out), (in_index, into)]
-        if relayed:
-            self._socket_guests.add((prep.job, prep.home_pid))
+            if inc.source == prep.home:  # from home: the connection's queue is there
+                guest.receivers.append(hub.open_receiver(into, os.dup(fd)))
+            else:  # from a peer: what it had not read comes first (MigrateTail)
+                tail = _Tail(hub, into, os.dup(fd), guest)
+                self._tails[(inc.move, sk.in_stream)] = tail
+                self.agent.nursery.start_soon(self._relay_after_tail, (inc.move, sk.in_stream))
+            guest.sockets.append((its_inode, out, into, sk.nonblock))
+            streams += [(sk.out_stream, out), (sk.in_stream, into)]
         self._forget_incoming(inc, keep=True)
         self.agent.nursery.start_soon(self._host_guest, guest, prep)
         return MigrateStatus(inc.move, "restored", result.pid, tuple(streams), "", "")
@@ -767,6 +826,10 @@ class MigrationService:
         log.warning("%s/%d lost: %s", msg.job, msg.home_pid, msg.reason)
 
     def _on_abort(self, msg: MigrateAbort) -> None:
+        for key, tail in list(self._tails.items()):
+            if key[0] == msg.move:
+                tail.aborted = True
+                tail.complete.set()
         inc = self._incoming.get(msg.move)
         if inc is None:
             return
@@ -822,11 +885,14 @@ class MigrationService:
                 for fd, _ in self._home_fds.pop(key, {}).values():
                     os.close(fd)
             self.agent.jobs.forget(job)
-            self._socket_guests.discard(key)
             if self.remote.guests.get(key) is guest:
                 self.remote.guests.pop(key, None)
+            # moved: a socket's input relay ends when the home ends its stream, after it
+            # wrote what was on the way (the source reads it back as the socket's tail)
+            into = {i for _, _, i, _ in guest.sockets} if guest.moved else set()
             for endpoint in guest.receivers:
-                endpoint.stop()
+                if endpoint.stream not in into:
+                    endpoint.stop()
         if guest.moved or guest.orphaned:
             return
         with contextlib.suppress(DunixError):
@@ -877,6 +943,60 @@ class MigrationService:
                     os.kill(placeholder, signal.SIGKILL)
         return tracer
 
+    # -- a relayed socket's unread bytes ---------------------------------------------------
+
+    async def _send_tails(self, target: str, move: str, tails: list[tuple[int, int]]) -> None:
+        """Source, after a move: send what each relayed socket's end held for the dead copy
+        here (until EOF, which comes once the home ended its old stream and our relay wrote
+        all it carried), then ``last``."""
+        for stream, fd in tails:
+            sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+            try:
+                with trio.move_on_after(MOVE_TIMEOUT):
+                    while data := await sock.recv(IMAGE_CHUNK):
+                        await self.links.send(target, MigrateTail(move, stream, data, False))
+            except (OSError, DunixError) as exc:
+                log.warning("move %s: the unread bytes of stream %d: %s", move, stream, exc)
+            finally:
+                sock.close()
+            with contextlib.suppress(DunixError):
+                await self.links.send(target, MigrateTail(move, stream, b"", True))
+
+    def _on_tail(self, msg: MigrateTail) -> None:
+        tail = self._tails.get((msg.move, msg.stream))
+        if tail is None:
+            return
+        tail.data += msg.data
+        if msg.last:
+            tail.complete.set()
+
+    async def _relay_after_tail(self, key: tuple[str, int]) -> None:
+        """Target: write a relayed socket's tail into our end, then relay the home's new
+        stream into it (the home's sender waits for the receiver's opening credit)."""
+        tail = self._tails[key]
+        try:
+            with trio.move_on_after(MOVE_TIMEOUT) as waited:
+                await tail.complete.wait()
+            if waited.cancelled_caught:
+                log.warning("move %s: no end of the unread bytes of stream %d", *key)
+            if tail.data and not tail.aborted:
+                log.info("move %s: %d bytes it had not read go first (stream %d)", key[0],
+                         len(tail.data), key[1])  # fmt: skip
+                sock = socket.socket(fileno=os.dup(tail.fd))
+                stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+                try:
+                    await stream.send_all(bytes(tail.data))
+                except trio.BrokenResourceError as exc:
+                    log.warning("move %s: writing the unread bytes: %s", key[0], exc)
+                finally:
+                    await stream.aclose()
+        finally:
+            self._tails.pop(key, None)
+            if tail.aborted:
+                os.close(tail.fd)
+            else:
+                tail.guest.receivers.append(tail.hub.open_receiver(tail.stream, tail.fd))
+
     # -- dispatch -----------------------------------------------------------------------
 
     def on_peer_message(self, sender: str, msg: Any) -> None:
@@ -896,6 +1016,8 @@ class MigrationService:
             self._on_abort(msg)
         elif isinstance(msg, MigrateLost):
             self._on_lost(msg)
+        elif isinstance(msg, MigrateTail):
+            self._on_tail(msg)
         elif isinstance(msg, MigrateOrder):
             self._on_order(sender, msg)
         elif isinstance(msg, MigrateDone):
@@ -927,6 +1049,25 @@ async def _end_senders(senders: list[StreamEndpoint]) -> None:
     async with trio.open_nursery() as nursery:
         for sender in list(senders):
             nursery.start_soon(end, sender)
+
+
+def half_close(agent: Agent, deputy: Deputy, receiver: StreamEndpoint, fd: int) -> None:
+    """The home's relay of a moved process's output into its connection (socket ``fd``)
+    is opened shared, so that its stream's end does not shut the connection down when a
+    move ends the old stream. The process's own shutdown(SHUT_WR) or exit (an end while
+    no move is under way) is passed on here: the peer sees EOF."""
+    sock = socket.socket(fileno=fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0))
+
+    async def watch() -> None:
+        try:
+            outcome = await receiver.wait()
+            if outcome is Outcome.EOF and not deputy.moving:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_WR)
+        finally:
+            sock.close()
+
+    agent.nursery.start_soon(watch)
 
 
 def _unread(fd: int) -> int:
@@ -1051,7 +1192,8 @@ async def _move_with_hook(
         async def abort(self, pid: int) -> None:
             await target.abort(pid)
 
-    nulls = target.prepare_msg.nulls  # external /dev/null (homemove._foreign_nulls)
+    # external /dev/null (homemove._foreign_nulls) and relayed sockets' ends (sockets.py)
+    nulls = target.prepare_msg.nulls + sockets.dump_externals(target.prepare_msg.sockets)
     if lazy_plan is not None and background is not None:
         return await driver.move_lazy(pid, dir_fd, Hooked(), lazy_plan.plan, background,
                                       shell_job=True, external=nulls,

@@ -184,6 +184,9 @@ class Guest:
     #: relayed pipes: (stream, pipe inode, the program writes it): what a move re-creates
     pipes: list[tuple[int, int, bool]] = field(default_factory=list)
     moved: bool = False  # moved away: its end here is not its exit
+    #: relayed sockets (migrate/sockets.py): (inode of the process's socketpair end, stream
+    #: out, stream in, O_NONBLOCK): what a move dumps as external and re-creates
+    sockets: list[tuple[int, int, int, bool]] = field(default_factory=list)
     orphaned: bool = False  # its home died: killed here, no exit status to send
 
 

@@ -33,10 +33,24 @@ options (``TCP_NODELAY``, ``IP_TOS`` ...) fail with EOPNOTSUPP (checked), and th
 options set before the move stay on the home socket (socket-level
 ones too: ``SO_RCVTIMEO``, buffer sizes; only ``O_NONBLOCK`` is copied); ``SO_PEERCRED``
 names the target's agent; out-of-band data and ``SCM_RIGHTS`` do not pass; UDP,
-datagram and seqpacket sockets and listening sockets are refused. Such a process moves
-once, from home: a later move of it (guest to guest, or back home) is refused. A unix
-socket's peer must be in the host's network namespace: CRIU finds it with sock_diag,
-which lists one namespace ("Unix socket N without peer M" otherwise).
+datagram and seqpacket sockets and listening sockets are refused. A unix socket's peer
+must be in the host's network namespace: CRIU finds it with sock_diag, which lists one
+namespace ("Unix socket N without peer M" otherwise).
+
+Moving on (guest to guest, agent/migration.py): the process's socketpair end is dumped
+as ``external unix[INODE]`` and the next target gives it a new socketpair by
+``inherit_fd`` as above; the home re-points its two streams. What the home had relayed
+to it and it had not read (its end's queue, which CRIU only peeks at and does not
+restore into an inherited socket, and what was still on the way) is read back by the
+source from a pidfd_getfd duplicate of its end once the home has ended the old stream
+(the source's relay then writes the rest and shuts our end: EOF), sent as
+``MigrateTail``, and written into the new socketpair before the target relays the home's
+new stream (whose sender waits for the receiver's opening credit, so the connection's
+later bytes stay queued at home meanwhile). The home's output relay into the connection
+is opened shared, so the old stream's end during a move does not shut the connection
+down; an end while no move is under way (the process's shutdown or exit) is passed on
+as ``shutdown(SHUT_WR)`` (``migration.half_close``). Back home is refused: bytes relayed
+to it unread cannot be put back into the connection's queue there.
 """
 
 from __future__ import annotations

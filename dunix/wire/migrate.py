@@ -212,7 +212,22 @@ class MigrateLost:
     reason: str
 
 
+@message
+@dataclass(frozen=True)
+class MigrateTail:
+    """Source → target, after a guest holding a relayed socket moved: the bytes its home
+    had relayed to it that it had not read (its socketpair end's queue and what was still
+    on the way, which CRIU does not restore into an inherited socket), in order; the
+    target writes them into the new socketpair before it relays the home's stream again.
+    ``last`` ends them (dunix/migrate/sockets.py)."""
+
+    move: str
+    stream: int  # the socket's ``MigrateSocket.in_stream``
+    data: bytes
+    last: bool
+
+
 MIGRATE_PEER_MESSAGES: tuple[type, ...] = (
     MigrateOrder, MigrateDone, MigratePrepare, MigrateImage, MigrateRestore, MigrateStatus,
-    MigrateAbort, MigrateLost,
+    MigrateAbort, MigrateLost, MigrateTail,
 )  # fmt: skip

@@ -7,8 +7,9 @@ the server sends with the line in upper case and the host it runs on. It is move
 (a move from home: the connection stays in n1, relayed to a socketpair in n2): the server
 keeps talking to it over the same connection, both ways, sees it answer from n2, and sees
 EOF when it closes. Before that, a move whose restore fails on the target (injected)
-leaves it running in n1 with its connection; after it, a second move is refused (such a
-process moves once).
+leaves it running in n1 with its connection; after it, it moves on n2 → n3 (the
+connection still relayed through n1) while 300 lines it has not read yet are on their
+way: every answer comes once, in order. Back home is refused, with the reason.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ WORK = Path("/var/tmp/dunix-e2e-migrate-sockets")  # seen by every host (/tmp is
 N1 = "/run/dunix/hosts/n1/control.sock"
 BRIDGE = "10.213.0.254"  # the machine's address on the cluster's bridge
 CLONE_NEWNET = 0x40000000
+LINES = 1000  # written while it moves n2 → n3 (about 2 s)
 KNOB = "migrate-fail-restore"  # dunix/agent/migration.py FAIL_RESTORE_KNOB
 
 CLIENT = """
@@ -61,7 +64,7 @@ JOB = '/usr/bin/python3 -c "$1" "$2" "$3" & c=$!; wait $c; echo status=$?'
 @pytest.fixture(scope="module")
 def hosts() -> Iterator[list[Any]]:
     shared_folder(WORK)
-    with running_cluster(2, alive_from="n1") as up:
+    with running_cluster(3, alive_from="n1") as up:
         yield up
 
 
@@ -143,10 +146,30 @@ def test_a_connection_carries_on_across_a_move(hosts: list[Any], kind: str) -> N
         assert f.readline() in (b"DURING n1\n", b"DURING n2\n")  # before or after the freeze
         assert ask("after") == b"AFTER n2\n"
         assert ask("x" * 1_000_000) == b"X" * 1_000_000 + b" n2\n"  # several relay chunks
-        # its connection is relayed through n1: it moves once
+
+        # on to n3 (its connection still relayed through n1) while the server writes: lines
+        # it had not read yet in n2 (its socket's queue, the relay's) are answered once,
+        # in order, from n3
+        def lines() -> None:
+            for i in range(LINES):
+                f.write(b"w%d\n" % i)
+                f.flush()
+                time.sleep(0.002)
+
+        writer = threading.Thread(target=lines)
+        writer.start()
+        dunix("migrate", str(gpid), "n3", "--control", N1, timeout=90)
+        writer.join()
+        answers = [f.readline().split() for _ in range(LINES)]
+        assert [a[0] for a in answers] == [b"W%d" % i for i in range(LINES)]
+        assert {a[1] for a in answers} <= {b"n2", b"n3"}
+        assert ask("third") == b"THIRD n3\n"
+        now = [p for p in ps() if p["gpid"] == gpid]
+        assert now and now[0]["node"] == "n3" and now[0]["moves"] == 2, now
+        # not back home: what was relayed to it unread cannot go back into the connection
         again = dunix("migrate", str(gpid), "home", "--control", N1, check=False, timeout=90)
-        assert again.returncode == 1 and "relayed through its home" in again.stderr, again
-        assert ask("still") == b"STILL n2\n"
+        assert again.returncode == 1 and "cannot move home" in again.stderr, again
+        assert ask("still") == b"STILL n3\n"
         assert ask("bye") == b"done\n"
         assert f.readline() == b""  # its shutdown(SHUT_WR) reached the server: EOF
         out, err = run.communicate(timeout=60)

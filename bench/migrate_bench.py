@@ -52,6 +52,8 @@ RESULTS = Path(__file__).parent / "results"
 IMAGES = Path("/run/dunix-bench-migrate")  # a tmpfs mounted here before the hosts exist
 #: --logs: where the criu logs (-v4, timestamped) of each post-copy move are kept
 KEEP_LOGS: Path | None = None
+#: --no-tls: the page server without CRIU's TLS (only to see what TLS costs)
+PAGES_TLS = True
 CRIU = swrk.default_binary()  # the criu scripts/setup.sh built
 
 # Touches SIZE MiB, then counts; detached (own session, stdio on /dev/null) so that CRIU
@@ -193,7 +195,7 @@ def lazy_once(n1: HostInfo, n2: HostInfo, mib: int) -> dict[str, float]:
             kfd = os.open(keys, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 lazy.write_keys(lazy.make_keys(), kfd)
-                tls = lazy.tls_files(kfd)
+                tls = lazy.tls_files(kfd) if PAGES_TLS else None
                 port = lazy.free_port()
                 target = driver.HostTarget.simulated(
                     dst, cgroups=n2.cgroup, lazy_from=(n1.address, port, tls)
@@ -352,14 +354,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--cpu-quota", type=float, default=None, help="hosts' CPU quota")
     ap.add_argument("--logs", type=Path, help="keep each post-copy move's criu logs here")
     ap.add_argument("--out", default="migrate.json", help="file name in bench/results")
+    ap.add_argument("--no-tls", action="store_true", help="post-copy pages without TLS")
     args = ap.parse_args(argv)
     sizes = [16, 256] if args.quick else [int(s) for s in args.sizes.split(",")]
     rounds = 1 if args.quick else args.rounds
     kinds = tuple(k for k in args.kinds.split(",") if k)
     if unknown := set(kinds) - set(KINDS):
         ap.error(f"unknown kinds: {', '.join(sorted(unknown))}")
-    global KEEP_LOGS
-    KEEP_LOGS = args.logs
+    global KEEP_LOGS, PAGES_TLS
+    KEEP_LOGS, PAGES_TLS = args.logs, not args.no_tls
     say(f"taking {LOCK} (one simulated cluster per machine)")
     rows = measure(sizes, rounds, kinds, args.cpu_quota)
     print(table(rows))

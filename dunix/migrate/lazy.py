@@ -157,7 +157,7 @@ class LazyDaemon:
         *,
         command: swrk.CriuCommand | None = None,
         log_file: str = "lazy-pages.log",
-        log_level: int = 4,
+        log_level: int = swrk.LOG_LEVEL,
     ) -> LazyDaemon:
         command = command or swrk.CriuCommand()
         await swrk.ensure_kdat_cache(command.binary)
@@ -204,9 +204,10 @@ class LazyDaemon:
 
     def pages_in_after(self) -> float | None:
         """Seconds from the daemon's start until its last page was copied in, from its
-        log ("UFFD transferred pages", criu/uffd.c; needs log level 4). Its exit comes
-        later: saying goodbye to the page server waits out TCP_CORK (both sockets are
-        corked, the close message is small: ~0.2 s each way)."""
+        log: "Disconnect from the page server" (info, criu/page-xfer.c), logged once every
+        page is in, or the debug-level "UFFD transferred pages" (criu/uffd.c). Its exit
+        comes later: saying goodbye to the page server waits out TCP_CORK (both sockets
+        are corked, the close message is small: ~0.2 s each way)."""
         try:
             fd = os.open(self.log_file, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.images_dir_fd)
         except OSError:
@@ -214,7 +215,9 @@ class LazyDaemon:
         last = None
         with os.fdopen(fd, "r", errors="replace") as f:
             for ln in f:
-                if "UFFD transferred pages" in ln and ln.startswith("("):
+                if ln.startswith("(") and (
+                    "UFFD transferred pages" in ln or "Disconnect from the page server" in ln
+                ):
                     last = float(ln[1 : ln.index(")")])
         return last
 

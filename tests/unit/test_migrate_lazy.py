@@ -156,3 +156,20 @@ def test_a_broken_transfer_is_reported(setup: Setup) -> None:
 
     transfer = trio.run(main)
     assert transfer.error is not None and "transfer FAILED" in transfer.error
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "(12.490528) page-xfer: Disconnect from the page server",  # info (-v3)
+        "(12.490528) uffd: 4-13: UFFD transferred pages: (262453/262453)",  # debug (-v4)
+    ],
+)
+def test_last_page_time_from_the_daemon_log(tmp_path: Path, line: str) -> None:
+    (tmp_path / "lazy-pages.log").write_text(f"(00.000001) CRIU run id\n{line}\n(12.9) Exit\n")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        daemon = lazy.LazyDaemon(None, fd, "lazy-pages.log")  # type: ignore[arg-type]
+        assert daemon.pages_in_after() == pytest.approx(12.490528)
+    finally:
+        os.close(fd)

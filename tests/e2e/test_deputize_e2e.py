@@ -29,7 +29,7 @@ import pytest
 import trio
 
 from tests.e2e.conftest import exclusive_cluster, require_root, wait_for
-from tests.unit.tracer_harness import FakeAgent, build_native
+from tests.unit.tracer_harness import FakeAgent, build_native, split_packet
 
 pytestmark = pytest.mark.e2e
 
@@ -145,7 +145,7 @@ class TracerInHost:
     def _read(self) -> None:
         while data := self.sock.recv(65536):
             with self.cond:
-                self.messages.append(tuple(data.decode().split("\0")))
+                self.messages.extend(split_packet(data))
                 self.cond.notify_all()
 
     def send(self, *fields: str | int) -> None:

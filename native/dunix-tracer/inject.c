@@ -143,6 +143,10 @@ int inject_exec(struct tracee *t, const char *path, char *const argv[], char *co
 		snprintf(err, errsize, "not a 64-bit process");
 		return -1;
 	}
+	if (exec_event(t, 1) < 0) { /* its exec event reports the deputy (place.c) */
+		snprintf(err, errsize, "cannot set its options: %s", strerror(errno));
+		return -1;
+	}
 	int mem = mem_open(pid);
 	if (mem < 0) {
 		snprintf(err, errsize, "cannot open its memory: %s", strerror(errno));

@@ -262,14 +262,49 @@ static int redirect(pid_t pid, struct user_regs_struct *r, int is_at)
 	return ptrace(PTRACE_SETREGS, pid, NULL, r) < 0 ? -1 : 0;
 }
 
+/* Its options with or without TRACEEXEC (children inherit them: kept in the table). */
+int exec_event(struct tracee *t, int on)
+{
+	if (!t->opts_unknown && t->quiet_exec == !on)
+		return 0;
+	long opts = TRACE_OPTIONS & ~(on ? 0 : PTRACE_O_TRACEEXEC);
+	if (ptrace(PTRACE_SETOPTIONS, t->pid, NULL, (void *)opts) < 0)
+		return -1;
+	t->quiet_exec = !on;
+	t->opts_unknown = 0;
+	return 0;
+}
+
+static int place(struct tracee *t, pid_t pid);
+
+/*
+ * A plain local exec by a process's leader needs no exec event: it is reported here, at
+ * its seccomp stop, and runs without a second stop (one stop fewer per command of a
+ * fork-heavy script). Only when the file is there and executable (a failed exec is not
+ * reported; execvp tries every PATH entry); if it still fails (ENOEXEC, a bad ELF), the
+ * agent's table names a program that did not start, until the next (ps reads /proc).
+ * Remote, a deputy's, an injected or a thread's exec keep the event: the table changes
+ * there (deputy, a thread taking the leader's pid).
+ */
 void on_exec_stop(pid_t pid)
 {
 	struct tracee *t = tracee_find(pid);
 	if (!t)
 		t = tracee_meet(pid);
+	int quiet = place(t, pid) && t->path && !t->remote && !t->deputy && t->pid == t->tgid &&
+		    !t->injected && t->want == WANT_NONE;
+	if (exec_event(t, !quiet) == 0 && quiet)
+		emit_pid_later("exec", pid, t->path);
+	else if (quiet) /* still traced with the event: reported there */
+		exec_event(t, 1);
+}
+
+/* Local or remote; 1 for a local exec of a file that is there and executable. */
+static int place(struct tracee *t, pid_t pid)
+{
 	struct user_regs_struct r;
 	if (ptrace(PTRACE_GETREGS, pid, NULL, &r) < 0)
-		return;
+		return 0;
 	int is_at = r.orig_rax == __NR_execveat;
 	long dirfd = is_at ? (long)(int)r.rdi : AT_FDCWD;
 	int empty_path = is_at && (r.r8 & AT_EMPTY_PATH);
@@ -278,21 +313,22 @@ void on_exec_stop(pid_t pid)
 	t->path = NULL;
 	t->remote = 0;
 	if (read_string(pid, is_at ? r.rsi : r.rdi, path, sizeof path) < 0)
-		return; /* the kernel will fail this exec (EFAULT, ENAMETOOLONG) */
+		return 0; /* the kernel will fail this exec (EFAULT, ENAMETOOLONG) */
 	t->path = strdup(path);
 	if (t->deputy)
-		return; /* a deputy running its program here after all (`local`), or a first exec
+		return 0; /* a deputy running its program here after all (`local`), or a first exec
 			 * placed here already (--first-local); cleared by the exec event */
 
 	read_agent(); /* decide with the latest table, even if its SIGCHLD came first */
 	int slot = pick_slot();
 	if (slot < 0 && spill_armed())
 		slot = pick_spill(running_besides(pid));
-	if (slot < 0 || !exec_target_ok(pid, dirfd, path, empty_path))
-		return;
+	int target_ok = exec_target_ok(pid, dirfd, path, empty_path);
+	if (slot < 0 || !target_ok)
+		return target_ok;
 	if (spill_is_home(slot)) { /* the home's share of the burst */
 		use_slot(slot);
-		return;
+		return 1;
 	}
 	char why[PATH_MAX + 32], abs[PATH_MAX];
 	const char *reason = unmovable_reason(pid, why, sizeof why);
@@ -304,11 +340,12 @@ void on_exec_stop(pid_t pid)
 		reason = "cannot rewrite the exec";
 	if (reason) {
 		emit_pid_later("unmovable", pid, reason);
-		return;
+		return 1;
 	}
 	t->remote = 1;
 	char p[16];
 	snprintf(p, sizeof p, "%d", pid);
 	emit("remote", p, use_slot(slot), abs, (char *)NULL); /* before the deputy runs */
+	return 0;
 }
 

@@ -139,6 +139,7 @@ struct tracee *tracee_meet(pid_t pid)
 		tgid = pid;
 	struct tracee *t = tracee_add(pid, tgid);
 	t->fresh = 1;
+	t->opts_unknown = 1;
 	inherit_want(t);
 	if (tgid == pid && ppid > 0) {
 		char p[16], c[16];
@@ -167,6 +168,8 @@ static void on_new_task(pid_t parent, pid_t child, int event)
 		tgid = child;
 	struct tracee *t = tracee_add(child, tgid);
 	t->fresh = 1;
+	t->quiet_exec = pt ? pt->quiet_exec : 0; /* the options are copied at fork */
+	t->opts_unknown = pt ? pt->opts_unknown : 1;
 	inherit_want(t);
 	if (tgid == child) {
 		char p[16], c[16];
@@ -204,6 +207,8 @@ static void on_exec_event(pid_t pid)
 		free(t->path);
 		t->path = path;
 		t->remote = remote;
+		t->quiet_exec = 0; /* the exec-ing thread's options: with the event */
+		t->opts_unknown = 0;
 	}
 	if (!t)
 		t = tracee_meet(pid);

@@ -37,6 +37,8 @@ struct tracee {
 	int cont_after; /* the group was stopped when the exec was injected: SIGCONT after */
 	char *node;   /* WANT_DEPUTIZE: the peer the process went to */
 	void *saved;  /* registers before the injection, to undo a failed exec */
+	int quiet_exec;   /* its ptrace options lack TRACEEXEC (place.c: plain local execs) */
+	int opts_unknown; /* met before its parent's event: options not known */
 };
 
 /* dunix-tracer.c */
@@ -80,6 +82,7 @@ void place_init(const char *deputy);
 void on_exec_stop(pid_t pid);
 const char *deputy_path(void);        /* NULL when there is no usable deputy */
 int write_memory(pid_t pid, unsigned long addr, const void *data, size_t len);
+int exec_event(struct tracee *t, int on); /* TRACEEXEC on or off for it; 0 when done */
 
 /* control.c: the agent's `release`, `seize`, `deputize`, `hold`, `resume` */
 extern int hold_forks;                /* new processes stay at their first stop */

@@ -708,7 +708,6 @@ class RemoteService:
                 nursery.start_soon(self.agent.jobs.follow, job, tracer, req.argv[0])
                 await first.wait()
                 await self.links.send(home, RemoteStarted(req.job, req.home_pid, guest.pid))
-                self._warm_up()
                 await job.finished.wait()
                 status = job.status if job.status is not None else status
                 if not guest.orphaned:
@@ -739,6 +738,9 @@ class RemoteService:
             except DunixError as exc:
                 log.warning("exit of %s/%d to %s, try %d: %s", req.job, req.home_pid, home,
                             attempt, exc)  # fmt: skip
+        # the next guest's tracer: started now, it takes no CPU from this one's program
+        # (a 0.5-CPU host) and is ready long before a sequential job's next remote exec
+        self._warm_up()
 
     def _warm_up(self) -> None:
         """Have a tracer ready for the next guest (off the path of this one's start)."""

@@ -22,6 +22,7 @@ PACKAGES=(
     libnl-3-dev libnet1-dev libcap-dev libbsd-dev uuid-dev libgnutls28-dev libnftables-dev
     libdrm-dev
     libfuse3-dev fuse3
+    libssl-dev
     fio iperf3
 )
 

@@ -36,7 +36,7 @@ from dunix.agent.jobs import Job, Proc
 from dunix.agent.storage import storagefs_cwd
 from dunix.agent.tracer import JobContext, Started, Stopped, Tracer, WarmTracer, WentRemote
 from dunix.errors import DunixError, PeerUnreachable
-from dunix.fdmove import StreamEndpoint, StreamHub, odd_side
+from dunix.fdmove import BulkRelay, StreamEndpoint, StreamHub, odd_side
 from dunix.fdmove.deputy import DeputyConnection
 from dunix.fdmove.inventory import (
     FdInfo,
@@ -135,6 +135,12 @@ class JobLinks:
         if hub is not None:
             hub.link_lost()
 
+    def _bulk(self, peer: str) -> BulkRelay | None:
+        """The native relay for this link's big streams (dunix/fdmove/bulk.py)."""
+        with contextlib.suppress(DunixError):
+            return BulkRelay.for_link(self.agent.config.address, self.address_of(peer))
+        return None
+
     async def hub(self, peer: str) -> StreamHub:
         # one at a time per peer: two tasks (a guest starting, a stream message arriving)
         # would each make a hub across the await, and streams opened on the one replaced
@@ -146,7 +152,8 @@ class JobLinks:
                 async def send(msg: Any) -> None:
                     await self.send(peer, msg)
 
-                hub = StreamHub(send, odd=odd_side(self.agent.config.name, peer))
+                odd = odd_side(self.agent.config.name, peer)
+                hub = StreamHub(send, odd=odd, bulk=self._bulk(peer))
                 await self.nursery.start(hub.run)
                 self.hubs[peer] = hub
         return hub

@@ -34,6 +34,7 @@ on the peer, ``os.dup`` of the duplicate at home). ``await endpoint.wait()`` ret
 ``Outcome`` once the endpoint has closed its fd; ``endpoint.stop()`` ends it early.
 """
 
+from dunix.fdmove.bulk import BulkRelay
 from dunix.fdmove.relay import (
     DEFAULT_CHUNK,
     PIPE_SIZE,
@@ -51,6 +52,7 @@ from dunix.fdmove.streams import (
     Event,
     Role,
     State,
+    StreamBulk,
     StreamCredit,
     StreamData,
     StreamEnd,
@@ -72,11 +74,13 @@ __all__ = [
     "STREAM_MESSAGES",
     "STREAM_MIN_READ",
     "TRANSITIONS",
+    "BulkRelay",
     "Event",
     "Outcome",
     "Role",
     "Send",
     "State",
+    "StreamBulk",
     "StreamCredit",
     "StreamData",
     "StreamEnd",

@@ -27,6 +27,10 @@ duplicates from ``pidfd_getfd``). Setting ``O_NONBLOCK`` on a shared description
 change it for them too (a user's terminal left non-blocking), so with ``shared=True`` a
 pipe, FIFO or tty is reopened through ``/proc/self/fd/N``, which gives a new description
 of the same pipe or device (proc(5)), and sockets are used with ``MSG_DONTWAIT``.
+
+A hub given a ``BulkRelay`` hands a pipe's stream that has carried ``BulkRelay.after``
+bytes to the native relay (``dunix.fdmove.bulk``): the endpoint then only waits for its
+relay process, keeping its own copy of the fd until it exits.
 """
 
 from __future__ import annotations
@@ -48,10 +52,13 @@ from collections.abc import Awaitable, Callable, Iterable
 import trio
 
 from dunix.errors import DunixError
+from dunix.fdmove import bulk as _bulk
+from dunix.fdmove.bulk import BulkRelay
 from dunix.fdmove.streams import (
     DEFAULT_WINDOW,
     STREAM_MESSAGES,
     State,
+    StreamBulk,
     StreamData,
     StreamMessage,
     StreamMux,
@@ -72,6 +79,9 @@ PIPE_SIZE = 1024 * 1024
 #: pull mode: the longest pause between two looks for a blocked reader
 PROBE_MAX = 0.05
 PROBE_FIRST = 0.0005
+#: a handed-over sender whose receiver said it is gone: how long its relay may take to
+#: notice by itself before it is killed (it never got a connection, say)
+RELAY_GRACE = 1.0
 
 Send = Callable[[StreamMessage], Awaitable[None]]
 #: pull mode: bytes wanted by readers blocked on the pipe ``(st_dev, st_ino)``
@@ -235,6 +245,7 @@ class StreamEndpoint:
         self._opening: list[StreamMessage] = []  # a receiver's opening credit
         self._demand: Demand | None = None  # a pull-mode receiver's look at its readers
         self._idle = False  # a pulled sender waits for data or a grant, whichever is first
+        self._handover: StreamBulk | None = None  # receiver: the sender's StreamBulk
 
     def __repr__(self) -> str:
         kind = "sender" if self.sending else "receiver"
@@ -255,6 +266,8 @@ class StreamEndpoint:
         """A close-on-exec duplicate of the local fd, e.g. to relay it again elsewhere once
         this endpoint has ended (a migrated process's stream, dunix/agent/migration.py)."""
         fd = self._io.sock.fileno() if self._io.sock is not None else self._io.fd
+        if fd < 0:  # closed already: the endpoint is ending
+            raise OSError(errno.EBADF, f"stream {self.stream}: its fd is closed")
         return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0)
 
     def stop(self) -> None:
@@ -346,6 +359,10 @@ class StreamEndpoint:
                 await self._send_all(mux.local_eof(stream))
                 return Outcome.LOST if self._lost else Outcome.EOF
             await self._send_all(mux.read(stream, data))
+            if self._may_hand_over():
+                outcome = await self._run_bulk_sender()
+                if outcome is not None:
+                    return outcome
         if info.state is State.PEER_GONE:
             self._io.shutdown(socket.SHUT_RD)  # before the close: our other fd may hold it
         self._close()
@@ -356,6 +373,65 @@ class StreamEndpoint:
             return Outcome.PEER_GONE
         await self._send_all(mux.local_eof(stream))  # stopped by the agent
         return Outcome.STOPPED
+
+    def _may_hand_over(self) -> bool:
+        bulk, info = self.hub.bulk, self.hub.mux.info(self.stream)
+        return (
+            bulk is not None and self._io.fifo and self._io.sock is None and self._io.fd >= 0
+            and info.sent >= bulk.after and info.state is State.OPEN and not info.want
+            and (not info.pull or info.served > 0) and not (self._lost or self._stopping)
+        )  # fmt: skip
+
+    async def _run_bulk_sender(self) -> Outcome | None:
+        """Hand the rest of the stream to the native relay; None if it could not start
+        (the stream goes on here)."""
+        assert self.hub.bulk is not None
+        mux, stream = self.hub.mux, self.stream
+        try:
+            proc, address, key = await self.hub.bulk.start_sender(stream, self._io.fd)
+        except OSError as exc:
+            log.warning("stream %d: the native relay did not start: %s", stream, exc)
+            return None
+        if not self._may_hand_over():  # the peer went away, or we stop, while it started
+            await _bulk.stop(proc)
+            return None
+        log.info("stream %d: handed over to the native relay %d at %s", stream, proc.pid, address)
+        await self._send_all(mux.bulk(stream, address, key))
+        status = await self._wait_relay(proc)
+        self._close()
+        info = mux.info(stream)
+        if self._lost:
+            return Outcome.LOST
+        if info.state is State.PEER_GONE:  # its final word may come before our relay's exit
+            await self._send_all(mux.finish(stream))
+        else:
+            await self._send_all(mux.local_eof(stream))
+        if self._stopping:
+            return Outcome.STOPPED
+        if status not in (_bulk.DONE, _bulk.PEER_GONE):
+            log.warning("stream %d: relay %d ended with %s", stream, proc.pid, status)
+        return Outcome.EOF if status == _bulk.DONE else Outcome.PEER_GONE
+
+    async def _wait_relay(self, proc: trio.Process) -> int:
+        """Wait for a relay's exit; kill it when the agent stops the endpoint, the link is
+        lost, or (a sender) the receiver is gone and the relay did not notice in time."""
+        status: list[int] = []
+        async with trio.open_nursery() as nursery:
+
+            async def reap() -> None:
+                status.append(await proc.wait())
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(reap)
+            info = self.hub.mux.info(self.stream)
+            while not (self._stopping or self._lost or info.state is State.PEER_GONE):
+                await self._wait_changed()
+            if not (self._stopping or self._lost):
+                await trio.sleep(RELAY_GRACE)
+            nursery.cancel_scope.cancel()
+        if not status:
+            status.append(await _bulk.stop(proc))
+        return status[0]
 
     async def _wait_pulled(self) -> bool:
         """A pulled sender with no grant: wait for data (then say ``StreamReady``), EOF
@@ -444,6 +520,8 @@ class StreamEndpoint:
                     self._chunks[0] = head[written:]
                 await self._send_all(mux.written(stream, written))
                 continue
+            if info.state is State.BULK:
+                return await self._run_bulk_receiver()
             if info.state is State.DRAINING:
                 self._io.shutdown(socket.SHUT_WR)
                 self._close()
@@ -462,6 +540,32 @@ class StreamEndpoint:
             pause = 0.0
             await self._wait_changed()
         return Outcome.LOST
+
+    async def _run_bulk_receiver(self) -> Outcome:
+        """All that came before the hand-over is written: the relay takes it from here."""
+        mux, stream, msg = self.hub.mux, self.stream, self._handover
+        assert msg is not None
+        bulk = self.hub.bulk or BulkRelay("")
+        try:
+            proc = await bulk.start_receiver(stream, self._io.fd, msg.address, msg.key)
+        except (OSError, DunixError) as exc:
+            log.warning("stream %d: the native relay did not start: %s", stream, exc)
+            self._close()
+            await self._send_all(mux.local_gone(stream))
+            return Outcome.LOST
+        status = await self._wait_relay(proc)
+        self._close()
+        if self._lost:
+            return Outcome.LOST
+        if mux.info(stream).state is State.DRAINING:
+            await self._send_all(mux.flushed(stream))
+        else:
+            await self._send_all(mux.local_gone(stream))
+        if self._stopping:
+            return Outcome.STOPPED
+        if status not in (_bulk.DONE, _bulk.BROKEN):
+            log.warning("stream %d: relay %d ended with %s", stream, proc.pid, status)
+        return {_bulk.DONE: Outcome.EOF, _bulk.BROKEN: Outcome.BROKEN}.get(status, Outcome.LOST)
 
     def _look_for_readers(self) -> int:
         """What a reader blocked on our pipe wants; 0 while the pipe still holds data
@@ -490,8 +594,10 @@ class StreamHub:
         window: int = DEFAULT_WINDOW,
         chunk: int = DEFAULT_CHUNK,
         first: int | None = None,
+        bulk: BulkRelay | None = None,
     ) -> None:
         self.send = send
+        self.bulk = bulk  # None: every stream stays on the channel
         # a random start: a hub made after a lost link must not reuse the old hub's ids
         start = fresh_first(odd) if first is None else first
         self.mux = StreamMux(odd=odd, window=window, first=start)
@@ -575,6 +681,9 @@ class StreamHub:
             return True  # its relay already finished; the mux only needed the final word
         if isinstance(msg, StreamData):
             endpoint._data(msg.data if info.state is State.OPEN else b"")
+        elif isinstance(msg, StreamBulk):
+            endpoint._handover = msg
+            endpoint._poke()
         else:
             endpoint._poke(cancel_io=info.state is State.PEER_GONE or endpoint._idle)
         return True

@@ -36,6 +36,13 @@ pipe, so the sender reads only what a reader on the receiving side asked for.
   holds) beyond what it read: like a local reader's own buffer, only bigger.
 * An end (EOF) needs no grant: the sender sends ``StreamEnd`` when its fd is at EOF.
 
+Hand-over (``dunix.fdmove.bulk``): a sender that has carried enough on a credited stream
+may send ``StreamBulk(address, key)`` after its last ``StreamData``: the rest of the
+stream goes on a connection of its own between two native relays. Both sides are then in
+``BULK``: credit, wants and readiness still in flight are ignored, no more ``StreamData``
+may come, and each side sends its final word (``StreamEnd``, ``StreamGone``) when its
+relay has exited, as above.
+
 Anything else from the peer (data beyond credit, credit above the window, data or an end
 for a stream nobody registered) is a ``ProtocolError``: the channel must be closed.
 
@@ -127,12 +134,26 @@ class StreamReady:
     stream: int
 
 
+@message
+@dataclass(frozen=True)
+class StreamBulk:
+    """The sender moves the rest of the stream to a connection of its own: its relay
+    listens at ``address`` (an empty host: the sender's agent address) and proves ``key``
+    (dunix.fdmove.bulk). Sent only on the agents' authenticated channel."""
+
+    stream: int
+    address: str
+    key: bytes
+
+
 STREAM_MESSAGES: tuple[type[Any], ...] = (
     StreamData, StreamEnd, StreamGone, StreamCredit, StreamPull, StreamWant, StreamReady,
+    StreamBulk,
 )  # fmt: skip
 StreamMessage = (
     StreamData | StreamEnd | StreamGone | StreamCredit | StreamPull | StreamWant | StreamReady
-)
+    | StreamBulk
+)  # fmt: skip
 
 
 class Role(enum.Enum):
@@ -148,6 +169,7 @@ class State(enum.Enum):
     DRAINING = "draining"  # receiver: got StreamEnd, still writing out what it holds
     GONE = "gone"  # receiver: sent StreamGone (EPIPE or stopped), waits for StreamEnd
     CLOSED = "closed"  # both final messages exchanged; forgotten
+    BULK = "bulk"  # the bytes go on a connection of their own (StreamBulk)
 
 
 class Event(enum.Enum):
@@ -162,6 +184,8 @@ class Event(enum.Enum):
     LOCAL_GONE = "local-gone"  # receiver's fd refused a write (EPIPE), or the agent stops it
     FLUSHED = "flushed"  # receiver wrote out everything after the end
     FINISH = "finish"  # sender closed its fd after the peer went away
+    BULK = "bulk"  # StreamBulk received
+    LOCAL_BULK = "local-bulk"  # the sender hands the stream to its native relay
 
 
 #: (role, state, event) -> next state; a pair missing here is a protocol error if the
@@ -191,10 +215,22 @@ TRANSITIONS: Mapping[tuple[Role, State, Event], State] = {
     (Role.RECEIVE, State.GONE, Event.DATA): State.GONE,  # was in flight; dropped
     (Role.RECEIVE, State.GONE, Event.END): State.CLOSED,
     (Role.RECEIVE, State.GONE, Event.LOCAL_GONE): State.GONE,
+    # the hand-over; a bulk side's end is LOCAL_EOF / LOCAL_GONE once its relay exited
+    (Role.SEND, State.OPEN, Event.LOCAL_BULK): State.BULK,
+    (Role.SEND, State.BULK, Event.CREDIT): State.BULK,  # sent before the hand-over
+    (Role.SEND, State.BULK, Event.WANT): State.BULK,
+    (Role.SEND, State.BULK, Event.GONE): State.PEER_GONE,
+    (Role.SEND, State.BULK, Event.LOCAL_EOF): State.ENDED,
+    (Role.RECEIVE, State.OPEN, Event.BULK): State.BULK,
+    (Role.RECEIVE, State.GONE, Event.BULK): State.GONE,  # crossed our StreamGone
+    (Role.RECEIVE, State.BULK, Event.READY): State.BULK,
+    (Role.RECEIVE, State.BULK, Event.END): State.DRAINING,
+    (Role.RECEIVE, State.BULK, Event.LOCAL_GONE): State.GONE,
 }
 
 _FROM_PEER = {
     Event.CREDIT, Event.DATA, Event.END, Event.GONE, Event.PULL, Event.WANT, Event.READY,
+    Event.BULK,
 }  # fmt: skip
 
 
@@ -382,7 +418,18 @@ class StreamMux:
         info = self._local(stream, Role.SEND)
         before = info.state
         self._move(info, Event.LOCAL_EOF)
-        return [StreamEnd(stream)] if before is State.OPEN else []
+        return [StreamEnd(stream)] if before in (State.OPEN, State.BULK) else []
+
+    def bulk(self, stream: int, address: str, key: bytes) -> list[StreamMessage]:
+        """The sender hands the stream to its relay listening at ``address``: the
+        ``StreamBulk`` to send. Only on a credited stream (not while a pull reader's
+        want is served read by read) with nothing wanted."""
+        info = self._local(stream, Role.SEND)
+        if info.state is not State.OPEN or info.want or (info.pull and not info.served):
+            raise RuntimeError(f"stream {stream}: no hand-over while {info.state.value}")
+        self._move(info, Event.LOCAL_BULK)
+        info.credit = 0
+        return [StreamBulk(stream, address, key)]
 
     def finish(self, stream: int) -> list[StreamMessage]:
         """The sender closed its fd after ``StreamGone``: its final ``StreamEnd``."""
@@ -478,12 +525,16 @@ class StreamMux:
             self._data(info, len(msg.data))
         elif isinstance(msg, StreamEnd):
             self._move(info, Event.END)
+        elif isinstance(msg, StreamBulk):
+            self._move(info, Event.BULK)
         else:
             self._move(info, Event.GONE)
 
     def _credit(self, info: StreamInfo, nbytes: int) -> None:
         if nbytes <= 0:
             raise ProtocolError(f"stream {info.id}: credit of {nbytes}")
+        if info.state is State.BULK:
+            return self._move(info, Event.CREDIT)
         opening = info.state is State.WAITING
         self._move(info, Event.CREDIT)
         info.ready = False
@@ -507,6 +558,8 @@ class StreamMux:
         info.window, info.credit, info.pull = window, 0, True
 
     def _want(self, info: StreamInfo, nbytes: int) -> None:
+        if info.state is State.BULK and 0 < nbytes <= info.window:
+            return self._move(info, Event.WANT)
         if not info.pull or info.want or info.credit or not 0 < nbytes <= info.window:
             raise ProtocolError(
                 f"stream {info.id}: want of {nbytes} (pull {info.pull}, want {info.want}, "

@@ -17,7 +17,9 @@ import trio
 
 from dunix.errors import PeerUnreachable, ProtocolError
 from dunix.fdmove import (
+    BulkRelay,
     Outcome,
+    Send,
     StreamData,
     StreamHub,
     StreamMessage,
@@ -48,19 +50,34 @@ def run(fn: Callable[[], Awaitable[None]], timeout: float = 60) -> None:
 
 @contextlib.asynccontextmanager
 async def linked_hubs(
-    window: int | None = None, chunk: int | None = None, buffer: int = 8
+    window: int | None = None,
+    chunk: int | None = None,
+    buffer: int = 8,
+    *,
+    bulk: BulkRelay | None = None,
+    seen: list[StreamMessage] | None = None,
 ) -> AsyncIterator[tuple[StreamHub, StreamHub]]:
-    """Two hubs whose links are in-memory channels, each pumped into the other's deliver."""
+    """Two hubs whose links are in-memory channels, each pumped into the other's deliver;
+    ``bulk``: both hand big streams over (test_bulk.py); ``seen`` gets every message."""
     kwargs: dict[str, int] = {}
     if window is not None:
         kwargs["window"] = window
     if chunk is not None:
         kwargs["chunk"] = chunk
+
+    def sender(channel: trio.MemorySendChannel[StreamMessage]) -> Send:
+        async def send(msg: StreamMessage) -> None:
+            if seen is not None:
+                seen.append(msg)
+            await channel.send(msg)
+
+        return send
+
     async with trio.open_nursery() as nursery:
         to_b, from_a = trio.open_memory_channel[StreamMessage](buffer)
         to_a, from_b = trio.open_memory_channel[StreamMessage](buffer)
-        a = StreamHub(to_b.send, odd=True, **kwargs)
-        b = StreamHub(to_a.send, odd=False, **kwargs)
+        a = StreamHub(sender(to_b), odd=True, bulk=bulk, **kwargs)
+        b = StreamHub(sender(to_a), odd=False, bulk=bulk, **kwargs)
 
         async def pump(source: trio.MemoryReceiveChannel[StreamMessage], hub: StreamHub) -> None:
             async for msg in source:
@@ -441,11 +458,13 @@ def test_public_names_are_pinned() -> None:
             "STREAM_MESSAGES",
             "STREAM_MIN_READ",
             "TRANSITIONS",
+            "BulkRelay",
             "Event",
             "Outcome",
             "Role",
             "Send",
             "State",
+            "StreamBulk",
             "StreamCredit",
             "StreamData",
             "StreamEnd",

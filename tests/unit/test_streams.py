@@ -15,6 +15,7 @@ from dunix.fdmove import (
     Event,
     Role,
     State,
+    StreamBulk,
     StreamCredit,
     StreamData,
     StreamEnd,
@@ -62,7 +63,7 @@ def test_ids_have_the_sides_parity_and_never_repeat() -> None:
 def test_messages_cross_the_wire() -> None:
     sent = (
         StreamData(3, b"\0" * 10), StreamEnd(3), StreamGone(3), StreamCredit(3, 7),
-        StreamPull(3, 9), StreamWant(3, 5), StreamReady(3),
+        StreamPull(3, 9), StreamWant(3, 5), StreamReady(3), StreamBulk(3, "10.0.0.1:5", b"k"),
     )  # fmt: skip
     for msg in sent:
         assert decode(encode(msg)) == msg
@@ -404,3 +405,51 @@ def test_a_pull_opening_before_the_sender_registers_is_kept() -> None:
     info = sender.info(7)
     assert info.state is State.OPEN and info.pull and info.window == 50
     assert sender.sendable(7) == 0 and info.in_flight == 0
+
+
+# -- the hand-over to a native relay (dunix.fdmove.bulk) -----------------------------------
+
+
+def test_a_handed_over_stream_ignores_credit_in_flight_and_ends_with_both_final_words() -> None:
+    sender, receiver, s = opened()
+    feed(receiver, sender.read(s, b"x" * 300))
+    late = receiver.written(s, 300)  # credit on its way while the sender hands over
+    assert sender.bulk(s, "10.0.0.1:7", b"key") == [StreamBulk(s, "10.0.0.1:7", b"key")]
+    assert sender.sendable(s) == 0 and sender.info(s).state is State.BULK
+    feed(sender, late)  # ignored
+    feed(receiver, [StreamBulk(s, "10.0.0.1:7", b"key")])
+    assert receiver.info(s).state is State.BULK
+    assert receiver.written(s, 0) == []  # no credit after the hand-over
+    # the receiver's relay exits first: its final word, then the sender's
+    gone = receiver.local_gone(s)
+    assert gone == [StreamGone(s)]
+    feed(sender, gone)
+    assert sender.info(s).state is State.PEER_GONE
+    end = sender.finish(s)
+    assert end == [StreamEnd(s)] and s not in sender
+    feed(receiver, end)
+    assert s not in receiver
+
+
+def test_a_handed_over_sender_may_end_first() -> None:
+    sender, receiver, s = opened()
+    feed(receiver, sender.bulk(s, ":7", b"key"))
+    end = sender.local_eof(s)
+    assert end == [StreamEnd(s)] and sender.info(s).state is State.ENDED
+    feed(receiver, end)
+    assert receiver.info(s).state is State.DRAINING
+    feed(sender, receiver.flushed(s))
+    assert s not in sender and s not in receiver
+
+
+def test_no_data_after_a_hand_over_and_none_for_a_pull_reader_served_read_by_read() -> None:
+    sender, receiver, s = opened()
+    feed(receiver, sender.bulk(s, ":7", b"key"))
+    with pytest.raises(ProtocolError):
+        receiver.receive(StreamData(s, b"late"))
+    pulled, far = pair()
+    p = pulled.allocate()
+    pulled.open_sender(p)
+    feed(pulled, far.open_receiver(p, pull=True))
+    with pytest.raises(RuntimeError):
+        pulled.bulk(p, ":7", b"key")

@@ -84,8 +84,11 @@ def find_cgroup(proc_cgroup: Path = Path("/proc/self/cgroup")) -> CgroupView:
     return CgroupView(None, system_cpus)
 
 
-def count_runnable(threads_file: Path, exclude: set[int]) -> int:
-    """Threads of the cgroup in state R, not counting ``exclude`` (the sampler itself)."""
+def count_runnable(threads_file: Path, exclude: set[int], parent: int | None = None) -> int:
+    """Threads of the cgroup in state R, not counting ``exclude`` (the sampler itself) nor
+    the threads of ``parent``'s children (the agent's helpers: a job's tracer is R while it
+    starts, which made a home that planned a new job count it as work and send the job's
+    first process away)."""
     try:
         tids = threads_file.read_text().split()
     except OSError:
@@ -98,8 +101,10 @@ def count_runnable(threads_file: Path, exclude: set[int]) -> int:
             stat = Path(f"/proc/{tid}/stat").read_text()
         except OSError:
             continue  # exited between the two reads
-        # the state follows the parenthesised command, which may itself hold ") "
-        if stat[stat.rindex(")") + 2] == "R":
+        # the state follows the parenthesised command, which may itself hold ") ";
+        # then comes the parent's pid (of the thread's process)
+        fields = stat[stat.rindex(")") + 2 :].split(" ", 2)
+        if fields[0] == "R" and (parent is None or int(fields[1]) != parent):
             running += 1
     return running
 
@@ -128,7 +133,7 @@ class LoadSampler:
         if self.view.threads_file is None:
             return max(0, len(_system_runnable()) - 1)
         self._self_tids = {int(t) for t in os.listdir("/proc/self/task")}
-        return count_runnable(self.view.threads_file, self._self_tids)
+        return count_runnable(self.view.threads_file, self._self_tids, os.getpid())
 
     def fresh_runnable(self, now: float, fresh_age: float = 0.05) -> int:
         """Runnable threads here, counted at most ``fresh_age`` seconds before ``now``

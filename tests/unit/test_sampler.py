@@ -68,9 +68,13 @@ def test_fresh_runnable_counts_again_only_when_older_than_asked(tmp_path: Path) 
     tasks.write_text("")
     sampler = LoadSampler(CgroupView(tasks, 0.5))
     assert sampler.fresh_runnable(10.0) == 0
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    # a grandchild: the sampler leaves its own children out (the agent's helpers)
+    shell = f"{sys.executable} -c 'while True: pass' & echo $!; wait"
+    busy = subprocess.Popen(["sh", "-c", shell], stdout=subprocess.PIPE, text=True)
+    assert busy.stdout is not None
+    loop = int(busy.stdout.readline())
     try:
-        tasks.write_text(f"{busy.pid}\n")
+        tasks.write_text(f"{loop}\n")
         assert sampler.fresh_runnable(10.01, fresh_age=0.05) == 0  # the count of 10.0
         # a new count sees the busy loop (R nearly always; a few tries for a preemption)
         assert max(sampler.fresh_runnable(10.1 + k, fresh_age=0.05) for k in range(20)) == 1
@@ -78,6 +82,20 @@ def test_fresh_runnable_counts_again_only_when_older_than_asked(tmp_path: Path) 
         tasks.write_text("")
         assert sampler.fresh_runnable(40.02, fresh_age=0.05) in (0, 1)
         assert sampler.fresh_runnable(40.2, fresh_age=0.05) == 0
+    finally:
+        os.kill(loop, 9)
+        busy.wait()
+
+
+def test_the_callers_children_are_not_its_nodes_work(tmp_path: Path) -> None:
+    """The agent's helpers (a job's tracer starting) are its children: not counted."""
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        tasks = tmp_path / "tasks"
+        tasks.write_text(f"{busy.pid}\n")
+        assert max(count_runnable(tasks, set()) for _ in range(20)) == 1
+        assert count_runnable(tasks, set(), parent=os.getpid()) == 0
+        assert LoadSampler(CgroupView(tasks, 0.5)).runnable() == 0
     finally:
         busy.kill()
         busy.wait()

@@ -893,15 +893,29 @@ async def flush(endpoints: list[StreamEndpoint], idle: float = DRAIN_IDLE) -> bo
     """Wait until ``endpoints`` relayed what their process left when it ended (``_target``),
     as long as bytes move (a slow reader at the far end), however long; False once none
     moved for ``idle`` seconds. Bytes written later (by a child that keeps the fd) do not
-    hold it."""
+    hold it: an endpoint that reached its target counts once it stayed there for
+    ``DRAIN_POLL`` without ending (its end is the usual sign: a sender's last send
+    is then on the link, ahead of the exit the caller sends next; a sender that counted
+    bytes may still be on its way to the link's lock for a few scheduler turns)."""
     targets = {id(e): _target(e) for e in endpoints}
+    reached: dict[int, float] = {}
     last: tuple[tuple[int, ...], ...] | None = None
     quiet_since = trio.current_time()
     while True:
-        left = [e for e in endpoints if not _flushed(e, targets.get(id(e), 0))]
+        now = trio.current_time()
+        left = []
+        for e in endpoints:
+            if not e.running or e.finished.is_set():
+                continue
+            if _flushed(e, targets.get(id(e), 0)):
+                if now - reached.setdefault(id(e), now) >= DRAIN_POLL:
+                    continue
+            else:
+                reached.pop(id(e), None)
+            left.append(e)
         if not left:
             return True
-        now, state = trio.current_time(), _progress(endpoints)
+        state = _progress(endpoints)
         if state != last:
             last, quiet_since = state, now
         elif now - quiet_since >= idle:

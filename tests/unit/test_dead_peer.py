@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import trio
 import trio.testing
 
-from dunix.agent.jobs import Job, Proc
+from dunix.agent.jobs import TRACERS_FOLDER, Job, JobService, Proc, start_time
 from dunix.agent.remote import Deputy, Guest, RemoteService
 from dunix.wire.jobs import RemoteSignal
 
@@ -101,3 +103,26 @@ def test_guests_whose_home_died_are_killed_and_send_nothing() -> None:
             assert killed == [job]
 
     trio.run(body)
+
+
+def test_a_restarted_agent_kills_the_tracers_the_dead_one_left(tmp_path: Path) -> None:
+    """Marks are (pid, start time): a live process named by one is killed, a pid that now
+    names another process (a different start time) is left alone, and marks go."""
+    agent = SimpleNamespace(config=SimpleNamespace(control=tmp_path / "control.sock"))
+    jobs = JobService.__new__(JobService)
+    jobs.agent = agent  # type: ignore[assignment]
+    left = subprocess.Popen(["sleep", "60"])
+    reused = subprocess.Popen(["sleep", "60"])
+    try:
+        assert jobs._mark(left.pid) is not None
+        start = start_time(reused.pid)
+        assert start is not None
+        (tmp_path / TRACERS_FOLDER / f"{reused.pid}-{start + 1}").touch()
+        assert jobs.sweep_leftovers() == 1
+        assert left.wait(timeout=5) == -signal.SIGKILL
+        assert reused.poll() is None
+        assert not list((tmp_path / TRACERS_FOLDER).iterdir())
+    finally:
+        for p in (left, reused):
+            p.kill()
+            p.wait()

@@ -46,8 +46,9 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from dunix.agent import lazymove
+from dunix.agent.drain import flush
 from dunix.agent.jobs import Job, Proc
-from dunix.agent.remote import Deputy, Guest, flush
+from dunix.agent.remote import Deputy, Guest
 from dunix.agent.storage import JOB_TMP_ENV, JOBS_FOLDER, job_tmp_wrapper
 from dunix.agent.tracer import JobContext, Tracer
 from dunix.errors import (

@@ -1,4 +1,4 @@
-"""``remote.flush``: a process's output is relayed after its exit as long as it moves."""
+"""``drain.flush``: a process's output is relayed after its exit as long as it moves."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import trio
 
-from dunix.agent.remote import flush
+from dunix.agent.drain import flush
 from tests.unit.test_relay import linked_hubs, read_all, run
 
 KiB = 1024

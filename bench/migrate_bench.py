@@ -287,16 +287,24 @@ KINDS = ("plain", "lazy", "raw")
 
 
 def measure(
-    sizes: list[int], rounds: int, kinds: tuple[str, ...] = KINDS, cpu_quota: float | None = None
+    sizes: list[int],
+    rounds: int,
+    kinds: tuple[str, ...] = KINDS,
+    cpu_quota: float | None = None,
+    sysctls: tuple[str, ...] = (),
 ) -> list[dict[str, Any]]:
     """``kinds``: which of the plain move, post-copy and the raw pair to run;
-    ``cpu_quota``: the hosts' CPU quota (None: unlimited)."""
+    ``cpu_quota``: the hosts' CPU quota (None: unlimited); ``sysctls``: ``KEY=VALUE``
+    set in both hosts (their network namespaces' own, e.g. net.ipv4.tcp_wmem)."""
     rows = []
     with exclusive_cluster(), tmpfs(IMAGES):
         cluster.down()
         hosts = cluster.up(2, cpu_quota, agent_argv=lambda h: ["sleep", "100000"])
         try:
             n1, n2 = hosts
+            for host in hosts:
+                for kv in sysctls:
+                    cluster.run_in(host.name, ["sysctl", "-q", "-w", kv], check=True)
             for mib in sizes:
                 say(f"{mib} MiB: {rounds} rounds of {', '.join(kinds)}")
                 row: dict[str, Any] = {"mib": mib, "cpu_quota": cpu_quota}
@@ -355,6 +363,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--logs", type=Path, help="keep each post-copy move's criu logs here")
     ap.add_argument("--out", default="migrate.json", help="file name in bench/results")
     ap.add_argument("--no-tls", action="store_true", help="post-copy pages without TLS")
+    ap.add_argument("--sysctl", action="append", default=[], help="KEY=VALUE in both hosts")
     args = ap.parse_args(argv)
     sizes = [16, 256] if args.quick else [int(s) for s in args.sizes.split(",")]
     rounds = 1 if args.quick else args.rounds
@@ -364,7 +373,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     global KEEP_LOGS, PAGES_TLS
     KEEP_LOGS, PAGES_TLS = args.logs, not args.no_tls
     say(f"taking {LOCK} (one simulated cluster per machine)")
-    rows = measure(sizes, rounds, kinds, args.cpu_quota)
+    rows = measure(sizes, rounds, kinds, args.cpu_quota, tuple(args.sysctl))
     print(table(rows))
     for r in rows:
         if "lazy" in r:

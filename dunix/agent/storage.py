@@ -38,7 +38,7 @@ import trio
 
 from dunix.agent.config import split_address
 from dunix.errors import DunixError, PeerUnreachable
-from dunix.storagefs import _syscalls, locks
+from dunix.storagefs import _syscalls, locks, passthrough
 from dunix.storagefs.bulk import BulkClient, BulkServer, locator
 from dunix.storagefs.lookup import Lookup, LookupConfig, LookupQuery, LookupReply, NameCreated
 from dunix.storagefs.peerfiles import FileMessage, FileReply, FileRequest, FileServer, PeerFiles
@@ -213,6 +213,9 @@ class StorageService:
             task_status.started()
 
     async def _start(self, nursery: trio.Nursery, mountpoint: str) -> None:
+        # first (it does not pull in libfuse3, libfuselocks does: symbols of libraries loaded
+        # after libfuse3 cannot interpose), then locks, then pyfuse3
+        passthrough.preload()  # local files' reads and writes bypass Python
         library = locks.preload()  # before pyfuse3 loads: it adds the FUSE lock handlers
         from dunix.storagefs.fs import StorageFS  # loads pyfuse3
 

@@ -53,6 +53,7 @@ import trio
 from dunix.errors import DunixError, PeerUnreachable, StoreError
 from dunix.storagefs import _syscalls
 from dunix.storagefs.lookup import LookupReply
+from dunix.storagefs.passthrough import Passthrough
 from dunix.storagefs.peerfiles import FileReply, stat_tuple
 from dunix.storagefs.remote_nodes import RemoteFile, RemoteNode, RemoteNodes
 from dunix.storagefs.replicas import FACTOR_XATTR, WHERE_XATTR, Replicas
@@ -187,6 +188,7 @@ class StorageFS(pyfuse3.Operations):
     ) -> None:
         super().__init__()
         self.replicas = replicas  # replicated files: see dunix/storagefs/replicas.py
+        self.passthrough = Passthrough()  # local files' reads and writes in the kernel
         self._rpaths: dict[int, str] = {}  # local handle -> path, of replicated files
         self.store = store
         self.resolver: RemoteResolver = resolver or NoPeers()
@@ -590,7 +592,11 @@ class StorageFS(pyfuse3.Operations):
                 path, entry.st_mode, entry.st_uid, entry.st_gid
             ):
                 self._rpaths[fh] = path
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry
+                self.passthrough.plain(entry.st_ino, fh)
+                return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry
+        # last: the handle's reply must follow (see passthrough.Passthrough.open)
+        direct = self.passthrough.open(entry.st_ino, fh, _proc(fh))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=not direct), entry
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self._remove(parent_inode, name, "unlink")
@@ -737,7 +743,12 @@ class StorageFS(pyfuse3.Operations):
             fh = os.open(_proc(fd), (flags & ~_OPEN_DROP) | os.O_CLOEXEC)
             if self.replicas is not None and self.replicas.any_owned():
                 await self._replica_open(inode, fh, flags)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+                if fh in self._rpaths:  # its writes must reach the replicas: Python's path
+                    self.passthrough.plain(inode, fh)
+                    return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+            # last: the handle's reply must follow (see passthrough.Passthrough.open)
+            direct = self.passthrough.open(inode, fh, _proc(fd))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=not direct)
 
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
         with _fuse_errors():
@@ -786,6 +797,7 @@ class StorageFS(pyfuse3.Operations):
                     log.info("storagefs: release of %s on node %d: %s", rf.path, rf.owner, exc)
                 return
             self._rpaths.pop(fh, None)
+            self.passthrough.released(fh)
             os.close(fh)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -1073,6 +1085,7 @@ class StorageFS(pyfuse3.Operations):
             if target is None:
                 raise pyfuse3.FUSEError(errno.EPERM)
             os.setxattr(target, name, value)
+            self.passthrough.xattrs_changed(inode)
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
         with _fuse_errors():
@@ -1093,6 +1106,7 @@ class StorageFS(pyfuse3.Operations):
             if target is None:
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
             os.removexattr(target, name)
+            self.passthrough.xattrs_changed(inode)
 
 
 #: the kernel's read-ahead on the mount, KiB: reads then reach us as 1 MiB requests (the
@@ -1121,6 +1135,11 @@ async def _raise_read_ahead(mountpoint: str) -> None:
             f.write(str(READ_AHEAD_KB))
     except OSError as exc:
         log.info("storagefs: read-ahead of %s stays the kernel's: %s", mountpoint, exc)
+
+
+async def _after_init(fs: StorageFS, mountpoint: str) -> None:
+    await _raise_read_ahead(mountpoint)  # returns once the kernel took the INIT reply
+    fs.passthrough.announce()
 
 
 async def serve(
@@ -1155,7 +1174,7 @@ async def serve_fs(
         async with trio.open_nursery() as nursery:
             fs.nursery = nursery
             fs.mounted = True
-            nursery.start_soon(_raise_read_ahead, os.path.abspath(mountpoint))
+            nursery.start_soon(_after_init, fs, os.path.abspath(mountpoint))
             task_status.started()
             await pyfuse3.main()
             unmounted = True  # the loop ends by itself only when the file system was unmounted

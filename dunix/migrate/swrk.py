@@ -49,11 +49,10 @@ _RECV_SIZE = 1 << 16
 #: how long a criu told to stop (socket closed) may take to roll back before SIGKILL
 _EXIT_GRACE = 30.0
 _STDERR_KEEP = 4096
-#: criu's log level for dumps, restores and lazy-pages (1 errors .. 4 debug). Info, not
-#: debug: a 1 GiB dump logs ~5,000 debug lines (one write each) while the process is
-#: frozen, and the lazy-pages daemon one per page fault. ``DUNIX_CRIU_LOG_LEVEL=4`` for
-#: the whole story.
-LOG_LEVEL = int(os.environ.get("DUNIX_CRIU_LOG_LEVEL", "3"))
+#: criu's log level for dumps, restores and lazy-pages (1 errors .. 4 debug); debug
+#: logs a line per page-pipe iov while frozen and per page fault in the lazy-pages
+#: daemon, yet level 3 made no measurable difference (bench/migrate_bench.py, README)
+LOG_LEVEL = int(os.environ.get("DUNIX_CRIU_LOG_LEVEL", "4"))
 
 
 def default_binary() -> str:

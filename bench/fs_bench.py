@@ -164,6 +164,40 @@ def fio(host: str, path: str, rw: str, mib: int) -> dict[str, Any]:
     return {"mb_per_s": part["bw_bytes"] / 1e6, "seconds": part["runtime"] / 1000}
 
 
+def host_cpu(host: str) -> tuple[float, float]:
+    """(CPU seconds used, seconds throttled by the quota) of a simulated host's cgroup so
+    far (v1 cpuacct and cpu.stat, or v2 cpu.stat); (0, 0) where neither is readable."""
+    from dunix.cluster import _cgroup
+
+    root, group = _cgroup.CGROUP_ROOT, _cgroup.GROUP
+    for stat_file, usage_key, usage_div, thr_key, thr_div in (
+        (root / "cpu" / group / host / "cpu.stat", None, 1e9, "throttled_time", 1e9),
+        (root / group / host / "cpu.stat", "usage_usec", 1e6, "throttled_usec", 1e6),
+    ):
+        try:
+            fields = dict(line.split() for line in stat_file.read_text().splitlines())
+            if usage_key is None:
+                usage = int((root / "cpuacct" / group / host / "cpuacct.usage").read_text())
+            else:
+                usage = int(fields[usage_key])
+            return usage / usage_div, int(fields.get(thr_key, 0)) / thr_div
+        except (OSError, KeyError, ValueError):
+            continue
+    return 0.0, 0.0
+
+
+def with_cpu(hosts: tuple[str, ...], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``fn``'s result plus each host's CPU seconds and quota-throttled seconds meanwhile:
+    a peer's file is CPU-bound on a host whose throttled time is high, not network-bound."""
+    before = {h: host_cpu(h) for h in hosts}
+    out = fn()
+    for h in hosts:
+        used, throttled = host_cpu(h)
+        out.setdefault("cpu_s", {})[h] = round(used - before[h][0], 3)
+        out.setdefault("throttled_s", {})[h] = round(throttled - before[h][1], 3)
+    return out
+
+
 def iperf3(client: str, server: str, seconds: int) -> dict[str, Any]:
     proc = cluster.exec_in(server, ["iperf3", "-s", "-1", "-B", address(server)],
                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -212,7 +246,10 @@ def measure_throughput(sizes: Sizes) -> dict[str, Any]:
         ("storagefs_peer_read", READER, peer_file, "read"),
     ):
         say(f"fio {label} ({mib} MiB, {host})")
-        out[label] = side(functools.partial(fio, host, path, rw, mib))
+        run = functools.partial(fio, host, path, rw, mib)
+        if label.startswith("storagefs_peer"):
+            run = functools.partial(with_cpu, (OWNER, READER), run)
+        out[label] = side(run)
     say(f"iperf3 {READER} -> {OWNER}")
     out["iperf3"] = side(lambda: iperf3(READER, OWNER, sizes.iperf_s))
     with contextlib.suppress(Failed):
@@ -310,6 +347,12 @@ def table(res: dict[str, Any]) -> str:
         lines.append(f"{label:<28}{_rate(t[ours]):>12}{_rate(t[ref]):>12}"
                      f"{_pct(_ratio(t[ours], t[ref]), goal):>18}")  # fmt: skip
     lines.append("(reference: the disk directly in n1; iperf3 n2 -> n1 for a peer-owned file)")
+    for label in ("write", "read"):
+        r = t[f"storagefs_peer_{label}"]
+        if r.get("ok") and "cpu_s" in r:
+            cpu = ", ".join(f"{h} {r['cpu_s'][h]:.2f} s (throttled {r['throttled_s'][h]:.2f} s)"
+                            for h in r["cpu_s"])  # fmt: skip
+            lines.append(f"  peer {label}: {r['seconds']:.2f} s; host CPU {cpu}")
     lines += ["", f"{'metadata, per second':<28}{'storagefs':>12}{'disk':>12}{'ratio':>18}"]
     for op in ("creates", "stats", "unlinks"):
         lines.append(f"{op:<28}{_rate(m['storagefs'], op):>12}{_rate(m['direct'], op):>12}"

@@ -6,9 +6,9 @@ attributes. It also remembers where a name was last seen after the kernel forgot
 failed revalidation makes the kernel forget), so an owner that stops answering gives EIO,
 not "no such file" (see ``StorageFS._lookup_remote``).
 
-:class:`RemoteFile` is one open file of a peer: reads are served from 1 MiB blocks
-(``peerfiles.BLOCK``), and the ``READ_AHEAD`` blocks after the one being read are fetched in
-the background.
+:class:`RemoteFile` is one open file of a peer: reads are served from blocks of ``FETCH``
+bytes (4 MiB), and the ``READ_AHEAD`` blocks after the one being read are fetched in the
+background.
 """
 
 from __future__ import annotations
@@ -25,9 +25,12 @@ from dunix.storagefs.peerfiles import BLOCK, FileReply
 
 #: how many peer names a host remembers the owner of (a dead owner then gives EIO)
 LAST_OWNERS = 100_000
-#: blocks fetched ahead of the one being read, so the owner works while we copy (with the
+#: bytes per read of a peer's file (4 requests' worth of the kernel's 1 MiB: each fetch
+#: costs a task and a thread hop here, which the bigger unit pays for once per 4 MiB)
+FETCH = 4 * BLOCK
+#: fetch units asked ahead of the one being read, so the owner works while we copy (with the
 #: bulk lane each runs on a connection of its own, so the owner reads them in parallel)
-READ_AHEAD = 4
+READ_AHEAD = 2
 
 
 @dataclass
@@ -159,16 +162,16 @@ class RemoteFile:
         """``size`` bytes at ``off``; ``call`` is ``OwnerFiles.call``; read-ahead runs in
         ``nursery`` (none: no read-ahead). A piece of one block is a view of it, not a copy
         (pyfuse3 takes any buffer)."""
-        start = off - off % BLOCK
+        start = off - off % FETCH
         data = await self._block(call, start)
         piece: bytes | memoryview = memoryview(data)[off - start : off - start + size]
-        if len(piece) < size and len(data) == BLOCK:
-            piece = bytes(piece) + (await self._block(call, start + BLOCK))[: size - len(piece)]
+        if len(piece) < size and len(data) == FETCH:
+            piece = bytes(piece) + (await self._block(call, start + FETCH))[: size - len(piece)]
         for old in [b for b in self.blocks if b < start]:
             del self.blocks[old]
-        if len(data) == BLOCK and nursery is not None:  # a short block is the end of file
+        if len(data) == FETCH and nursery is not None:  # a short block is the end of file
             for n in range(1, READ_AHEAD + 1):
-                ahead = start + n * BLOCK
+                ahead = start + n * FETCH
                 if self.eof is not None and ahead > self.eof:
                     break
                 if ahead not in self.blocks:
@@ -194,11 +197,11 @@ class RemoteFile:
 
     async def _fetch(self, call: Call, start: int, block: _Block) -> None:
         try:
-            reply = await call(self.owner, "read", handle=self.handle, offset=start, size=BLOCK)
+            reply = await call(self.owner, "read", handle=self.handle, offset=start, size=FETCH)
             block.data = reply.data
-            if len(reply.data) < BLOCK and (self.eof is None or start < self.eof):
+            if len(reply.data) < FETCH and (self.eof is None or start < self.eof):
                 self.eof = start
-            elif len(reply.data) == BLOCK and self.eof is not None and start >= self.eof:
+            elif len(reply.data) == FETCH and self.eof is not None and start >= self.eof:
                 self.eof = None  # it grew
         except (OSError, DunixError, pyfuse3.FUSEError) as exc:
             block.error = exc

@@ -5,6 +5,7 @@ tests (tests/e2e/test_storagefs_bulk.py) run it between simulated hosts."""
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -164,3 +165,26 @@ def test_no_lane_at_the_owner_means_messages(lane: Lane, monkeypatch: Any) -> No
         assert await client.read(1, 1, 0, bulk.MAX_BLOCK + 1) is None
 
     trio.run(main)
+
+
+def test_reads_from_the_disk_and_from_the_page_cache_are_the_same(tmp_path: Path) -> None:
+    """bulk._read: direct reads where the page cache has nothing, plain ones elsewhere."""
+    data = os.urandom(3 * MIB + 4321)
+    path = tmp_path / "d.bin"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    buf = mmap.mmap(-1, bulk.ALIGN + MIB)
+    view = memoryview(buf)
+    try:
+        for offset, size in ((0, MIB), (MIB, MIB), (3 * MIB, MIB), (100, 5000), (4 * MIB, MIB)):
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # from the disk (if it has one)
+            block = view[bulk.ALIGN : bulk.ALIGN + size]
+            for _ in range(2):  # cold, then cached by the plain path or still cold
+                done = bulk._read(fd, block, offset)
+                assert bytes(block[:done]) == data[offset : offset + size]
+            del block
+    finally:
+        view.release()
+        buf.close()
+        os.close(fd)

@@ -107,9 +107,10 @@ async def serve_run(jobs: JobService, channel: Channel, req: RunRequest) -> None
             os.close(fd)
         if terminal is not None:
             terminal.slave_given()
-    await tracer.push_slots(jobs.agent.slot_table(mode))
+    slots = jobs.agent.slot_table(mode)
+    await tracer.push_slots(slots)
     if mode == "auto":
-        await tracer.push_spill(*jobs.agent.spill_table())
+        await tracer.push_spill(*jobs.agent.spill_table(slots))
     log.info("job %s for uid %d: %s", job.id, uid, " ".join(req.argv))
     try:
         async with trio.open_nursery() as nursery:

@@ -408,6 +408,7 @@ class PlacementPolicy:
         local_runnable_hint: float | None = None,
         *,
         origin_features: CpuFeatures | None = None,
+        slots: Sequence[tuple[str, int]] = (),
     ) -> SpillOrder:
         """For a burst gossip cannot see yet: the order for the tracers' ``spill``.
 
@@ -432,6 +433,11 @@ class PlacementPolicy:
         4 makes the burst take 25 % longer); stale figures of *other* homes' work are
         what two choices guard against, in :meth:`plan`, and here the window, the charges
         and the next round (1 s) bound what one stale view can send.
+
+        ``slots``: the slot table pushed with this order. The tracer spends it first, so
+        its execs count as sent already (without that, a home that gave each of 3 peers
+        a slot, its starting job's first process making it look busy, spread a 32-job
+        burst 5/9/9/9 instead of 8/8/8/8).
         """
         self._now = now
         self._prune(members, now)
@@ -441,8 +447,9 @@ class PlacementPolicy:
         peers = self._candidates(self_name, members, now, self._origin(home, origin_features))
         home_cpus = home.load.cpus if home.load.cpus > 0 else 1.0
         home_busy = max(self.home_load(home, local_runnable_hint) * home_cpus, float(at))
+        given = dict(slots)
         hosts = [_Host(None, home_busy, home_cpus)]
-        hosts += [_Host(p.name, p.load * p.cpus, p.cpus) for p in peers]
+        hosts += [_Host(p.name, p.load * p.cpus + given.get(p.name, 0), p.cpus) for p in peers]
         hyst = cfg.hysteresis
         # (load after one more, tie-break, index): home first among equals, then by name
         heap = [(h.after(1, hyst), i, i) for i, h in enumerate(hosts)]

@@ -334,3 +334,19 @@ def test_the_homes_fresh_count_keeps_its_first_exec_home() -> None:
     members = [member("home", 2.0, cpus=0.5)] + [member(f"p{i}", 0.0, cpus=0.5) for i in range(3)]
     assert policy().plan("home", members, NOW).total > 0
     assert policy().plan("home", members, NOW, local_runnable_hint=0.0).total == 0
+
+
+def test_spill_counts_the_slots_the_tracer_spends_first() -> None:
+    """A home that looks busy when a job starts (its first process running) gives each
+    peer a slot; the tracer spends them before the order, so the order counts them."""
+    members = [member(n, 0.0, cpus=0.5) for n in ("home", "p0", "p1", "p2")]
+    pol = policy(spill_window=31)
+    table = pol.plan("home", members, NOW, local_runnable_hint=1.0)
+    assert table.slots == (("p0", 1), ("p1", 1), ("p2", 1))
+    order = pol.spill("home", members, NOW, 1.0, slots=table.slots)
+    counts = order.counts()
+    per_host = [counts.get(None, 0) + order.at] + [
+        counts.get(f"p{i}", 0) + table.get(f"p{i}") for i in range(3)
+    ]
+    assert max(per_host) - min(per_host) <= 1  # 8/8/8/8 give or take the window's end
+    assert per_host[0] >= 8  # the home keeps its share

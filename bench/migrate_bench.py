@@ -21,7 +21,12 @@ The plain streamed dump keeps the process frozen while all of its pages are writ
 read back, so its downtime grows with size; post-copy's does not.
 
 No agents run in the hosts (``sleep`` stands in), so nothing else touches the process.
-Run (root): ``python -m bench.migrate_bench [--sizes 16,256,1024] [--rounds 3]``.
+Run (root): ``python -m bench.migrate_bench [--sizes 16,256,1024] [--rounds 3]``; also
+``--kinds plain,lazy,raw`` (a subset), ``--cpu-quota 0.5`` (the hosts' quota), ``--logs DIR``
+(each post-copy move's criu logs; ``DUNIX_CRIU_LOG_LEVEL=4`` for criu's timestamps of
+every request), ``--no-tls`` and ``--sysctl KEY=VALUE`` (comparisons only). The
+post-copy phases (ms from the move's start: frozen, dumped, listening, daemon ready,
+restored) are printed under the table.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ read back, so its downtime grows with size; post-copy's does not.
 No agents run in the hosts (``sleep`` stands in), so nothing else touches the process.
 Run (root): ``python -m bench.migrate_bench [--sizes 16,256,1024] [--rounds 3]``; also
 ``--kinds plain,lazy,raw`` (a subset), ``--cpu-quota 0.5`` (the hosts' quota), ``--logs DIR``
-(each post-copy move's criu logs; ``DUNIX_CRIU_LOG_LEVEL=4`` for criu's timestamps of
+(each post-copy move's criu logs, debug level with timestamps of
 every request), ``--no-tls`` and ``--sysctl KEY=VALUE`` (comparisons only). The
 post-copy phases (ms from the move's start: frozen, dumped, listening, daemon ready,
 restored) are printed under the table.

@@ -71,6 +71,7 @@ JOB_MESSAGES = (
 )  # fmt: skip
 HELLO_TIMEOUT = 10.0
 START_TIMEOUT = 15.0
+WARM_TRACER_ENV = "DUNIX_WARM_TRACER"
 #: null-like devices a guest's fd is reopened on without the user's rights (0666 everywhere;
 #: a thread per open_as cost a remote /bin/true 0.6 ms of its 8)
 NULL_DEVICES = frozenset({"/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"})
@@ -751,8 +752,9 @@ class RemoteService:
         return os.path.isdir(path)
 
     def _warm_up(self) -> None:
-        """Have a tracer ready for the next guest (off the path of this one's start)."""
-        if self.warm is None:
+        """Have a tracer ready for the next guest (off the path of this one's start).
+        ``DUNIX_WARM_TRACER=0`` in the agent's environment turns it off (to compare)."""
+        if self.warm is None and os.environ.get(WARM_TRACER_ENV) != "0":
             try:
                 self.warm = WarmTracer()
             except DunixError as exc:

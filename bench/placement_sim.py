@@ -14,9 +14,9 @@ Strategies:
     robin over the peers with slots left); the agent re-plans when the table runs out or
     expires, when new gossip arrives and when the tracer reports a local exec while the
     table is empty, and charges every placement the tracer reports;
-(a1) (a) as the agent runs it: one plan per second (its slots round) from the home's last
-    load sample, and no re-plan at a local exec: a burst that arrives within a second
-    stays home;
+(a1) (a) as the agent runs it: one plan per second (its slots round) from the home's
+    runnable count then, and no re-plan at a local exec: a burst that arrives within a
+    second stays home;
 (e0) (a1) plus the spill as first built (commit c64a784): once ``at`` jobs run at the
     home, execs go round robin to every peer below ``target_load``, ``max_slots`` each
     per round, the home getting none of the burst, nothing charged;
@@ -129,7 +129,6 @@ class PolicyPlacer(Placer):
         self.dirty = True
         self.rr = 0
         self.index = {n.name: i for i, n in enumerate(nodes)}
-        self.sampled = 0.0  # the home's runnable jobs at its last sample
         self.order: list[str | None] = []
         self.at = 1
 
@@ -137,12 +136,10 @@ class PolicyPlacer(Placer):
         super().heard(i, load, now)
         self.dirty = True
 
-    def sample(self, i: int) -> None:
-        if i == self.home:
-            self.sampled = float(len(self.nodes[i].jobs))
-
     def hint(self) -> float:
-        return self.sampled if self.rounds else float(len(self.nodes[self.home].jobs))
+        """The home's runnable count when it plans: counted then (the agent's
+        ``fresh_runnable``), in rounds as without."""
+        return float(len(self.nodes[self.home].jobs))
 
     def members(self, now: float) -> list[Member]:
         me = self.nodes[self.home]
@@ -179,7 +176,8 @@ class PolicyPlacer(Placer):
 
     def make_order(self, now: float) -> None:
         me = self.nodes[self.home]
-        order = self.policy.spill(me.name, self.members(now), now, self.hint())
+        slots = tuple(self.slots.items())  # pushed with the order, spent first
+        order = self.policy.spill(me.name, self.members(now), now, self.hint(), slots=slots)
         self.order, self.at = list(order.order), order.at
 
     def take_spill(self, now: float) -> int | None:

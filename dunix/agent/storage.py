@@ -70,11 +70,36 @@ class _Bridge:
         self.bulk: BulkClient | None = None
 
     async def _in_agent(self, fn: Callable[[], Awaitable[Any]]) -> Any:
-        def blocking() -> Any:
-            return trio.from_thread.run(fn, trio_token=self._token)
+        """``fn`` run as a task on the agent's loop, its outcome handed back here.
 
+        No worker thread: two wakeups where ``to_thread`` + ``from_thread.run`` took four
+        and a third thread (45 instead of 89 us of CPU per call, measured alone; every
+        create's peer lookup crosses here). A task the agent's loop does not finish in
+        time is left to finish there: the caller gets PeerUnreachable.
+        """
+        here = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        result: list[outcome.Outcome[Any]] = []
+
+        async def run() -> None:
+            try:
+                result.append(outcome.Value(await fn()))
+            except trio.Cancelled:  # the agent is stopping
+                result.append(outcome.Error(PeerUnreachable("the agent's loop is stopping")))
+                raise
+            except BaseException as exc:  # handed to the caller
+                result.append(outcome.Error(exc))
+            finally:
+                with contextlib.suppress(trio.RunFinishedError):
+                    here.run_sync_soon(done.set)
+
+        try:
+            self._token.run_sync_soon(trio.lowlevel.spawn_system_task, run)
+        except trio.RunFinishedError:
+            raise PeerUnreachable("the agent's loop has ended") from None
         with trio.move_on_after(self.timeout):
-            return await trio.to_thread.run_sync(blocking, abandon_on_cancel=True)
+            await done.wait()
+            return result[0].unwrap()
         raise PeerUnreachable("the agent's loop did not take a storagefs call in time")
 
     async def lookup(self, path: str) -> LookupReply | None:

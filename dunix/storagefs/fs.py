@@ -743,7 +743,9 @@ class StorageFS(pyfuse3.Operations):
             fh = os.open(_proc(fd), (flags & ~_OPEN_DROP) | os.O_CLOEXEC)
             if self.replicas is not None and self.replicas.any_owned():
                 await self._replica_open(inode, fh, flags)
-                if fh in self._rpaths:  # its writes must reach the replicas: Python's path
+                # its writes must reach the replicas: Python's path; unless the file got
+                # replicas while open passthrough (the kernel fails a mixed open: EIO)
+                if fh in self._rpaths and not self.passthrough.direct(inode):
                     self.passthrough.plain(inode, fh)
                     return pyfuse3.FileInfo(fh=fh, keep_cache=True)
             # last: the handle's reply must follow (see passthrough.Passthrough.open)

@@ -135,6 +135,10 @@ class Passthrough:
         self._lib.dunix_pt_give(fh, entry.backing_id)
         return True
 
+    def direct(self, inode: int) -> bool:
+        """Whether ``inode`` has files open passthrough now (its next open must be too)."""
+        return inode in self._backing
+
     def plain(self, inode: int, fh: int) -> None:
         """Handle ``fh`` of ``inode`` stays on the Python path (a replicated file)."""
         if self._ready():

@@ -72,6 +72,7 @@ def test_one_backing_id_per_inode_while_open(backing: str) -> None:
     assert lib.open_ids == set() and 10 not in lib.nocaps
     assert pt.open(10, 102, backing)  # a new open cycle gets a new id
     assert lib.given[-1] == (102, 2)
+    assert pt.direct(10) and not pt.direct(11)
 
 
 def test_plain_inode_stays_plain_while_open(backing: str) -> None:

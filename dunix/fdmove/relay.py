@@ -47,7 +47,7 @@ import socket
 import stat
 import struct
 import termios
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 import trio
 
@@ -397,7 +397,10 @@ class StreamEndpoint:
             return None
         log.info("stream %d: handed over to the native relay %d at %s", stream, proc.pid, address)
         await self._send_all(mux.bulk(stream, address, key))
-        status = await self._wait_relay(proc)
+        # the relay reads the pipe whenever it can: a steady reader of it, for a pull
+        # receiver of this agent that fills the same pipe (a process two hops away)
+        with self._reading(self.hub.chunk):
+            status = await self._wait_relay(proc)
         self._close()
         info = mux.info(stream)
         if self._lost:
@@ -454,14 +457,20 @@ class StreamEndpoint:
 
     async def _wait_filling(self, credit: int) -> None:
         """Wait for the fd with a grant: meanwhile this relay is a reader of its pipe."""
+        with self._reading(credit):
+            await self._wait_io(self._io.wait_readable)
+
+    @contextlib.contextmanager
+    def _reading(self, nbytes: int) -> Iterator[None]:
+        """Count this endpoint as a reader of its pipe wanting ``nbytes`` meanwhile."""
         waiting = _waiting_senders.setdefault(self._io.key, []) if self._io.fifo else None
         if waiting is not None:
-            waiting.append(credit)
+            waiting.append(nbytes)
         try:
-            await self._wait_io(self._io.wait_readable)
+            yield
         finally:
             if waiting is not None:
-                waiting.remove(credit)
+                waiting.remove(nbytes)
                 if not waiting:
                     _waiting_senders.pop(self._io.key, None)
 

@@ -304,9 +304,9 @@ class StorageService:
                 return None
             return found
 
-        def wrote(path: str) -> None:
+        def wrote(path: str) -> None:  # before the writer's answer, as by message
             with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(fs.notify_changed, path, True)
+                trio.from_thread.run_sync(fs.notify_changed, path, True, trio_token=token)
 
         def plain_write(path: str) -> bool:  # a replicated file's writes go by message
             return self.replicas is None or not self.replicas.copies(path)

@@ -1056,13 +1056,17 @@ def half_close(agent: Agent, deputy: Deputy, receiver: StreamEndpoint, fd: int) 
     """The home's relay of a moved process's output into its connection (socket ``fd``)
     is opened shared, so that its stream's end does not shut the connection down when a
     move ends the old stream. The process's own shutdown(SHUT_WR) or exit (an end while
-    no move is under way) is passed on here: the peer sees EOF."""
+    no move is under way) is passed on here: the peer sees EOF. An end that comes during
+    a move waits for it: the move's own end is the old stream's, whose receiver the move
+    then replaced (``_repoint``; this task may run before or after that)."""
     sock = socket.socket(fileno=fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0))
 
     async def watch() -> None:
         try:
             outcome = await receiver.wait()
-            if outcome is Outcome.EOF and not deputy.moving:
+            while deputy.moving:
+                await trio.sleep(LIVENESS_PERIOD)
+            if outcome is Outcome.EOF and receiver in deputy.receivers:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_WR)
         finally:

@@ -19,7 +19,7 @@ work on the machine makes single runs vary by 2x.
     python -m bench.relay_bench [--size BYTES] [--json PATH]
     python -m bench.relay_bench --cluster [--mib 256]
 
-``--cluster``: the cross-host pipe of bench/spread_bench.py alone, on a 4-host simulated
+``--cluster [--compare]``: the cross-host pipe of bench/spread_bench.py alone, on a 4-host simulated
 cluster (0.5 CPU each, under the machine's cluster lock): a local ``dd | dd`` in n1,
 ``dd | dunix run --placement remote -- dd`` (the reader on a peer, n1's pipe relayed to
 it), ``dunix run --placement remote sh -c 'dd | dd'``, and iperf3 n1 -> that peer in the
@@ -216,30 +216,58 @@ def over_tls(
         return elapsed
 
 
-def cluster_pipe(mib: int, json_path: Path) -> int:
-    """The cross-host pipe against iperf3, in one run (see the module docstring)."""
+def _cluster_run(mib: int, python_relay: bool) -> dict[str, Any]:
+    """measure_pipe on a fresh cluster; ``python_relay``: its agents never hand a stream
+    to the native relay (dunix/fdmove/bulk.py), as before it existed."""
     from bench import spread_bench as sb
     from bench._cluster import exclusive_cluster, keep_logs, up_when_free, wait_alive
     from dunix import cluster
+    from dunix.fdmove.bulk import ENV
 
     sb.WORK.mkdir(parents=True, exist_ok=True)
     sizes = sb.Sizes(cpu_jobs=0, cpu_rounds=0, short_jobs=0, pipe_mib=mib, iperf_s=2)
-    with exclusive_cluster():
-        up_when_free(len(sb.NODES), sb.CPU_QUOTA)
-        try:
-            trio.run(wait_alive, sb.control(sb.HOME), len(sb.NODES))
-            pipe = sb.measure_pipe(sizes)
-        finally:
-            keep_logs(sb.WORK / "logs")
-            cluster.down()
+    saved = os.environ.get(ENV)
+    if python_relay:
+        os.environ[ENV] = "0"  # the agents inherit it from `cluster up`
+    try:
+        with exclusive_cluster():
+            up_when_free(len(sb.NODES), sb.CPU_QUOTA)
+            try:
+                trio.run(wait_alive, sb.control(sb.HOME), len(sb.NODES))
+                return sb.measure_pipe(sizes)
+            finally:
+                keep_logs(sb.WORK / "logs")
+                cluster.down()
+    finally:
+        os.environ.pop(ENV, None)
+        if saved is not None:
+            os.environ[ENV] = saved
+
+
+def cluster_pipe(mib: int, json_path: Path, compare: bool = False) -> int:
+    """The cross-host pipe against iperf3, in one run (see the module docstring);
+    ``compare``: first on a cluster whose agents keep every stream in Python."""
+    from bench import spread_bench as sb
+
+    before = _cluster_run(mib, python_relay=True) if compare else None
+    pipe = _cluster_run(mib, python_relay=False)
     iperf = pipe["iperf3"].get("mb_per_s") if pipe["iperf3"].get("ok") else None
     print(f"{mib} MiB, {len(sb.NODES)} hosts x {sb.CPU_QUOTA} CPU, {os.cpu_count()} cores, "
           f"load {os.getloadavg()[0]:.1f}")  # fmt: skip
     print(f"{'case':<22} {'MB/s':>8} {'x iperf3':>9}")
-    for name in ("local", "dunix_cross_host", "dunix_in_one_job", "iperf3"):
+    if before is not None:
+        pipe["python_relay_cross_host"] = before["dunix_cross_host"]
+        pipe["python_relay_iperf3"] = before["iperf3"]
+    names = ["local", "dunix_cross_host", "dunix_in_one_job", "iperf3"]
+    if before is not None:
+        names[1:1] = ["python_relay_cross_host", "python_relay_iperf3"]
+    first = pipe.get("python_relay_iperf3", {})
+    iperf_before = first.get("mb_per_s") if first.get("ok") else None
+    for name in names:
         r = pipe[name]
         rate = r.get("mb_per_s") if r.get("ok") else None
-        ratio = f"{rate / iperf:.2f}" if rate and iperf else "-"
+        base = iperf_before if name.startswith("python_relay") else iperf  # same cluster's
+        ratio = f"{rate / base:.2f}" if rate and base else "-"
         shown = f"{rate:.0f}" if rate else "FAILED"
         print(f"{name:<22} {shown:>8} {ratio:>9}" + ("" if rate else f"  {r.get('error', '')}"))
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -256,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="runs per case; the best counts")
     ap.add_argument("--cluster", action="store_true", help="the cross-host pipe vs iperf3")
     ap.add_argument("--mib", type=int, default=256, help="--cluster: MiB through the pipe")
+    ap.add_argument(
+        "--compare", action="store_true",
+        help="--cluster: first with every stream in Python (DUNIX_BULK_RELAY=0), then native",
+    )  # fmt: skip
     ap.add_argument("--peer", metavar="PKI", help=argparse.SUPPRESS)
     ap.add_argument("--drain", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -264,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cluster:
         json_path = args.json if args.json != RESULTS else RESULTS.with_name("relay-cluster.json")
-        return cluster_pipe(args.mib, json_path)
+        return cluster_pipe(args.mib, json_path, args.compare)
     size, chunk, window = args.size, args.chunk, args.window
     rows: list[dict[str, Any]] = []
     baseline = min(local_pipe(size) for _ in range(args.repeat))

@@ -1,9 +1,10 @@
 """Big cross-host pipes go to the native relay (dunix/fdmove/bulk.py) on a real cluster:
 whole, in order, both ways, and `yes | head -1` still ends after the hand-over.
 
-One hop only: a chain through a middle host (`dunix run --placement remote sh -c cat`,
-whose cat goes on to a third host) stalls here with or without the native relay
-(seen with DUNIX_BULK_RELAY=0 too): a known gap of the Python relay, not tested here."""
+One hop only here. Two hops work in the benchmark (`dunix run --placement remote sh -c
+'dd | dd'`, bench/relay_bench.py --cluster), but a hand test of the client's pipe into
+`dunix run --placement remote sh -c cat` (cat placed back on the home) gave empty output,
+with DUNIX_BULK_RELAY=0 as well: not investigated yet."""
 
 from __future__ import annotations
 

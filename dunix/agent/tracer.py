@@ -14,9 +14,10 @@ import os
 import shutil
 import signal
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -328,15 +329,7 @@ class Tracer:
             # tracer applies the dispositions exec would have kept (--sigign).
             # a job with one /tmp on every host: the tracer starts in its own mount namespace
             full = job_tmp_wrapper(ctx.env, tracer_argv(ctx, argv))
-            pid = os.posix_spawn(
-                full[0],
-                full,
-                ctx.env,
-                file_actions=actions,
-                setsid=True,
-                setsigdef=_ALL_SIGNALS,
-                setsigmask=(),
-            )
+            pid = _spawn_tracer(full, ctx.env, actions)
         except OSError as exc:
             ours.close()
             raise DunixError(f"cannot start the tracer: {exc.strerror}") from None
@@ -494,15 +487,8 @@ class WarmTracer:
         high = _park(theirs.fileno())
         try:
             tracer = str(public_tracer())
-            self.pid = os.posix_spawn(
-                tracer,
-                [tracer, "--sock", str(SOCK_FD), "--warm"],
-                {},
-                file_actions=[(os.POSIX_SPAWN_DUP2, high, SOCK_FD)],
-                setsid=True,
-                setsigdef=_ALL_SIGNALS,
-                setsigmask=(),
-            )
+            argv = [tracer, "--sock", str(SOCK_FD), "--warm"]
+            self.pid = _spawn_tracer(argv, {}, [(os.POSIX_SPAWN_DUP2, high, SOCK_FD)])
         except OSError as exc:
             ours.close()
             raise DunixError(f"cannot start the tracer: {exc.strerror}") from None
@@ -552,6 +538,14 @@ class WarmTracer:
 _ALL_SIGNALS = tuple(
     int(s) for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)
 )
+
+
+def _spawn_tracer(argv: list[str], env: Mapping[str, str], actions: list[Any]) -> int:
+    """A tracer in a session of its own, every signal at its default (see Tracer.spawn)."""
+    return os.posix_spawn(
+        argv[0], argv, env, file_actions=actions, setsid=True,
+        setsigdef=_ALL_SIGNALS, setsigmask=(),
+    )  # fmt: skip
 
 
 def _park(fd: int) -> int:

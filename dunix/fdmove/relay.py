@@ -20,7 +20,11 @@ its pipe wants (dunix.fdmove.inventory.blocked_readers) once the sender said it 
 waiting, looking again after 0.5, 1, 2 ... up to ``PROBE_MAX`` seconds, and the sender
 reads only what is wanted (see dunix.fdmove.streams). A sender waiting for its fd with a
 grant is itself such a reader of that pipe: it is counted too (a process that went on to
-a third host reads through it).
+a third host reads through it). Readiness travels the other way: while a pull receiver
+of this agent has data waiting upstream for a pipe, a pulled sender of the same pipe that
+waits idle says ``StreamReady`` to its own peer, so that peer looks for its readers (a
+chain home -> n2 -> n3, where the pipe on n2 stays empty until someone two hops away
+asks for data).
 
 The fd's open file description may be shared with other processes (the home side's
 duplicates from ``pidfd_getfd``). Setting ``O_NONBLOCK`` on a shared description would
@@ -89,6 +93,19 @@ Demand = Callable[[tuple[int, int]], int]
 
 #: senders waiting for their fd with a grant, per pipe (st_dev, st_ino): bytes wanted
 _waiting_senders: dict[tuple[int, int], list[int]] = {}
+
+
+#: pulled senders waiting idle (no grant, empty pipe), per pipe: told when data waits upstream
+_idle_pulled: dict[tuple[int, int], set[StreamEndpoint]] = {}
+
+
+def _data_upstream(key: tuple[int, int]) -> None:
+    """A pull receiver of the pipe ``key`` has data waiting at its peer: wake the idle
+    pulled senders of that pipe so that each says so to its own peer."""
+    for endpoint in _idle_pulled.get(key, ()):
+        if not endpoint._upstream and not endpoint.hub.mux.info(endpoint.stream).ready:
+            endpoint._upstream = True
+            endpoint._poke(cancel_io=True)
 
 
 def waiting_senders(key: tuple[int, int]) -> int:
@@ -245,6 +262,7 @@ class StreamEndpoint:
         self._opening: list[StreamMessage] = []  # a receiver's opening credit
         self._demand: Demand | None = None  # a pull-mode receiver's look at its readers
         self._idle = False  # a pulled sender waits for data or a grant, whichever is first
+        self._upstream = False  # idle pulled sender: a pull receiver of its pipe has data
         self._handover: StreamBulk | None = None  # receiver: the sender's StreamBulk
 
     def __repr__(self) -> str:
@@ -440,13 +458,24 @@ class StreamEndpoint:
         """A pulled sender with no grant: wait for data (then say ``StreamReady``), EOF
         (True: the end needs no grant) or a message from the peer, whichever is first."""
         self._idle = True
+        idle = _idle_pulled.setdefault(self._io.key, set()) if self._io.fifo else None
+        if idle is not None:
+            idle.add(self)
         try:
             await self._wait_io(self._io.wait_readable)
         finally:
             self._idle = False
+            if idle is not None:
+                idle.discard(self)
+                if not idle:
+                    _idle_pulled.pop(self._io.key, None)
         info = self.hub.mux.info(self.stream)
         if info.state is not State.OPEN or self.hub.mux.sendable(self.stream):
             return False  # woken by the peer
+        if self._upstream:  # data waits upstream: our peer should look for its readers
+            self._upstream = False
+            await self._send_all(self.hub.mux.ready(self.stream))
+            return False
         if self._io.at_eof():
             return True
         if self._io.queued():
@@ -537,6 +566,8 @@ class StreamEndpoint:
                 await self._send_all(mux.flushed(stream))
                 return Outcome.EOF
             if info.probing and self._demand is not None:
+                if self._io.fifo:
+                    _data_upstream(self._io.key)
                 wanted = self._look_for_readers()
                 if wanted:
                     pause = 0.0

@@ -288,3 +288,17 @@ def test_stdin_pipe_reaches_a_remote_reader_whole(work: Path) -> None:
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+
+
+def test_stdin_pipe_reaches_a_reader_two_hops_away(work: Path) -> None:
+    """`sh -c cat` forced remote: sh on one peer, cat on another (or back home); the pipe
+    in between stays empty until cat reads, so readiness must travel from the home's pipe
+    to cat's host for cat to ask for the bytes (it hung before)."""
+    for script, data in (("cat", b"a\nb\n"), ("sh -c sha256sum", os.urandom(8 * 1024 * 1024))):
+        proc = subprocess.run(
+            [*DUNIX, "run", "--control", N1, "--placement", "remote", "--", "sh", "-c", script],
+            input=data, capture_output=True, cwd=work, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        want = data if script == "cat" else hashlib.sha256(data).hexdigest().encode()
+        assert proc.stdout.split()[0] == want.split()[0] and proc.stdout.startswith(want), proc

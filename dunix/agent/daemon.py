@@ -92,6 +92,7 @@ class Agent:
         self.jobs.default_mode = config.placement
         self.placement = PlacementPolicy(PlacementConfig(), random.Random())
         self._runnable: float | None = None  # runnable threads here, from the last sample
+        self._no_peer_said = float("-inf")  # when "no peer can take an exec" was logged
         self.membership = Membership(
             config.name,
             config.address,
@@ -255,6 +256,18 @@ class Agent:
         table = self.placement.plan(
             self.config.name, members, now, hint, force_remote=(mode == "remote")
         )
+        if mode == "remote" and not table.slots and now - self._no_peer_said > 10:
+            # seen once in CI: a forced-remote job ran at home with nothing in the log
+            self._no_peer_said = now
+            log.warning(
+                "placement remote, but no peer can take an exec now: %s",
+                ", ".join(
+                    f"{m.name} {m.state} load heard {now - m.load_at:.1f} s ago, {m.load.cpus} cpus"
+                    for m in members
+                    if m.name != self.config.name
+                )
+                or "no peer known",
+            )
         return list(table.slots)
 
     def spill_table(

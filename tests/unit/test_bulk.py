@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import signal
 import socket
 import subprocess
 
@@ -118,21 +117,9 @@ def test_yes_into_head_dies_of_sigpipe_after_the_hand_over() -> None:
     async def body() -> None:
         async with bulk_hubs(seen) as (a, b):
             w1, r2 = pipe_between(a, b)
-            yes = subprocess.Popen(["yes"], stdout=w1)
-            os.close(w1)
             # head starts reading once the stream is handed over (yes fills pipes and window)
-            head = subprocess.Popen(
-                ["sh", "-c", "sleep 0.5; exec head -1"], stdin=r2, stdout=subprocess.PIPE
-            )
-            os.close(r2)
-            try:
-                with trio.fail_after(5):
-                    out, _ = await trio.to_thread.run_sync(head.communicate)
-                    assert out == b"y\n"
-                    assert await trio.to_thread.run_sync(yes.wait) == -signal.SIGPIPE
-            finally:
-                yes.kill()
-                yes.wait()
+            late_head = ("sh", "-c", "sleep 0.5; exec head -1")
+            await yes_into_head(w1, r2, head_argv=late_head, timeout=5)
 
     run(body)
     assert handed_over(seen) == 1

@@ -122,17 +122,20 @@ async def read_all(fd: int, chunk: int = MiB, delay: float = 0.0) -> bytes:
             await trio.sleep(delay)
 
 
-async def yes_into_head(w1: int, r2: int, pids: list[int] | None = None) -> None:
-    """``yes`` writing ``w1``, ``head -1`` reading ``r2`` (its pid put in ``pids``): head
-    prints one line and yes dies of SIGPIPE within 3 s."""
+async def yes_into_head(
+    w1: int, r2: int, pids: list[int] | None = None, *,
+    head_argv: tuple[str, ...] = ("head", "-1"), timeout: float = 3,
+) -> None:  # fmt: skip
+    """``yes`` writing ``w1``, ``head -1`` (or ``head_argv``) reading ``r2`` (its pid put
+    in ``pids``): head prints one line and yes dies of SIGPIPE within ``timeout`` s."""
     yes = subprocess.Popen(["yes"], stdout=w1)
     os.close(w1)
-    head = subprocess.Popen(["head", "-1"], stdin=r2, stdout=subprocess.PIPE)
+    head = subprocess.Popen(list(head_argv), stdin=r2, stdout=subprocess.PIPE)
     if pids is not None:
         pids.append(head.pid)
     os.close(r2)
     try:
-        with trio.fail_after(3):
+        with trio.fail_after(timeout):
             out, _ = await trio.to_thread.run_sync(head.communicate)
             assert out == b"y\n"
             assert await trio.to_thread.run_sync(yes.wait) == -signal.SIGPIPE

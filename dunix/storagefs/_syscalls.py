@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import os
+from pathlib import Path
 
 AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
@@ -75,3 +77,16 @@ def utimens_fd(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
 def detach_mount(path: str) -> None:
     """umount2(MNT_DETACH): drop a mount (a stale FUSE mount of a dead server included)."""
     _check(_umount2(os.fsencode(path), MNT_DETACH), "umount2")
+
+
+def load_global(library: Path, without: str) -> ctypes.CDLL | None:
+    """Load one of native/lib's libraries into the global scope (RTLD_GLOBAL: libfuse's
+    symbols it interposes must be found before pyfuse3's); None, logging ``without`` (what
+    storagefs does without it), when it is not built or does not load."""
+    if not library.exists():
+        return None
+    try:
+        return ctypes.CDLL(str(library), mode=os.RTLD_NOW | os.RTLD_GLOBAL)
+    except OSError as exc:
+        logging.getLogger("dunix.storagefs").warning("storagefs: %s: %s", without, exc)
+        return None

@@ -38,7 +38,6 @@ import ctypes
 import errno
 import fcntl
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -47,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from dunix.errors import DunixError
+from dunix.storagefs._syscalls import load_global
 
 if TYPE_CHECKING:
     from dunix.storagefs.peerfiles import FileReply, FileRequest
@@ -257,11 +257,9 @@ def preload() -> ctypes.CDLL | None:
     not built (``make -C native``): locks then stay per host.
     """
     global _library
-    if _library is None and LIBRARY.exists():
-        try:
-            _library = ctypes.CDLL(str(LIBRARY), mode=os.RTLD_NOW | os.RTLD_GLOBAL)
-        except OSError as exc:
-            log.warning("storagefs: no cluster-wide locks: %s", exc)
+    if _library is None:
+        _library = load_global(LIBRARY, "no cluster-wide locks")
+        if _library is None:
             return None
         _library.dunix_fl_reply.argtypes = [
             ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,

@@ -36,6 +36,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dunix.storagefs._syscalls import load_global
+
 log = logging.getLogger(__name__)
 
 LIBRARY = Path(__file__).resolve().parents[2] / "native" / "build" / "libfusepassthrough.so"
@@ -51,11 +53,9 @@ def preload() -> ctypes.CDLL | None:
     through Python.
     """
     global _library
-    if _library is None and LIBRARY.exists():
-        try:
-            lib = ctypes.CDLL(str(LIBRARY), mode=os.RTLD_NOW | os.RTLD_GLOBAL)
-        except OSError as exc:
-            log.warning("storagefs: no FUSE passthrough library: %s", exc)
+    if _library is None:
+        lib = load_global(LIBRARY, "no FUSE passthrough library")
+        if lib is None:
             return None
         lib.dunix_pt_give.argtypes = [ctypes.c_uint64, ctypes.c_int32]
         lib.dunix_pt_give.restype = None

@@ -134,6 +134,7 @@ class _Bridge:
 #: /tmp, as separate execs that may land on different hosts); ``0`` turns it off, any other
 #: value turns it on for a job elsewhere.
 JOB_TMP_ENV = "DUNIX_JOB_TMP"
+PASSTHROUGH_ENV = "DUNIX_FUSE_PASSTHROUGH"
 JOB_TMP_OFF = ("0", "off", "no")
 JOBS_FOLDER = ".dunix-jobs"
 
@@ -240,7 +241,12 @@ class StorageService:
     async def _start(self, nursery: trio.Nursery, mountpoint: str) -> None:
         # first (it does not pull in libfuse3, libfuselocks does: symbols of libraries loaded
         # after libfuse3 cannot interpose), then locks, then pyfuse3
-        passthrough.preload()  # local files' reads and writes bypass Python
+        # local files' reads and writes bypass Python: opt-in (DUNIX_FUSE_PASSTHROUGH=1 in
+        # the agent's environment) since a job's shared /tmp lost a peer's view of a file
+        # written passthrough (test_storagefs_build's one-tmp test: 2 of 5 runs with it, 0 of
+        # 5 without); without the library every open takes the Python path
+        if os.environ.get(PASSTHROUGH_ENV) == "1":
+            passthrough.preload()
         library = locks.preload()  # before pyfuse3 loads: it adds the FUSE lock handlers
         from dunix.storagefs.fs import StorageFS  # loads pyfuse3
 

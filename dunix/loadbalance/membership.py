@@ -28,9 +28,10 @@ Protocol (Das et al., "SWIM", DSN 2002; Dadgar et al., "Lifeguard", arXiv:1707.0
   so bytes per member stay flat) a node swaps full state with one random member, dead
   ones included: this is what heals a partition. Dead claims received that way count only
   as suspicions (the subject gets a chance to refute), as in memberlist.
-* Every ``reconnect_interval`` (scaled the same way) a node that knows dead members sends
-  one of them, at random, its full state, as serf's reconnect does: a restarted node that
-  has no seed to join (the cluster's founder) hears from the others within seconds.
+* Every ``reconnect_interval`` (scaled the same way) a node that knows dead or left
+  members sends one of them, at random, its full state, as serf's reconnect does: a
+  restarted node that has no seed to join (the cluster's founder) hears from the others
+  within seconds.
 
 Load: each node's ``NodeLoad`` has a version. The newest published version rides first in
 the ``loads`` of every ping and ack the node sends, so the members it talks to learn it
@@ -668,11 +669,11 @@ class Membership:
         return None
 
     def _reconnect(self, now: float, out: list[Action]) -> None:
-        """Offer full state to one dead member: if it came back alone, it refutes."""
+        """Offer full state to one dead or left member: if it came back alone, it refutes."""
         self._next_reconnect = now + self.config.reconnect_interval * self._size_scale() * (
             self._rng.uniform(0.75, 1.25)
         )
-        dead = [name for name in self._gone if self._members[name].state == STATE_DEAD]
+        dead = list(self._gone)  # left ones too: a member that left may be back alone
         if dead:
             rec = self._members[dead[self._rng.randrange(len(dead))]]
             out.append(Send(rec.address, self._full_state(PUSHPULL_SYNC)))

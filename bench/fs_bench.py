@@ -285,6 +285,40 @@ def measure_throughput(sizes: Sizes) -> dict[str, Any]:
     return out
 
 
+def measure_peer(mib: int, iperf_s: int) -> dict[str, Any]:
+    """Only the peer part of 1 (``--peer``): a file owned by n1 written then read in n2,
+    and iperf3 n2 -> n1 right after, on the same cluster."""
+    peer_file = f"{FS}/fs-bench/peer.bin"
+    run_in(OWNER, ["mkdir", "-p", f"{FS}/fs-bench"])
+    run_in(OWNER, ["truncate", "-s", f"{mib}M", peer_file])  # n1 owns it (see above)
+    out: dict[str, Any] = {"file_mib": mib}
+    for label, rw in (("storagefs_peer_write", "write"), ("storagefs_peer_read", "read")):
+        say(f"fio {label} ({mib} MiB, {READER})")
+        out[label] = side(functools.partial(
+            with_cpu, (OWNER, READER), functools.partial(fio, READER, peer_file, rw, mib)
+        ))  # fmt: skip
+    say(f"iperf3 {READER} -> {OWNER}")
+    out["iperf3"] = side(lambda: iperf3(READER, OWNER, iperf_s))
+    with contextlib.suppress(Failed):
+        run_in(OWNER, ["rm", "-rf", f"{FS}/fs-bench"])
+    return out
+
+
+def peer_table(t: dict[str, Any]) -> str:
+    lines = [f"peer-owned file ({CPU_QUOTA} CPU per host, {t['file_mib']} MiB, 1 MiB blocks)"]
+    for label in ("write", "read"):
+        r = t[f"storagefs_peer_{label}"]
+        line = f"  {label}: {_rate(r)} MB/s = {_pct(_ratio(r, t['iperf3']), GOALS['peer'])}"
+        if r.get("ok") and "cpu_s" in r:
+            line += "; CPU " + ", ".join(
+                f"{h} {r['cpu_s'][h]:.2f} s (throttled {r['throttled_s'][h]:.2f})"
+                for h in r["cpu_s"]
+            )
+        lines.append(line)
+    lines.append(f"  iperf3 {READER} -> {OWNER}: {_rate(t['iperf3'])} MB/s")
+    return "\n".join(lines)
+
+
 # --- 2. metadata -------------------------------------------------------------------------
 
 
@@ -404,6 +438,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--no-lock", action="store_true",
         help=f"the caller holds {LOCK} already (as `flock {LOCK} python -m ... --no-lock`)",
     )  # fmt: skip
+    ap.add_argument("--peer", action="store_true",
+                    help="only the peer-owned file's write and read, and iperf3")  # fmt: skip
     args = ap.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     ensure_packages("fio", "iperf3")
@@ -411,6 +447,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("no /dev/fuse: storagefs cannot mount here")
     if not args.no_lock:
         say(f"taking {LOCK} (one simulated cluster per machine)")
+    if args.peer:
+        with contextlib.nullcontext() if args.no_lock else exclusive_cluster():
+            peer = with_cluster(3, lambda: measure_peer(sizes.file_mib, sizes.iperf_s))
+        print(peer_table(peer))
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "fs-peer.json").write_text(json.dumps(peer, indent=2))
+        return peer
     with contextlib.nullcontext() if args.no_lock else exclusive_cluster():
         three: dict[str, Any] = {}
 

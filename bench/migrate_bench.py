@@ -49,6 +49,7 @@ from typing import Any
 import trio
 
 from bench._cluster import LOCK, exclusive_cluster, say
+from bench.run_bench import _cgroup_cpu_s
 from dunix import cluster
 from dunix.cluster import HostInfo
 from dunix.migrate import driver, lazy, swrk
@@ -61,8 +62,10 @@ KEEP_LOGS: Path | None = None
 PAGES_TLS = True
 CRIU = swrk.default_binary()  # the criu scripts/setup.sh built
 
-# Touches SIZE MiB, then counts; detached (own session, stdio on /dev/null) so that CRIU
-# needs no --shell-job. Prints nothing: its pid comes from the launcher.
+# Touches SIZE MiB, makes the file READY, then counts; detached (own session, stdio on
+# /dev/null) so that CRIU needs no --shell-job. Prints nothing: its pid comes from the
+# launcher. Moved before it is ready, it would go on touching pages on the target, one
+# fault each, and "every page" would time that loop.
 HOLDER = textwrap.dedent(
     """\
     import sys, time
@@ -70,6 +73,7 @@ HOLDER = textwrap.dedent(
     block = bytearray(size)
     for i in range(0, size, 4096):
         block[i] = 1
+    open(sys.argv[2], "w").close()
     n = 0
     while True:
         n += 1
@@ -80,7 +84,7 @@ LAUNCH = textwrap.dedent(
     """\
     import subprocess, sys
     child = subprocess.Popen(
-        [sys.executable, "-I", "-S", "-c", sys.argv[2], sys.argv[1]],
+        [sys.executable, "-I", "-S", "-c", sys.argv[2], sys.argv[1], sys.argv[3]],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
@@ -101,9 +105,11 @@ def rss_mib(host: HostInfo, pid: int) -> float:
 
 
 def start_holder(host: HostInfo, mib: int) -> int:
+    ready = IMAGES / "holder-ready"  # the tmpfs every host sees
+    ready.unlink(missing_ok=True)
     done = cluster.run_in(
         host.name,
-        [sys.executable, "-I", "-S", "-c", LAUNCH, str(mib), HOLDER],
+        [sys.executable, "-I", "-S", "-c", LAUNCH, str(mib), HOLDER, str(ready)],
         capture_output=True,
         text=True,
         timeout=30,
@@ -112,7 +118,7 @@ def start_holder(host: HostInfo, mib: int) -> int:
         raise RuntimeError(f"holder did not start in {host.name}: {done.stderr}")
     pid = int(done.stdout)
     deadline = time.monotonic() + 60
-    while rss_mib(host, pid) < mib * 0.95:  # every page touched
+    while not ready.exists():  # every page touched
         if time.monotonic() > deadline:
             raise RuntimeError(f"holder {pid} never reached {mib} MiB")
         time.sleep(0.05)
@@ -206,9 +212,11 @@ def lazy_once(n1: HostInfo, n2: HostInfo, mib: int) -> dict[str, float]:
                     dst, cgroups=n2.cgroup, lazy_from=(n1.address, port, tls)
                 )
                 plan = driver.LazyPlan(port, tls, host_proc(n1))
+                cpu: dict[str, float] = {}
 
                 async def go() -> tuple[driver.MoveReport, float, float, int]:
                     t0 = time.monotonic()
+                    cpu0 = _cgroup_cpu_s(n1.cgroup), _cgroup_cpu_s(n2.cgroup)
                     async with trio.open_nursery() as background:
                         report = await driver.move_lazy(
                             pid, fd, target, plan, background,
@@ -224,6 +232,10 @@ def lazy_once(n1: HostInfo, n2: HostInfo, mib: int) -> dict[str, float]:
                         await report.transfer.done.wait()
                         if report.transfer.error:
                             raise RuntimeError(report.transfer.error)
+                    # CPU of each host's cgroup over the whole move: criu and its page
+                    # server in n1, the daemon, the restore and the process in n2
+                    cpu["source"] = _cgroup_cpu_s(n1.cgroup) - cpu0[0]
+                    cpu["target"] = _cgroup_cpu_s(n2.cgroup) - cpu0[1]
                     keep_logs(folder, f"lazy-{mib}")
                     marks = {k: v - t0 for k, v in target.marks.items()}
                     return report, pages, report.transfer.seconds or 0.0, code, marks
@@ -245,6 +257,8 @@ def lazy_once(n1: HostInfo, n2: HostInfo, mib: int) -> dict[str, float]:
             "downtime_s": report.downtime_seconds,
             "total_s": every_page,
             "source_freed_s": source_freed,
+            "source_cpu_s": cpu["source"],
+            "target_cpu_s": cpu["target"],
             **{f"at_{k.replace(' ', '_')}_s": v for k, v in (*report.phases, *marks.items())},
         }
     finally:
@@ -386,6 +400,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             order = sorted(at.items(), key=lambda kv: kv[1])
             steps = ", ".join(f"{k} {v * 1000:.0f}" for k, v in order)
             print(f"post-copy {r['mib']} MiB phases (ms from the start): {steps}")
+            lz = r["lazy"]
+            print(f"post-copy {r['mib']} MiB CPU: source host {lz['source_cpu_s']:.2f} s,"
+                  f" target host {lz['target_cpu_s']:.2f} s")  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / args.out).write_text(json.dumps(rows, indent=2))
     return rows

@@ -56,12 +56,16 @@ LOG_LEVEL = int(os.environ.get("DUNIX_CRIU_LOG_LEVEL", "4"))
 
 
 def default_binary() -> str:
-    """The criu that scripts/setup.sh links into the venv, else the one on PATH.
+    """``$DUNIX_CRIU``, else the criu that scripts/setup.sh links into the venv, else the
+    one on PATH.
 
     The link's target, not the link: criu may start in a job's own mount namespace, whose
     /tmp is the job's folder (agent/storage.py job_tmp_wrapper), and that hides a checkout
     under /tmp (what `mktemp -d` makes); the build cache the link points into stays seen.
     """
+    override = os.environ.get("DUNIX_CRIU")  # a build to compare (bench/migrate_bench.py)
+    if override:
+        return override
     venv = Path(sys.prefix) / "bin" / "criu"
     if os.access(venv, os.X_OK):
         return str(venv.resolve())

@@ -27,6 +27,23 @@ declare -A CRIU_ORIG_SHA256=(
 # for RPC requests that leave network_lock unset.
 CRIU_MAKE_OPTS="NETWORK_LOCK_DEFAULT=NETWORK_LOCK_NFTABLES"
 
+# Our own patches to CRIU (scripts/criu-patches/*.patch, applied in name order with
+# `patch -p1`; each says why at its top). Their hash is part of the build's key and of its
+# folder's name (criu-VERSION+dunix.HASH), so a changed patch builds once, beside the build
+# in use, and the switch is the $CACHE/criu link.
+PATCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/criu-patches
+PATCHES=()
+if [[ -d $PATCH_DIR ]]; then
+    while IFS= read -r f; do PATCHES+=("$f"); done < <(find "$PATCH_DIR" -maxdepth 1 -name '*.patch' | LC_ALL=C sort)
+fi
+PATCH_HASH=""
+BUILD_SUFFIX=""
+if ((${#PATCHES[@]})); then
+    PATCH_HASH=$(cat "${PATCHES[@]}" | sha256sum | cut -c1-12)
+    BUILD_SUFFIX="+dunix.$PATCH_HASH"
+fi
+BUILD_KEY="$CRIU_MAKE_OPTS${PATCH_HASH:+ patches=$PATCH_HASH}"
+
 CACHE=${DUNIX_CACHE:-/var/cache/dunix}
 LOGS=$CACHE/logs
 APTDIR=$CACHE/apt-sid-src
@@ -55,12 +72,12 @@ PYTHON=$1
 [[ -x $PYTHON ]] || die "python interpreter '$PYTHON' is not executable"
 mkdir -p "$LOGS"
 
-# A finished build is marked by .built holding its build options; pick the newest cached
-# one >= the minimum that was built with today's options.
+# A finished build is marked by .built holding its build key (options and patches); pick
+# the newest cached one >= the minimum that was built with today's key.
 newest_cached_build() {
     local best="" d v
     for d in "$CACHE"/criu-*/; do
-        [[ -f $d/.built && $(cat "$d/.built") == "$CRIU_MAKE_OPTS" ]] || continue
+        [[ -f $d/.built && $(cat "$d/.built") == "$BUILD_KEY" ]] || continue
         v=${d%/}
         v=${v##*/criu-}
         dpkg --compare-versions "$v" ge "$CRIU_MIN_VERSION" || continue
@@ -214,8 +231,8 @@ if [[ -z $upver ]]; then
     mv "$tmp/criu_$upver.orig.tar.xz" "$CACHE/criu-$upver/dl/"
     rm -rf "$tmp"
 fi
-dir=$CACHE/criu-$upver
-orig=$dir/dl/criu_$upver.orig.tar.xz
+orig=$CACHE/criu-$upver/dl/criu_$upver.orig.tar.xz
+dir=$CACHE/criu-$upver$BUILD_SUFFIX
 if [[ -n ${CRIU_ORIG_SHA256[$upver]:-} ]]; then
     echo "${CRIU_ORIG_SHA256[$upver]}  $orig" | sha256sum --check --quiet - ||
         die "sha256 of $orig does not match the pinned hash; delete $dir and retry"
@@ -228,6 +245,10 @@ rm -f "$dir/.built"
 rm -rf "$dir/src"
 mkdir -p "$dir/src"
 tar -xJf "$orig" -C "$dir/src" --strip-components=1
+for p in "${PATCHES[@]}"; do
+    say "CRIU: applying ${p##*/}"
+    run_logged "criu-$upver-patch" patch -d "$dir/src" -p1 --batch --forward -i "$p"
+done
 # Only the upstream tarball is fetched (--tar-only): Debian's patches are packaging tweaks
 # that `make criu` does not need, and some mirrors here do not serve the .debian.tar.xz.
 build() {
@@ -241,7 +262,7 @@ run_logged "criu-$upver-build" build
 # A folder holding only pycriu, for a .pth file (src/lib has other top-level names).
 mkdir -p "$dir/py"
 ln -sfn ../src/lib/pycriu "$dir/py/pycriu"
-printf '%s\n' "$CRIU_MAKE_OPTS" >"$dir/.built"
-ln -sfn "criu-$upver" "$CACHE/criu"
-say "CRIU $upver: built"
+printf '%s\n' "$BUILD_KEY" >"$dir/.built"
+ln -sfn "criu-$upver$BUILD_SUFFIX" "$CACHE/criu"
+say "CRIU $upver$BUILD_SUFFIX: built"
 printf '%s\n' "$dir"

@@ -15,7 +15,7 @@ PIPE_MAX_SIZE_MIN=$((4 * 1024 * 1024))
 
 # System packages: build tools, python, network and mount tools, CRIU's build deps, FUSE.
 PACKAGES=(
-    gcc make pkg-config libc6-dev xz-utils debian-archive-keyring
+    gcc make pkg-config libc6-dev xz-utils debian-archive-keyring patch
     python3
     iproute2 util-linux nftables busybox-static
     libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler python3-protobuf

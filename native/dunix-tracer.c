@@ -56,6 +56,11 @@ struct options {
 	int keep_pgrp;
 	int ctty; /* --ctty FD: the job's controlling terminal */
 	int first_local; /* the first exec was placed already: it runs here */
+	/* --home-only: every exec of the job runs here, for good (`dunix run --placement
+	 * local`): no seccomp filter and no exec event, so a command costs two stops (the
+	 * parent's fork event, the child's first stop) instead of three; `mode` and `slots`
+	 * cannot send anything away then, and `exec` is not reported (ps reads /proc) */
+	int home_only;
 	const char *deputy;
 	char **argv;
 };
@@ -79,7 +84,7 @@ static void usage(const char *why)
 		PROG ": %s\n"
 		"usage: " PROG " --sock FD [--uid U --gid G --groups G1,G2 --umask 022 --cwd DIR]\n"
 		"       [--sigign HEX --sigblock HEX] [--rlimit RES:SOFT:HARD ...] [--keep-pgrp]\n"
-		"       [--first-local] [--ctty FD]\n"
+		"       [--first-local] [--home-only] [--ctty FD]\n"
 		"       [--deputy PATH] [--mode local|remote|auto] -- PROGRAM ARGV...\n", why);
 	exit(2);
 }
@@ -158,7 +163,8 @@ static void run_child(int ready, const sigset_t *orig_mask, const struct sigacti
 	close(ready);
 	if (!opt.keep_pgrp && setpgid(0, 0) < 0)
 		child_fail("setpgid", NULL);
-	install_filter();
+	if (!opt.home_only)
+		install_filter();
 	for (size_t i = 0; i < opt.nrlimits; i++) /* while root: a hard limit may go up */
 		set_limit(opt.rlimits[i].res, opt.rlimits[i].lim);
 	if (opt.have_groups || opt.have_uid)
@@ -255,6 +261,10 @@ static void parse_args(int argc, char **argv)
 		}
 		if (!strcmp(a, "--first-local")) {
 			opt.first_local = 1;
+			continue;
+		}
+		if (!strcmp(a, "--home-only")) {
+			opt.home_only = 1;
 			continue;
 		}
 		if (strncmp(a, "--", 2))
@@ -452,7 +462,8 @@ int main(int argc, char **argv)
 		setpgid(pid, pid); /* also here, so the group exists before anyone signals it */
 	if (opt.ctty >= 0)
 		give_terminal(opt.ctty, opt.keep_pgrp ? getpgrp() : pid);
-	if (ptrace(PTRACE_SEIZE, pid, NULL, (void *)(long)TRACE_OPTIONS) < 0) {
+	long options = TRACE_OPTIONS & ~(opt.home_only ? PTRACE_O_TRACEEXEC : 0);
+	if (ptrace(PTRACE_SEIZE, pid, NULL, (void *)options) < 0) {
 		int e = errno;
 		kill(pid, SIGKILL);
 		die("PTRACE_SEIZE: %s", strerror(e));
@@ -460,6 +471,7 @@ int main(int argc, char **argv)
 	struct tracee *first = tracee_add(pid, pid);
 	first_pid = pid;
 	first->deputy = opt.first_local; /* its next exec stays here, like a deputy's */
+	first->quiet_exec = opt.home_only; /* its children inherit the options */
 	emit_pid("started", pid, NULL);
 	close(ready[1]); /* the first process may go on */
 	drop_job_fds(sigfd);

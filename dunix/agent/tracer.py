@@ -268,6 +268,8 @@ def tracer_argv(ctx: JobContext, argv: Sequence[str]) -> list[str]:
         "--deputy", str(public_deputy()),
         "--mode", ctx.mode,
     ]  # fmt: skip
+    if ctx.mode == "local":  # nothing ever leaves: no exec stops (docs/run.md, "Tracer")
+        out.append("--home-only")
     for resource, soft, hard in ctx.rlimits:
         out += ["--rlimit", f"{resource}:{soft}:{hard}"]
     return [*out, *ctx.extra, "--", *argv]

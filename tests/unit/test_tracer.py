@@ -124,6 +124,26 @@ def test_missing_program_is_127_as_in_a_shell() -> None:
     assert r.of("exec") == []
 
 
+def test_home_only_runs_without_exec_stops_and_nothing_leaves(fake_deputy: Path) -> None:
+    """--home-only (a `--placement local` job): no seccomp filter and no exec events, so
+    no `exec` is reported and a pushed table cannot send an exec away; forks, exits and
+    the statuses are as before."""
+    script = "/bin/echo one; (/bin/echo two; exit 4); echo $?; grep ^Seccomp: /proc/$$/status; "
+    script += "exec /bin/sh -c 'exit 5'"
+    run = TracerRun(
+        ["sh", "-c", f"read x; {script}"],
+        ["--mode", "remote", "--home-only", "--deputy", str(fake_deputy)],
+        stdin=subprocess.PIPE,
+    )
+    run.send("slots", "n1", "5")
+    r = run.finish(input=b"go\n")
+    check_protocol_frame(r)
+    assert r.stdout == "one\ntwo\n4\nSeccomp:\t0\n"  # no filter
+    assert os.WEXITSTATUS(r.first_status) == 5
+    assert r.of("exec") == [] and r.of("remote") == []
+    assert len(r.of("fork")) >= 3
+
+
 def test_first_process_gets_ids_umask_cwd_signals_and_rlimits() -> None:
     opts = [
         "--uid", "65534", "--gid", "65534", "--groups", "65534,100", "--umask", "027",

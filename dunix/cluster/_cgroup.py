@@ -24,6 +24,8 @@ from dunix.errors import ClusterError
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 GROUP = "dunix"
 PERIOD_US = 100_000
+#: overrides PERIOD_US (for measuring other periods); read when a host is created
+PERIOD_ENV = "DUNIX_CFS_PERIOD_US"
 #: the kernel's lower bound for cfs_quota_us (kernel/sched/core.c, min_cfs_quota_period)
 MIN_QUOTA_US = 1_000
 
@@ -56,13 +58,27 @@ def host_paths(mode: str, name: str) -> list[Path]:
     return [root / GROUP / name for root in hierarchies(mode)]
 
 
+def period_us() -> int:
+    """The CFS period of every host: PERIOD_US unless the environment says otherwise."""
+    raw = os.environ.get(PERIOD_ENV)
+    if not raw:
+        return PERIOD_US
+    try:
+        period = int(raw)
+    except ValueError:
+        raise ClusterError(f"{PERIOD_ENV} must be microseconds, got {raw!r}") from None
+    if not 1_000 <= period <= 1_000_000:  # the kernel's bounds for cfs_period_us
+        raise ClusterError(f"{PERIOD_ENV} must be within 1000..1000000, got {period}")
+    return period
+
+
 def quota_us(cpu_quota: float | None) -> int | None:
-    """The quota in microseconds per PERIOD_US, or None for no limit."""
+    """The quota in microseconds per period_us(), or None for no limit."""
     if cpu_quota is None:
         return None
     if cpu_quota <= 0:
         raise ClusterError(f"cpu quota must be positive, got {cpu_quota}")
-    return max(MIN_QUOTA_US, round(cpu_quota * PERIOD_US))
+    return max(MIN_QUOTA_US, round(cpu_quota * period_us()))
 
 
 def _write(path: Path, value: str) -> None:
@@ -75,7 +91,7 @@ def _write(path: Path, value: str) -> None:
 def create(mode: str, name: str, cpu_quota: float | None) -> list[Path]:
     """Make the host's cgroup(s) and set the quota; returns their paths."""
     paths = host_paths(mode, name)
-    quota = quota_us(cpu_quota)
+    quota, period = quota_us(cpu_quota), period_us()
     for path in paths:
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -83,9 +99,9 @@ def create(mode: str, name: str, cpu_quota: float | None) -> list[Path]:
             raise ClusterError(f"cannot create cgroup {path}: {e}") from e
         if mode == "v2":
             _enable_cpu_v2(path)
-            _write(path / "cpu.max", f"{quota if quota is not None else 'max'} {PERIOD_US}")
+            _write(path / "cpu.max", f"{quota if quota is not None else 'max'} {period}")
         elif (path / "cpu.cfs_quota_us").exists():
-            _write(path / "cpu.cfs_period_us", str(PERIOD_US))
+            _write(path / "cpu.cfs_period_us", str(period))
             _write(path / "cpu.cfs_quota_us", str(quota if quota is not None else -1))
     return paths
 

@@ -135,6 +135,7 @@ class _Bridge:
 #: value turns it on for a job elsewhere.
 JOB_TMP_ENV = "DUNIX_JOB_TMP"
 PASSTHROUGH_ENV = "DUNIX_FUSE_PASSTHROUGH"
+PASSTHROUGH_OFF = ("0", "off", "no")
 JOB_TMP_OFF = ("0", "off", "no")
 JOBS_FOLDER = ".dunix-jobs"
 
@@ -241,11 +242,12 @@ class StorageService:
     async def _start(self, nursery: trio.Nursery, mountpoint: str) -> None:
         # first (it does not pull in libfuse3, libfuselocks does: symbols of libraries loaded
         # after libfuse3 cannot interpose), then locks, then pyfuse3
-        # local files' reads and writes bypass Python: opt-in (DUNIX_FUSE_PASSTHROUGH=1 in
-        # the agent's environment) since a job's shared /tmp lost a peer's view of a file
-        # written passthrough (test_storagefs_build's one-tmp test: 2 of 5 runs with it, 0 of
-        # 5 without); without the library every open takes the Python path
-        if os.environ.get(PASSTHROUGH_ENV) == "1":
+        # local files' reads and writes bypass Python (FUSE passthrough); ``0`` in
+        # DUNIX_FUSE_PASSTHROUGH turns it off: without the library every open takes the
+        # Python path. (It was opt-in for a while: a job's shared /tmp failed 2 of 5 runs;
+        # the cause was peers asking a renamed or renumbered folder by its old name, see
+        # StorageFS._seen_remote, not passthrough.)
+        if os.environ.get(PASSTHROUGH_ENV, "1") not in PASSTHROUGH_OFF:
             passthrough.preload()
         library = locks.preload()  # before pyfuse3 loads: it adds the FUSE lock handlers
         from dunix.storagefs.fs import StorageFS  # loads pyfuse3

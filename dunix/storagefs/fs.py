@@ -430,13 +430,40 @@ class StorageFS(pyfuse3.Operations):
             except FileNotFoundError:
                 self._remote.gone(path)
                 raise
-            self._remote.remember(owner, path, reply.attrs)
+            self._seen_remote(owner, path, reply.attrs)
             return self._attr_of(reply.attrs)
         attrs = found.attrs
         if len(attrs) < 12:
             attrs = (await self._owner_files().call(found.node, "stat", path=path)).attrs
-        self._remote.remember(found.node, path, attrs)
+        self._seen_remote(found.node, path, attrs)
         return self._attr_of(attrs)
+
+    def _seen_remote(self, owner: int, path: str, attrs: tuple[int, ...]) -> None:
+        """The owner just answered for ``path``: the kernel holds one more reference to its
+        node, and ``path`` is the name asked from now on.
+
+        An owner's inode number can come back under another name: a hard link, a rename
+        done on the owner (peers are not told), or a number the owner's disk gave again to
+        a new folder once the old one was removed (ext4 does; seen with the jobs' /tmp
+        folders, ``.dunix-jobs/ID/tmp``, one job after the other). The kernel here takes the
+        reply as the inode it still knows (same number, generation 0) and moves that
+        folder's cached entries, children included, to the new name (d_splice_alias); with
+        the old name kept, lookups and creates in the folder, and opens of the files below
+        it, went to the old path: "no such file", or a file made under the old name. So a
+        folder and every node known below it follow (a folder has one name); a file keeps
+        its other names (hard links) to fall back on (``_ask``).
+        """
+        known = self._remote.get(attrs[0])
+        old = None if known is None else known.path
+        self._remote.remember(owner, path, attrs)
+        node = self._remote.get(attrs[0])
+        if old is None or old == path or node is None:
+            return
+        if stat.S_ISDIR(attrs[1]):
+            self._remote.moved(old, path)
+            node.others = [p for p in node.others if p != path]
+        else:
+            node.promote(path)
 
     async def _holder(self, path: str) -> int | None:
         """Which host has ``path``: this one, a peer, or None (nobody)."""
@@ -894,7 +921,7 @@ class StorageFS(pyfuse3.Operations):
                     owner, attrs = folder.remote[name]
                     if not pyfuse3.readdir_reply(token, name, self._attr_of(attrs), index + 3):
                         return
-                    self._remote.remember(owner, _join(folder.path, name), attrs)
+                    self._seen_remote(owner, _join(folder.path, name), attrs)
                     continue
                 assert folder.fd is not None
                 try:

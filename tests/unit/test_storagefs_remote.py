@@ -329,3 +329,28 @@ def test_a_hard_linked_peer_file_survives_the_removal_of_one_name(net: Net) -> N
     info = run(fs.open, first.st_ino, os.O_RDONLY, CTX)
     assert run(fs.read, info.fh, 0, 100) == b"linked"
     run(fs.release, info.fh)
+
+
+def test_a_folder_renamed_on_its_owner_is_asked_by_its_new_name(net: Net) -> None:
+    """The owner renamed a folder (or its disk gave the number to a new one): host 2 finds
+    the same inode number under the new name, so that name, and the paths of what it
+    knows below it, are what it asks from now on (the kernel moved its cached entries)."""
+    owned_by_1(net, "src/sub/f", b"one")
+    fs = net.fs[2]
+    src = run(fs.lookup, ROOT, b"src", CTX)
+    sub = run(fs.lookup, src.st_ino, b"sub", CTX)
+    f = run(fs.lookup, sub.st_ino, b"f", CTX)
+    os.rename(net.stores[1].backing_path("src/sub"), net.stores[1].backing_path("dst"))
+    assert run(fs.lookup, ROOT, b"dst", CTX).st_ino == sub.st_ino
+    # the file's entry, cached under the folder the kernel moved, opens by its new path
+    info = run(fs.open, f.st_ino, os.O_RDONLY, CTX)
+    assert run(fs.read, info.fh, 0, 10) == b"one"
+    run(fs.release, info.fh)
+    assert run(fs.lookup, sub.st_ino, b"f", CTX).st_ino == f.st_ino
+    # a new file in it is made under the new name (here: this host creates its part)
+    created, _ = run(fs.create, sub.st_ino, b"g", 0o100644, os.O_WRONLY, CTX)
+    run(fs.release, created.fh)
+    assert net.stores[2].backing_path("dst/g").exists()
+    assert not net.stores[2].backing_path("src").exists()
+    with pytest.raises(pyfuse3.FUSEError):
+        run(fs.lookup, src.st_ino, b"sub", CTX)

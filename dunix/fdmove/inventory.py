@@ -242,8 +242,13 @@ def rlimits(pid: int) -> list[Rlimit]:
     prlimit(2) would need CAP_SYS_RESOURCE for another user's process, which the agent
     lacks on some machines (DESIGN.md, "Facts").
     """
+    return parse_rlimits(_read_proc(pid, "limits"))
+
+
+def parse_rlimits(text: str) -> list[Rlimit]:
+    """The limits in the text of a /proc/PID/limits (see ``rlimits``)."""
     limits: list[Rlimit] = []
-    for line in _read_proc(pid, "limits").splitlines()[1:]:
+    for line in text.splitlines()[1:]:
         m = _LIMIT_ROW.match(line)
         if m is None or m.group(1) not in _LIMIT_NAMES:
             continue

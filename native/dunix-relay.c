@@ -25,6 +25,8 @@
  *     closes its pipe (its reader sees EOF), then answers; the sender exits 0 only after
  *     that answer, so whatever the agent says after the sender's exit comes after the
  *     bytes are in the far pipe.
+ *   - SIGUSR1 (sender): stop reading and end the stream as at EOF after the frame on its
+ *     way: the agent moves the stream's reader elsewhere and wants all it read delivered.
  *   - a far reader gone (EPIPE, or POLLERR on the pipe while idle): the receiver closes
  *     the connection; the sender sees it (also while its pipe is idle) and exits 3; the
  *     agent closes its copy of the pipe and the local writer gets EPIPE/SIGPIPE.
@@ -406,6 +408,15 @@ static int sock_read_all(int sock, unsigned char *buf, size_t len)
     return 0;
 }
 
+/* SIGUSR1 to the sender: end the stream after what it read (the agent re-points it) */
+static volatile sig_atomic_t finish_now;
+
+static void on_finish(int sig)
+{
+    (void)sig;
+    finish_now = 1;
+}
+
 static const char LABEL_DATA[] = "EXPORTER-dunix-relay data";
 static const char LABEL_DONE[] = "EXPORTER-dunix-relay done";
 
@@ -424,7 +435,7 @@ static int run_send(int fd, int listener)
     unsigned char *frame = malloc(HEAD + FRAME_MAX + TAG);
     if (buf == NULL || frame == NULL)
         die("malloc");
-    for (;;) {
+    while (!finish_now) {
         ssize_t n = read(fd, buf, FRAME_MAX);
         if (n > 0) {
             if (sock_write_all(sock, frame, seal(&data, buf, (size_t)n, frame)) < 0)
@@ -612,6 +623,8 @@ int main(int argc, char **argv)
     /* the agent that started us owns the stream: never outlive it */
     prctl(PR_SET_PDEATHSIG, SIGKILL);
     signal(SIGPIPE, SIG_IGN);
+    struct sigaction finish = {.sa_handler = on_finish}; /* no SA_RESTART: poll returns */
+    sigaction(SIGUSR1, &finish, NULL);
     if (read_key() < 0) {
         fprintf(stderr, "%s: no key on stdin\n", prog);
         return EXIT_USAGE;

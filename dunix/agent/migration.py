@@ -147,11 +147,12 @@ class _Incoming:
 
 @dataclass
 class _Tail:
-    """Target: a relayed socket's input, held until the source sent its unread bytes."""
+    """Target: a relayed socket's or pipe's input, held until the source sent the bytes
+    the process had not read."""
 
     hub: StreamHub
     stream: int  # on the link with the home
-    fd: int  # our socketpair end
+    fd: int  # our socketpair end, or the write end of the process's new pipe
     guest: Guest
     data: bytearray = field(default_factory=bytearray)
     complete: trio.Event = field(default_factory=trio.Event)
@@ -180,6 +181,18 @@ def _relayed_sockets(
         o, i = relayed[f.inode]
         out.append((MigrateSocket(f.inode, False, bool(f.flags & os.O_NONBLOCK), o, i), f.fd))
     return out
+
+
+def _input_pipes(guest: Guest, fds: list[Any]) -> list[tuple[int, int, StreamEndpoint | None]]:
+    """The relayed pipes a guest reads: (stream, the process's fd or -1, our relay into
+    it or None), for what it had not read to follow it (``sockets.send_pipe_tail``)."""
+    by_inode = {f.inode: f.fd for f in fds if f.kind == "pipe" and f.readable}
+    relays = {e.stream: e for e in guest.receivers}
+    return [
+        (stream, by_inode.get(inode, -1), relays.get(stream))
+        for stream, inode, writable in guest.pipes
+        if not writable
+    ]
 
 
 def job_tmp_of(pid: int) -> str:
@@ -498,8 +511,12 @@ class MigrationService:
                 if waited.cancelled_caught:
                     log.warning("stream %d from %s did not end in %s s: cut", stream, source,
                                 MOVE_TIMEOUT)  # fmt: skip
-            if old is not None:
-                old.stop()  # an input: what it sent and the process had not read is lost
+            if old is not None and not writes:
+                # an input: all it read reaches the source, which sends on what the
+                # process had not read (MigrateTail) before the target relays the new one
+                old.end()
+            elif old is not None:
+                old.stop()
             if writes:
                 # (a shared pipe is reopened, its fd closed; a socket keeps it until we yield)
                 is_socket = stat.S_ISSOCK(os.fstat(spare).st_mode)
@@ -608,23 +625,42 @@ class MigrationService:
         # the unread bytes of each relayed socket are read here after the move (CRIU does
         # not restore a queue into an inherited socket): a duplicate of the process's end
         tails: list[tuple[int, int]] = []
+        # likewise what its input pipes hold here, and what their relays still carry:
+        # the pipe CRIU restores on the target is a new one, empty
+        inputs = _input_pipes(guest, fds) if order.target != home else []
         try:
-            if relayed:
+            if relayed or inputs:
                 pidfd = os.pidfd_open(pid)
                 try:
                     for m, fd in relayed:
                         tails.append((m.in_stream, pidfd_getfd(pidfd, fd)))
+                    inputs = [
+                        (stream, pidfd_getfd(pidfd, fd) if fd >= 0 else -1, receiver)
+                        for stream, fd, receiver in inputs
+                    ]
                 finally:
                     os.close(pidfd)
+            for _, _, receiver in inputs:  # the guest's end here must not stop them
+                if receiver is not None:
+                    guest.receivers.remove(receiver)
             report, out = await move_process(
                 self, pid, order.target, prepare, tracer, kill_source, lazy_ok=True
             )
         except BaseException:
             for _, dup in tails:
                 os.close(dup)
+            for _, dup, receiver in inputs:
+                if dup >= 0:
+                    os.close(dup)
+                if receiver is not None:
+                    guest.receivers.append(receiver)
             raise
         if tails:
             self.agent.nursery.start_soon(self._send_tails, order.target, order.move, tails)
+        for stream, dup, receiver in inputs:
+            self.agent.nursery.start_soon(
+                self._send_pipe_tail, order.target, order.move, stream, dup, receiver
+            )
         self.agent.nursery.start_soon(_end_senders, guest.senders)
         if proc is not None:
             self.agent.jobs.procs.pop(pid, None)
@@ -783,8 +819,11 @@ class MigrationService:
             inode = os.fstat(fd).st_ino
             if pipe.writable:
                 guest.senders.append(hub.open_sender(new, fd))
-            else:
+            elif inc.source == prep.home:
                 guest.receivers.append(hub.open_receiver(new, fd))
+            else:  # from a peer: what it had not read comes first (MigrateTail)
+                self._tails[(inc.move, pipe.stream)] = _Tail(hub, new, fd, guest)
+                self.agent.nursery.start_soon(self._relay_after_tail, (inc.move, pipe.stream))
             guest.pipes.append((new, inode, pipe.writable))
             streams.append((pipe.stream, new))
         for sk, fd, its_inode in relayed:
@@ -963,6 +1002,48 @@ class MigrationService:
             with contextlib.suppress(DunixError):
                 await self.links.send(target, MigrateTail(move, stream, b"", True))
 
+    async def _send_pipe_tail(
+        self, target: str, move: str, stream: int, fd: int, relay: StreamEndpoint | None
+    ) -> None:
+        """Source, after a move: send what the process's input pipe here holds and what
+        our relay into it still writes (the home ends the old stream once it re-pointed
+        it; ``StreamEndpoint.end``), read from a duplicate of the process's read end,
+        then ``last``. The relay may wait on a full pipe: read while it runs."""
+        sent = 0
+        try:
+            if fd >= 0:
+                os.set_blocking(fd, False)  # the copy it shares the description with is dead
+                with trio.move_on_after(MOVE_TIMEOUT) as waited:
+                    while True:
+                        done = relay is None or relay.finished.is_set()
+                        try:
+                            data = os.read(fd, IMAGE_CHUNK)
+                        except BlockingIOError:
+                            data = None
+                        if data:
+                            await self.links.send(target, MigrateTail(move, stream, data, False))
+                            sent += len(data)
+                            continue
+                        if data == b"" or done:
+                            break
+                        with trio.move_on_after(0.05):
+                            await trio.lowlevel.wait_readable(fd)
+                if waited.cancelled_caught:
+                    log.warning("move %s: stream %d did not end in %s s: its rest is cut",
+                                move, stream, MOVE_TIMEOUT)  # fmt: skip
+        except (OSError, DunixError) as exc:
+            log.warning("move %s: the unread bytes of pipe stream %d: %s", move, stream, exc)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            if relay is not None:
+                relay.stop()
+        if sent:
+            log.info("move %s: %d bytes the process had not read follow it (stream %d)",
+                     move, sent, stream)  # fmt: skip
+        with contextlib.suppress(DunixError):
+            await self.links.send(target, MigrateTail(move, stream, b"", True))
+
     def _on_tail(self, msg: MigrateTail) -> None:
         tail = self._tails.get((msg.move, msg.stream))
         if tail is None:
@@ -983,8 +1064,12 @@ class MigrationService:
             if tail.data and not tail.aborted:
                 log.info("move %s: %d bytes it had not read go first (stream %d)", key[0],
                          len(tail.data), key[1])  # fmt: skip
-                sock = socket.socket(fileno=os.dup(tail.fd))
-                stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+                stream: trio.abc.SendStream
+                if stat.S_ISSOCK(os.fstat(tail.fd).st_mode):
+                    sock = socket.socket(fileno=os.dup(tail.fd))
+                    stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+                else:  # a pipe's write end (FdStream makes the description non-blocking)
+                    stream = trio.lowlevel.FdStream(os.dup(tail.fd))
                 try:
                     await stream.send_all(bytes(tail.data))
                 except trio.BrokenResourceError as exc:

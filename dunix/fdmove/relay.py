@@ -47,6 +47,7 @@ import fcntl
 import logging
 import os
 import select
+import signal
 import socket
 import stat
 import struct
@@ -86,6 +87,9 @@ PROBE_FIRST = 0.0005
 #: a handed-over sender whose receiver said it is gone: how long its relay may take to
 #: notice by itself before it is killed (it never got a connection, say)
 RELAY_GRACE = 1.0
+#: a handed-over sender ended with ``end()``: how long its relay may take to deliver what
+#: it read (its receiver's reader may be slow) before it is killed
+END_GRACE = 10.0
 
 Send = Callable[[StreamMessage], Awaitable[None]]
 #: pull mode: bytes wanted by readers blocked on the pipe ``(st_dev, st_ino)``
@@ -264,6 +268,7 @@ class StreamEndpoint:
         self._idle = False  # a pulled sender waits for data or a grant, whichever is first
         self._upstream = False  # idle pulled sender: a pull receiver of its pipe has data
         self._handover: StreamBulk | None = None  # receiver: the sender's StreamBulk
+        self._ending = False  # stopped by end(): a native relay finishes, not killed
 
     def __repr__(self) -> str:
         kind = "sender" if self.sending else "receiver"
@@ -293,6 +298,14 @@ class StreamEndpoint:
         what it holds, closes its fd and tells the sender it is gone."""
         self._stopping = True
         self._poke(cancel_io=True)
+
+    def end(self) -> None:
+        """Stop a sender so that all it read from its fd still arrives (a native relay
+        sends what it holds and ends its stream; ``stop`` kills it), so the receiver's
+        side can hand those bytes on (a moved reader, dunix/agent/migration.py); a
+        receiver stops as with ``stop``."""
+        self._ending = True
+        self.stop()
 
     # -- called by the hub -------------------------------------------------------------
 
@@ -449,6 +462,10 @@ class StreamEndpoint:
                 await self._wait_changed()
             if not (self._stopping or self._lost):
                 await trio.sleep(RELAY_GRACE)
+            elif self._ending and self.sending and not self._lost:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGUSR1)  # the relay ends after what it read
+                await trio.sleep(END_GRACE)  # its exit (reap) ends this sooner
             nursery.cancel_scope.cancel()
         if not status:
             status.append(await _bulk.stop(proc))

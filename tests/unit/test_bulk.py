@@ -226,3 +226,35 @@ def test_a_stranger_without_the_key_is_dropped_and_the_peer_still_gets_through()
         assert await receiver.wait() == 0
 
     run(body)
+
+
+def test_ending_a_handed_over_sender_delivers_all_it_read_and_leaves_the_rest() -> None:
+    """``end()`` (a move re-points the stream, dunix/agent/migration.py): the relay stops
+    reading and ends the stream after what it read; the receiver writes all of that, then
+    EOF; what it had not read stays in the sender's pipe for the next relay."""
+    data = os.urandom(3 * MiB)
+    seen: list[StreamMessage] = []
+
+    async def body() -> None:
+        async with bulk_hubs(seen) as (a, b):
+            r1, w1 = os.pipe()
+            r2, w2 = os.pipe()
+            spare = os.dup(r1)
+            stream = a.allocate()
+            sender = a.open_sender(stream, r1)
+            receiver = b.open_receiver(stream, w2)
+            await write_all(w1, data, close=False)
+            with trio.fail_after(10):
+                while not handed_over(seen):
+                    await trio.sleep(0.01)
+            sender.end()
+            with trio.fail_after(20):
+                got = await read_all(r2)
+                assert await sender.wait() is Outcome.STOPPED
+                assert await receiver.wait() is Outcome.EOF
+            os.close(w1)
+            rest = await read_all(spare)
+            assert len(got) >= AFTER
+            assert got + rest == data
+
+    run(body)

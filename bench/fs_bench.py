@@ -319,6 +319,47 @@ def peer_table(t: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def measure_local(sizes: Sizes, rounds: int) -> dict[str, Any]:
+    """Only the local part (``--local``): ``rounds`` A B B A rounds of new-file writes in
+    n1, storagefs against the disk (this VM's disk is noisy: look at every pair), then the
+    metadata rates; the agents' path for local files as their log says it."""
+    run_in(OWNER, ["mkdir", "-p", DIRECT, f"{FS}/fs-bench"])
+    files = {"direct_write": f"{DIRECT}/direct.bin",
+             "storagefs_local_write": f"{FS}/fs-bench/local.bin"}  # fmt: skip
+    out: dict[str, Any] = {"file_mib": sizes.file_mib, "rounds": []}
+    for _ in range(rounds):
+        out["rounds"].append(alternated_writes(files, sizes.file_mib))
+    with contextlib.suppress(Failed):
+        run_in(OWNER, ["rm", "-rf", DIRECT, f"{FS}/fs-bench"])
+    out["metadata"] = measure_metadata(sizes)
+    log = Path(f"/run/dunix/hosts/{OWNER}/agent.log")
+    out["path"] = [line.split("storagefs: ", 1)[1].strip() for line in log.read_text().splitlines()
+                   if "local files " in line][-1:]  # fmt: skip
+    return out
+
+
+def local_table(t: dict[str, Any]) -> str:
+    path = ", ".join(t["path"]) or "path not logged"
+    lines = [f"local file in {OWNER} ({CPU_QUOTA} CPU, {t['file_mib']} MiB new files, 1 MiB "
+             f"blocks, A B B A per round; {path})"]  # fmt: skip
+    ratios = []
+    for n, r in enumerate(t["rounds"], 1):
+        ours, disk = r["storagefs_local_write"], r["direct_write"]
+        ratio = _ratio(ours, disk)
+        if ratio is not None:
+            ratios.append(ratio)
+        lines.append(f"  round {n}: storagefs {_rate(ours)} MB/s {ours.get('runs_mb_per_s', '')}, "
+                     f"disk {_rate(disk)} MB/s {disk.get('runs_mb_per_s', '')}: "
+                     f"{_pct(ratio, GOALS['local'])}")  # fmt: skip
+    if ratios:
+        lines.append(f"  median of the rounds: {_pct(statistics.median(ratios), GOALS['local'])}")
+    m = t["metadata"]
+    for op in ("creates", "stats", "unlinks"):
+        lines.append(f"  {op}/s: storagefs {_rate(m['storagefs'], op)}, disk "
+                     f"{_rate(m['direct'], op)}")  # fmt: skip
+    return "\n".join(lines)
+
+
 # --- 2. metadata -------------------------------------------------------------------------
 
 
@@ -440,6 +481,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )  # fmt: skip
     ap.add_argument("--peer", action="store_true",
                     help="only the peer-owned file's write and read, and iperf3")  # fmt: skip
+    ap.add_argument("--local", type=int, metavar="ROUNDS", default=0,
+                    help="only local writes in n1 (ROUNDS x A B B A), metadata rates")  # fmt: skip
     args = ap.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     ensure_packages("fio", "iperf3")
@@ -447,6 +490,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("no /dev/fuse: storagefs cannot mount here")
     if not args.no_lock:
         say(f"taking {LOCK} (one simulated cluster per machine)")
+    if args.local:
+        with contextlib.nullcontext() if args.no_lock else exclusive_cluster():
+            local = with_cluster(3, lambda: measure_local(sizes, args.local))
+        print(local_table(local))
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "fs-local.json").write_text(json.dumps(local, indent=2))
+        return local
     if args.peer:
         with contextlib.nullcontext() if args.no_lock else exclusive_cluster():
             peer = with_cluster(3, lambda: measure_peer(sizes.file_mib, sizes.iperf_s))

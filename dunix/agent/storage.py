@@ -249,6 +249,8 @@ class StorageService:
         # StorageFS._seen_remote, not passthrough.)
         if os.environ.get(PASSTHROUGH_ENV, "1") not in PASSTHROUGH_OFF:
             passthrough.preload()
+        else:
+            passthrough.turn_off(f"{PASSTHROUGH_ENV}={os.environ[PASSTHROUGH_ENV]}")
         library = locks.preload()  # before pyfuse3 loads: it adds the FUSE lock handlers
         from dunix.storagefs.fs import StorageFS  # loads pyfuse3
 

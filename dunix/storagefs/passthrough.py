@@ -44,15 +44,24 @@ LIBRARY = Path(__file__).resolve().parents[2] / "native" / "build" / "libfusepas
 _HOOKED, _OFFERED, _ASKED = 1, 2, 4
 
 _library: ctypes.CDLL | None = None
+_off: str | None = None  # why it was turned off (the agent's switch), None: it is not
+
+
+def turn_off(reason: str) -> None:
+    """Local files stay on the Python path in this process: :func:`preload` gives None."""
+    global _off
+    _off = reason
 
 
 def preload() -> ctypes.CDLL | None:
     """Load the library before pyfuse3 is imported (its mount and replies are interposed).
 
-    None when it is not built (``make -C native``) or cannot load: local files then go
-    through Python.
+    None when it is not built (``make -C native``), cannot load, or was turned off: local
+    files then go through Python.
     """
     global _library
+    if _off is not None:
+        return None
     if _library is None:
         lib = load_global(LIBRARY, "no FUSE passthrough library")
         if lib is None:
@@ -84,6 +93,8 @@ class Passthrough:
 
     def describe(self) -> str:
         """One line for the agent's log: which path local files take."""
+        if self._lib is None and _off is not None:
+            return f"local files go through Python (FUSE passthrough turned off: {_off})"
         if self._lib is None:
             return "local files go through Python (native/build/libfusepassthrough.so not built)"
         state = int(self._lib.dunix_pt_state())

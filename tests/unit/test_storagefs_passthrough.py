@@ -119,3 +119,15 @@ def test_unopenable_backing_file_stays_plain(tmp_path: Path) -> None:
     pt = Passthrough(lib)  # type: ignore[arg-type]
     assert not pt.open(60, 600, str(tmp_path / "gone"))
     assert lib.given == [] and "pass through" in pt.describe()  # still on for others
+
+
+def test_turned_off_it_loads_nothing_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dunix.storagefs import passthrough
+
+    monkeypatch.setattr(passthrough, "_off", None)
+    monkeypatch.setattr(passthrough, "_library", None)
+    passthrough.turn_off("DUNIX_FUSE_PASSTHROUGH=0")
+    assert passthrough.preload() is None
+    pt = Passthrough()
+    assert "turned off: DUNIX_FUSE_PASSTHROUGH=0" in pt.describe()
+    assert not pt.open(5, 10, "/proc/self/fd/0") and not pt.direct(5)

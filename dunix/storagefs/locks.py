@@ -26,9 +26,13 @@ Who decides: the host that owns the file (the one whose disk holds it).
 
 POSIX locks are dropped when their owner closes any descriptor of the file (the kernel
 says so in FLUSH, with the owner id), flock locks when the last descriptor of the open
-file goes (RELEASE with ``flock_release``). Not done: deadlock detection (EDEADLK), and
-a blocking request interrupted while it was being granted may leave that range unlocked
-by a best-effort unlock of it (dropping an older lock of the same owner on that range).
+file goes (RELEASE with ``flock_release``), open file description locks at that RELEASE
+too (:meth:`FuseLocks._track_ofd` says how they are told apart). A blocking POSIX lock
+that would wait for itself through other waiting holders gets EDEADLK
+(:meth:`LockManager.acquire`), among the files one host owns; a cycle through files of
+two owners is not seen. A blocking request interrupted while it was being granted may
+leave that range unlocked by a best-effort unlock of it (dropping an older lock of the
+same owner on that range).
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ SLEEP = 1 << 5
 WAIT_SLICE = 3.0
 #: how long an interrupted request may take to give its range back (also at unmount)
 UNDO_TIMEOUT = 2.0
+#: the most waiting holders a deadlock check follows (Linux: 10 steps of one chain)
+MAX_CYCLE = 64
 LIBRARY = Path(__file__).resolve().parents[2] / "native" / "build" / "libfuselocks.so"
 
 Holder = tuple[int, int]  # (node id, kernel lock owner id)
@@ -96,17 +102,21 @@ class LockTable:
         self, key: int, holder: Holder, flock: bool, type_: int, start: int, end: int
     ) -> Lock | None:
         """The first lock of another holder that ``type_`` on [start, end] would conflict with."""
+        return next(iter(self.conflicts(key, holder, flock, type_, start, end)), None)
+
+    def conflicts(
+        self, key: int, holder: Holder, flock: bool, type_: int, start: int, end: int
+    ) -> list[Lock]:
+        """Every lock of other holders that ``type_`` on [start, end] would conflict with."""
         if type_ == F_UNLCK:
-            return None
-        for lock in self._locks.get(key, ()):
-            if (
-                lock.holder != holder
-                and lock.flock == flock
-                and lock.overlaps(start, end)
-                and (lock.type == F_WRLCK or type_ == F_WRLCK)
-            ):
-                return lock
-        return None
+            return []
+        return [
+            lock for lock in self._locks.get(key, ())
+            if lock.holder != holder
+            and lock.flock == flock
+            and lock.overlaps(start, end)
+            and (lock.type == F_WRLCK or type_ == F_WRLCK)
+        ]  # fmt: skip
 
     def set(self, key: int, want: Lock) -> Lock | None:
         """Apply ``want`` (F_UNLCK: unlock) unless it conflicts; returns the conflict."""
@@ -180,6 +190,15 @@ class LockTable:
         return changed
 
 
+@dataclass
+class _Wait:
+    """A holder's blocked request, kept while it waits (and ``until`` a peer asks again)."""
+
+    key: int
+    want: Lock
+    until: float
+
+
 class LockManager:
     """A :class:`LockTable` with waiting, driven by one trio loop (the storagefs thread)."""
 
@@ -187,6 +206,7 @@ class LockManager:
         self.node_id = node_id
         self.table = LockTable()
         self._changed: dict[int, trio.Event] = {}
+        self._waits: dict[Holder, _Wait] = {}  # who waits for which lock (deadlock check)
 
     def _wake(self, key: int) -> None:
         event = self._changed.pop(key, None)
@@ -198,22 +218,64 @@ class LockManager:
         return self.table.conflict(key, holder, flock, type_, start, end)
 
     async def acquire(self, key: int, want: Lock, sleep: bool, limit: float | None = None) -> int:
-        """0 once set; EAGAIN (no sleep) or EINPROGRESS (``limit`` passed) while it conflicts."""
-        with trio.move_on_after(limit if limit is not None else float("inf")):
-            while True:
-                if self.table.set(key, want) is None:
-                    self._wake(key)  # an unlock or a downgrade may let others in
-                    return 0
-                if not sleep:
-                    return errno.EAGAIN
-                await self._changed.setdefault(key, trio.Event()).wait()
+        """0 once set; EAGAIN (no sleep) or EINPROGRESS (``limit`` passed) while it conflicts.
+
+        EDEADLK when waiting would close a cycle: a POSIX lock whose holders wait, each for
+        the next, back to this one (as fcntl(2) F_SETLKW says; flock locks are never checked,
+        as in Linux). Only cycles among files this host owns are seen.
+        """
+        holder = want.holder
+        try:
+            with trio.move_on_after(limit if limit is not None else float("inf")):
+                while True:
+                    found = self.table.conflicts(key, holder, want.flock, want.type, want.start,
+                                                 want.end)  # fmt: skip
+                    if not found:
+                        self.table.set(key, want)
+                        self._waits.pop(holder, None)
+                        self._wake(key)  # an unlock or a downgrade may let others in
+                        return 0
+                    if not sleep:
+                        self._waits.pop(holder, None)
+                        return errno.EAGAIN
+                    if not want.flock:
+                        if self._closes_cycle(holder, found):
+                            self._waits.pop(holder, None)
+                            return errno.EDEADLK
+                        self._waits[holder] = _Wait(key, want, until=float("inf"))
+                    await self._changed.setdefault(key, trio.Event()).wait()
+        except BaseException:  # interrupted: it no longer waits
+            self._waits.pop(holder, None)
+            raise
+        if not want.flock:  # a peer asks again at once (see WAIT_SLICE): it waits until then
+            self._waits[holder] = _Wait(key, want, until=trio.current_time() + WAIT_SLICE)
         return errno.EINPROGRESS
+
+    def _closes_cycle(self, holder: Holder, blockers: list[Lock]) -> bool:
+        """Whether ``holder`` waiting behind ``blockers`` would wait for itself."""
+        now = trio.current_time()
+        todo = [lock.holder for lock in blockers]
+        seen: set[Holder] = set()
+        while todo and len(seen) < MAX_CYCLE:
+            blocker = todo.pop()
+            if blocker == holder:
+                return True
+            wait = self._waits.get(blocker)
+            if blocker in seen or wait is None or wait.until < now:
+                continue
+            seen.add(blocker)
+            want = wait.want
+            behind = self.table.conflicts(wait.key, blocker, False, want.type, want.start, want.end)
+            todo.extend(lock.holder for lock in behind)
+        return False
 
     def release(self, key: int, holder: Holder, flock: bool, epoch: int = TO_END) -> None:
         if self.table.release(key, holder, flock, epoch):
             self._wake(key)
 
     def release_node(self, node: int) -> None:
+        for holder in [holder for holder in self._waits if holder[0] == node]:
+            del self._waits[holder]
         for key in self.table.release_node(node):
             self._wake(key)
 
@@ -244,7 +306,7 @@ _CALLBACK = ctypes.CFUNCTYPE(
     ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64,
     ctypes.c_uint64, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
 )  # fmt: skip
-_GETLK, _SETLK, _FLOCK, _CLOSE_POSIX, _CLOSE_FLOCK, _INTERRUPT = range(6)
+_GETLK, _SETLK, _FLOCK, _CLOSE_POSIX, _CLOSE_FLOCK, _INTERRUPT, _RELEASE = range(7)
 _library: ctypes.CDLL | None = None
 _installed: FuseLocks | None = None
 
@@ -306,6 +368,9 @@ class FuseLocks:
         self._waiting: dict[int, trio.CancelScope] = {}
         self._remote_held: set[tuple[int, int, bool]] = set()  # (ino, owner id, flock)
         self._epoch = 1  # closes of peers' files locked from here (LockTable.release)
+        # open file description locks (F_OFD_SETLK): see _track_ofd
+        self._by_fh: dict[int, set[tuple[int, int]]] = {}  # fh -> {(ino, owner id)}
+        self._fhs_of: dict[tuple[int, int], set[int]] = {}  # (ino, owner id) -> fhs
         self._callback = _CALLBACK(self._on_event)  # kept alive: C holds the pointer
 
     def install(self, library: ctypes.CDLL) -> None:
@@ -332,6 +397,9 @@ class FuseLocks:
                 if scope is not None:
                     scope.cancel()
                 return 0
+            if cmd == _RELEASE:
+                self._released(fh)
+                return 0
             flock = cmd in (_FLOCK, _CLOSE_FLOCK)
             if flock:
                 # a flock belongs to the open file, whose fh is unique while it is open; the
@@ -339,8 +407,12 @@ class FuseLocks:
                 # after the next file's request (a counter under flock(1) lost 2 of 200)
                 owner = fh
             if cmd in (_CLOSE_POSIX, _CLOSE_FLOCK):
+                if not flock:
+                    self._not_ofd(ino, owner)
                 self._closed(ino, owner, flock)
                 return 0
+            if cmd == _SETLK and type_ != F_UNLCK:
+                self._track_ofd(ino, fh, owner)
             nursery = self._nursery()
             if nursery is None or req is None:
                 return errno.ENOLCK
@@ -351,6 +423,36 @@ class FuseLocks:
         except Exception:  # never let an exception into C: the request must be answered
             log.exception("storagefs: lock event %d failed", cmd)
             return errno.EIO if cmd in (_GETLK, _SETLK, _FLOCK) else 0
+
+    def _track_ofd(self, ino: int, fh: int, owner: int) -> None:
+        """Note a POSIX-kind lock set through ``fh``: it may be an open file description lock.
+
+        The kernel sends F_OFD_SETLK like fcntl locks, with the open file as the owner, and
+        never says when such a lock goes: at the last close its local bookkeeping is empty
+        (the file system keeps the locks), so no request comes. An fcntl lock's owner is the
+        process's fd table, which the kernel names in the FLUSH of every close; and a
+        process's close drops all its fcntl locks on the file. So when an open file is
+        released, any owner that locked through it and was never named in a FLUSH can only
+        be the open file itself: its locks go then (:meth:`_released`).
+        """
+        self._by_fh.setdefault(fh, set()).add((ino, owner))
+        self._fhs_of.setdefault((ino, owner), set()).add(fh)
+
+    def _not_ofd(self, ino: int, owner: int) -> None:
+        for fh in self._fhs_of.pop((ino, owner), ()):
+            held = self._by_fh.get(fh)
+            if held is not None:
+                held.discard((ino, owner))
+                if not held:
+                    del self._by_fh[fh]
+
+    def _released(self, fh: int) -> None:
+        for ino, owner in self._by_fh.pop(fh, ()):
+            fhs = self._fhs_of.get((ino, owner), set())
+            fhs.discard(fh)
+            if not fhs:
+                self._fhs_of.pop((ino, owner), None)
+            self._closed(ino, owner, False)
 
     def _closed(self, ino: int, owner: int, flock: bool) -> None:
         target = self.targets.lock_target(ino)

@@ -31,6 +31,7 @@ enum {
 	DUNIX_FL_CLOSE_POSIX = 3, /* flush: drop the owner's POSIX locks */
 	DUNIX_FL_CLOSE_FLOCK = 4, /* release with flock_release: drop the owner's flock */
 	DUNIX_FL_INTERRUPT = 5,
+	DUNIX_FL_RELEASE = 6, /* every release: open file description locks go with the file */
 };
 
 /* cmd, req, ino, fh, owner, type (F_RDLCK/F_WRLCK/F_UNLCK), start, end (inclusive;
@@ -122,6 +123,8 @@ static void fl_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 	if (callback && fi->flock_release)
 		callback(DUNIX_FL_CLOSE_FLOCK, NULL, ino, fi->fh, fi->lock_owner, F_UNLCK, 0,
 			 INT64_MAX, 0, 0);
+	if (callback)
+		callback(DUNIX_FL_RELEASE, NULL, ino, fi->fh, 0, F_UNLCK, 0, INT64_MAX, 0, 0);
 	orig_release(req, ino, fi);
 }
 

@@ -8,6 +8,7 @@ cluster-wide locks two hosts read the same value and one increment is lost.
 from __future__ import annotations
 
 import os
+import subprocess
 import textwrap
 
 import pytest
@@ -119,3 +120,65 @@ def test_a_held_lock_refuses_or_blocks_on_the_other_host(lockdir: str) -> None:
     sh("n3", f"(sleep 1; touch {lockdir}/go) >/dev/null 2>&1 &")
     waited = sh("n3", f"cd {lockdir} && flock -w 30 held sh -c 'ls released'")
     assert waited.strip() == "released"
+
+
+def test_an_open_file_description_lock_goes_with_its_last_close(lockdir: str) -> None:
+    """F_OFD_SETLK on n3 (n1 owns the file): held while the file is open, gone at its close."""
+    sh("n1", f"cd {lockdir} && : > ofd && rm -f ofd-held ofd-go")
+    holder = textwrap.dedent(f"""
+        import fcntl, os, struct, sys, time
+        fd = os.open("{lockdir}/ofd", os.O_RDWR)
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 1, 0))
+        open("{lockdir}/ofd-held", "w").close()
+        while sys.argv[1] == "wait" and not os.path.exists("{lockdir}/ofd-go"):
+            time.sleep(0.05)
+        os.close(fd)
+    """)
+    probe = textwrap.dedent(f"""
+        import errno, fcntl, os
+        fd = os.open("{lockdir}/ofd", os.O_RDWR)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+            print("free")
+        except OSError as exc:
+            print(errno.errorcode[exc.errno])
+    """)
+    sh("n3", f"python3 -c '{holder}' now")  # locked, then closed at once
+    assert sh("n1", f"python3 -c '{probe}'").strip() == "free"
+    sh("n3", f"rm -f {lockdir}/ofd-held; python3 -c '{holder}' wait >/dev/null 2>&1 &")
+    wait_for(lambda: "ofd-held" in sh("n1", f"ls {lockdir}"), 15, "n3 to hold its OFD lock")
+    assert sh("n1", f"python3 -c '{probe}'").strip() == "EAGAIN"
+    sh("n1", f"touch {lockdir}/ofd-go")
+    wait_for(lambda: sh("n1", f"python3 -c '{probe}'").strip() == "free", 15,
+             "n3's OFD lock to go with its last close")  # fmt: skip
+
+
+def test_two_hosts_waiting_for_each_other_get_edeadlk(lockdir: str) -> None:
+    """n1 holds byte 0 and waits for byte 1, n3 holds byte 1 and waits for byte 0: one of the
+    two waits is refused with EDEADLK (fcntl(2)) and the other then gets its byte."""
+    sh("n1", f"cd {lockdir} && : > deadlock && rm -f dl-n1 dl-n3")
+    script = textwrap.dedent(f"""
+        import errno, fcntl, os, sys, time
+        me, other, mine = sys.argv[1], sys.argv[2], int(sys.argv[3])
+        fd = os.open("{lockdir}/deadlock", os.O_RDWR)
+        fcntl.lockf(fd, fcntl.LOCK_EX, 1, mine)
+        open("{lockdir}/dl-" + me, "w").close()
+        deadline = time.monotonic() + 30
+        while not os.path.exists("{lockdir}/dl-" + other) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX, 1, 1 - mine)
+            print("got")
+        except OSError as exc:  # errorcode names EDEADLK by its alias EDEADLOCK
+            print("EDEADLK" if exc.errno == errno.EDEADLK else errno.errorcode[exc.errno])
+        os.close(fd)
+    """)
+    from dunix import cluster
+
+    argv = ["python3", "-c", script]
+    procs = [
+        cluster.exec_in(host, [*argv, host, other, byte], cwd=FS, stdout=subprocess.PIPE, text=True)
+        for host, other, byte in (("n1", "n3", "0"), ("n3", "n1", "1"))
+    ]
+    outs = [proc.communicate(timeout=60)[0].strip() for proc in procs]
+    assert sorted(outs) == ["EDEADLK", "got"], outs

@@ -109,3 +109,96 @@ def test_a_late_release_spares_locks_asked_for_after_it() -> None:
     assert not table.release(5, A, True, epoch=1)
     assert ranges(table, 5) == [(F_WRLCK, 0, TO_END)]
     assert table.release(5, A, True, epoch=2) and table.locks(5) == []
+
+
+def test_a_wait_that_closes_a_cycle_gets_edeadlk() -> None:
+    trio.run(_deadlock, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def _deadlock() -> None:
+    manager = LockManager(1)
+    assert await manager.acquire(7, Lock(A, False, F_WRLCK, 0, 0), sleep=False) == 0
+    assert await manager.acquire(7, Lock(B, False, F_WRLCK, 1, 1), sleep=False) == 0
+    got: list[int] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: _collect(got, manager.acquire(7, Lock(A, False, F_WRLCK, 1, 1),
+                                                                 sleep=True)))  # fmt: skip
+        await trio.testing.wait_all_tasks_blocked()
+        # B waiting for A's byte 0 would wait for itself: refused, and nothing changes
+        assert await manager.acquire(7, Lock(B, False, F_WRLCK, 0, 0), True, 1) == errno.EDEADLK
+        assert got == []
+        # flock locks are never checked (Linux neither): B's flock simply waits its turn
+        assert await manager.acquire(7, Lock(A, True, F_WRLCK, 0, TO_END), sleep=False) == 0
+        with trio.move_on_after(1):
+            await manager.acquire(7, Lock(B, True, F_WRLCK, 0, TO_END), sleep=True)
+            raise AssertionError("B's flock was granted while A holds one")
+        manager.release(7, B, False)  # B gives up: A's wait ends
+    assert got == [0]
+    assert sorted(ranges(manager.table)) == [(F_WRLCK, 0, 1), (F_WRLCK, 0, TO_END)]
+
+
+def test_a_peer_between_two_asks_still_counts_as_waiting() -> None:
+    trio.run(_peer_cycle, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def _peer_cycle() -> None:
+    manager = LockManager(1)
+    peer = (2, 9)
+    assert await manager.acquire(7, Lock(A, False, F_WRLCK, 0, 0), sleep=False) == 0
+    assert await manager.acquire(7, Lock(peer, False, F_RDLCK, 5, 5), sleep=False) == 0
+    ask = FileRequest(1, 2, "lock", path="f", path2="set", handle=9, offset=0, size=0,
+                      flags=F_WRLCK | SLEEP)  # fmt: skip
+    assert await manager.serve_peer(7, ask) == (errno.EINPROGRESS, ())
+    # the peer is about to ask again: A waiting for its byte 5 closes the cycle
+    assert await manager.acquire(7, Lock(A, False, F_WRLCK, 5, 5), True, 1) == errno.EDEADLK
+    await trio.sleep(2 * 3.0)  # the peer never asked again (gone, interrupted): no cycle
+    assert await manager.acquire(7, Lock(A, False, F_WRLCK, 5, 5), sleep=True, limit=1) == (
+        errno.EINPROGRESS
+    )
+
+
+class _Targets:
+    def lock_target(self, ino: int) -> tuple[int, str] | None:
+        return None  # every file is this host's
+
+
+class _Library:
+    def __init__(self) -> None:
+        self.replies: list[tuple[int, int]] = []
+
+    def dunix_fl_set_callback(self, callback: object) -> None:
+        pass
+
+    def dunix_fl_reply(self, req: int, error: int, *rest: int) -> None:
+        self.replies.append((req, error))
+
+
+def test_an_open_file_description_lock_goes_with_its_last_close() -> None:
+    trio.run(_ofd_release)
+
+
+async def _ofd_release() -> None:
+    from dunix.storagefs import locks
+
+    manager = LockManager(1)
+    async with trio.open_nursery() as nursery:
+        fuse = locks.FuseLocks(manager, _Targets(), None, lambda: nursery)
+        library = _Library()
+        fuse.install(library)  # type: ignore[arg-type]
+
+        def event(cmd: int, req: int, fh: int, owner: int, start: int = 0, end: int = 0) -> None:
+            assert fuse._on_event(cmd, req, 7, fh, owner, F_WRLCK, start, end, 0, 0) == 0
+
+        ofd, posix = 0xF11E, 0xF1E5  # owner ids: an open file, a process's fd table
+        event(locks._SETLK, 1, fh=10, owner=ofd)
+        event(locks._SETLK, 2, fh=11, owner=posix, start=5, end=5)
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(library.replies) == [(1, 0), (2, 0)]
+        event(locks._CLOSE_POSIX, 0, fh=11, owner=posix)  # its process closed a descriptor
+        event(locks._SETLK, 3, fh=12, owner=posix, start=6, end=6)  # and locked again
+        await trio.testing.wait_all_tasks_blocked()
+        event(locks._RELEASE, 0, fh=11, owner=0)  # nothing of fh 11 is held any more
+        assert ranges(manager.table) == [(F_WRLCK, 0, 0), (F_WRLCK, 6, 6)]
+        event(locks._RELEASE, 0, fh=10, owner=0)  # the open file's last close
+        assert [lock.holder[1] for lock in manager.table.locks(7)] == [posix]
+        nursery.cancel_scope.cancel()

@@ -270,7 +270,8 @@ class StorageService:
         )
         self.locks = manager = locks.LockManager(self.node_id)
         if library is not None:
-            locks.FuseLocks(manager, fs, bridge.call, lambda: fs.nursery).install(library)
+            lock_call = fs.drains_writes(bridge.call)  # this host's writes, then the lock
+            locks.FuseLocks(manager, fs, lock_call, lambda: fs.nursery).install(library)
         self.server = FileServer(
             store, created=self.resolver.created, changed=fs.notify_changed, locks=self._serve_lock
         )

@@ -55,7 +55,7 @@ from dunix.storagefs import _syscalls
 from dunix.storagefs.lookup import LookupReply
 from dunix.storagefs.passthrough import Passthrough
 from dunix.storagefs.peerfiles import FileReply, stat_tuple
-from dunix.storagefs.remote_nodes import RemoteFile, RemoteNode, RemoteNodes
+from dunix.storagefs.remote_nodes import Call, RemoteFile, RemoteNode, RemoteNodes
 from dunix.storagefs.replicas import FACTOR_XATTR, WHERE_XATTR, Replicas
 from dunix.storagefs.store import LocalStore
 
@@ -65,6 +65,7 @@ ROOT = pyfuse3.ROOT_INODE
 #: how long the kernel may trust an answer; the owner is the only writer of its files, and
 #: the agent will invalidate entries when a peer changes one (pyfuse3.invalidate_entry)
 ATTR_TIMEOUT = 1.0
+CAPS_XATTR = b"security.capability"  # the kernel asks for it before each write
 MOUNT_OPTIONS = frozenset(
     {"default_permissions", "allow_other", "fsname=dunix", "subtype=storagefs"}
 )
@@ -417,6 +418,7 @@ class StorageFS(pyfuse3.Operations):
             return await self._lookup_remote(path)
 
     async def _lookup_remote(self, path: str) -> pyfuse3.EntryAttributes:
+        await self._drain_writes(path=path)  # the size it answers includes them
         found = await self.resolver.lookup(path)
         if found is None:
             owner = self._remote.last_owner(path)
@@ -479,6 +481,7 @@ class StorageFS(pyfuse3.Operations):
         with _fuse_errors():
             remote = self._remote.get(inode)
             if remote is not None:
+                await self._drain_writes(inode=inode)
                 try:
                     reply = await self._ask(remote, "stat")
                 except PeerUnreachable:
@@ -536,6 +539,7 @@ class StorageFS(pyfuse3.Operations):
         fh: int | None,
     ) -> pyfuse3.EntryAttributes:
         change = _change(attr, fields)
+        await self._drain_writes(inode=remote.attrs[0], path=remote.path)
         opened = self._rfiles.get(fh) if fh is not None else None
         handle = opened.handle if opened is not None and opened.owner == remote.owner else 0
         if fields.update_size:
@@ -761,7 +765,7 @@ class StorageFS(pyfuse3.Operations):
                 reply = await self._ask(remote, "open", flags=flags)
                 fh = next(self._next_rfh)
                 self._rfiles[fh] = RemoteFile(remote.owner, reply.handle, remote.path,
-                                              flags=flags)  # fmt: skip
+                                              flags=flags, inode=inode)  # fmt: skip
                 # other hosts may write it meanwhile: no page cache across opens
                 return pyfuse3.FileInfo(fh=fh, keep_cache=False)
             fd = self._fd(inode)
@@ -785,6 +789,7 @@ class StorageFS(pyfuse3.Operations):
             if rf is not None:
                 if rf.local_fd is not None:
                     return os.pread(rf.local_fd, size, off)
+                await self._drain_writes(inode=rf.inode)
                 try:
                     return await rf.read(self._owner_files().call, off, size, self.nursery)
                 except PeerUnreachable:
@@ -799,11 +804,7 @@ class StorageFS(pyfuse3.Operations):
             if rf is not None and rf.local_fd is not None:  # taken over here meanwhile
                 fh = rf.local_fd
             elif rf is not None:
-                rf.changed()
-                reply = await self._owner_files().call(
-                    rf.owner, "write", handle=rf.handle, offset=off, data=bytes(buf)
-                )
-                return reply.size
+                return await rf.write(self._owner_files().call, off, buf, self.nursery)
             written = os.pwrite(fh, buf, off)
             path = self._rpaths.get(fh) if rf is None else rf.path
             if path is not None and self.replicas is not None and self.replicas.copies(path):
@@ -811,7 +812,10 @@ class StorageFS(pyfuse3.Operations):
             return written
 
     async def flush(self, fh: int) -> None:
-        pass
+        with _fuse_errors():
+            rf = self._rfiles.get(fh)
+            if rf is not None and rf.local_fd is None:
+                await rf.drain(self._owner_files().call)
 
     async def release(self, fh: int) -> None:
         with _fuse_errors():
@@ -820,6 +824,10 @@ class StorageFS(pyfuse3.Operations):
                 os.close(rf.local_fd)
                 return
             if rf is not None:
+                try:
+                    await rf.drain(self._owner_files().call)
+                except (OSError, DunixError, pyfuse3.FUSEError) as exc:  # flush said it
+                    log.info("storagefs: a write to %s on node %d: %s", rf.path, rf.owner, exc)
                 try:
                     await self._owner_files().call(rf.owner, "release", handle=rf.handle)
                 except PeerUnreachable as exc:
@@ -835,6 +843,7 @@ class StorageFS(pyfuse3.Operations):
             if rf is not None and rf.local_fd is not None:  # taken over here meanwhile
                 fh = rf.local_fd
             elif rf is not None:
+                await rf.drain(self._owner_files().call)
                 await self._owner_files().call(
                     rf.owner, "fsync", handle=rf.handle, flags=int(datasync)
                 )
@@ -986,6 +995,26 @@ class StorageFS(pyfuse3.Operations):
         data.f_namemax = vfs.f_namemax
         return data
 
+    # --- writes gathered for peers' files (remote_nodes.RemoteFile.write) -----------------
+
+    async def _drain_writes(self, *, inode: int = 0, path: str = "") -> None:
+        """Writes made here to a peer's file (``inode``, or the one at ``path``) reach its
+        owner before this host reads, stats or locks it: the owner's answer includes them."""
+        for rf in [f for f in self._rfiles.values() if f.behind()]:
+            if (inode and rf.inode == inode) or (path and rf.path == path):
+                await rf.drain(self._owner_files().call, report=False)
+
+    def drains_writes(self, call: Call) -> Call:
+        """``call`` to owners, lock requests after this host's writes to the file (the next
+        holder of the lock reads them on the owner)."""
+
+        async def call_after_writes(peer: int, op: str, **fields: object) -> FileReply:
+            if op == "lock" and isinstance(fields.get("path"), str):
+                await self._drain_writes(path=str(fields["path"]))
+            return await call(peer, op, **fields)
+
+        return call_after_writes
+
     # --- replicated files (dunix/storagefs/replicas.py) ------------------------------------
 
     async def _taken_over(self, node: RemoteNode, ino: int) -> tuple[int, ...] | None:
@@ -1092,7 +1121,15 @@ class StorageFS(pyfuse3.Operations):
                 return await self._replica_xattr(inode, name)
             remote = self._remote.get(inode)
             if remote is not None:
-                reply = await self._ask(remote, "getxattr", path2=os.fsdecode(name))
+                caps = name == CAPS_XATTR
+                if caps and remote.caps_absent():  # asked before each write: see RemoteNode
+                    raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+                try:
+                    reply = await self._ask(remote, "getxattr", path2=os.fsdecode(name))
+                except OSError as exc:
+                    if caps:
+                        remote.caps_checked(exc.errno == pyfuse3.ENOATTR)
+                    raise
                 return reply.data
             target = self._xattr_target(inode)
             if target is None:
@@ -1108,6 +1145,7 @@ class StorageFS(pyfuse3.Operations):
                 return
             remote = self._remote.get(inode)
             if remote is not None:
+                remote.caps_checked(False)
                 await self._ask(remote, "setxattr", path2=os.fsdecode(name), data=bytes(value))
                 return
             target = self._xattr_target(inode)
@@ -1129,6 +1167,7 @@ class StorageFS(pyfuse3.Operations):
         with _fuse_errors():
             remote = self._remote.get(inode)
             if remote is not None:
+                remote.caps_checked(False)
                 await self._ask(remote, "removexattr", path2=os.fsdecode(name))
                 return
             target = self._xattr_target(inode)

@@ -8,11 +8,16 @@ not "no such file" (see ``StorageFS._lookup_remote``).
 
 :class:`RemoteFile` is one open file of a peer: reads are served from blocks of ``FETCH``
 bytes (4 MiB), and the ``READ_AHEAD`` blocks after the one being read are fetched in the
-background.
+background. Its writes gather behind (``WRITE_BATCH`` bytes, up to ``WRITES_IN_FLIGHT`` batches
+on their way at once) and reach the owner at the latest at the next flush (close), fsync,
+read, stat, truncate or lock of the file from this host (see :meth:`RemoteFile.write`).
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,6 +36,18 @@ FETCH = 4 * BLOCK
 #: fetch units asked ahead of the one being read, so the owner works while we copy (with the
 #: bulk lane each runs on a connection of its own, so the owner reads them in parallel)
 READ_AHEAD = 2
+#: bytes of sequential writes gathered into one request to the owner (the bulk lane's
+#: largest block): the kernel sends at most 1 MiB per write
+WRITE_BATCH = 4 * BLOCK
+#: gathered batches on their way to the owner at once (each on a lane connection of its
+#: own), so the owner writes one while this host gathers the next
+WRITES_IN_FLIGHT = 2
+#: seconds an owner's "no security.capability" answer is kept (the kernel's attribute
+#: timeout, fs.ATTR_TIMEOUT: an xattr set elsewhere is seen as late as a chmod)
+CAPS_TIMEOUT = 1.0
+#: ``0`` in the agent's environment: every write to a peer's file goes to its owner at once
+WRITE_BEHIND_ENV = "DUNIX_WRITE_BEHIND"
+WRITE_BEHIND = os.environ.get(WRITE_BEHIND_ENV, "1") not in ("0", "off", "no")
 
 
 @dataclass
@@ -43,6 +60,22 @@ class RemoteNode:
     attrs: tuple[int, ...]
     #: its other names (hard links) seen here: asked when ``path`` is gone on the owner
     others: list[str] = field(default_factory=list)
+    #: until when (time.monotonic) the owner's "no security.capability" answer stands
+    no_caps_until: float = 0.0
+
+    def caps_absent(self) -> bool:
+        """Whether the file is known to have no ``security.capability`` xattr.
+
+        Why: the kernel asks for it before every write to a FUSE file (file_remove_privs:
+        a write drops file capabilities), so each 1 MiB write to a peer's file cost a
+        message round trip to its owner. The owner's own kernel drops them when it does
+        the write; the answer is kept as long as the kernel keeps attributes
+        (``CAPS_TIMEOUT``), and forgotten when this host sets or removes an xattr.
+        """
+        return time.monotonic() < self.no_caps_until
+
+    def caps_checked(self, absent: bool) -> None:
+        self.no_caps_until = time.monotonic() + CAPS_TIMEOUT if absent else 0.0
 
     def promote(self, path: str) -> None:
         """``path`` worked where the primary did not: make it the primary."""
@@ -155,6 +188,15 @@ class RemoteFile:
     #: the start of a short block seen (the end of the file then): nothing is read ahead
     #: past it, though a read there still asks (the file may have grown)
     eof: int | None = None
+    #: the kernel's inode number of the file (its other open files wait for our writes)
+    inode: int = 0
+    #: written here, not sent yet: ``gathered`` bytes at ``gathered_at``
+    gathered: bytearray = field(default_factory=bytearray)
+    gathered_at: int = 0
+    #: batches on their way to the owner, oldest first (set when each is answered)
+    flying: list[trio.Event] = field(default_factory=list)
+    #: why a gathered write failed, raised by the next write, flush, fsync or drain
+    write_error: BaseException | None = None
 
     async def read(
         self, call: Call, off: int, size: int, nursery: trio.Nursery | None
@@ -178,6 +220,75 @@ class RemoteFile:
                     block = self.blocks[ahead] = _Block()
                     nursery.start_soon(self._fetch, call, ahead, block)
         return piece
+
+    def behind(self) -> bool:
+        """Whether writes made here have not all reached the owner yet."""
+        return bool(self.gathered or self.flying)
+
+    async def write(self, call: Call, off: int, data: bytes, nursery: trio.Nursery | None) -> int:
+        """Write ``data`` at ``off``: gathered, and sent in batches of ``WRITE_BATCH``.
+
+        Why: one 1 MiB request to the owner per write kept the writing host waiting for
+        each answer, and each cost the owner a request of its own (a thread hop and an
+        invalidation of its kernel's cache). Like NFS, the data is at the owner after
+        flush (every close), fsync, a lock request and before this host reads or stats the
+        file; a failed batch's error comes back from the next write, flush or fsync.
+        Writes go one by one (after the gathered ones) for an ``O_APPEND`` open (each
+        append lands at the owner's end of file, which may be another host's), without a
+        nursery for background sends, and when not sequential (so overlapping writes land
+        in order), and with ``DUNIX_WRITE_BEHIND=0``.
+        """
+        self._raise_write_error()
+        self.changed()
+        if nursery is None or self.flags & os.O_APPEND or not WRITE_BEHIND:
+            await self.drain(call)
+            reply = await call(self.owner, "write", handle=self.handle, offset=off, data=data)
+            return int(reply.size)
+        while self.gathered and off != self.gathered_at + len(self.gathered):
+            await self.drain(call)
+        if not self.gathered:
+            self.gathered_at = off
+        self.gathered += data
+        if len(self.gathered) >= WRITE_BATCH:
+            while len(self.flying) >= WRITES_IN_FLIGHT:
+                await self.flying[0].wait()
+            if len(self.gathered) >= WRITE_BATCH:  # another write may have sent it
+                nursery.start_soon(self._send, call, *self._take())
+        return len(data)
+
+    async def drain(self, call: Call, *, report: bool = True) -> None:
+        """Every write made here is at the owner when this returns; raises the error of a
+        failed one (once) unless ``report`` is False (another file of the inode waits)."""
+        if self.gathered:
+            await self._send(call, *self._take())
+        while self.flying:
+            await self.flying[0].wait()
+        if report:
+            self._raise_write_error()
+
+    def _take(self) -> tuple[int, bytearray, trio.Event]:
+        at, data = self.gathered_at, self.gathered
+        self.gathered = bytearray()
+        done = trio.Event()
+        self.flying.append(done)
+        return at, data, done
+
+    async def _send(self, call: Call, at: int, data: bytearray, done: trio.Event) -> None:
+        try:
+            reply = await call(self.owner, "write", handle=self.handle, offset=at, data=data)
+            if reply.size != len(data):  # a regular file writes short only when full
+                raise OSError(errno.ENOSPC, f"the owner wrote {reply.size} of {len(data)} bytes")
+        except (OSError, DunixError, pyfuse3.FUSEError) as exc:
+            if self.write_error is None:
+                self.write_error = exc
+        finally:
+            self.flying.remove(done)
+            done.set()
+
+    def _raise_write_error(self) -> None:
+        error, self.write_error = self.write_error, None
+        if error is not None:
+            raise error
 
     def changed(self) -> None:
         """This host wrote or truncated the file: the blocks read so far are stale."""

@@ -188,3 +188,32 @@ def test_reads_from_the_disk_and_from_the_page_cache_are_the_same(tmp_path: Path
         view.release()
         buf.close()
         os.close(fd)
+
+
+def test_writes_direct_or_not_land_where_asked_and_appends_append(tmp_path: Path) -> None:
+    """bulk._write: aligned blocks go O_DIRECT (a cached copy is dropped, not left stale),
+    others and an O_APPEND descriptor's through the page cache."""
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"x" * (2 * MIB))
+    before = path.read_bytes()  # in the page cache now
+    buf = mmap.mmap(-1, bulk.ALIGN + MIB)
+    view = memoryview(buf)
+    try:
+        buf[bulk.ALIGN :] = os.urandom(MIB)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            assert bulk._write(fd, view[bulk.ALIGN :], MIB) == MIB  # aligned: direct
+            assert bulk._write(fd, view[bulk.ALIGN : bulk.ALIGN + 10], 3) == 10  # not
+        finally:
+            os.close(fd)
+        want = before[:3] + bytes(view[bulk.ALIGN : bulk.ALIGN + 10]) + before[13:MIB]
+        assert path.read_bytes() == want + bytes(view[bulk.ALIGN :])
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            assert bulk._write(fd, view[bulk.ALIGN :], 0) == MIB  # appended, not at 0
+        finally:
+            os.close(fd)
+        assert path.read_bytes() == want + 2 * bytes(view[bulk.ALIGN :])
+    finally:
+        view.release()
+        buf.close()

@@ -407,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("paths", nargs="+", metavar="PATH")
     _client_args(c)
     c.set_defaults(func=cmd_fs_where)
-    c = fsub.add_parser("replicas", help="keep N copies of every file created below a folder")
+    c = fsub.add_parser("replicas", help="keep N copies of every file below a folder")
     c.add_argument("factor", type=int, metavar="N", help="copies in all (1: no replicas)")
     c.add_argument("paths", nargs="+", metavar="PATH", help="folders under /dunix/fs")
     c.set_defaults(func=cmd_fs_replicas)

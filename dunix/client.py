@@ -350,7 +350,8 @@ def storagefs_copies(path: str | os.PathLike[str]) -> tuple[int, ...]:
 
 
 def storagefs_set_replicas(path: str | os.PathLike[str], factor: int) -> None:
-    """``dunix fs replicas``: files created below folder ``path`` get ``factor`` copies.
+    """``dunix fs replicas``: files below folder ``path`` get ``factor`` copies (new ones at
+    once, the ones already there by a copy their owner makes soon after).
 
     Set through the mount (xattr ``user.dunix.replicas``); the host passes it to every peer.
     """

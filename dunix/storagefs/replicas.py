@@ -19,9 +19,16 @@ peer is seen alive): a replica that took over means the returning copy is stale,
 is dropped; a replica that missed writes while it was away is dropped from the set (and
 drops its stale copy when it sees the owner again).
 
-Limits: files that existed before the folder got its factor are not copied; a dead replica
-is not replaced (the set shrinks); symlinks and special files are not replicated; a
-replica unreachable during a write is dropped from the set rather than failing the write.
+Files that were in the folder before it got its factor (or before the factor grew) get
+their replicas by a whole copy (:meth:`Replicas.refill`) after the owner walks the folder
+(:meth:`Replicas.scan`); so does a file whose replica died: the dead one stays in the set
+(it is asked when it comes back, see :meth:`Replicas.reconcile`) and an alive host is
+added. Each host walks its replicated folders once when its agent starts, so a copy an
+agent restart interrupted is made then.
+
+Limits: symlinks, special files and hard links are not replicated; a replica unreachable
+during a write is dropped from the set rather than failing the write; a lower factor
+leaves existing copies in place.
 
 Requests between hosts are ``peerfiles.FileRequest`` with the ops in :data:`OPS`, served by
 :meth:`Replicas.serve` (the agent's ``FileServer`` hands them over). The settings and the
@@ -105,12 +112,15 @@ class _Shared:
     lock: threading.Lock = field(default_factory=threading.Lock)
     #: files owned here with fewer replicas than their factor asks (refilled by ``run``)
     short: set[str] = field(default_factory=set)
+    #: folders whose files owned here may lack replicas (walked by ``run``)
+    unscanned: set[str] = field(default_factory=set)
 
     @classmethod
     def load(cls, store: LocalStore) -> _Shared:
         owned = {m.path: m.replicas for m in store.meta.all_file_meta()
                  if m.owner == store.node_id and m.replicas}  # fmt: skip
-        return cls(store.meta.all_folder_replicas(), owned)
+        factors = store.meta.all_folder_replicas()
+        return cls(factors, owned, unscanned={f for f, n in factors.items() if n > 1})
 
 
 class Replicas:
@@ -164,7 +174,10 @@ class Replicas:
         path = clean_relpath(folder)
         self.store.meta.set_folder_replicas(path, factor)
         with self._s.lock:
+            grew = factor > self._s.factors.get(path, 1)
             self._s.factors[path] = factor
+            if grew:  # the files already there want copies too
+                self._s.unscanned.add(path)
 
     async def set_factor(self, folder: str, factor: int) -> None:
         """``dunix fs replicas``: here, then on every alive peer (a host that is down gets
@@ -469,10 +482,13 @@ class Replicas:
                                 dead, meta.path, rest)  # fmt: skip
                 elif heir is not None:
                     self.store.meta.set_file_meta(FileMeta(meta.path, heir, rest))
-            # A dead replica of a file owned here stays in its set: the next change fails
-            # there and drops it (``_send``); unchanged, its copy is still good when it comes
-            # back, and if it was declared dead wrongly and took a file over, ``reconcile``
-            # finds out when it is seen alive again.
+            elif meta.owner == self.node_id and dead in meta.replicas:
+                # A dead replica stays in the set: the next change fails there and drops it
+                # (``_send``); unchanged, its copy is still good when it comes back, and if
+                # it was declared dead wrongly and took the file over, ``reconcile`` finds
+                # out when it is seen alive again. Meanwhile an alive host gets a copy.
+                with self._s.lock:
+                    self._s.short.add(meta.path)
         self._seen.discard(dead)
         for key in [k for k in self._fills if k[0] == dead]:
             self._fills.pop(key).abort()  # an interrupted copy never becomes visible
@@ -545,7 +561,8 @@ class Replicas:
                 continue
             factor = self.factor_at(posixpath.dirname(path))
             have = self.copies(path)
-            need = factor - 1 - len(have)
+            alive = set(self._peers())
+            need = factor - 1 - len([n for n in have if n in alive])
             if need <= 0:
                 continue
             more = [n for n in choose(path, self.node_id, factor + len(have), self._peers())
@@ -640,11 +657,39 @@ class Replicas:
         self.store.meta.set_file_meta(FileMeta(clean_relpath(req.path), req.origin, replicas))
         return self._ok(req)
 
+    def scan(self, folder: str) -> list[str]:
+        """The regular files owned here below ``folder`` with fewer replicas than asked."""
+        root = self.store.backing_path(folder)
+        found = []
+        for top, _dirs, names in os.walk(root):
+            for name in names:
+                full = os.path.join(top, name)
+                with contextlib.suppress(OSError):
+                    st = os.lstat(full)
+                    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                        continue
+                    rel = clean_relpath(os.path.relpath(full, self.store.tree))
+                    if len(self.copies(rel)) < self.factor_at(posixpath.dirname(rel)) - 1:
+                        found.append(rel)
+        return found
+
+    async def _scan_folders(self) -> None:
+        with self._s.lock:
+            folders, self._s.unscanned = sorted(self._s.unscanned), set()
+        for folder in folders:
+            paths = await trio.to_thread.run_sync(self.scan, folder)
+            if paths:
+                log.info("storagefs: %d files under %s want more replicas", len(paths), folder)
+            with self._s.lock:
+                self._s.short.update(paths)
+
     async def run(self) -> None:
         """Reconcile with peers as they come alive, refill short sets; in the agent's nursery."""
         while True:
             try:
                 await self.reconcile()
+                if self._s.unscanned and self._peers():
+                    await self._scan_folders()
                 if self._s.short:
                     await self.refill()
             except (OSError, DunixError) as exc:

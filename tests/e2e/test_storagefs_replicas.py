@@ -121,3 +121,27 @@ def test_a_replica_takes_over_and_an_unreplicated_file_waits_for_its_owner(
              "n1 reads the taken-over file from its new owner")  # fmt: skip
     assert digest("n1", "rep/data") == want
     assert int(sh("n1", "stat -c %i rep/data").strip()) >> LOCAL_BITS == heir
+
+
+def test_files_already_in_a_folder_get_replicas_when_it_gets_a_factor(
+    hosts: list[str],  # noqa: F811 (the fixture imported above)
+) -> None:
+    sh("n2", "mkdir -p before/deep && echo early > before/deep/note"
+             " && head -c 1048577 /dev/urandom > before/blob")  # fmt: skip
+    where = json.loads(sh("n1", f"{DUNIX} fs where --json before/blob before/deep/note"))
+    assert [row["replicas"] for row in where] == [[], []], where
+    want = digest("n2", "before/blob")
+    sh("n1", f"{DUNIX} fs replicas 2 before")  # set on another host than the files' owner
+
+    def replicated() -> bool:
+        rows = json.loads(sh("n3", f"{DUNIX} fs where --json before/blob before/deep/note"))
+        return all(len(row["replicas"]) == 1 for row in rows)
+
+    wait_for(replicated, 30, "replicas of the files that were there before")
+    from dunix import cluster
+
+    os.kill(_agent("n2"), signal.SIGKILL)  # the owner dies: its replicas serve both files
+    wait_for(lambda: digest("n3", "before/blob") == want, 40, "n3 reads before/blob")
+    assert sh("n1", "cat before/deep/note") == "early\n"
+    cluster.start_agent("n2")
+    wait_for(lambda: FS in sh("n2", "cat /proc/self/mountinfo", cwd="/"), 10, "n2 mounted again")

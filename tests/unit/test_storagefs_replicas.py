@@ -286,3 +286,42 @@ def test_an_open_file_reads_on_from_the_host_that_took_it_over(
     attrs = run(fs.getattr, f.st_ino, CTX)  # (Python's read() of the rest fstats first)
     assert (attrs.st_ino, attrs.st_size) == (f.st_ino, len(data))
     run(fs.release, opened.fh)
+
+
+def test_files_already_there_get_replicas_when_the_folder_gets_a_factor(net: Net) -> None:
+    folder = run(net.fs[1].mkdir, ROOT, b"old", 0o40755, CTX)
+    sub = run(net.fs[1].mkdir, folder.st_ino, b"sub", 0o40755, CTX)
+    contents = {}
+    for parent, name in ((folder, b"a"), (sub, b"b")):
+        info, _ = run(net.fs[1].create, parent.st_ino, name, stat.S_IFREG | 0o640, os.O_RDWR,
+                      CTX)  # fmt: skip
+        contents[name] = os.urandom(3000)
+        run(net.fs[1].write, info.fh, 0, contents[name])
+        run(net.fs[1].release, info.fh)
+    run(net.fs[1].symlink, folder.st_ino, b"link", b"a", CTX)
+    rep = net.replicas[1]
+    assert rep.copies("old/a") == () and rep.copies("old/sub/b") == ()
+    run(net.fs[1].setxattr, folder.st_ino, FACTOR_XATTR.encode(), b"2", CTX)
+    run(rep._scan_folders)
+    run(rep.refill)
+    for path, name in (("old/a", b"a"), ("old/sub/b", b"b")):
+        (copy,) = rep.copies(path)
+        assert net.stores[copy].replica_path(path).read_bytes() == contents[name]
+        assert net.stores[copy].file_meta(path) == FileMeta(path, 1, (copy,))
+    assert rep.copies("old/link") == ()  # symlinks are not replicated
+    run(rep._scan_folders)  # nothing left to do: a second walk finds nothing
+    assert not rep._s.short
+
+
+def test_a_dead_replica_is_replaced_by_an_alive_host(net: Net) -> None:
+    folder = make_replicated_folder(net, 2)
+    info, _ = run(net.fs[1].create, folder, b"kept", stat.S_IFREG | 0o600, os.O_RDWR, CTX)
+    run(net.fs[1].write, info.fh, 0, b"twice")
+    run(net.fs[1].release, info.fh)
+    (dead,) = net.replicas[1].copies("rep/kept")
+    other = ({2, 3} - {dead}).pop()
+    net.kill(dead)
+    run(net.replicas[1].refill)
+    # the dead one stays listed (asked when it comes back), an alive host holds a copy
+    assert net.replicas[1].copies("rep/kept") == (dead, other)
+    assert net.stores[other].replica_path("rep/kept").read_bytes() == b"twice"

@@ -15,7 +15,10 @@ Side by side in one run, for a Python process that has touched 16 MiB, 256 MiB a
   lazy restore in n2. Downtime is frozen to running on n2; "every page" is until the
   daemon copied the last page in (its log's "UFFD transferred pages", counted from the
   move's start); "source freed" is when the source's criu returned (its copy killed),
-  later by the page-server goodbye (~0.4 s of TCP_CORK, see ``LazyDaemon.pages_in_after``).
+  later by the page-server goodbye and the kill of the frozen copy (stock CRIU also
+  waited out ~0.4 s of TCP_CORK there; see ``LazyDaemon.pages_in_after``). Each host's
+  cgroup CPU over the move is printed under the table. ``DUNIX_CRIU=PATH`` runs another
+  criu build (e.g. the unpatched one, for a before/after).
 
 The plain streamed dump keeps the process frozen while all of its pages are written and
 read back, so its downtime grows with size; post-copy's does not.

@@ -18,6 +18,11 @@ How a post-copy move runs (CRIU 4.2.1, criu/cr-dump.c ``cr_dump_finish``, criu/u
    the pages it did not get are lost, so the process is lost too, and the target kills it
    (reported to its parent as killed by SIGKILL).
 
+The daemon is CRIU's own with a patch of ours (scripts/criu-patches/0001-*.patch, built by
+scripts/build_criu.sh): stock 4.2.1 asks for one range of at most 4 MiB at a time and
+spins on epoll meanwhile; patched, two requests per task stay in flight, it sleeps, and
+a fault fetches 64 KiB. The wire protocol is unchanged.
+
 The page server speaks plain TCP unless CRIU's TLS is on. It is: every move makes a
 throw-away self-signed certificate and key (:func:`make_keys`) that the source hands the
 target over the agents' mutual-TLS link, and both criu processes use it as their only CA,
@@ -206,8 +211,8 @@ class LazyDaemon:
         """Seconds from the daemon's start until its last page was copied in, from its
         log: "Disconnect from the page server" (info, criu/page-xfer.c), logged once every
         page is in, or the debug-level "UFFD transferred pages" (criu/uffd.c). Its exit
-        comes later: saying goodbye to the page server waits out TCP_CORK (both sockets
-        are corked, the close message is small: ~0.2 s each way)."""
+        comes a little later (the goodbye to the page server; stock CRIU waited out
+        TCP_CORK there, ~0.2 s each way, which scripts/criu-patches/ removes)."""
         try:
             fd = os.open(self.log_file, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.images_dir_fd)
         except OSError:

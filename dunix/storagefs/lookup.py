@@ -14,12 +14,23 @@ or touches a socket, so tests drive it with a fake clock and 1,000 simulated pee
 Several callers missing the same name while a query is out share that query. A creation
 seen while a query is out marks it stale: its negative outcome is still returned (the
 caller asked before the name existed) but not cached.
+
+A peer that does not have a name also says which folder above it it lacks altogether
+(``LookupReply.missing``: the shallowest one). For ``negative_ttl`` the names below that
+folder are not asked of that peer: it cannot have them without creating one, and every
+creation is broadcast (``NameCreated``), which drops what was learnt of the peer for the
+folders above the new name. So names in a folder only this host has (a build's output
+folder, a job's files) cost no message at all: a create there was one query to every peer
+and a wait for the slowest (issue 5, ~5 ms per create on 0.5-CPU hosts). Only a peer's
+own creations clear its absences (names it got otherwise, a replica taking a file over
+included, broadcast too); an answer from a peer that created something since the query
+went out is not kept (the creation may be the folder).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from dunix.errors import ConfigError
@@ -51,6 +62,9 @@ class LookupReply:
     size: int = 0
     mtime_ns: int = 0
     attrs: tuple[int, ...] = ()  # the full stat (peerfiles.stat_tuple), so no second trip
+    #: not found: the shallowest folder above ``path`` this host does not have ("" if it
+    #: has them all), so nothing below it is asked of this host for a while
+    missing: str = ""
 
 
 @message
@@ -110,6 +124,8 @@ class _Query:
     callers: list[int]
     deadline: float
     stale: bool = False
+    #: per asked peer, how many creations it had announced when the query went out
+    heard: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -122,6 +138,10 @@ class Lookup:
     _by_path: dict[str, int] = field(default_factory=dict, init=False)
     _negative: dict[str, float] = field(default_factory=dict, init=False)
     _next_id: int = field(default=1, init=False)
+    #: peer -> folder it lacks -> until when that is trusted
+    _absent: dict[int, dict[str, float]] = field(default_factory=dict, init=False)
+    #: peer -> how many NameCreated it sent (an answer across one is not trusted)
+    _created_by: dict[int, int] = field(default_factory=dict, init=False)
 
     def local_miss(
         self, caller: int, path: str, peers: Collection[int], now: float
@@ -136,14 +156,15 @@ class Lookup:
         if running is not None:
             self._queries[running].callers.append(caller)
             return []
-        asked = frozenset(peers) - {self.node_id}
+        asked = frozenset(p for p in peers if p != self.node_id and not self._lacks(p, path, now))
         if not asked:
             return [Answer((caller,), path, None)]
         query = LookupQuery(self._next_id, self.node_id, path)
         self._next_id += 1
         self._queries[query.query_id] = _Query(
-            query.query_id, path, set(asked), [caller], now + self.config.deadline
-        )
+            query.query_id, path, set(asked), [caller], now + self.config.deadline,
+            heard={p: self._created_by.get(p, 0) for p in asked},
+        )  # fmt: skip
         self._by_path[path] = query.query_id
         return [SendQuery(asked, query)]
 
@@ -155,12 +176,15 @@ class Lookup:
         query.waiting.discard(reply.node)
         if reply.found:
             return [self._finish(query, reply, now)]
+        if reply.missing and self._created_by.get(reply.node, 0) == query.heard.get(reply.node):
+            self._learn_absent(reply.node, reply.missing, query.path, now)
         if not query.waiting:
             return [self._finish(query, None, now)]
         return []
 
     def peer_gone(self, peer: int, now: float) -> list[Action]:
-        """A peer left or died: stop waiting for it."""
+        """A peer left or died: stop waiting for it (and forget what it lacked)."""
+        self._absent.pop(peer, None)
         actions: list[Action] = []
         for query in list(self._queries.values()):
             if peer in query.waiting:
@@ -181,9 +205,15 @@ class Lookup:
         """When :meth:`tick` next has something to do (None: nothing pending)."""
         return min((q.deadline for q in self._queries.values()), default=None)
 
-    def name_created(self, path: str) -> list[Action]:
-        """Some host (this one or a peer) created ``path``."""
+    def name_created(self, path: str, node: int | None = None) -> list[Action]:
+        """Some host (``node``: a peer; None: this one) created ``path``."""
         self._negative.pop(path, None)
+        if node is not None and node != self.node_id:
+            self._created_by[node] = self._created_by.get(node, 0) + 1
+            absent = self._absent.get(node)
+            if absent:
+                for folder in _folders_above(path, itself=True):
+                    absent.pop(folder, None)
         running = self._by_path.get(path)
         if running is not None:
             self._queries[running].stale = True
@@ -197,6 +227,30 @@ class Lookup:
     def cached_negatives(self) -> int:
         return len(self._negative)
 
+    def absences(self, peer: int) -> list[str]:
+        """The folders ``peer`` is taken to lack (whether still trusted or not)."""
+        return sorted(self._absent.get(peer, {}))
+
+    def _lacks(self, peer: int, path: str, now: float) -> bool:
+        absent = self._absent.get(peer)
+        if not absent:
+            return False
+        for folder in _folders_above(path, itself=False):
+            expires = absent.get(folder)
+            if expires is not None:
+                if now < expires:
+                    return True
+                del absent[folder]
+        return False
+
+    def _learn_absent(self, peer: int, folder: str, path: str, now: float) -> None:
+        if not path.startswith(folder + "/") or not self.config.max_negative:
+            return  # not a folder above the name asked: ignored
+        absent = self._absent.setdefault(peer, {})
+        while len(absent) >= self.config.max_negative:
+            del absent[next(iter(absent))]  # oldest first
+        absent[folder] = now + self.config.negative_ttl
+
     def _finish(self, query: _Query, found: LookupReply | None, now: float) -> Answer:
         del self._queries[query.query_id]
         del self._by_path[query.path]
@@ -207,10 +261,32 @@ class Lookup:
         return Answer(tuple(query.callers), query.path, found)
 
 
-def reply_for(query: LookupQuery, node_id: int, st: os.stat_result | None, ino: int) -> LookupReply:
-    """The answering side: this host's reply given its local stat of the name (or None)."""
+def _folders_above(path: str, *, itself: bool) -> list[str]:
+    """The folders above a tree path, shallowest first (and the path itself if asked)."""
+    parts = path.split("/")
+    stop = len(parts) + 1 if itself else len(parts)
+    return ["/".join(parts[:n]) for n in range(1, stop)]
+
+
+def missing_folder(path: str, exists: Callable[[str], bool]) -> str:
+    """The shallowest folder above ``path`` that ``exists`` denies ("" if none): asked of
+    the parent first, as a name is mostly missing from a folder that is there."""
+    above = _folders_above(path, itself=False)
+    if not above or exists(above[-1]):
+        return ""
+    for folder in above[:-1]:
+        if not exists(folder):
+            return folder
+    return above[-1]
+
+
+def reply_for(
+    query: LookupQuery, node_id: int, st: os.stat_result | None, ino: int, missing: str = ""
+) -> LookupReply:
+    """The answering side: this host's reply given its local stat of the name (or None)
+    and, when it has no such name, the shallowest folder above it that it lacks."""
     if st is None:
-        return LookupReply(query.query_id, node_id, query.path, False)
+        return LookupReply(query.query_id, node_id, query.path, False, missing=missing)
     return LookupReply(
         query.query_id, node_id, query.path, True, ino, st.st_mode, st.st_size, st.st_mtime_ns,
         stat_tuple(st, ino),

@@ -37,6 +37,7 @@ from dunix.storagefs.lookup import (
     LookupReply,
     NameCreated,
     SendQuery,
+    missing_folder,
     reply_for,
 )
 from dunix.storagefs.store import LocalStore
@@ -115,7 +116,7 @@ class PeerResolver:
         elif isinstance(message, LookupReply):
             self._apply(self.lookup_state.peer_reply(message, now))
         elif isinstance(message, NameCreated):
-            self._apply(self.lookup_state.name_created(message.path))
+            self._apply(self.lookup_state.name_created(message.path, message.node))
 
     def peer_gone(self, peer: int) -> None:
         """Membership declared ``peer`` dead or gone: stop waiting for it."""
@@ -127,8 +128,22 @@ class PeerResolver:
         try:
             st = os.lstat(self.store.backing_path(query.path))
             return reply_for(query, self.node_id, st, self.store.inode_number(st))
+        except FileNotFoundError:
+            missing = missing_folder(query.path, self._is_folder)
+            return reply_for(query, self.node_id, None, 0, missing)
         except (OSError, StoreError):
             return reply_for(query, self.node_id, None, 0)
+
+    def _is_folder(self, path: str) -> bool:
+        """Whether this host has a folder (or anything that is not a missing name) at
+        ``path``: only a name that is really not there counts as lacking it."""
+        try:
+            os.lstat(self.store.backing_path(path))
+        except FileNotFoundError:
+            return False
+        except (OSError, StoreError):
+            return True
+        return True
 
     def _apply(self, actions: list[Action]) -> None:
         for action in actions:

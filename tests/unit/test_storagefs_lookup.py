@@ -157,3 +157,68 @@ def test_reply_for() -> None:
 def test_bad_config() -> None:
     with pytest.raises(ConfigError):
         LookupConfig(deadline=0)
+
+
+def lacks(query: LookupQuery, node: int, folder: str) -> LookupReply:
+    return LookupReply(query.query_id, node, query.path, False, missing=folder)
+
+
+def test_names_in_a_folder_a_peer_lacks_are_not_asked_of_it() -> None:
+    lookup = make()
+    query = start(lookup, "out/x/a.o")
+    lookup.peer_reply(lacks(query, 2, "out"), 0.01)
+    lookup.peer_reply(lacks(query, 3, "out/x"), 0.01)
+    lookup.peer_reply(no(query, 4), 0.01)  # 4 has out/x
+    (ask,) = lookup.local_miss(8, "out/x/b.o", PEERS, 0.1)
+    assert isinstance(ask, SendQuery) and ask.peers == {4}
+    lookup.peer_reply(lacks(ask.query, 4, "out/x"), 0.11)
+    # nobody has out/x: a name there is answered at once, no message
+    assert lookup.local_miss(9, "out/x/c.o", PEERS, 0.2) == [Answer((9,), "out/x/c.o", None)]
+    # out itself and names beside it are still asked of those that have "out"
+    (ask,) = lookup.local_miss(9, "out/y", PEERS, 0.2)
+    assert isinstance(ask, SendQuery) and ask.peers == {3, 4}
+    # trusted for negative_ttl only
+    (ask,) = lookup.local_miss(9, "out/x/d.o", PEERS, 1.2)
+    assert isinstance(ask, SendQuery) and ask.peers == frozenset(PEERS)
+
+
+def test_a_peers_creation_below_a_folder_it_lacked_asks_it_again() -> None:
+    lookup = make()
+    query = start(lookup, "out/x/a.o")
+    for peer in PEERS:
+        lookup.peer_reply(lacks(query, peer, "out"), 0.01)
+    assert lookup.absences(2) == ["out"]
+    lookup.name_created("out/x/z.o", 2)  # 2 made out/x (its NameCreated)
+    lookup.name_created("out/q", 1)  # this host's own creations change nothing here
+    assert lookup.absences(2) == [] and lookup.absences(3) == ["out"]
+    (ask,) = lookup.local_miss(8, "out/x/b.o", PEERS, 0.1)
+    assert isinstance(ask, SendQuery) and ask.peers == {2}
+    lookup.name_created("out", 3)  # the folder itself
+    assert lookup.absences(3) == []
+    lookup.peer_gone(4, 0.2)
+    assert lookup.absences(4) == []
+
+
+def test_an_answer_across_the_peers_creation_is_not_kept() -> None:
+    """2 said it lacks "out" but announced a creation after the query went out (it may be
+    "out"): not trusted; 3's answer is."""
+    lookup = make()
+    query = start(lookup, "out/a")
+    lookup.name_created("out/b", 2)
+    lookup.peer_reply(lacks(query, 2, "out"), 0.01)
+    lookup.peer_reply(lacks(query, 3, "out"), 0.01)
+    lookup.peer_reply(lacks(query, 4, "elsewhere"), 0.01)  # not above the name: ignored
+    assert lookup.absences(2) == [] and lookup.absences(3) == ["out"]
+    assert lookup.absences(4) == []
+
+
+def test_missing_folder_is_the_shallowest_absent_one() -> None:
+    from dunix.storagefs.lookup import missing_folder
+
+    have = {"a", "a/b"}
+    assert missing_folder("a/b/name", have.__contains__) == ""
+    assert missing_folder("a/b/c/d/name", have.__contains__) == "a/b/c"
+    assert missing_folder("x/y/name", have.__contains__) == "x"
+    assert missing_folder("name", have.__contains__) == ""
+    reply = lacks(LookupQuery(1, 2, "x/y"), 3, "x")
+    assert decode(encode(reply)) == reply

@@ -133,3 +133,33 @@ def test_query_escaping_the_tree_is_answered_no(stores: dict[int, LocalStore]) -
         assert len(replies) == 1 and not getattr(replies[0], "found", True)
 
     run(scenario, stores, net)
+
+
+def test_names_in_a_folder_only_one_host_has_ask_nobody(stores: dict[int, LocalStore]) -> None:
+    """Host 1's output folder: its peers say they lack it, so the next names in it are not
+    asked at all, until a peer creates something there."""
+    (stores[1].tree / "out").mkdir()
+    (stores[3].tree / "src").mkdir()
+    net = Net()
+
+    async def scenario(nodes: dict[int, PeerResolver]) -> None:
+        def queries() -> int:
+            return sum(isinstance(m, LookupQuery) for _, _, m in net.sent)
+
+        assert await nodes[1].lookup("out/a.o") is None
+        assert queries() == 2
+        for name in ("out/b.o", "out/c.o", "out/sub/d.o"):
+            assert await nodes[1].lookup(name) is None
+        assert queries() == 2  # no message for any of them
+        assert await nodes[1].lookup("src/x.c") is None  # asks both: 2 lacks src, 3 has it
+        assert queries() == 4
+        assert await nodes[1].lookup("src/y.c") is None  # only 3
+        assert queries() == 5
+        (stores[2].tree / "out").mkdir()
+        (stores[2].tree / "out/e.o").write_bytes(b"e")
+        nodes[2].created("out/e.o")  # 2's NameCreated
+        await trio.sleep(0.01)
+        found = await nodes[1].lookup("out/e.o")
+        assert found is not None and found.node == 2
+
+    run(scenario, stores, net)

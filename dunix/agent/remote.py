@@ -1,8 +1,8 @@
 """Processes that run away from home: the deputy side and the guest side of a remote exec.
 
 Home (this node created the process): the tracer redirected an exec to the deputy and
-said so (``WentRemote``); the deputy connects, the agent duplicates its fds (pidfd_getfd),
-reads what exec keeps (ids, umask, signal masks, limits, cwd, environment) from /proc,
+said so (``WentRemote``, at the exec event, before the deputy runs); while the deputy
+connects, the agent duplicates its fds (pidfd_getfd), reads what exec keeps (ids, umask, signal masks, limits, cwd, environment) from /proc,
 sends ``RemoteExec`` to the peer and relays the fds as streams. Only when the peer says the
 program runs does the deputy get ``ready`` (and close its fds); if the peer cannot start it,
 the deputy is told to end with status 127 and says why on its stderr... never silently.
@@ -169,6 +169,9 @@ class Deputy:
     moving: bool = False  # a `dunix migrate` is re-pointing it (agent/migration.py)
     held_exit: int | None = None  # an exit status that arrived while moving
     lost: str = ""  # why its guest is gone with its host (it ends as killed by SIGKILL)
+    sent: trio.Event = field(default_factory=trio.Event)  # RemoteExec out (or failed)
+    send_failed: str = ""  # why it was not sent: the deputy runs the program here
+    attached: trio.Event = field(default_factory=trio.Event)  # its deputy said hello
 
 
 @dataclass
@@ -230,7 +233,7 @@ class RemoteService:
     def __init__(self, agent: Agent, links: JobLinks) -> None:
         self.agent = agent
         self.links = links
-        self.pending: dict[int, tuple[Job, WentRemote]] = {}
+        self.pending: dict[int, Deputy] = {}  # sent remote, its deputy not connected yet
         self._pending_events: dict[int, trio.Event] = {}
         self.deputies: dict[tuple[str, int], Deputy] = {}
         self.guests: dict[tuple[str, int], Guest] = {}
@@ -248,9 +251,67 @@ class RemoteService:
     # -- home side ----------------------------------------------------------------------
 
     def went_remote(self, job: Job, event: WentRemote) -> None:
-        """The tracer redirected ``event.pid``'s exec; its deputy will connect soon."""
-        self.pending[event.pid] = (job, event)
-        self._pending_events.setdefault(event.pid, trio.Event()).set()
+        """The tracer redirected ``event.pid``'s exec to the deputy, which is about to run
+        (the tracer says so at the exec event). What the program needs is taken and sent
+        to the peer now, while the deputy starts and connects: it changes nothing before
+        ``ready``, and waiting for its ``hello`` first cost every remote exec that time."""
+        pid = event.pid
+        proc = self.agent.jobs.procs.get(pid)
+        if proc is None:
+            proc = Proc(
+                pid, job.id, job.uid, self.agent.config.name, self.agent.jobs.gpid(pid), key=job.id
+            )
+            self.agent.jobs.procs[pid] = proc
+        deputy = Deputy(job, proc, event.node, event.path)
+        self.deputies[(proc.job, pid)] = deputy  # before RemoteStarted can come
+        self.pending[pid] = deputy
+        self._pending_events.setdefault(pid, trio.Event()).set()
+        self.agent.nursery.start_soon(self._send_exec, deputy)
+
+    async def _send_exec(self, deputy: Deputy) -> None:
+        """``RemoteExec`` to the peer, then the home's receivers; a failure is kept for the
+        deputy's ``hello`` (it is then told to run the program here). A deputy that never
+        connects (it died first) takes its guest with it."""
+        pid, peer = deputy.proc.pid, deputy.peer
+        sent = False
+        try:
+            request = await self._prepare(deputy)
+            try:
+                await self.links.send(peer, request)
+            except DunixError as exc:
+                deputy.send_failed = f"{peer} unreachable: {exc}"
+                return
+            sent = True
+            hub = await self.links.hub(peer)
+            for stream, fd in self._receiver_fds.pop(pid, []):
+                deputy.receivers.append(hub.open_receiver(stream, fd, shared=True))
+        except (DunixError, OSError, RuntimeError) as exc:  # the process is gone, a lost link
+            if sent:  # it may run there: never a second run here
+                deputy.lost = f"its output could not be relayed: {exc}"
+                kill = RemoteSignal(deputy.proc.job, pid, signal.SIGKILL, True)
+                await self._send_quietly(peer, kill)
+            else:
+                deputy.send_failed = f"cannot move: {exc}"
+            return
+        finally:
+            for _, fd in self._receiver_fds.pop(pid, []):  # not handed to a relay
+                os.close(fd)
+            deputy.sent.set()
+        with trio.move_on_after(HELLO_TIMEOUT):
+            await deputy.attached.wait()
+        if deputy.attached.is_set():
+            return
+        log.warning("pid %d: its deputy never connected; its guest on %s is killed", pid, peer)
+        key = (deputy.proc.job, pid)
+        if self.pending.get(pid) is deputy:
+            self.pending.pop(pid, None)
+            self._pending_events.pop(pid, None)
+        if self.deputies.get(key) is deputy:
+            self.deputies.pop(key, None)
+        self._end_home_ttys(key)
+        for endpoint in deputy.senders + deputy.receivers:
+            endpoint.stop()
+        await self._send_quietly(peer, RemoteSignal(deputy.proc.job, pid, signal.SIGKILL, True))
 
     async def serve_deputy(self, pid: int, conn: DeputyConnection) -> None:
         hello = await conn.recv()
@@ -263,21 +324,13 @@ class RemoteService:
         with trio.move_on_after(HELLO_TIMEOUT):
             await waiting.wait()
         self._pending_events.pop(pid, None)
-        entry = self.pending.pop(pid, None)
-        if entry is None:
+        deputy = self.pending.pop(pid, None)
+        if deputy is None:
             log.warning("deputy %d connected, but no job sent it remote", pid)
             await conn.send("exit", 127)
             return
-        job, event = entry
-        proc = self.agent.jobs.procs.get(pid)
-        if proc is None:
-            proc = Proc(
-                pid, job.id, job.uid, self.agent.config.name, self.agent.jobs.gpid(pid), key=job.id
-            )
-            self.agent.jobs.procs[pid] = proc
-        deputy = Deputy(job, proc, event.node, event.path)
-        key = (proc.job, pid)
-        self.deputies[key] = deputy
+        deputy.attached.set()
+        key = (deputy.proc.job, pid)
         try:
             await self._run_deputy(deputy, conn)
         finally:
@@ -288,19 +341,13 @@ class RemoteService:
 
     async def _run_deputy(self, deputy: Deputy, conn: DeputyConnection) -> None:
         pid, peer = deputy.proc.pid, deputy.peer
-        try:
-            request = await self._prepare(deputy)
-        except DunixError as exc:
-            await self._fail_home(deputy, conn, f"cannot move: {exc}")
+        await deputy.sent.wait()  # went_remote started it at the deputy's exec event
+        if deputy.lost:
+            await self._tell_deputy(conn, "killed", signal.SIGKILL)
             return
-        try:
-            await self.links.send(peer, request)
-        except DunixError as exc:
-            await self._fail_home(deputy, conn, f"{peer} unreachable: {exc}")
+        if deputy.send_failed:
+            await self._fail_home(deputy, conn, deputy.send_failed)
             return
-        hub = await self.links.hub(peer)
-        for stream, fd in self._receiver_fds.pop(pid, []):
-            deputy.receivers.append(hub.open_receiver(stream, fd, shared=True))
         with trio.move_on_after(START_TIMEOUT):
             await deputy.started.wait()
         if deputy.lost:  # it may have started there: never a second run here

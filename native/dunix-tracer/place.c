@@ -311,6 +311,8 @@ static int place(struct tracee *t, pid_t pid)
 	char path[PATH_MAX];
 	free(t->path);
 	t->path = NULL;
+	free(t->went);
+	t->went = NULL;
 	t->remote = 0;
 	if (read_string(pid, is_at ? r.rsi : r.rdi, path, sizeof path) < 0)
 		return 0; /* the kernel will fail this exec (EFAULT, ENAMETOOLONG) */
@@ -342,10 +344,17 @@ static int place(struct tracee *t, pid_t pid)
 		emit_pid_later("unmovable", pid, reason);
 		return 1;
 	}
+	/* reported at its exec event (trace.c), before the deputy runs: by then exec has
+	 * closed the close-on-exec fds and set argv and the environment, so the agent can take
+	 * what the program needs at once instead of after the deputy's hello */
+	const char *node = use_slot(slot);
+	size_t nlen = strlen(node), alen = strlen(abs);
+	t->went = malloc(nlen + alen + 2);
+	if (!t->went)
+		die("out of memory");
+	memcpy(t->went, node, nlen + 1);
+	memcpy(t->went + nlen + 1, abs, alen + 1);
 	t->remote = 1;
-	char p[16];
-	snprintf(p, sizeof p, "%d", pid);
-	emit("remote", p, use_slot(slot), abs, (char *)NULL); /* before the deputy runs */
 	return 0;
 }
 

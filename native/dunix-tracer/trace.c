@@ -52,6 +52,7 @@ void forget(pid_t pid)
 	if (!t)
 		return;
 	free(t->path);
+	free(t->went);
 	free(t->node);
 	free(t->saved);
 	*t = tracees[--ntracees];
@@ -193,19 +194,23 @@ static void on_exec_event(pid_t pid)
 	struct tracee *t = tracee_find(pid);
 	if ((pid_t)old != pid && old) {
 		struct tracee *o = tracee_find((pid_t)old);
-		char *path = NULL;
+		char *path = NULL, *went = NULL;
 		int remote = 0;
 		if (o) {
 			path = o->path;
+			went = o->went;
 			remote = o->remote;
 			o->path = NULL;
+			o->went = NULL;
 			forget((pid_t)old);
 		}
 		t = tracee_find(pid);
 		if (!t)
 			t = tracee_add(pid, pid);
 		free(t->path);
+		free(t->went);
 		t->path = path;
+		t->went = went;
 		t->remote = remote;
 		t->quiet_exec = 0; /* the exec-ing thread's options: with the event */
 		t->opts_unknown = 0;
@@ -224,10 +229,16 @@ static void on_exec_event(pid_t pid)
 			path = exe;
 		}
 		emit_pid_later("exec", pid, path);
+	} else if (t->went) { /* the deputy runs from here on: its fds and argv are final */
+		char p[16];
+		snprintf(p, sizeof p, "%d", pid);
+		emit("remote", p, t->went, t->went + strlen(t->went) + 1, (char *)NULL);
 	}
 	t->deputy = t->remote;
 	free(t->path);
 	t->path = NULL;
+	free(t->went);
+	t->went = NULL;
 	t->remote = 0;
 }
 

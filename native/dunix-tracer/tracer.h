@@ -29,6 +29,7 @@ struct tracee {
 	int deputy; /* it is the deputy now: its next exec (the agent's `local`) stays here */
 	int stopped; /* in a group-stop (reported once as `stopped`, then `continued`) */
 	char *path; /* path of the pending exec, from its seccomp stop */
+	char *went; /* remote: "NODE\0ABSPATH", reported at the exec event */
 	enum want want;
 	int fresh;    /* a new task before its first stop */
 	int held;     /* kept in a ptrace-stop by us (its first stop, under `hold`) */

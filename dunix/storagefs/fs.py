@@ -572,6 +572,8 @@ class StorageFS(pyfuse3.Operations):
         with _fuse_errors(), self._local_dir(parent_inode, create=True) as parent_fd:
             assert parent_fd is not None
             os.mkdir(name, stat.S_IMODE(mode), dir_fd=parent_fd)
+            if os.fstat(parent_fd).st_mode & stat.S_ISGID:
+                mode |= stat.S_ISGID  # a setgid folder's subfolders are setgid too (mkdir(2))
             return self._created(parent_fd, name, mode, ctx)
 
     async def symlink(

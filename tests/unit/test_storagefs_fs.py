@@ -91,6 +91,8 @@ def test_setgid_folder_gives_its_group(fs: StorageFS) -> None:
     os.chmod(fs.store.tree / "g", 0o2775)
     _, f = run(fs.create, d.st_ino, b"x", 0o100644, os.O_WRONLY, CTX)
     assert f.st_gid == 4242 and f.st_uid == 1234
+    sub = run(fs.mkdir, d.st_ino, b"sub", 0o40755, CTX)  # and its subfolders are setgid too
+    assert sub.st_gid == 4242 and sub.st_mode & 0o7777 == 0o2755
 
 
 def test_missing_name_asks_the_resolver(fs: StorageFS) -> None:

@@ -63,6 +63,8 @@ HANDSHAKE_TIMEOUT = 5.0
 RETRY_AFTER = 10.0
 #: idle connections kept per owner (read-ahead and concurrent files use several)
 POOL = 8
+#: a write's data: one buffer, or pieces written one after the other
+Pieces = tuple[bytes | bytearray | memoryview, ...]
 
 
 class LaneError(DunixError):
@@ -358,7 +360,7 @@ class BulkClient:
             return None if data is None else FileReply(0, peer, data=cast(bytes, data))
         if op == "write":
             buf = fields.get("data", b"")
-            if not isinstance(buf, bytes | bytearray | memoryview):
+            if not isinstance(buf, bytes | bytearray | memoryview | tuple):
                 return None
             written = await self.write(peer, handle, offset, buf)
             return None if written is None else FileReply(0, peer, size=written)
@@ -373,15 +375,17 @@ class BulkClient:
         return None if done is None else done[1]
 
     async def write(
-        self, peer: int, handle: int, offset: int, data: bytes | bytearray | memoryview
+        self, peer: int, handle: int, offset: int, data: bytes | bytearray | memoryview | Pieces
     ) -> int | None:
-        if not 0 < len(data) <= MAX_BLOCK:
+        """Write ``data``, pieces sent one after the other (no join: a copy per byte)."""
+        pieces = tuple(memoryview(p) for p in (data if isinstance(data, tuple) else (data,)))
+        if not 0 < sum(len(piece) for piece in pieces) <= MAX_BLOCK:
             return None
-        done = await self._request(peer, WRITE, handle, offset, memoryview(data))
+        done = await self._request(peer, WRITE, handle, offset, pieces)
         return None if done is None else done[0]
 
     async def _request(
-        self, peer: int, op: int, handle: int, offset: int, block: memoryview | int
+        self, peer: int, op: int, handle: int, offset: int, block: tuple[memoryview, ...] | int
     ) -> tuple[int, bytearray] | None:
         """(bytes read or written, the bytes read); ``block`` is a write's data or a
         read's size."""
@@ -444,7 +448,7 @@ class BulkClient:
         op: int,
         handle: int,
         offset: int,
-        block: memoryview | int,
+        block: tuple[memoryview, ...] | int,
     ) -> tuple[_Conn, int, int, bytearray]:
         """One request and its reply, in a worker thread (connecting first if needed).
         A read's buffer is made once the reply says its size: a short read of a small
@@ -454,11 +458,11 @@ class BulkClient:
         tls = conn.tls
         tls.settimeout(self.timeout)
         got = bytearray()
-        size = block if isinstance(block, int) else len(block)
+        size = block if isinstance(block, int) else sum(len(piece) for piece in block)
         try:
             tls.sendall(REQUEST.pack(op, handle, offset, size))
-            if not isinstance(block, int):
-                tls.sendall(block)
+            for piece in () if isinstance(block, int) else block:
+                tls.sendall(piece)
             reply = conn.head[: REPLY.size]
             if not _recv_exact(tls, reply):
                 raise LaneError("the owner hung up")

@@ -136,6 +136,8 @@ class PeerFiles:
     async def call(self, peer: int, op: str, **fields: object) -> FileReply:
         """Ask ``peer`` to do ``op``; raises the owner's OSError, or PeerUnreachable."""
         request_id = next(self._ids)
+        if isinstance(fields.get("data"), tuple):  # a write's pieces (bulk.Pieces)
+            fields["data"] = b"".join(fields["data"])  # type: ignore[arg-type]
         waiter = self._waiting[request_id] = _Waiter(peer)
         try:
             request = FileRequest(request_id, self.node_id, op, **fields)  # type: ignore[arg-type]

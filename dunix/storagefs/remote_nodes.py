@@ -190,8 +190,10 @@ class RemoteFile:
     eof: int | None = None
     #: the kernel's inode number of the file (its other open files wait for our writes)
     inode: int = 0
-    #: written here, not sent yet: ``gathered`` bytes at ``gathered_at``
-    gathered: bytearray = field(default_factory=bytearray)
+    #: written here, not sent yet: the pieces ``gathered`` (``gathered_size`` bytes in all)
+    #: at ``gathered_at``, sent as they came (joining them would copy every byte once more)
+    gathered: list[bytes] = field(default_factory=list)
+    gathered_size: int = 0
     gathered_at: int = 0
     #: batches on their way to the owner, oldest first (set when each is answered)
     flying: list[trio.Event] = field(default_factory=list)
@@ -244,15 +246,16 @@ class RemoteFile:
             await self.drain(call)
             reply = await call(self.owner, "write", handle=self.handle, offset=off, data=data)
             return int(reply.size)
-        while self.gathered and off != self.gathered_at + len(self.gathered):
+        while self.gathered and off != self.gathered_at + self.gathered_size:
             await self.drain(call)
         if not self.gathered:
             self.gathered_at = off
-        self.gathered += data
-        if len(self.gathered) >= WRITE_BATCH:
+        self.gathered.append(data)
+        self.gathered_size += len(data)
+        if self.gathered_size >= WRITE_BATCH:
             while len(self.flying) >= WRITES_IN_FLIGHT:
                 await self.flying[0].wait()
-            if len(self.gathered) >= WRITE_BATCH:  # another write may have sent it
+            if self.gathered_size >= WRITE_BATCH:  # another write may have sent it
                 nursery.start_soon(self._send, call, *self._take())
         return len(data)
 
@@ -266,18 +269,21 @@ class RemoteFile:
         if report:
             self._raise_write_error()
 
-    def _take(self) -> tuple[int, bytearray, trio.Event]:
-        at, data = self.gathered_at, self.gathered
-        self.gathered = bytearray()
+    def _take(self) -> tuple[int, tuple[bytes, ...], trio.Event]:
+        at, data = self.gathered_at, tuple(self.gathered)
+        self.gathered, self.gathered_size = [], 0
         done = trio.Event()
         self.flying.append(done)
         return at, data, done
 
-    async def _send(self, call: Call, at: int, data: bytearray, done: trio.Event) -> None:
+    async def _send(self, call: Call, at: int, data: tuple[bytes, ...], done: trio.Event) -> None:
+        """One batch to the owner: its pieces as they are (bulk.Pieces; the message path
+        joins them)."""
+        size = sum(len(piece) for piece in data)
         try:
             reply = await call(self.owner, "write", handle=self.handle, offset=at, data=data)
-            if reply.size != len(data):  # a regular file writes short only when full
-                raise OSError(errno.ENOSPC, f"the owner wrote {reply.size} of {len(data)} bytes")
+            if reply.size != size:  # a regular file writes short only when full
+                raise OSError(errno.ENOSPC, f"the owner wrote {reply.size} of {size} bytes")
         except (OSError, DunixError, pyfuse3.FUSEError) as exc:
             if self.write_error is None:
                 self.write_error = exc

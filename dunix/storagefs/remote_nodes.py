@@ -246,18 +246,28 @@ class RemoteFile:
             await self.drain(call)
             reply = await call(self.owner, "write", handle=self.handle, offset=off, data=data)
             return int(reply.size)
-        while self.gathered and off != self.gathered_at + self.gathered_size:
-            await self.drain(call)
+        while self.gathered:  # checked again after each wait: other writes run meanwhile
+            if off != self.gathered_at + self.gathered_size:
+                await self.drain(call)
+            elif self.gathered_size + len(data) > WRITE_BATCH:  # one lane request per batch
+                await self._launch(call, nursery)
+            else:
+                break
         if not self.gathered:
             self.gathered_at = off
         self.gathered.append(data)
         self.gathered_size += len(data)
         if self.gathered_size >= WRITE_BATCH:
-            while len(self.flying) >= WRITES_IN_FLIGHT:
-                await self.flying[0].wait()
-            if self.gathered_size >= WRITE_BATCH:  # another write may have sent it
-                nursery.start_soon(self._send, call, *self._take())
+            await self._launch(call, nursery)
         return len(data)
+
+    async def _launch(self, call: Call, nursery: trio.Nursery) -> None:
+        """What is gathered goes to the owner in the background, once fewer than
+        ``WRITES_IN_FLIGHT`` batches are on their way."""
+        while len(self.flying) >= WRITES_IN_FLIGHT:
+            await self.flying[0].wait()
+        if self.gathered:  # another write may have sent it meanwhile
+            nursery.start_soon(self._send, call, *self._take())
 
     async def drain(self, call: Call, *, report: bool = True) -> None:
         """Every write made here is at the owner when this returns; raises the error of a

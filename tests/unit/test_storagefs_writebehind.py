@@ -185,3 +185,20 @@ def test_no_file_capabilities_is_asked_of_the_owner_once_per_timeout(net: Net) -
         assert asked == ["security.capability", "user.x", "security.capability"]
 
     on_host_2(net, body)
+
+
+def test_a_batch_never_exceeds_one_lane_request(net: Net) -> None:
+    """Pieces that do not add up to WRITE_BATCH: a batch is sent before it would exceed it
+    (the lane carries at most bulk.MAX_BLOCK per request; a bigger one went by message)."""
+    owned_by_1(net, "f", b"")
+    seen = writes_seen(net)
+    piece = 3 * BLOCK // 2
+    data = os.urandom(6 * piece)
+
+    async def body(net: Net, inode: int, fh: int) -> None:
+        for off in range(0, len(data), piece):
+            await net.fs[2].write(fh, off, data[off : off + piece])
+
+    on_host_2(net, body)
+    assert backing(net) == data
+    assert sorted(seen) == [(n * 2 * piece, 2 * piece) for n in range(3)]

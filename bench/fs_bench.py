@@ -60,6 +60,8 @@ UNCACHE = "import os,sys; fd=os.open(sys.argv[1],os.O_RDONLY); os.posix_fadvise(
 CPU_QUOTA = 0.5
 OWNER, READER = "n1", "n2"
 GOALS = {"local": 0.70, "peer": 0.50, "lookup_p50_ms_8": 5.0}
+#: block sizes of the peer part's small-write runs (``--peer``)
+SMALL_WRITES = ("4k", "64k")
 
 METADATA = """\
 import json, os, sys, time
@@ -139,10 +141,10 @@ def side(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 # --- 1. sequential throughput ------------------------------------------------------------
 
 
-def fio(host: str, path: str, rw: str, mib: int) -> dict[str, Any]:
+def fio(host: str, path: str, rw: str, mib: int, bs: str = "1M") -> dict[str, Any]:
     """One fio job of ``rw`` (write or read) over ``mib`` MiB of ``path`` in ``host``."""
     argv = [
-        "fio", "--name=seq", f"--filename={path}", f"--rw={rw}", "--bs=1M", f"--size={mib}M",
+        "fio", "--name=seq", f"--filename={path}", f"--rw={rw}", f"--bs={bs}", f"--size={mib}M",
         "--ioengine=psync", "--numjobs=1", "--fallocate=none", "--invalidate=1",
         "--output-format=json",
     ]  # fmt: skip
@@ -297,6 +299,14 @@ def measure_peer(mib: int, iperf_s: int) -> dict[str, Any]:
         out[label] = side(functools.partial(
             with_cpu, (OWNER, READER), functools.partial(fio, READER, peer_file, rw, mib)
         ))  # fmt: skip
+    # small writes: each one a FUSE request, and (without write-behind) a round trip
+    small = max(mib // 16, 8)
+    for bs in SMALL_WRITES:
+        say(f"fio storagefs_peer_write bs {bs} ({small} MiB, {READER})")
+        run_in(OWNER, ["truncate", "-s", f"{small}M", f"{peer_file}.{bs}"])
+        out[f"storagefs_peer_write_{bs}"] = side(
+            functools.partial(fio, READER, f"{peer_file}.{bs}", "write", small, bs)
+        )
     say(f"iperf3 {READER} -> {OWNER}")
     out["iperf3"] = side(lambda: iperf3(READER, OWNER, iperf_s))
     with contextlib.suppress(Failed):
@@ -315,6 +325,8 @@ def peer_table(t: dict[str, Any]) -> str:
                 for h in r["cpu_s"]
             )
         lines.append(line)
+    for bs in SMALL_WRITES:
+        lines.append(f"  write, {bs} blocks: {_rate(t[f'storagefs_peer_write_{bs}'])} MB/s")
     lines.append(f"  iperf3 {READER} -> {OWNER}: {_rate(t['iperf3'])} MB/s")
     return "\n".join(lines)
 

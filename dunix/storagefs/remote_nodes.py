@@ -297,6 +297,10 @@ class RemoteFile:
         except (OSError, DunixError, pyfuse3.FUSEError) as exc:
             if self.write_error is None:
                 self.write_error = exc
+        except trio.Cancelled:  # the mount is going away: a drain waiting for it must fail
+            if self.write_error is None:
+                self.write_error = OSError(errno.EIO, "a gathered write was cancelled")
+            raise
         finally:
             self.flying.remove(done)
             done.set()

@@ -7,7 +7,7 @@ failed revalidation makes the kernel forget), so an owner that stops answering g
 not "no such file" (see ``StorageFS._lookup_remote``).
 
 :class:`RemoteFile` is one open file of a peer: reads are served from blocks of ``FETCH``
-bytes (4 MiB), and the ``READ_AHEAD`` blocks after the one being read are fetched in the
+bytes (4 MiB), and the ``READ_AHEAD`` block(s) after the one being read are fetched in the
 background. Its writes gather behind (``WRITE_BATCH`` bytes, up to ``WRITES_IN_FLIGHT`` batches
 on their way at once) and reach the owner at the latest at the next flush (close), fsync,
 read, stat, truncate or lock of the file from this host (see :meth:`RemoteFile.write`).
@@ -33,9 +33,12 @@ LAST_OWNERS = 100_000
 #: bytes per read of a peer's file (4 requests' worth of the kernel's 1 MiB: each fetch
 #: costs a task and a thread hop here, which the bigger unit pays for once per 4 MiB)
 FETCH = 4 * BLOCK
-#: fetch units asked ahead of the one being read, so the owner works while we copy (with the
-#: bulk lane each runs on a connection of its own, so the owner reads them in parallel)
-READ_AHEAD = 2
+#: fetch units asked ahead of the one being read, so the owner works while we copy. One:
+#: each fetch runs in a worker thread that takes and drops the GIL per 16 KiB TLS record,
+#: and two of them besides the FUSE thread cost the reader more than they gained (fio
+#: from n2, 512 MiB, A/B on alternating clusters: 1 ahead 355 / 340 / 334 MB/s with n2
+#: at 0.98-1.02 s CPU, 2 ahead 303 / 297 at 1.11-1.13 s, none 315)
+READ_AHEAD = 1
 #: bytes of sequential writes gathered into one request to the owner (the bulk lane's
 #: largest block): the kernel sends at most 1 MiB per write
 WRITE_BATCH = 4 * BLOCK

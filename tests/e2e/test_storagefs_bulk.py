@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,67 @@ def test_a_reader_on_another_host_sees_each_write_after_close() -> None:
         digest = hashlib.sha256(blob).hexdigest()
         assert sh("n3", "sha256sum < lane/cohere").split()[0] == digest
         assert sh("n1", "sha256sum < lane/cohere").split()[0] == digest
+
+
+WRITER = """
+import fcntl, hashlib, os, sys, time
+folder = sys.argv[1]
+
+def wait_for(name):
+    deadline = time.monotonic() + 30
+    while not os.path.exists(folder + "/" + name) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+fd = os.open(folder + "/gather", os.O_WRONLY)
+data = os.urandom(3 * (1 << 20) + 100)
+for off in range(0, len(data), 65536):  # small writes: gathered on this host
+    os.write(fd, data[off : off + 65536])
+assert os.fstat(fd).st_size == len(data), os.fstat(fd).st_size  # a stat here includes them
+os.fsync(fd)
+print(hashlib.sha256(data).hexdigest(), flush=True)
+wait_for("go")
+fcntl.lockf(fd, fcntl.LOCK_EX)
+more = os.urandom(300000)
+os.write(fd, more)
+fcntl.lockf(fd, fcntl.LOCK_UN)  # the next holder of the lock reads them at the owner
+print(hashlib.sha256(data + more).hexdigest(), flush=True)
+open(folder + "/unlocked", "w").close()
+wait_for("checked")
+os.close(fd)
+"""
+
+READER = """
+import fcntl, hashlib, os, sys, time
+folder = sys.argv[1]
+deadline = time.monotonic() + 30
+while not os.path.exists(folder + "/unlocked") and time.monotonic() < deadline:
+    time.sleep(0.05)
+fd = os.open(folder + "/gather", os.O_RDWR)
+fcntl.lockf(fd, fcntl.LOCK_EX)
+data = b""
+while chunk := os.read(fd, 1 << 20):
+    data += chunk
+print(hashlib.sha256(data).hexdigest(), flush=True)
+os.close(fd)
+open(folder + "/checked", "w").close()
+"""
+
+
+def test_gathered_writes_are_at_the_owner_after_fsync_and_before_an_unlock() -> None:
+    """A writer on n2 keeps its file of n1 open: what it wrote in small pieces (gathered
+    on n2, see remote_nodes.RemoteFile.write) is seen by n3 after its fsync, and by a
+    locker on n3 after n2 unlocked, without a close."""
+    sh("n1", "mkdir -p lane/wb && cd lane/wb && rm -f go unlocked checked && : > gather")
+    writer = cluster.exec_in("n2", ["python3", "-c", WRITER, f"{FS}/lane/wb"], cwd=FS,
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert writer.stdout is not None
+    synced = writer.stdout.readline().strip()
+    assert sh("n3", "sha256sum < lane/wb/gather").split()[0] == synced
+    sh("n3", "touch lane/wb/go")
+    unlocked = writer.stdout.readline().strip()
+    reader = cluster.run_in("n3", ["python3", "-c", READER, f"{FS}/lane/wb"], cwd=FS,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert reader.returncode == 0, reader.stderr
+    assert reader.stdout.strip() == unlocked
+    assert writer.wait(timeout=60) == 0
+    assert sh("n1", "sha256sum < lane/wb/gather").split()[0] == unlocked

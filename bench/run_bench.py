@@ -288,7 +288,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--hosts", type=int, default=3)
     ap.add_argument(
         "--cpu-quota", type=float, default=None,
-        help="CPUs per host (default: none; a CFS quota's 100 ms throttling would own p99)",
+        help="CPUs per host (default: none; a CFS quota's throttling, up to half its 25 ms "
+        "period, shows in p99)",
     )  # fmt: skip
     ap.add_argument(
         "--no-lock", action="store_true",

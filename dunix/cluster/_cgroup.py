@@ -23,7 +23,16 @@ from dunix.errors import ClusterError
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 GROUP = "dunix"
-PERIOD_US = 100_000
+#: The CFS period. A host over its quota runs the quota's worth of each period, then
+#: nothing until the next: with the kernel's default 100 ms, a 0.5-CPU host froze for up
+#: to 50 ms, which a slower CPU (what the quota stands for) never does: the p99 of a
+#: remote /bin/true was 34 ms and of a plain local fork+exec 51. Measured side by side
+#: (bench/run_bench.py, 3 hosts x 0.5 CPU, 2 runs each, interleaved): 100 ms p50 6.1/5.7,
+#: p99 34.7/33.9; 50 ms p50 6.8/7.5, p99 24.5/21.4; 25 ms p50 7.0/5.6, p99 17.7/16.2
+#: (local fork+exec p99 15/14), the fork-heavy script 1.32-1.38x plain bash at all three;
+#: an earlier 10 ms gave p50 7.4 and fork-heavy 1.53x (throttling that often costs).
+#: So 25 ms: stalls of at most 12.5 ms, the medians within the runs' spread.
+PERIOD_US = 25_000
 #: overrides PERIOD_US (for measuring other periods); read when a host is created
 PERIOD_ENV = "DUNIX_CFS_PERIOD_US"
 #: the kernel's lower bound for cfs_quota_us (kernel/sched/core.c, min_cfs_quota_period)

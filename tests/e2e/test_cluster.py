@@ -277,13 +277,15 @@ class TestRunningCluster:
         assert "unreachable" in done.stderr.lower()
 
     def test_cgroup_quota(self, hosts: list[cluster.HostInfo], state_dir: Path) -> None:
+        period = str(_cgroup.PERIOD_US)
+        half = str(_cgroup.PERIOD_US // 2)  # these hosts have 0.5 CPU
         for h in hosts:
             cpu = h.cgroup[0]
             if (cpu / "cpu.max").exists():
-                assert (cpu / "cpu.max").read_text().split() == ["50000", "100000"]
+                assert (cpu / "cpu.max").read_text().split() == [half, period]
             else:
-                assert (cpu / "cpu.cfs_quota_us").read_text().strip() == "50000"
-                assert (cpu / "cpu.cfs_period_us").read_text().strip() == "100000"
+                assert (cpu / "cpu.cfs_quota_us").read_text().strip() == half
+                assert (cpu / "cpu.cfs_period_us").read_text().strip() == period
             for cg in h.cgroup:
                 procs = {int(p) for p in (cg / "cgroup.procs").read_text().split()}
                 assert h.agent_pid in procs
@@ -405,6 +407,23 @@ def test_failed_up_rolls_back(tmp_path: Path, sysctls: dict[str, str]) -> None:
         down_if_ours(state_dir)
 
 
+def test_cgroup_period_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DUNIX_CFS_PERIOD_US sets another period (to measure it); the quota follows it."""
+    monkeypatch.setattr(_cgroup, "CGROUP_ROOT", tmp_path)
+    (tmp_path / "dunix").mkdir()
+    (tmp_path / "cgroup.subtree_control").write_text("cpu\n")
+    (tmp_path / "dunix" / "cgroup.subtree_control").write_text("cpu\n")
+    monkeypatch.setenv(_cgroup.PERIOD_ENV, "50000")
+    paths = _cgroup.create("v2", "n1", 0.5)
+    assert (paths[0] / "cpu.max").read_text() == "25000 50000"
+    for bad in ("10ms", "500", "2000000"):
+        monkeypatch.setenv(_cgroup.PERIOD_ENV, bad)
+        with pytest.raises(ClusterError, match=_cgroup.PERIOD_ENV):
+            _cgroup.quota_us(0.5)
+
+
 def test_cgroup_v2_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The v2 branch, on a fake cgroup2 tree (this machine may only have v1)."""
     monkeypatch.setattr(_cgroup, "CGROUP_ROOT", tmp_path)
@@ -415,11 +434,11 @@ def test_cgroup_v2_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert _cgroup.detect_mode() == "v2"
     paths = _cgroup.create("v2", "n1", 0.5)
     assert paths == [tmp_path / "dunix" / "n1"]
-    assert (paths[0] / "cpu.max").read_text() == "50000 100000"
+    assert (paths[0] / "cpu.max").read_text() == "12500 25000"
     assert (tmp_path / "cgroup.subtree_control").read_text() == "+cpu"
     assert (tmp_path / "dunix" / "cgroup.subtree_control").read_text() == "+cpu"
     _cgroup.create("v2", "n2", None)
-    assert (tmp_path / "dunix" / "n2" / "cpu.max").read_text() == "max 100000"
+    assert (tmp_path / "dunix" / "n2" / "cpu.max").read_text() == "max 25000"
     (tmp_path / "cgroup.controllers").write_text("memory pids\n")
     with pytest.raises(ClusterError, match="cpu controller"):
         _cgroup.detect_mode()

@@ -14,8 +14,8 @@ gives it to the peer in ``StreamBulk`` on the agents' mutual-TLS channel, so bot
 are known to be the two agents of this cluster; every byte is encrypted and
 authenticated. The key reaches a relay on its stdin, never in argv (world-readable).
 After the handshake the data leaves TLS's 16 KiB records for AES-128-GCM frames of up
-to 256 KiB keyed from the session (the exporter, one key per direction): a fifth to a third less
-relay CPU per GiB, and 64 KiB packets instead of one per record (see the C file).
+to 1 MiB keyed from the session (the exporter, one key per direction): no copies through
+OpenSSL's buffers, one socket write per pipe read (see the C file).
 
 The hand-over (``StreamBulk`` in ``dunix.fdmove.streams``): the sender stops reading,
 starts its relay on a fresh listening socket, and sends ``StreamBulk(address, key)`` after

@@ -70,10 +70,13 @@ class LookupReply:
 @message
 @dataclass(frozen=True)
 class NameCreated:
-    """Host ``node`` created ``path``: forget any cached "no such file" for it."""
+    """Host ``node`` created ``path`` (and the ``more`` paths, in that order): forget any
+    cached "no such file" for them. One message carries every name created while the
+    sender's loop was busy with earlier ones (``PeerResolver``)."""
 
     node: int
     path: str
+    more: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,9 +98,10 @@ class Answer:
 
 @dataclass(frozen=True)
 class Broadcast:
-    """Action: send ``message`` to every peer (no reply expected)."""
+    """Action: send ``message`` to ``peers`` (None: every peer; no reply expected)."""
 
     message: NameCreated
+    peers: frozenset[int] | None = None
 
 
 Action = SendQuery | Answer | Broadcast
@@ -126,6 +130,8 @@ class _Query:
     stale: bool = False
     #: per asked peer, how many creations it had announced when the query went out
     heard: dict[int, int] = field(default_factory=dict)
+    #: the peers a "no such file" stands for: asked, or known to lack a folder above it
+    covered: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -136,34 +142,45 @@ class Lookup:
     config: LookupConfig = field(default_factory=LookupConfig)
     _queries: dict[int, _Query] = field(default_factory=dict, init=False)
     _by_path: dict[str, int] = field(default_factory=dict, init=False)
-    _negative: dict[str, float] = field(default_factory=dict, init=False)
+    _negative: dict[str, tuple[float, frozenset[int]]] = field(default_factory=dict, init=False)
     _next_id: int = field(default=1, init=False)
     #: peer -> folder it lacks -> until when that is trusted
     _absent: dict[int, dict[str, float]] = field(default_factory=dict, init=False)
     #: peer -> how many NameCreated it sent (an answer across one is not trusted)
     _created_by: dict[int, int] = field(default_factory=dict, init=False)
+    #: name or folder this host said it lacks -> peer told -> until when the peer may
+    #: rely on it: a creation there is announced to those peers only
+    _told: dict[str, dict[int, float]] = field(default_factory=dict, init=False)
+    _told_count: int = field(default=0, init=False)
+    #: the table overflowed, or it is new (this agent restarted: what it told peers before
+    #: is lost): until then every creation goes to every peer
+    _tell_all_until: float | None = field(default=None, init=False)
 
     def local_miss(
         self, caller: int, path: str, peers: Collection[int], now: float
     ) -> list[Action]:
-        """The name is not on the local disk: answer from the cache or ask ``peers``."""
-        expires = self._negative.get(path)
-        if expires is not None:
-            if now < expires:
+        """The name is not on the local disk: answer from the cache or ask ``peers``.
+
+        A cached "no such file" holds only for the peers it was found with: a host that
+        joined since may have the name (and was never asked, so never tells us)."""
+        others = frozenset(peers) - {self.node_id}
+        cached = self._negative.get(path)
+        if cached is not None:
+            if now < cached[0] and others <= cached[1]:
                 return [Answer((caller,), path, None)]
             del self._negative[path]
         running = self._by_path.get(path)
         if running is not None:
             self._queries[running].callers.append(caller)
             return []
-        asked = frozenset(p for p in peers if p != self.node_id and not self._lacks(p, path, now))
+        asked = frozenset(p for p in others if not self._lacks(p, path, now))
         if not asked:
             return [Answer((caller,), path, None)]
         query = LookupQuery(self._next_id, self.node_id, path)
         self._next_id += 1
         self._queries[query.query_id] = _Query(
             query.query_id, path, set(asked), [caller], now + self.config.deadline,
-            heard={p: self._created_by.get(p, 0) for p in asked},
+            heard={p: self._created_by.get(p, 0) for p in asked}, covered=others,
         )  # fmt: skip
         self._by_path[path] = query.query_id
         return [SendQuery(asked, query)]
@@ -213,16 +230,50 @@ class Lookup:
             absent = self._absent.get(node)
             if absent:
                 for folder in _folders_above(path, itself=True):
-                    absent.pop(folder, None)
+                    if absent.pop(folder, None) is not None:
+                        # names below it were found missing without asking that peer
+                        below = folder + "/"
+                        for name in [n for n in self._negative if n.startswith(below)]:
+                            del self._negative[name]
         running = self._by_path.get(path)
         if running is not None:
             self._queries[running].stale = True
         return []
 
-    def created_here(self, path: str) -> list[Action]:
-        """This host created ``path``: invalidate here and tell every peer."""
+    def created_here(self, path: str, now: float) -> list[Action]:
+        """This host created ``path``: invalidate here, and tell the peers that may hold a
+        "no such file" for it because of us: those we told we lack it or a folder above it
+        (``answered_missing``) within their cache's lifetime. Nobody else asked us, so
+        nobody else can (a burst of creates in a folder only this host has sends none)."""
         self.name_created(path)
-        return [Broadcast(NameCreated(self.node_id, path))]
+        if self._tell_all_until is None:  # the first creation since this agent started
+            self._tell_all_until = now + self._reliance()
+        told: set[int] = set()
+        for key in _folders_above(path, itself=True):
+            peers = self._told.pop(key, None)
+            if peers:
+                self._told_count -= len(peers)
+                told.update(p for p, until in peers.items() if now < until)
+        message = NameCreated(self.node_id, path)
+        if now < self._tell_all_until:
+            return [Broadcast(message)]
+        return [Broadcast(message, frozenset(told))] if told else []
+
+    def answered_missing(self, peer: int, path: str, missing: str, now: float) -> None:
+        """We told ``peer`` we have no ``path`` (and lack folder ``missing`` above it, if
+        set): it may rely on that for its ``negative_ttl`` (same config cluster-wide), plus
+        the time a reply takes to reach it and its query's deadline."""
+        until = now + self._reliance()
+        if self._told_count >= max(self.config.max_negative, 1):
+            self._told.clear()  # too many to track: tell everybody for a while
+            self._told_count = 0
+            self._tell_all_until = until
+        peers = self._told.setdefault(missing or path, {})
+        self._told_count += peer not in peers
+        peers[peer] = until
+
+    def _reliance(self) -> float:
+        return self.config.negative_ttl + self.config.deadline + 1.0
 
     def cached_negatives(self) -> int:
         return len(self._negative)
@@ -257,7 +308,7 @@ class Lookup:
         if found is None and not query.stale and self.config.max_negative:
             while len(self._negative) >= self.config.max_negative:
                 del self._negative[next(iter(self._negative))]  # oldest first
-            self._negative[query.path] = now + self.config.negative_ttl
+            self._negative[query.path] = (now + self.config.negative_ttl, query.covered)
         return Answer(tuple(query.callers), query.path, found)
 
 

@@ -92,9 +92,53 @@ def test_creation_during_query_is_not_cached_as_negative() -> None:
     assert lookup.cached_negatives() == 0
 
 
-def test_created_here_broadcasts() -> None:
+def test_a_creation_is_told_to_the_peers_we_told_we_lack_it() -> None:
     lookup = make()
-    assert lookup.created_here("x") == [Broadcast(NameCreated(1, "x"))]
+    # just started: what this agent told peers before a restart is lost, so every peer
+    # hears of its creations for as long as they may rely on an old answer
+    assert lookup.created_here("w", 0.0) == [Broadcast(NameCreated(1, "w"))]
+    assert lookup.created_here("w", 2.0) == [Broadcast(NameCreated(1, "w"))]
+    t = 3.0
+    assert lookup.created_here("x", t) == []  # nobody asked us: nobody to tell
+    lookup.answered_missing(2, "x", "", t)
+    lookup.answered_missing(3, "out/a.o", "out", t)  # 3 heard we lack "out"
+    lookup.answered_missing(4, "y", "", t)
+    assert lookup.created_here("x", t + 0.1) == [Broadcast(NameCreated(1, "x"), frozenset({2}))]
+    assert lookup.created_here("x", t + 0.2) == []  # told already: it asks again if it wants
+    want = [Broadcast(NameCreated(1, "out/b.o"), frozenset({3}))]
+    assert lookup.created_here("out/b.o", t + 0.3) == want
+    # a peer's reliance ends with its cache: negative_ttl, plus deadline and a margin
+    assert lookup.created_here("y", t + 1.0 + 0.05 + 1.0 + 0.01) == []
+
+
+def test_too_many_told_to_track_tells_everybody_for_a_while() -> None:
+    lookup = Lookup(1, LookupConfig(deadline=0.05, negative_ttl=1.0, max_negative=2))
+    lookup.created_here("w", 0.0)  # past the start
+    for n, name in enumerate(("a", "b", "c")):
+        lookup.answered_missing(2, name, "", 3.0 + n)
+    assert lookup.created_here("z", 5.5) == [Broadcast(NameCreated(1, "z"))]  # every peer
+    assert lookup.created_here("z", 12.0) == []
+
+
+def test_a_cached_no_such_file_does_not_hold_for_a_peer_that_joined_since() -> None:
+    lookup = make()
+    query = start(lookup, "a/b")
+    for peer in PEERS:
+        lookup.peer_reply(no(query, peer), 0.01)
+    assert lookup.local_miss(8, "a/b", PEERS, 0.1) == [Answer((8,), "a/b", None)]
+    (ask,) = lookup.local_miss(8, "a/b", PEERS | {5}, 0.2)
+    assert isinstance(ask, SendQuery) and ask.peers == PEERS | {5}
+
+
+def test_names_found_missing_without_a_peer_are_asked_again_once_it_creates_there() -> None:
+    lookup = make()
+    query = start(lookup, "out/a.o")
+    for peer in PEERS:
+        lookup.peer_reply(lacks(query, peer, "out"), 0.01)
+    assert lookup.local_miss(8, "out/b.o", PEERS, 0.1) == [Answer((8,), "out/b.o", None)]
+    lookup.name_created("out/c.o", 2)  # 2 has "out" now: out/a.o and out/b.o may be there
+    (ask,) = lookup.local_miss(8, "out/a.o", PEERS, 0.2)
+    assert isinstance(ask, SendQuery) and ask.peers == {2}
 
 
 def test_no_peers_means_no_such_file() -> None:

@@ -163,3 +163,33 @@ def test_names_in_a_folder_only_one_host_has_ask_nobody(stores: dict[int, LocalS
         assert found is not None and found.node == 2
 
     run(scenario, stores, net)
+
+
+def test_names_created_together_go_in_one_message_per_peer(
+    stores: dict[int, LocalStore],
+) -> None:
+    net = Net()
+
+    async def scenario(nodes: dict[int, PeerResolver]) -> None:
+        nodes[1].created("warm")  # a new agent tells everybody for a while (a restart)
+        await trio.sleep(3)
+        for name in ("a", "b", "c"):
+            assert await nodes[2].lookup(name) is None  # cached as missing on 2
+        net.sent.clear()
+        for name in ("a", "b", "c"):  # made on 1 in one go (one FUSE burst)
+            (stores[1].tree / name).write_bytes(b"")
+            nodes[1].created(name)
+        await trio.sleep(0.01)
+        sent = [(dst, m) for src, dst, m in net.sent if isinstance(m, NameCreated)]
+        assert sorted(dst for dst, _ in sent) == [2]  # 3 never asked about them
+        assert all((m.path, *m.more) == ("a", "b", "c") for _, m in sent)
+        for name in ("a", "b", "c"):  # every one of them is asked again, and found
+            found = await nodes[2].lookup(name)
+            assert found is not None and found.node == 1
+        assert await nodes[3].lookup("d") is None
+        nodes[1].created("d")  # a later one: a message of its own, to 3 only
+        await trio.sleep(0.01)
+        later = [(d, m) for _, d, m in net.sent if isinstance(m, NameCreated) and m.path == "d"]
+        assert [(d, m.more) for d, m in later] == [(3, ())]
+
+    run(scenario, stores, net)

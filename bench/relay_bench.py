@@ -17,7 +17,7 @@ All processes share this machine's cores (2 here), as in DESIGN.md's reference: 
 work on the machine makes single runs vary by 2x.
 
     python -m bench.relay_bench [--size BYTES] [--json PATH]
-    python -m bench.relay_bench --cluster [--mib 256]
+    python -m bench.relay_bench --cluster [--mib 1024] [--compare]
 
 ``--cluster [--compare]``: the cross-host pipe of bench/spread_bench.py alone, on a 4-host simulated
 cluster (0.5 CPU each, under the machine's cluster lock): a local ``dd | dd`` in n1,
@@ -220,7 +220,7 @@ def _cluster_run(mib: int, python_relay: bool) -> dict[str, Any]:
     """measure_pipe on a fresh cluster; ``python_relay``: its agents never hand a stream
     to the native relay (dunix/fdmove/bulk.py), as before it existed."""
     from bench import spread_bench as sb
-    from bench._cluster import exclusive_cluster, keep_logs, up_when_free, wait_alive
+    from bench._cluster import control, exclusive_cluster, keep_logs, up_when_free, wait_alive
     from dunix import cluster
     from dunix.fdmove.bulk import ENV
 
@@ -233,7 +233,7 @@ def _cluster_run(mib: int, python_relay: bool) -> dict[str, Any]:
         with exclusive_cluster():
             up_when_free(len(sb.NODES), sb.CPU_QUOTA)
             try:
-                trio.run(wait_alive, sb.control(sb.HOME), len(sb.NODES))
+                trio.run(wait_alive, control(sb.HOME), len(sb.NODES))
                 return sb.measure_pipe(sizes)
             finally:
                 keep_logs(sb.WORK / "logs")
@@ -254,7 +254,11 @@ def cluster_pipe(mib: int, json_path: Path, compare: bool = False) -> int:
     iperf = pipe["iperf3"].get("mb_per_s") if pipe["iperf3"].get("ok") else None
     print(f"{mib} MiB, {len(sb.NODES)} hosts x {sb.CPU_QUOTA} CPU, {os.cpu_count()} cores, "
           f"load {os.getloadavg()[0]:.1f}")  # fmt: skip
-    print(f"{'case':<22} {'MB/s':>8} {'x iperf3':>9}")
+    cross = pipe["dunix_cross_host"]
+    # the row spread_bench's table has: the same measure_pipe, the same medians
+    print(f"pipe {mib} MiB {sb.HOME}->{cross.get('reader_on', '?')}, MB/s: dunix vs iperf3 "
+          f"(median of {sb.PIPE_RUNS} runs each)")  # fmt: skip
+    print(f"{'case':<22} {'MB/s':>8} {'x iperf3':>9}  each run")
     if before is not None:
         pipe["python_relay_cross_host"] = before["dunix_cross_host"]
         pipe["python_relay_iperf3"] = before["iperf3"]
@@ -269,7 +273,9 @@ def cluster_pipe(mib: int, json_path: Path, compare: bool = False) -> int:
         base = iperf_before if name.startswith("python_relay") else iperf  # same cluster's
         ratio = f"{rate / base:.2f}" if rate and base else "-"
         shown = f"{rate:.0f}" if rate else "FAILED"
-        print(f"{name:<22} {shown:>8} {ratio:>9}" + ("" if rate else f"  {r.get('error', '')}"))
+        each = ", ".join(str(x) for x in r.get("runs_mb_per_s", []))
+        error = "" if rate else f"  {r.get('error', '')}"
+        print(f"{name:<22} {shown:>8} {ratio:>9}  {each}{error}")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps({"benchmark": "relay-cluster", "mib": mib, **pipe}, indent=2))
     return 0
@@ -283,7 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="receive window")
     ap.add_argument("--repeat", type=int, default=3, help="runs per case; the best counts")
     ap.add_argument("--cluster", action="store_true", help="the cross-host pipe vs iperf3")
-    ap.add_argument("--mib", type=int, default=256, help="--cluster: MiB through the pipe")
+    ap.add_argument(
+        "--mib", type=int, default=1024,
+        help="--cluster: MiB through the pipe (1024, as spread_bench's full run)",
+    )  # fmt: skip
     ap.add_argument(
         "--compare", action="store_true",
         help="--cluster: first with every stream in Python (DUNIX_BULK_RELAY=0), then native",

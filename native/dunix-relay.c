@@ -277,8 +277,8 @@ static SSL *connect_peer(SSL_CTX *ctx, const char *where, int *sockp)
  * as TLS 1.3 builds its own (RFC 8446 5.3). Why not TLS records: they hold 16 KiB at most
  * (RFC 8446 5.1), and with OpenSSL each costs a copy into its buffers on the way out and
  * one out of them on the way in; perf on a 0.5-CPU receiving host showed that memmove
- * costing as much as the decryption. Here the sender reads the pipe into one buffer and
- * encrypts into the one it writes to the socket, and the receiver decrypts in place in
+ * costing as much as the decryption. Here the sender reads the pipe into the frame it
+ * writes to the socket and encrypts it there, and the receiver decrypts in place in
  * the buffer it writes to the pipe: one write() per pipe read, 64 KiB GSO packets as
  * iperf3's, and only authenticated bytes reach the pipe (a frame is written after its
  * tag checked). The end is a frame too, so a connection cut short is never taken for EOF;
@@ -435,9 +435,9 @@ static int run_send(int fd, int listener)
         return EXIT_FAIL;
     }
     SSL_free(ssl); /* TLS's part is over; the socket stays */
-    char *buf = malloc(FRAME_MAX);
     unsigned char *frame = malloc(HEAD + FRAME_MAX + TAG);
-    if (buf == NULL || frame == NULL)
+    char *buf = (char *)frame + HEAD; /* read into the frame, sealed in place */
+    if (frame == NULL)
         die("malloc");
     while (!finish_now) {
         ssize_t n = read(fd, buf, FRAME_MAX);

@@ -626,8 +626,10 @@ class MigrationService:
         # not restore a queue into an inherited socket): a duplicate of the process's end
         tails: list[tuple[int, int]] = []
         # likewise what its input pipes hold here, and what their relays still carry:
-        # the pipe CRIU restores on the target is a new one, empty
-        inputs = _input_pipes(guest, fds) if order.target != home else []
+        # the pipe CRIU restores on the target is a new one, empty (at home it read the
+        # deputy's own pipe, whose content the home's new relay takes on)
+        away = order.target != home and home != self.name
+        inputs = _input_pipes(guest, fds) if away else []
         try:
             if relayed or inputs:
                 pidfd = os.pidfd_open(pid)

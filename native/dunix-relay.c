@@ -369,11 +369,13 @@ static size_t frame_len(const unsigned char *head)
     return (size_t)head[0] << 24 | (size_t)head[1] << 16 | (size_t)head[2] << 8 | head[3];
 }
 
-/* Write all of buf to the non-blocking socket; 0, or -1 if the connection failed. */
-static int sock_write_all(int sock, const unsigned char *buf, size_t len)
+/* Write all of data to the non-blocking socket or pipe; 0, or -1 once its far end (the
+ * receiver, the pipe's reader) is gone. */
+static int write_all(int fd, const void *data, size_t len)
 {
+    const char *buf = data;
     while (len) {
-        ssize_t n = write(sock, buf, len);
+        ssize_t n = write(fd, buf, len);
         if (n > 0) {
             buf += n;
             len -= (size_t)n;
@@ -382,11 +384,11 @@ static int sock_write_all(int sock, const unsigned char *buf, size_t len)
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0 && errno == EAGAIN) {
-            if (!(wait_fd(sock, POLLOUT, -1) & POLLOUT))
+            if (!(wait_fd(fd, POLLOUT, -1) & POLLOUT)) /* POLLERR: no reader any more */
                 return -1;
             continue;
         }
-        return -1; /* EPIPE, ECONNRESET: the receiver is gone */
+        return -1; /* EPIPE, ECONNRESET */
     }
     return 0;
 }
@@ -442,7 +444,7 @@ static int run_send(int fd, int listener)
     while (!finish_now) {
         ssize_t n = read(fd, buf, FRAME_MAX);
         if (n > 0) {
-            if (sock_write_all(sock, frame, seal(&data, buf, (size_t)n, frame)) < 0)
+            if (write_all(sock, frame, seal(&data, buf, (size_t)n, frame)) < 0)
                 return EXIT_PEER_GONE;
             continue;
         }
@@ -462,35 +464,12 @@ static int run_send(int fd, int listener)
     }
     /* EOF: the end frame, then wait until the receiver has written all and says so */
     close(fd);
-    if (sock_write_all(sock, frame, seal(&data, NULL, 0, frame)) < 0)
+    if (write_all(sock, frame, seal(&data, NULL, 0, frame)) < 0)
         return EXIT_PEER_GONE;
     unsigned char answer[HEAD + TAG];
     if (sock_read_all(sock, answer, sizeof answer) < 0 || frame_len(answer) != 0 ||
         open_frame(&done, answer, 0) < 0)
         return EXIT_PEER_GONE; /* it hung up without its answer: not all written */
-    return 0;
-}
-
-/* Write all of buf into the pipe; 0, or -1 when its reader went away. */
-static int pipe_write_all(int fd, const char *buf, size_t len)
-{
-    while (len) {
-        ssize_t n = write(fd, buf, len);
-        if (n > 0) {
-            buf += n;
-            len -= (size_t)n;
-            continue;
-        }
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0 && errno == EAGAIN) {
-            short ev = wait_fd(fd, POLLOUT, -1);
-            if (ev & POLLERR)
-                return -1;
-            continue;
-        }
-        return -1; /* EPIPE and the like */
-    }
     return 0;
 }
 
@@ -527,7 +506,7 @@ static int run_recv(int fd, const char *where)
                 status = EXIT_FAIL;
             } else if (len == 0) {
                 status = 0;
-            } else if (pipe_write_all(fd, (const char *)frame + HEAD, len) < 0) {
+            } else if (write_all(fd, frame + HEAD, len) < 0) {
                 status = EXIT_BROKEN;
             } else {
                 start += HEAD + len + TAG;
@@ -570,7 +549,7 @@ static int run_recv(int fd, const char *where)
     if (status == 0) {
         unsigned char answer[HEAD + TAG];
         seal(&done, NULL, 0, answer);
-        (void)sock_write_all(sock, answer, sizeof answer);
+        (void)write_all(sock, answer, sizeof answer);
     }
     close(sock);
     return status;

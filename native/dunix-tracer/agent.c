@@ -98,7 +98,31 @@ void flush_events(void)
 	batch_events = 0;
 }
 
-/* One packet: fields joined by '\0'. A dead agent is not our problem: the job goes on. */
+/* Appends one message (its field count, then its fields) to the batch. */
+static void queue(const char **f, int n)
+{
+	char msg[MSG_MAX], count[16];
+	const char *g[FIELDS_OUT + 1];
+	snprintf(count, sizeof count, "%d", n);
+	g[0] = count;
+	memcpy(g + 1, f, n * sizeof *f);
+	size_t len = join(msg, sizeof msg, 0, g, n + 1);
+	if (batch_len + 1 + len > sizeof batch)
+		flush_events();
+	if (!batch_len) {
+		batch_len = join(batch, sizeof batch, 0, (const char *[]){ "batch" }, 1);
+		clock_gettime(CLOCK_MONOTONIC, &batch_since);
+	}
+	batch[batch_len++] = '\0';
+	memcpy(batch + batch_len, msg, len);
+	batch_len += len;
+	batch_events++;
+}
+
+/* Now: fields joined by '\0' as one packet, or, when a batch waits, as its last message
+ * (one packet, so one wake-up of the agent, instead of two: a remote exec's `remote`
+ * found the previous deputy's `exit` and its own `fork` waiting). A dead agent is not our
+ * problem: the job goes on. */
 void emit(const char *kind, ...)
 {
 	char buf[MSG_MAX];
@@ -110,34 +134,26 @@ void emit(const char *kind, ...)
 	va_start(ap, kind);
 	int n = collect(f, kind, ap);
 	va_end(ap);
-	flush_events();
+	if (batch_len) {
+		queue(f, n);
+		flush_events();
+		return;
+	}
 	send_packet(buf, join(buf, sizeof buf, 0, f, n));
 }
 
 void emit_later(const char *kind, ...)
 {
-	char msg[MSG_MAX], count[16];
-	const char *f[FIELDS_OUT + 1];
+	const char *f[FIELDS_OUT];
 	va_list ap;
 
 	if (sock < 0)
 		return;
 	va_start(ap, kind);
-	int n = collect(f + 1, kind, ap);
+	int n = collect(f, kind, ap);
 	va_end(ap);
-	snprintf(count, sizeof count, "%d", n);
-	f[0] = count;
-	size_t len = join(msg, sizeof msg, 0, f, n + 1);
-	if (batch_len + 1 + len > sizeof batch)
-		flush_events();
-	if (!batch_len) {
-		batch_len = join(batch, sizeof batch, 0, (const char *[]){ "batch" }, 1);
-		clock_gettime(CLOCK_MONOTONIC, &batch_since);
-	}
-	batch[batch_len++] = '\0';
-	memcpy(batch + batch_len, msg, len);
-	batch_len += len;
-	if (++batch_events >= BATCH_EVENTS)
+	queue(f, n);
+	if (batch_events >= BATCH_EVENTS)
 		flush_events();
 }
 

@@ -29,6 +29,7 @@ went out is not kept (the creation may be the folder).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -153,8 +154,8 @@ class Lookup:
     _told: dict[str, dict[int, float]] = field(default_factory=dict, init=False)
     _told_count: int = field(default=0, init=False)
     #: the table overflowed, or it is new (this agent restarted: what it told peers before
-    #: is lost): until then every creation goes to every peer
-    _tell_all_until: float | None = field(default=None, init=False)
+    #: is lost, see ``started``): until then every creation goes to every peer
+    _tell_all_until: float = field(default=-math.inf, init=False)
 
     def local_miss(
         self, caller: int, path: str, peers: Collection[int], now: float
@@ -246,8 +247,6 @@ class Lookup:
         (``answered_missing``) within their cache's lifetime. Nobody else asked us, so
         nobody else can (a burst of creates in a folder only this host has sends none)."""
         self.name_created(path)
-        if self._tell_all_until is None:  # the first creation since this agent started
-            self._tell_all_until = now + self._reliance()
         told: set[int] = set()
         for key in _folders_above(path, itself=True):
             peers = self._told.pop(key, None)
@@ -271,6 +270,11 @@ class Lookup:
         peers = self._told.setdefault(missing or path, {})
         self._told_count += peer not in peers
         peers[peer] = until
+
+    def started(self, now: float) -> None:
+        """This host starts answering (an agent start or restart): what it told peers before
+        is lost, so its creations go to every peer for as long as they may rely on that."""
+        self._tell_all_until = max(self._tell_all_until, now + self._reliance())
 
     def _reliance(self) -> float:
         return self.config.negative_ttl + self.config.deadline + 1.0

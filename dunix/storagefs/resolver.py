@@ -86,6 +86,7 @@ class PeerResolver:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Send queued messages and fire deadlines; run it in the agent's nursery."""
+        self.lookup_state.started(trio.current_time())
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._deadlines)
             task_status.started()

@@ -94,9 +94,11 @@ def test_creation_during_query_is_not_cached_as_negative() -> None:
 
 def test_a_creation_is_told_to_the_peers_we_told_we_lack_it() -> None:
     lookup = make()
-    # just started: what this agent told peers before a restart is lost, so every peer
-    # hears of its creations for as long as they may rely on an old answer
-    assert lookup.created_here("w", 0.0) == [Broadcast(NameCreated(1, "w"))]
+    assert lookup.created_here("v", 0.0) == []  # nobody asked us: nobody to tell
+    # (re)started: what this agent told peers before is lost, so every peer hears of its
+    # creations for as long as they may rely on an old answer
+    lookup.started(0.0)
+    assert lookup.created_here("w", 0.1) == [Broadcast(NameCreated(1, "w"))]
     assert lookup.created_here("w", 2.0) == [Broadcast(NameCreated(1, "w"))]
     t = 3.0
     assert lookup.created_here("x", t) == []  # nobody asked us: nobody to tell
@@ -113,7 +115,6 @@ def test_a_creation_is_told_to_the_peers_we_told_we_lack_it() -> None:
 
 def test_too_many_told_to_track_tells_everybody_for_a_while() -> None:
     lookup = Lookup(1, LookupConfig(deadline=0.05, negative_ttl=1.0, max_negative=2))
-    lookup.created_here("w", 0.0)  # past the start
     for n, name in enumerate(("a", "b", "c")):
         lookup.answered_missing(2, name, "", 3.0 + n)
     assert lookup.created_here("z", 5.5) == [Broadcast(NameCreated(1, "z"))]  # every peer

@@ -45,6 +45,11 @@ WRITE_BATCH = 4 * BLOCK
 #: gathered batches on their way to the owner at once (each on a lane connection of its
 #: own), so the owner writes one while this host gathers the next
 WRITES_IN_FLIGHT = 2
+#: the longest a write waits here before it goes to the owner, full batch or not: a reader
+#: on another host sees it that soon without the writer's close or fsync (on one machine
+#: it would at once; a streaming writer fills a batch sooner, 4 KiB writes still go ~100
+#: to a request)
+WRITE_LINGER = 0.02
 #: seconds an owner's "no security.capability" answer is kept (the kernel's attribute
 #: timeout, fs.ATTR_TIMEOUT: an xattr set elsewhere is seen as late as a chmod)
 CAPS_TIMEOUT = 1.0
@@ -198,6 +203,8 @@ class RemoteFile:
     gathered: list[bytes] = field(default_factory=list)
     gathered_size: int = 0
     gathered_at: int = 0
+    #: counts the batches begun, so a batch's linger timer knows it is still the same one
+    batches: int = 0
     #: batches on their way to the owner, oldest first (set when each is answered)
     flying: list[trio.Event] = field(default_factory=list)
     #: why a gathered write failed, raised by the next write, flush, fsync or drain
@@ -235,9 +242,10 @@ class RemoteFile:
 
         Why: one 1 MiB request to the owner per write kept the writing host waiting for
         each answer, and each cost the owner a request of its own (a thread hop and an
-        invalidation of its kernel's cache). Like NFS, the data is at the owner after
-        flush (every close), fsync, a lock request and before this host reads or stats the
-        file; a failed batch's error comes back from the next write, flush or fsync.
+        invalidation of its kernel's cache). The data is at the owner after flush (every
+        close), fsync, a lock request, before this host reads or stats the file, and at
+        most ``WRITE_LINGER`` after the write in any case (other hosts see it then); a
+        failed batch's error comes back from the next write, flush or fsync.
         Writes go one by one (after the gathered ones) for an ``O_APPEND`` open (each
         append lands at the owner's end of file, which may be another host's), without a
         nursery for background sends, and when not sequential (so overlapping writes land
@@ -258,6 +266,8 @@ class RemoteFile:
                 break
         if not self.gathered:
             self.gathered_at = off
+            self.batches += 1
+            nursery.start_soon(self._linger, call, nursery, self.batches)
         self.gathered.append(data)
         self.gathered_size += len(data)
         if self.gathered_size >= WRITE_BATCH:
@@ -271,6 +281,12 @@ class RemoteFile:
             await self.flying[0].wait()
         if self.gathered:  # another write may have sent it meanwhile
             nursery.start_soon(self._send, call, *self._take())
+
+    async def _linger(self, call: Call, nursery: trio.Nursery, batch: int) -> None:
+        """Send batch ``batch`` after ``WRITE_LINGER`` if it is still being gathered."""
+        await trio.sleep(WRITE_LINGER)
+        if self.batches == batch and self.gathered:
+            await self._launch(call, nursery)
 
     async def drain(self, call: Call, *, report: bool = True) -> None:
         """Every write made here is at the owner when this returns; raises the error of a

@@ -126,3 +126,28 @@ def test_gathered_writes_are_at_the_owner_after_fsync_and_before_an_unlock() -> 
     assert reader.stdout.strip() == unlocked
     assert writer.wait(timeout=60) == 0
     assert sh("n1", "sha256sum < lane/wb/gather").split()[0] == unlocked
+
+
+def test_a_line_written_on_one_host_is_read_on_another_while_the_file_stays_open() -> None:
+    """A log that n2 keeps open, with no fsync: n3 sees each line soon (``tail -f`` across
+    hosts), as on one machine; the writer's gathered writes go to the owner within
+    remote_nodes.WRITE_LINGER."""
+    from tests.e2e.conftest import wait_for
+
+    sh("n1", "mkdir -p lane && : > lane/tail")
+    writer = cluster.exec_in(
+        "n2", ["python3", "-uc", "import sys\nf = open(sys.argv[1], 'w')\n"
+               "for line in sys.stdin:\n    f.write(line); f.flush()\n", "lane/tail"],
+        cwd=FS, stdin=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert writer.stdin is not None
+    try:
+        for n in range(3):
+            writer.stdin.write(f"line {n}\n")
+            writer.stdin.flush()
+            want = "".join(f"line {i}\n" for i in range(n + 1))
+            wait_for(lambda want=want: sh("n3", "cat lane/tail") == want, 10,
+                     f"n3 to read line {n} while n2 keeps the file open")  # fmt: skip
+    finally:
+        writer.stdin.close()
+        assert writer.wait(timeout=30) == 0

@@ -202,3 +202,22 @@ def test_a_batch_never_exceeds_one_lane_request(net: Net) -> None:
     on_host_2(net, body)
     assert backing(net) == data
     assert sorted(seen) == [(n * 2 * piece, 2 * piece) for n in range(3)]
+
+
+def test_a_write_reaches_the_owner_soon_without_a_flush(net: Net) -> None:
+    """Other hosts read at the owner: a gathered write goes there after WRITE_LINGER."""
+    from dunix.storagefs.remote_nodes import WRITE_LINGER
+
+    owned_by_1(net, "f", b"")
+    seen = writes_seen(net)
+
+    async def body(net: Net, inode: int, fh: int) -> None:
+        assert await net.fs[2].write(fh, 0, b"line one\n") == 9
+        assert await net.fs[2].write(fh, 9, b"line two\n") == 9
+        assert seen == []  # gathered
+        with trio.move_on_after(WRITE_LINGER + 10):  # no flush, no read, no stat
+            while backing(net) != b"line one\nline two\n":
+                await trio.sleep(WRITE_LINGER / 4)
+        assert backing(net) == b"line one\nline two\n" and seen == [(0, 18)]
+
+    on_host_2(net, body)

@@ -18,7 +18,9 @@ peer). MB/s are 10^6 bytes/s. A side that fails is reported in the table and the
 raised. ``fio`` and ``iperf3`` are installed with apt when missing (scripts/setup.sh lists
 them too).
 
-Run (root): ``python -m bench.fs_bench``, or ``--quick`` (smaller files, fewer names).
+Run (root): ``python -m bench.fs_bench``, or ``--quick`` (smaller files, fewer names);
+``--local N`` runs only 1's local writes, N rounds of A B B A (this VM's disk varies 5x
+between two runs of the same write: read every pair), and 2, on one 3-host cluster.
 """
 
 from __future__ import annotations

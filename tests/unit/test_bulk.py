@@ -8,6 +8,7 @@ import hashlib
 import os
 import socket
 import subprocess
+import threading
 
 import pytest
 import trio
@@ -256,5 +257,72 @@ def test_ending_a_handed_over_sender_delivers_all_it_read_and_leaves_the_rest() 
             rest = await read_all(spare)
             assert len(got) >= AFTER
             assert got + rest == data
+
+    run(body)
+
+
+def _flipping_proxy(target: tuple[str, int], at: int) -> tuple[int, threading.Thread]:
+    """A man in the middle between the relays: passes everything on, but flips one bit of
+    the sender's bytes at offset ``at`` (past the handshake: in the data)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def run() -> None:
+        near, _ = listener.accept()
+        listener.close()
+        far = socket.create_connection(target)
+
+        def up() -> None:  # the receiver's bytes, as they are
+            with contextlib.suppress(OSError):
+                while data := near.recv(65536):
+                    far.sendall(data)
+
+        threading.Thread(target=up, daemon=True).start()
+        seen = 0
+        with contextlib.suppress(OSError):
+            while data := far.recv(65536):
+                if seen <= at < seen + len(data):
+                    flipped = bytearray(data)
+                    flipped[at - seen] ^= 1
+                    data = bytes(flipped)
+                seen += len(data)
+                near.sendall(data)
+        near.close()
+        far.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return port, thread
+
+
+def test_a_changed_byte_on_the_way_is_refused_and_never_written() -> None:
+    """The bytes after the handshake are authenticated frame by frame: one bit flipped on
+    the wire makes the receiver fail, and nothing of that frame or after it reaches its
+    pipe (what was written before is the stream's own prefix)."""
+    data = os.urandom(3 * MiB)
+
+    async def body() -> None:
+        bulk = BulkRelay("127.0.0.1")
+        r1, w1 = os.pipe()
+        r2, w2 = os.pipe()
+        sender, address, key = await bulk.start_sender(7, r1)
+        os.close(r1)
+        host, _, port = address.rpartition(":")
+        proxy, thread = _flipping_proxy((host, int(port)), at=2 * MiB)
+        receiver = await bulk.start_receiver(7, w2, f"127.0.0.1:{proxy}", key)
+        os.close(w2)
+        got: list[bytes] = []
+
+        async def read() -> None:
+            got.append(await read_all(r2))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            with contextlib.suppress(BrokenPipeError):
+                await write_all(w1, data)
+        assert await receiver.wait() == 1  # FAILED: a frame failed authentication
+        assert await sender.wait() != 0
+        assert got[0] == data[: len(got[0])] and len(got[0]) < len(data)
+        thread.join(5)
 
     run(body)

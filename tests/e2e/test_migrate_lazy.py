@@ -125,6 +125,24 @@ def test_post_copy_keeps_memory_and_pipes(cluster3: list[Any]) -> None:
         reap(run)
 
 
+def test_an_exit_during_post_copy_keeps_its_status(cluster3: list[Any]) -> None:
+    """The guest ends while its pages still arrive: its parent sees its own exit code,
+    not the SIGKILL of a lost process (the daemon waits for the answers in flight)."""
+    run = start(1024, fill=False)
+    try:
+        assert run.stdout is not None and run.stdin is not None
+        assert line(run.stdout).startswith("sum ")
+        proc = wait_for(deputy, 30, "the holder running on a peer")
+        gpid, node = proc["gpid"], proc["node"]
+        to = "n3" if node == "n2" else "n2"
+        out = dunix("migrate", str(gpid), to, "--control", N1, timeout=90)
+        assert "post-copy" in out.stdout, out.stdout
+        run.stdin.close()  # 1 GiB takes about a second to follow: it ends before
+        assert run.wait(timeout=60) == 5
+    finally:
+        reap(run)
+
+
 def page_servers(host: Any) -> list[int]:
     """Pids (as the machine sees them) of criu dumps running in ``host``."""
     found = []
@@ -142,7 +160,7 @@ def page_servers(host: Any) -> list[int]:
 
 
 def test_a_dead_page_server_loses_the_process(cluster3: list[Any]) -> None:
-    run = start(800, fill=False)  # pages take seconds to follow: the kill lands first
+    run = start(2048, fill=False)  # pages take ~2 s to follow: the kill lands first
     try:
         assert run.stdout is not None
         assert line(run.stdout).startswith("sum ")
@@ -155,7 +173,7 @@ def test_a_dead_page_server_loses_the_process(cluster3: list[Any]) -> None:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         # the source's criu serves pages after the restore: kill it once the move
-        # reported, before 800 MiB could have been pulled
+        # reported, before 2 GiB could have been pulled (~0.9 GB/s, bench/migrate_bench.py)
         out, err = mover.communicate(timeout=90)
         pids = page_servers(source)
         for pid in pids:

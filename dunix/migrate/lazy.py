@@ -23,7 +23,7 @@ scripts/build_criu.sh): stock 4.2.1 asks for one range of at most 4 MiB at a tim
 spins on epoll meanwhile, and its page server sends every 16 KiB TLS record with a
 send() of its own; patched, two requests per task stay in flight, the daemon sleeps, a
 fault fetches 64 KiB, and the page server sends 256 KiB at a time (1 GiB: every page
-in ~1.4 s instead of ~3.8 s, bench/migrate_bench.py). The wire protocol is unchanged.
+in ~1.2 s instead of ~3.8 s, bench/migrate_bench.py). The wire protocol is unchanged.
 
 The page server speaks plain TCP unless CRIU's TLS is on. It is: every move makes a
 throw-away self-signed certificate and key (:func:`make_keys`) that the source hands the

@@ -11,7 +11,9 @@ Where things are (host NAME = n1..nN, index i):
 - address 10.213.0.i/24 on ``eth0`` in netns ``dunix-NAME`` (/run/netns/dunix-NAME); the
   machine's end of the veth is also called ``dunix-NAME``; the bridge has 10.213.0.254;
 - cgroup ``/sys/fs/cgroup/{cpu,cpuacct}/dunix/NAME`` (v1) or ``/sys/fs/cgroup/dunix/NAME``
-  (v2), holding the host's init, its agent and everything they start;
+  (v2), holding the host's init, its agent and everything they start; with a quota of
+  C CPUs they also run on ceil(C) of the machine's CPUs (``_cgroup.host_cpus``), as a
+  small VM has few cores, 25 ms CFS period;
 - ``/run/dunix/hosts/NAME/``: ``agent.log``, ``init.log``, ``control.sock`` (the agent's);
   /run is shared with the machine, so the socket is reachable from outside;
 - ``/var/lib/dunix/hosts/NAME/disk`` on the machine = ``/var/lib/dunix/local`` in the host;

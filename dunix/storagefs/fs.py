@@ -387,12 +387,29 @@ class StorageFS(pyfuse3.Operations):
                     pyfuse3.invalidate_inode(ino, attr_only=False)
             else:
                 parent = posixpath.dirname(path)
-                pino = self._ino(os.lstat(self.store.backing_path(parent)))
-                if pino in self._nodes:
-                    name = os.fsencode(posixpath.basename(path))
+                name = os.fsencode(posixpath.basename(path))
+                # the kernel may know the folder as this host's part or as a peer's (a
+                # merged folder another host made first: its entries, this host's files
+                # included, hang below the peer's node), so both lose the name; left on
+                # the peer's node, a file a peer removed here (the last job's /tmp/note)
+                # stayed open-able by name for the entry timeout, and a write "succeeded"
+                # into the removed file
+                for pino in self._kernel_folders(parent):
                     pyfuse3.invalidate_entry_async(pino, name, ignore_enoent=True)
         except (OSError, StoreError) as exc:
             log.debug("storagefs: no invalidation for %s: %s", path, exc)
+
+    def _kernel_folders(self, path: str) -> list[int]:
+        """The inode numbers under which the kernel may hold the entries of folder ``path``."""
+        found = []
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            ino = self._ino(os.lstat(self.store.backing_path(path)))
+            if ino in self._nodes:
+                found.append(ino)
+        remote = self._remote.by_path(path)
+        if remote is not None:
+            found.append(remote.attrs[0])
+        return found
 
     # --- names ----------------------------------------------------------------------------
 

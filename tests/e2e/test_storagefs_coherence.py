@@ -67,3 +67,19 @@ def test_lines_appended_by_the_owner_and_two_peers_are_all_there(hosts: list[str
         for host in ("n3", "n1", "n2"):
             assert sh(host, "cat co-log").splitlines() == expected, (host, round_)
     sh("n1", "rm -f co-log")
+
+
+def test_a_file_removed_by_a_peer_is_gone_at_once_from_a_folder_another_host_made(
+    hosts: list[str],
+) -> None:
+    """n1 made the folder, n2 a file in it (n2's kernel holds that file's entry below n1's
+    folder node), n1 removes the file: at once n2 no longer sees it, and a new file of the
+    name is made, not the removed one written (it was, for the entry timeout: the same
+    job's next /tmp/note went into the removed file and nobody could read it)."""
+    sh("n1", "rm -rf co-m && mkdir co-m")
+    sh("n2", "echo a > co-m/f")
+    assert owner("n1", "co-m/f") == owner("n2", "co-m/f") != owner("n1", "co-m")
+    sh("n1", "rm co-m/f")
+    assert sh("n2", "test -e co-m/f && echo there || echo gone; echo b > co-m/f") == "gone\n"
+    assert sh("n1", "cat co-m/f") == "b\n"
+    sh("n1", "rm -rf co-m")

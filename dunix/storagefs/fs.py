@@ -406,7 +406,10 @@ class StorageFS(pyfuse3.Operations):
             ino = self._ino(os.lstat(self.store.backing_path(path)))
             if ino in self._nodes:
                 found.append(ino)
-        remote = self._remote.by_path(path)
+        try:
+            remote = self._remote.by_path(path)
+        except KeyError:  # forgotten meanwhile: this runs on the agent's thread
+            remote = None
         if remote is not None:
             found.append(remote.attrs[0])
         return found

@@ -2,8 +2,9 @@
 
 Home (this node created the process): the tracer redirected an exec to the deputy and
 said so (``WentRemote``, at the exec event, before the deputy runs); while the deputy
-connects, the agent duplicates its fds (pidfd_getfd), reads what exec keeps (ids, umask, signal masks, limits, cwd, environment) from /proc,
-sends ``RemoteExec`` to the peer and relays the fds as streams. Only when the peer says the
+connects, the agent duplicates its fds (pidfd_getfd), reads what exec keeps (ids, umask,
+signal masks, limits, cwd, environment) from /proc, sends ``RemoteExec`` to the peer and
+relays the fds as streams. Only when the peer says the
 program runs does the deputy get ``ready`` (and close its fds); if the peer cannot start it,
 the deputy is told to end with status 127 and says why on its stderr... never silently.
 
@@ -166,6 +167,8 @@ class Deputy:
     senders: list[StreamEndpoint] = field(default_factory=list)
     conn: DeputyConnection | None = None
     mirrored_stop: bool = False  # stopped because its guest stopped: do not echo it back
+    #: the signal that stopped its guest before the deputy was ready (told to it then)
+    guest_stop: int = 0
     moving: bool = False  # a `dunix migrate` is re-pointing it (agent/migration.py)
     held_exit: int | None = None  # an exit status that arrived while moving
     lost: str = ""  # why its guest is gone with its host (it ends as killed by SIGKILL)
@@ -363,6 +366,12 @@ class RemoteService:
             if term.reads:
                 self.agent.nursery.start_soon(term.pump_keys)
         await conn.send("ready")
+        if deputy.guest_stop:
+            # a program that stops itself at once (`kill -STOP $$`) did so before `ready`:
+            # dropped, its parent's waitpid(WUNTRACED) waited for good (test_run's stops)
+            deputy.mirrored_stop = True
+            await self._tell_deputy(conn, "stop", deputy.guest_stop)
+            deputy.guest_stop = 0
         log.info("pid %d of job %s runs on %s as pid %d", pid, deputy.proc.job, peer,
                  deputy.proc.remote_pid)  # fmt: skip
         await self.attend(deputy, conn)
@@ -559,6 +568,8 @@ class RemoteService:
             if deputy is not None and deputy.conn is not None:
                 deputy.mirrored_stop = True
                 self.agent.nursery.start_soon(self._tell_deputy, deputy.conn, "stop", msg.signal)
+            elif deputy is not None:  # it stopped before its deputy was ready: after `ready`
+                deputy.guest_stop = msg.signal
         elif isinstance(msg, RemoteStarted | RemoteFailed | RemoteExited):
             deputy = self.deputies.get((msg.job, msg.home_pid))
             if deputy is None:

@@ -131,3 +131,31 @@ def test_an_exec_that_cannot_be_sent_runs_at_home_once_the_deputy_says_hello(
             nursery.cancel_scope.cancel()
 
     trio.run(body, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_guest_that_stops_before_its_deputy_is_ready_stops_the_deputy_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`kill -STOP $$` as the program's first act: the stop comes before the hello."""
+    from dunix.wire.jobs import RemoteStopped
+
+    async def prepare(self: RemoteService, deputy: Deputy) -> str:
+        return "RemoteExec"
+
+    monkeypatch.setattr(RemoteService, "_prepare", prepare)
+
+    async def body() -> None:
+        async with trio.open_nursery() as nursery:
+            remote, _ = service(nursery)
+            remote.went_remote(JOB, EVENT)
+            await trio.testing.wait_all_tasks_blocked()
+            remote.on_peer_message("n2", RemoteStarted(JOB.id, 10, 77))
+            remote.on_peer_message("n2", RemoteStopped(JOB.id, 10, signal.SIGSTOP))
+            conn = FakeConn()
+            nursery.start_soon(remote.serve_deputy, 10, conn)
+            await trio.testing.wait_all_tasks_blocked()
+            assert conn.told == [("ready",), ("stop", signal.SIGSTOP)]
+            assert remote.deputies[(JOB.id, 10)].mirrored_stop  # not echoed back to n2
+            nursery.cancel_scope.cancel()
+
+    trio.run(body, clock=trio.testing.MockClock(autojump_threshold=0))

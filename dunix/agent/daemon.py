@@ -372,6 +372,7 @@ class Agent:
             self.migration = MigrationService(self)
             self.jobs.on_remote = self._went_remote
             self.jobs.on_stopped = self.remote.stopped
+            self.jobs.on_exited = self.remote.exited
             deputy_socket = cfg.control.parent / "deputy.sock"
             await nursery.start(DeputyListener(deputy_socket, self.remote.serve_deputy).serve)
             nursery.start_soon(self._slots_loop)

@@ -134,6 +134,7 @@ class JobService:
         self.on_remote: Callable[[Job, WentRemote], None] | None = None
         self.on_started: dict[str, Callable[[Started], None]] = {}
         self.on_stopped: Callable[[Job, Stopped], None] | None = None
+        self.on_exited: Callable[[int], None] | None = None  # a traced process ended
         #: per job id: its first process stopped (`dunix run` then stops too)
         self.on_first_stopped: dict[str, Callable[[Stopped], None]] = {}
         self.pid_steer = PidSteer() if agent.config.pid_ranges else None
@@ -285,6 +286,8 @@ class JobService:
             if first_stopped is not None and event.pid == job.first_pid:
                 first_stopped(event)
         elif isinstance(event, Exited):
+            if self.on_exited is not None:
+                self.on_exited(event.pid)
             gone = self.procs.pop(event.pid, None)
             if gone is not None and gone.state.startswith("lost:"):
                 self.procs[event.pid] = gone  # ps says why until its parent reaps it

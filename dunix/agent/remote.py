@@ -175,6 +175,7 @@ class Deputy:
     sent: trio.Event = field(default_factory=trio.Event)  # RemoteExec out (or failed)
     send_failed: str = ""  # why it was not sent: the deputy runs the program here
     attached: trio.Event = field(default_factory=trio.Event)  # its deputy said hello
+    settled: trio.Event = field(default_factory=trio.Event)  # said hello, or ended first
 
 
 @dataclass
@@ -301,10 +302,11 @@ class RemoteService:
                 os.close(fd)
             deputy.sent.set()
         with trio.move_on_after(HELLO_TIMEOUT):
-            await deputy.attached.wait()
+            await deputy.settled.wait()
         if deputy.attached.is_set():
             return
-        log.warning("pid %d: its deputy never connected; its guest on %s is killed", pid, peer)
+        why = "ended before it connected" if deputy.settled.is_set() else "never connected"
+        log.warning("pid %d: its deputy %s; its guest on %s is killed", pid, why, peer)
         key = (deputy.proc.job, pid)
         if self.pending.get(pid) is deputy:
             self.pending.pop(pid, None)
@@ -315,6 +317,15 @@ class RemoteService:
         for endpoint in deputy.senders + deputy.receivers:
             endpoint.stop()
         await self._send_quietly(peer, RemoteSignal(deputy.proc.job, pid, signal.SIGKILL, True))
+
+    def exited(self, pid: int) -> None:
+        """A traced process here ended. One whose deputy had not connected yet (a Ctrl-C
+        or a kill in the moment after its exec) takes its guest with it now, not after
+        ``HELLO_TIMEOUT``: its parent has its status already, and the guest's output kept
+        the job's relays (and the job's end) waiting that long."""
+        deputy = self.pending.get(pid)
+        if deputy is not None and not deputy.attached.is_set():
+            deputy.settled.set()
 
     async def serve_deputy(self, pid: int, conn: DeputyConnection) -> None:
         hello = await conn.recv()
@@ -333,6 +344,7 @@ class RemoteService:
             await conn.send("exit", 127)
             return
         deputy.attached.set()
+        deputy.settled.set()
         key = (deputy.proc.job, pid)
         try:
             await self._run_deputy(deputy, conn)

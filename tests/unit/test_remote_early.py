@@ -159,3 +159,27 @@ def test_a_guest_that_stops_before_its_deputy_is_ready_stops_the_deputy_after(
             nursery.cancel_scope.cancel()
 
     trio.run(body, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_deputy_that_ends_before_it_connects_takes_its_guest_with_it_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Ctrl-C in the moment after the exec: the deputy dies by it; its guest goes too."""
+
+    async def prepare(self: RemoteService, deputy: Deputy) -> str:
+        return "RemoteExec"
+
+    monkeypatch.setattr(RemoteService, "_prepare", prepare)
+
+    async def body() -> None:
+        async with trio.open_nursery() as nursery:
+            remote, links = service(nursery)
+            remote.went_remote(JOB, EVENT)
+            await trio.testing.wait_all_tasks_blocked()
+            remote.exited(10)  # the tracer saw it end
+            await trio.testing.wait_all_tasks_blocked()
+            assert trio.current_time() < HELLO_TIMEOUT  # no waiting for a hello
+            assert links.sent[1] == ("n2", RemoteSignal(JOB.id, 10, signal.SIGKILL, True))
+            assert remote.deputies == {} and remote.pending == {}
+
+    trio.run(body, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -43,7 +43,8 @@ from dunix.fdmove.inventory import (
     blocked_readers,
     inventory,
     movable,
-    parse_rlimits,
+    proc_status,
+    rlimits,
 )
 from dunix.fdmove.openas import open_as
 from dunix.fdmove.pidfd import pidfd_getfd, pidfd_open
@@ -198,35 +199,6 @@ class Guest:
 
 
 STOP_SIGNALS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
-
-
-def _status_fields(pid: int) -> dict[str, str]:
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            out[key] = value.strip()
-    return out
-
-
-#: parsed /proc/PID/limits by their text: a job's execs mostly share one set, and a parse
-#: cost a remote exec 60 us of the home's CPU (the read alone ~10)
-_LIMITS: dict[str, tuple[tuple[int, int, int], ...]] = {}
-
-
-def _rlimits(pid: int) -> tuple[tuple[int, int, int], ...]:
-    try:
-        with open(f"/proc/{pid}/limits") as f:
-            text = f.read()
-    except OSError as err:
-        raise DunixError(f"cannot read the limits of process {pid}: {err.strerror}") from err
-    limits = _LIMITS.get(text)
-    if limits is None:
-        if len(_LIMITS) >= 64:
-            _LIMITS.clear()
-        limits = tuple((r.resource, r.soft, r.hard) for r in parse_rlimits(text))
-        _LIMITS[text] = limits
-    return limits
 
 
 def _nul_list(raw: bytes) -> list[str]:
@@ -451,16 +423,13 @@ class RemoteService:
         reason = movable(fds)
         if reason:
             raise DunixError(reason)
-        status = _status_fields(pid)
+        status = proc_status(pid)
         uid = int(status["Uid"].split()[0])
         gid = int(status["Gid"].split()[0])
         groups = tuple(int(g) for g in status.get("Groups", "").split())
         umask = int(status.get("Umask", "0022"), 8)
-        try:  # from the status read above (signal_state would read it again)
-            signals = SignalState(int(status["SigIgn"], 16), int(status["SigBlk"], 16))
-        except (KeyError, ValueError) as err:
-            raise DunixError(f"/proc/{pid}/status has no signal masks") from err
-        limits = _rlimits(pid)
+        signals = SignalState.from_status(status, pid)  # signal_state would read it again
+        limits = tuple((r.resource, r.soft, r.hard) for r in rlimits(pid))
         with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
             argv = _nul_list(cmdline.read())
         with open(f"/proc/{pid}/environ", "rb") as environ:

@@ -13,8 +13,9 @@ import os
 import re
 import resource
 import stat
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal, NamedTuple
 
 from dunix.errors import AccessDenied, DunixError, NoSuchProcess
@@ -67,6 +68,14 @@ class SignalState:
     @staticmethod
     def signals(mask: int) -> list[int]:
         return [sig for sig in range(1, 65) if mask >> (sig - 1) & 1]
+
+    @classmethod
+    def from_status(cls, fields: Mapping[str, str], pid: int) -> SignalState:
+        """The masks in ``proc_status(pid)`` (when its other fields are wanted too)."""
+        try:
+            return cls(ignored=int(fields["SigIgn"], 16), blocked=int(fields["SigBlk"], 16))
+        except (KeyError, ValueError) as err:
+            raise DunixError(f"/proc/{pid}/status has no signal masks") from err
 
 
 class Rlimit(NamedTuple):
@@ -217,13 +226,14 @@ def movable(fds: Iterable[FdInfo]) -> str | None:
     return None
 
 
+def proc_status(pid: int) -> dict[str, str]:
+    """The fields of /proc/PID/status, by name."""
+    return _parse_fdinfo(_read_proc(pid, "status"))
+
+
 def signal_state(pid: int) -> SignalState:
     """SigIgn and SigBlk of ``pid`` (the main thread's blocked mask)."""
-    fields = _parse_fdinfo(_read_proc(pid, "status"))
-    try:
-        return SignalState(ignored=int(fields["SigIgn"], 16), blocked=int(fields["SigBlk"], 16))
-    except (KeyError, ValueError) as err:
-        raise DunixError(f"/proc/{pid}/status has no signal masks") from err
+    return SignalState.from_status(proc_status(pid), pid)
 
 
 def ns_pids(pid: int) -> tuple[int, ...]:
@@ -236,17 +246,19 @@ def ns_pids(pid: int) -> tuple[int, ...]:
     return tuple(int(p) for p in fields.get("NSpid", str(pid)).split())
 
 
-def rlimits(pid: int) -> list[Rlimit]:
+def rlimits(pid: int) -> tuple[Rlimit, ...]:
     """The resource limits of ``pid`` from /proc/PID/limits, readable by anyone.
 
     prlimit(2) would need CAP_SYS_RESOURCE for another user's process, which the agent
-    lacks on some machines (DESIGN.md, "Facts").
+    lacks on some machines (DESIGN.md, "Facts"). A text is parsed once: a job's execs
+    mostly share one set, and the parse cost a remote exec ~60 us of the home's CPU (the
+    read alone ~10).
     """
-    return parse_rlimits(_read_proc(pid, "limits"))
+    return _parse_rlimits(_read_proc(pid, "limits"))
 
 
-def parse_rlimits(text: str) -> list[Rlimit]:
-    """The limits in the text of a /proc/PID/limits (see ``rlimits``)."""
+@lru_cache(maxsize=64)
+def _parse_rlimits(text: str) -> tuple[Rlimit, ...]:
     limits: list[Rlimit] = []
     for line in text.splitlines()[1:]:
         m = _LIMIT_ROW.match(line)
@@ -254,7 +266,7 @@ def parse_rlimits(text: str) -> list[Rlimit]:
             continue
         soft, hard = (resource.RLIM_INFINITY if v == "unlimited" else int(v) for v in m.group(2, 3))
         limits.append(Rlimit(_LIMIT_NAMES[m.group(1)], soft, hard))
-    return limits
+    return tuple(limits)
 
 
 # -- readers blocked on a pipe (pull-mode relays, dunix/fdmove/streams.py) ----------------

@@ -135,8 +135,7 @@ class _Bridge:
 #: value turns it on for a job elsewhere.
 JOB_TMP_ENV = "DUNIX_JOB_TMP"
 PASSTHROUGH_ENV = "DUNIX_FUSE_PASSTHROUGH"
-PASSTHROUGH_OFF = ("0", "off", "no")
-JOB_TMP_OFF = ("0", "off", "no")
+SWITCHED_OFF = ("0", "off", "no")  # what turns DUNIX_JOB_TMP or DUNIX_FUSE_PASSTHROUGH off
 JOBS_FOLDER = ".dunix-jobs"
 
 
@@ -247,7 +246,7 @@ class StorageService:
         # Python path. (It was opt-in for a while: a job's shared /tmp failed 2 of 5 runs;
         # the cause was peers asking a renamed or renumbered folder by its old name, see
         # StorageFS._seen_remote, not passthrough.)
-        if os.environ.get(PASSTHROUGH_ENV, "1") not in PASSTHROUGH_OFF:
+        if os.environ.get(PASSTHROUGH_ENV, "1") not in SWITCHED_OFF:
             passthrough.preload()
         else:
             passthrough.turn_off(f"{PASSTHROUGH_ENV}={os.environ[PASSTHROUGH_ENV]}")
@@ -453,7 +452,7 @@ class StorageService:
         """
         mount = str(self.agent.config.storagefs_mount)
         asked = env.get(JOB_TMP_ENV, "")
-        if asked.startswith("/") or asked in JOB_TMP_OFF:
+        if asked.startswith("/") or asked in SWITCHED_OFF:
             return None  # a job started from inside a job keeps that job's /tmp
         if not asked and not (self.serving and (cwd == mount or cwd.startswith(mount + "/"))):
             return None

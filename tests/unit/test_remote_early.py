@@ -4,6 +4,7 @@ what happens when the hello comes, when it never comes, and when the exec cannot
 from __future__ import annotations
 
 import signal
+from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -59,6 +60,20 @@ JOB = Job("n1-1-abc", 1000, 1000, (), "remote")
 EVENT = WentRemote(10, "n2", "/bin/true")
 
 
+@pytest.fixture
+def exec_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exec's preparation (which reads /proc) gives a stand-in RemoteExec."""
+
+    async def prepare(self: RemoteService, deputy: Deputy) -> str:
+        return "RemoteExec"
+
+    monkeypatch.setattr(RemoteService, "_prepare", prepare)
+
+
+def run_mocked(body: Callable[[], Awaitable[None]]) -> None:
+    trio.run(body, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
 def test_the_exec_goes_before_the_hello_and_the_deputy_attaches(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -84,17 +99,10 @@ def test_the_exec_goes_before_the_hello_and_the_deputy_attaches(
             assert len(links.sent) == 1
             nursery.cancel_scope.cancel()
 
-    trio.run(body, clock=trio.testing.MockClock(autojump_threshold=0))
+    run_mocked(body)
 
 
-def test_a_deputy_that_never_connects_takes_its_guest_with_it(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    async def prepare(self: RemoteService, deputy: Deputy) -> str:
-        return "RemoteExec"
-
-    monkeypatch.setattr(RemoteService, "_prepare", prepare)
-
+def test_a_deputy_that_never_connects_takes_its_guest_with_it(exec_sent: None) -> None:
     async def body() -> None:
         async with trio.open_nursery() as nursery:
             remote, links = service(nursery)
@@ -105,7 +113,7 @@ def test_a_deputy_that_never_connects_takes_its_guest_with_it(
             assert peer == "n2" and kill == RemoteSignal(JOB.id, 10, signal.SIGKILL, True)
             assert remote.deputies == {} and remote.pending == {}
 
-    trio.run(body, clock=trio.testing.MockClock(autojump_threshold=0))
+    run_mocked(body)
 
 
 def test_an_exec_that_cannot_be_sent_runs_at_home_once_the_deputy_says_hello(
@@ -130,19 +138,14 @@ def test_an_exec_that_cannot_be_sent_runs_at_home_once_the_deputy_says_hello(
             assert remote.deputies == {}
             nursery.cancel_scope.cancel()
 
-    trio.run(body, clock=trio.testing.MockClock(autojump_threshold=0))
+    run_mocked(body)
 
 
 def test_a_guest_that_stops_before_its_deputy_is_ready_stops_the_deputy_after(
-    monkeypatch: pytest.MonkeyPatch,
+    exec_sent: None,
 ) -> None:
     """`kill -STOP $$` as the program's first act: the stop comes before the hello."""
     from dunix.wire.jobs import RemoteStopped
-
-    async def prepare(self: RemoteService, deputy: Deputy) -> str:
-        return "RemoteExec"
-
-    monkeypatch.setattr(RemoteService, "_prepare", prepare)
 
     async def body() -> None:
         async with trio.open_nursery() as nursery:
@@ -158,18 +161,13 @@ def test_a_guest_that_stops_before_its_deputy_is_ready_stops_the_deputy_after(
             assert remote.deputies[(JOB.id, 10)].mirrored_stop  # not echoed back to n2
             nursery.cancel_scope.cancel()
 
-    trio.run(body, clock=trio.testing.MockClock(autojump_threshold=0))
+    run_mocked(body)
 
 
 def test_a_deputy_that_ends_before_it_connects_takes_its_guest_with_it_at_once(
-    monkeypatch: pytest.MonkeyPatch,
+    exec_sent: None,
 ) -> None:
     """A Ctrl-C in the moment after the exec: the deputy dies by it; its guest goes too."""
-
-    async def prepare(self: RemoteService, deputy: Deputy) -> str:
-        return "RemoteExec"
-
-    monkeypatch.setattr(RemoteService, "_prepare", prepare)
 
     async def body() -> None:
         async with trio.open_nursery() as nursery:
@@ -182,4 +180,4 @@ def test_a_deputy_that_ends_before_it_connects_takes_its_guest_with_it_at_once(
             assert links.sent[1] == ("n2", RemoteSignal(JOB.id, 10, signal.SIGKILL, True))
             assert remote.deputies == {} and remote.pending == {}
 
-    trio.run(body, clock=trio.testing.MockClock(autojump_threshold=0))
+    run_mocked(body)

@@ -24,7 +24,8 @@ import dataclasses
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+import stat
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +80,15 @@ WARM_TRACER_ENV = "DUNIX_WARM_TRACER"
 NULL_DEVICES = frozenset({"/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"})
 
 
+@dataclass
+class _Batch:
+    """Messages for one peer that go out in one write (``JobLinks.send_many``)."""
+
+    msgs: list[Any]
+    done: trio.Event = field(default_factory=trio.Event)
+    error: DunixError | None = None
+
+
 class JobLinks:
     """One reliable channel per peer for job traffic, and the stream hub riding on it."""
 
@@ -87,6 +97,7 @@ class JobLinks:
         self.nursery = nursery
         self._channels: dict[str, Channel] = {}
         self._locks: dict[str, trio.Lock] = {}
+        self._batches: dict[str, _Batch] = {}  # per peer: the batch waiting to be written
         self.hubs: dict[str, StreamHub] = {}
         self._hub_locks: dict[str, trio.Lock] = {}
 
@@ -100,26 +111,62 @@ class JobLinks:
             else:
                 self.agent.migration.on_peer_message(peer, msg)
             return
+        await self.send_many(peer, (msg,))
+
+    async def send_many(self, peer: str, msgs: Sequence[Any]) -> None:
+        """Send ``msgs`` to ``peer`` in order, in one write with whatever else is sent to
+        it meanwhile. The first sender of a batch writes it once it holds the link's lock;
+        messages sent until then join it (the tasks a turn of trio's loop runs, or all
+        that wait behind a write): a remote exec's home otherwise made five writes (five
+        syscalls and TLS records), its guest four. Batches go out in the order they
+        opened, so the link's order is the order of the calls. A failed write fails every
+        message of its batch."""
+        batch = self._batches.get(peer)
+        if batch is not None:  # joins the batch whose writer waits for the lock
+            batch.msgs.extend(msgs)
+            await batch.done.wait()
+        else:
+            batch = self._batches[peer] = _Batch(list(msgs))
+            # shielded: the batch holds other tasks' messages; the connect has its
+            # timeout and the write Channel's SEND_GRACE
+            with trio.CancelScope(shield=True):
+                try:
+                    await self._write(peer, batch)
+                finally:
+                    batch.done.set()
+        if batch.error is not None:
+            raise batch.error
+
+    async def _write(self, peer: str, batch: _Batch) -> None:
         lock = self._locks.setdefault(peer, trio.Lock())
         async with lock:
-            channel = self._channels.get(peer)
-            if channel is None:
-                channel = await open_channel(
-                    self.address_of(peer),
-                    self.agent.identity,
-                    hello_address=self.agent.config.address,
-                    expect_name=peer,
-                    timeout=self.agent.config.connect_timeout * 5,
-                )
-                self._channels[peer] = channel
+            if self._batches.get(peer) is batch:
+                del self._batches[peer]  # closed: later messages make the next batch
+            try:
+                channel = self._channels.get(peer)
+                if channel is None:
+                    channel = await open_channel(
+                        self.address_of(peer),
+                        self.agent.identity,
+                        hello_address=self.agent.config.address,
+                        expect_name=peer,
+                        timeout=self.agent.config.connect_timeout * 5,
+                    )
+                    self._channels[peer] = channel
+            except DunixError as exc:
+                batch.error = exc
+                return
         try:
-            await channel.send(msg)
-        except DunixError:
+            if len(batch.msgs) == 1:
+                await channel.send(batch.msgs[0])
+            else:
+                await channel.send_many(batch.msgs)
+        except DunixError as exc:
+            batch.error = exc
             self._channels.pop(peer, None)
             hub = self.hubs.pop(peer, None)
             if hub is not None:
                 hub.link_lost()
-            raise
 
     def forget(self, peer: str) -> None:
         """``peer``'s host is gone: close its channel, and its relays end as lost."""
@@ -177,6 +224,10 @@ class Deputy:
     send_failed: str = ""  # why it was not sent: the deputy runs the program here
     attached: trio.Event = field(default_factory=trio.Event)  # its deputy said hello
     settled: trio.Event = field(default_factory=trio.Event)  # said hello, or ended first
+    #: its regular files: fd -> a duplicate of the home's open file description, whose
+    #: offset follows the guest's at its end (``RemoteExited.offsets``); closed with it
+    files: dict[int, int] = field(default_factory=dict)
+    offsets: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -196,6 +247,8 @@ class Guest:
     #: out, stream in, O_NONBLOCK): what a move dumps as external and re-creates
     sockets: list[tuple[int, int, int, bool]] = field(default_factory=list)
     orphaned: bool = False  # its home died: killed here, no exit status to send
+    #: reopened regular files: (fd, a duplicate of the guest's description, start offset)
+    files: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 STOP_SIGNALS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
@@ -325,6 +378,9 @@ class RemoteService:
             self._end_home_ttys(key)
             for endpoint in deputy.senders + deputy.receivers:
                 endpoint.stop()
+            for dup in deputy.files.values():
+                os.close(dup)
+            deputy.files.clear()
 
     async def _run_deputy(self, deputy: Deputy, conn: DeputyConnection) -> None:
         pid, peer = deputy.proc.pid, deputy.peer
@@ -373,6 +429,7 @@ class RemoteService:
                 log.info("pid %d: its output stopped moving; it ends without the rest",
                          deputy.proc.pid)  # fmt: skip
             self._end_home_ttys((deputy.proc.job, deputy.proc.pid))  # before its parent goes on
+            follow_offsets(deputy.files, deputy.offsets)  # before its parent goes on, too
             status = deputy.status
             if os.WIFSIGNALED(status):
                 await conn.send("killed", os.WTERMSIG(status))
@@ -489,6 +546,8 @@ class RemoteService:
         if f.kind == "null":
             return RemoteFd(f.fd, "null", 0, f.readable, f.writable, path, 0, f.flags)
         if f.kind in ("file", "dir"):
+            if f.kind == "file":
+                deputy.files[f.fd] = pidfd_getfd(pidfd, f.fd)
             return RemoteFd(f.fd, "file", 0, f.readable, f.writable, path, f.pos, f.flags)
         raise DunixError(f"fd {f.fd} ({f.target}) cannot be recreated elsewhere")
 
@@ -564,7 +623,7 @@ class RemoteService:
             elif deputy.moving:  # from the new node before the relays were re-pointed
                 deputy.held_exit = msg.status
             else:
-                deputy.status = msg.status
+                deputy.status, deputy.offsets = msg.status, msg.offsets
                 deputy.exited.set()
         elif isinstance(msg, RemoteSignal):
             guest = self.guests.get((msg.job, msg.home_pid))
@@ -733,6 +792,7 @@ class RemoteService:
                 reason = str(exc)
             for endpoint in guest.senders + guest.receivers:
                 endpoint.stop()
+            moved_offsets(guest.files)  # closes its duplicates: nothing ran
             self.guests.pop(key, None)
             for term in self.guest_ttys.pop(key, {}).values():
                 term.close()
@@ -789,13 +849,14 @@ class RemoteService:
         for stream, term in self.guest_ttys.pop(key, {}).items():
             await term.last_modes(self._modes_sender(home, req, stream))  # before the exit
             term.close()
+        offsets = moved_offsets(guest.files)
         if guest.moved or guest.orphaned:
             return  # its exit status will come from where it runs now, or goes nowhere
         # its deputy waits for this message: a link that broke under an earlier send (which
         # drops it) is opened anew, and a loss is logged, never silent
         for attempt in (1, 2):
             try:
-                await self.links.send(home, RemoteExited(req.job, req.home_pid, status))
+                await self.links.send(home, RemoteExited(req.job, req.home_pid, status, offsets))
                 break
             except DunixError as exc:
                 log.warning("exit of %s/%d to %s, try %d: %s", req.job, req.home_pid, home,
@@ -879,6 +940,8 @@ class RemoteService:
         fd = open_as(req.uid, req.gid, req.groups, path, flags)  # the user's rights, not ours
         if rf.kind == "file" and rf.pos and not rf.flags & os.O_APPEND:
             os.lseek(fd, rf.pos, os.SEEK_SET)
+        if rf.kind == "file" and stat.S_ISREG(os.fstat(fd).st_mode):
+            guest.files.append((rf.fd, os.dup(fd), os.lseek(fd, 0, os.SEEK_CUR)))
         return fd
 
 
@@ -891,6 +954,32 @@ def _fds_under(pid: int, mount: str) -> bool:
     except OSError:
         return True
     return any(link == mount or link.startswith(mount + "/") for link in links)
+
+
+def moved_offsets(files: list[tuple[int, int, int]]) -> tuple[tuple[int, int], ...]:
+    """A guest's end: (fd, offset) of each reopened regular file whose offset it moved,
+    read from this agent's duplicates of its descriptions, which are closed here."""
+    moved = []
+    for fd, dup, start in files:
+        with contextlib.suppress(OSError):
+            pos = os.lseek(dup, 0, os.SEEK_CUR)
+            if pos != start:
+                moved.append((fd, pos))
+        os.close(dup)
+    files.clear()
+    return tuple(moved)
+
+
+def follow_offsets(files: dict[int, int], offsets: tuple[tuple[int, int], ...]) -> None:
+    """The home's side: its descriptions (``files``, by fd) take the offsets the guest's
+    copies ended at. A file at home and its reopened copy on the peer have two offsets,
+    where a local child would have shared one: a parent writing on after the child would
+    write over the child's bytes, and a second reader would read the first one's again."""
+    for fd, pos in offsets:
+        dup = files.get(fd)
+        if dup is not None:
+            with contextlib.suppress(OSError):
+                os.lseek(dup, pos, os.SEEK_SET)
 
 
 def _null_device(rf: RemoteFd) -> bool:

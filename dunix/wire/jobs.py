@@ -210,6 +210,10 @@ class RemoteExited:
     job: str
     home_pid: int
     status: int
+    #: (fd, offset) of each reopened regular file whose offset the guest moved: the home
+    #: sets its own open file description there before the deputy ends, so a parent that
+    #: shares it (``{ a; remote-b; c; } > file``) writes on after b's bytes, not over them
+    offsets: tuple[tuple[int, int], ...] = ()
 
 
 @message

@@ -24,6 +24,18 @@ The plain streamed dump keeps the process frozen while all of its pages are writ
 read back, so its downtime grows with size; post-copy's does not.
 
 No agents run in the hosts (``sleep`` stands in), so nothing else touches the process.
+
+Fresh memory: this machine is a VM whose free memory the kernel hands back to the
+hypervisor (free page reporting, /sys/module/page_reporting): the first touch of such a
+page costs a fault in the hypervisor too, ~3 s per GiB instead of ~0.35 s (measured with
+a C loop touching 1-8 GiB: the first ~1 GiB warm, the rest cold). A move allocates its
+size on the target (post-copy: UFFDIO_COPY; the raw pair: the tmpfs images and the
+restore), so which pages it happened to get decided "every page" more than CRIU did
+(the same build: 4 MiB copied every 2.6-3 ms in one stretch, every 12.5 ms in the next).
+So before each measured move the bench touches and frees ``WARM_FACTOR`` x the size
+(``warm_free_memory``), the same for every kind, as real hosts' RAM would be; the time
+that took is printed ("fresh memory", ms per GiB: ~350 warm, ~3000 cold).
+``--no-warm`` measures without it.
 Run (root): ``python -m bench.migrate_bench [--sizes 16,256,1024] [--rounds 3]``; also
 ``--kinds plain,lazy,raw`` (a subset), ``--cpu-quota 0.5`` (the hosts' quota), ``--logs DIR``
 (each post-copy move's criu logs, debug level with timestamps of
@@ -37,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import mmap
 import os
 import shutil
 import signal
@@ -64,6 +77,13 @@ KEEP_LOGS: Path | None = None
 #: --no-tls: the page server without CRIU's TLS (only to see what TLS costs)
 PAGES_TLS = True
 CRIU = swrk.default_binary()  # the criu scripts/setup.sh built
+#: touch and free this many times the moved size before each move (0: --no-warm); 2x
+#: covers the raw pair's tmpfs images and restore, 1x the post-copy target's copy-in
+WARM_FACTOR = 2.25
+#: Linux's MADV_POPULATE_WRITE (5.14): fault a range in, writable, in one call
+MADV_POPULATE_WRITE = 23
+#: seconds per GiB each warm-up took (the memory's state before it: cold or not)
+WARM_RATES: list[float] = []
 
 # Touches SIZE MiB, makes the file READY, then counts; detached (own session, stdio on
 # /dev/null) so that CRIU needs no --shell-job. Prints nothing: its pid comes from the
@@ -128,6 +148,19 @@ def start_holder(host: HostInfo, mib: int) -> int:
     return pid
 
 
+def warm_free_memory(mib: int) -> None:
+    """Touch ``WARM_FACTOR * mib`` MiB of fresh anonymous memory and free it: the kernel
+    hands those pages out first (its free lists are last in, first out), before the
+    hypervisor takes them back; how long the touch took goes to ``WARM_RATES``."""
+    size = int(WARM_FACTOR * mib) << 20
+    if size <= 0:
+        return
+    t0 = time.monotonic()
+    with mmap.mmap(-1, size) as m:
+        m.madvise(MADV_POPULATE_WRITE)
+    WARM_RATES.append((time.monotonic() - t0) * (1 << 30) / size)
+
+
 def kill_in(host: HostInfo, pid: int) -> None:
     with contextlib.suppress(FileNotFoundError, ProcessLookupError):
         fd = os.open(host_proc(host) / str(pid), os.O_RDONLY | os.O_DIRECTORY)
@@ -165,6 +198,7 @@ def move_once(n1: HostInfo, n2: HostInfo, mib: int) -> dict[str, float]:
     assert n1.init_pid is not None and n2.init_pid is not None
     src, dst = n1.init_pid, n2.init_pid
     pid = start_holder(n1, mib)
+    warm_free_memory(mib)
     rss = rss_mib(n1, pid)
     try:
         with images_folder("dunix") as folder:
@@ -202,6 +236,7 @@ def lazy_once(n1: HostInfo, n2: HostInfo, mib: int) -> dict[str, float]:
     assert n1.init_pid is not None and n2.init_pid is not None
     src, dst = n1.init_pid, n2.init_pid
     pid = start_holder(n1, mib)
+    warm_free_memory(mib)
     rss = rss_mib(n1, pid)
     try:
         with images_folder("lazy") as folder, images_folder("lazy-keys") as keys:
@@ -290,6 +325,7 @@ def _criu_in(host: HostInfo, args: list[str]) -> float:
 
 def raw_once(n1: HostInfo, mib: int) -> dict[str, float]:
     pid = start_holder(n1, mib)
+    warm_free_memory(mib)
     try:
         with images_folder("raw") as folder:
             dump = _criu_in(n1, ["dump", "-t", str(pid), "-D", str(folder), "-o", "dump.log"])
@@ -330,12 +366,15 @@ def measure(
             for mib in sizes:
                 say(f"{mib} MiB: {rounds} rounds of {', '.join(kinds)}")
                 row: dict[str, Any] = {"mib": mib, "cpu_quota": cpu_quota}
+                WARM_RATES.clear()
                 if "plain" in kinds:
                     row["dunix"] = median_of([move_once(n1, n2, mib) for _ in range(rounds)])
                 if "lazy" in kinds:
                     row["lazy"] = median_of([lazy_once(n1, n2, mib) for _ in range(rounds)])
                 if "raw" in kinds:
                     row["raw"] = median_of([raw_once(n1, mib) for _ in range(rounds)])
+                if WARM_RATES:
+                    row["warm_ms_per_gib"] = [round(r * 1000) for r in WARM_RATES]
                 rows.append(row)
         finally:
             cluster.down()
@@ -386,18 +425,24 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--out", default="migrate.json", help="file name in bench/results")
     ap.add_argument("--no-tls", action="store_true", help="post-copy pages without TLS")
     ap.add_argument("--sysctl", action="append", default=[], help="KEY=VALUE in both hosts")
+    ap.add_argument("--no-warm", action="store_true", help="no fresh-memory warm-up")
     args = ap.parse_args(argv)
     sizes = [16, 256] if args.quick else [int(s) for s in args.sizes.split(",")]
     rounds = 1 if args.quick else args.rounds
     kinds = tuple(k for k in args.kinds.split(",") if k)
     if unknown := set(kinds) - set(KINDS):
         ap.error(f"unknown kinds: {', '.join(sorted(unknown))}")
-    global KEEP_LOGS, PAGES_TLS
+    global KEEP_LOGS, PAGES_TLS, WARM_FACTOR
     KEEP_LOGS, PAGES_TLS = args.logs, not args.no_tls
+    if args.no_warm:
+        WARM_FACTOR = 0.0
     say(f"taking {LOCK} (one simulated cluster per machine)")
     rows = measure(sizes, rounds, kinds, args.cpu_quota, tuple(args.sysctl))
     print(table(rows))
     for r in rows:
+        if "warm_ms_per_gib" in r:
+            rates = ", ".join(str(v) for v in r["warm_ms_per_gib"])
+            print(f"fresh memory before each {r['mib']} MiB move (ms per GiB touched): {rates}")
         if "lazy" in r:
             at = {k[3:-2]: v for k, v in r["lazy"].items() if k.startswith("at_")}
             order = sorted(at.items(), key=lambda kv: kv[1])

@@ -937,7 +937,10 @@ class RemoteService:
         if _null_device(rf):
             return os.open(rf.path or "/dev/null", flags)
         path = "/dev/null" if rf.kind == "null" and not rf.path else rf.path
-        fd = open_as(req.uid, req.gid, req.groups, path, flags)  # the user's rights, not ours
+        try:
+            fd = open_as(req.uid, req.gid, req.groups, path, flags)  # the user's rights
+        except FileNotFoundError:  # e.g. a file in the home's own /tmp: `ps` says so
+            raise DunixError(f"fd {rf.fd}: {path} is not on {self.agent.config.name}") from None
         if rf.kind == "file" and rf.pos and not rf.flags & os.O_APPEND:
             os.lseek(fd, rf.pos, os.SEEK_SET)
         if rf.kind == "file" and stat.S_ISREG(os.fstat(fd).st_mode):

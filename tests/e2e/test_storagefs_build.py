@@ -155,3 +155,24 @@ def test_a_job_outside_storagefs_runs_at_home_where_peers_cannot_follow(
     assert (done.stdout, done.returncode) == ("n1\nn1\nn1\n", 0), done.stderr
     log = sh("n1", "cat /run/dunix/hosts/n1/agent.log", cwd="/")
     assert "its working directory /tmp/only-here is not on" in log
+
+
+def test_output_to_a_file_only_the_home_sees_keeps_its_writers_home(
+    hosts: list[str],
+) -> None:
+    """stdout redirected into the home's private /tmp (cwd on /dunix/fs): a peer cannot
+    reopen it, so each exec runs at home, writes the file whole, and the log says why."""
+    from dunix import cluster
+
+    sh("n1", "rm -f /tmp/only-here.out", cwd="/")
+    script = 'for i in 1 2 3; do sh -c "read h < /proc/sys/kernel/hostname; echo \\$h"; done'
+    done = cluster.run_in(
+        "n1",
+        ["sh", "-c", f"{_dunix_cmd()} run --control /run/dunix/hosts/n1/control.sock"
+                     f" --placement remote -- sh -c '{script}' > /tmp/only-here.out"],
+        capture_output=True, text=True, timeout=120, cwd=FS,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert sh("n1", "cat /tmp/only-here.out", cwd="/") == "n1\nn1\nn1\n"
+    log = sh("n1", "cat /run/dunix/hosts/n1/agent.log", cwd="/")
+    assert "fd 1: /tmp/only-here.out is not on" in log

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 LIBRARY = Path(__file__).resolve().parents[2] / "native" / "build" / "libfusepassthrough.so"
 _HOOKED, _OFFERED, _ASKED = 1, 2, 4
+_DIO_MMAP = 16  # the INIT reply asked for FUSE_DIRECT_IO_ALLOW_MMAP (see shared_mmap_direct)
 
 _library: ctypes.CDLL | None = None
 _off: str | None = None  # why it was turned off (the agent's switch), None: it is not
@@ -116,6 +117,13 @@ class Passthrough:
         if not self._told:
             self._told = True
             log.info("storagefs: %s", self.describe())
+
+    def shared_mmap_direct(self) -> bool:
+        """Whether a file opened ``direct_io`` may still be mmapped ``MAP_SHARED``: the INIT
+        reply asked for ``FUSE_DIRECT_IO_ALLOW_MMAP`` (kernel 6.6+), else such an mmap fails
+        with ENODEV (fs/fuse/file.c ``fuse_file_mmap``). Peers' files are opened direct_io
+        only then (fs.py ``open``)."""
+        return self._lib is not None and bool(int(self._lib.dunix_pt_state()) & _DIO_MMAP)
 
     def _ready(self) -> bool:
         if self._disabled is not None or self._lib is None:

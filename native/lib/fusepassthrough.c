@@ -45,6 +45,10 @@
 #define K_FUSE_INIT 26
 #define K_INIT_EXT (1u << 30)
 #define K_PASSTHROUGH2 (1u << (37 - 32)) /* FUSE_PASSTHROUGH, in flags2 */
+/* FUSE_DIRECT_IO_ALLOW_MMAP (6.6+), in flags2: a FOPEN_DIRECT_IO file may be mmapped
+ * MAP_SHARED (through the page cache); without it such an mmap fails with ENODEV. Asked
+ * for peers' files, opened direct_io (dunix/storagefs/fs.py open) */
+#define K_DIO_MMAP2 (1u << (36 - 32))
 #define K_FOPEN_KEEP_CACHE (1u << 1)
 #define K_FOPEN_PASSTHROUGH (1u << 7)
 /* FILESYSTEM_MAX_STACK_DEPTH: backing files may sit on a stacked fs (overlayfs roots);
@@ -90,6 +94,8 @@ enum {
 	PT_HOOKED = 1,  /* the session got our io */
 	PT_OFFERED = 2, /* the kernel's INIT offered FUSE_PASSTHROUGH */
 	PT_ASKED = 4,   /* our INIT reply asked for it */
+	PT_DIO_MMAP_OFFERED = 8, /* the kernel's INIT offered FUSE_DIRECT_IO_ALLOW_MMAP */
+	PT_DIO_MMAP = 16,        /* our INIT reply asked for it */
 };
 
 static int dev_fd = -1;
@@ -186,6 +192,8 @@ static ssize_t pt_read(int fd, void *buf, size_t len, void *userdata)
 			init_pending = 1;
 			if ((arg->flags & K_INIT_EXT) && (arg->flags2 & K_PASSTHROUGH2))
 				state |= PT_OFFERED;
+			if ((arg->flags & K_INIT_EXT) && (arg->flags2 & K_DIO_MMAP2))
+				state |= PT_DIO_MMAP_OFFERED;
 		}
 	}
 	return res;
@@ -202,14 +210,20 @@ static ssize_t pt_writev(int fd, struct iovec *iov, int count, void *userdata)
 	if (init_pending && out->unique == init_unique && len >= sizeof(struct k_init_out) &&
 	    len <= sizeof(copy)) {
 		init_pending = 0;
-		if (!(state & PT_OFFERED))
+		if (!(state & (PT_OFFERED | PT_DIO_MMAP_OFFERED)))
 			return writev(fd, iov, count);
 		memcpy(copy, iov[1].iov_base, len);
 		struct k_init_out *arg = (void *)copy;
 		arg->flags |= K_INIT_EXT;
-		arg->flags2 |= K_PASSTHROUGH2;
-		arg->max_stack_depth = STACK_DEPTH;
-		state |= PT_ASKED;
+		if (state & PT_OFFERED) {
+			arg->flags2 |= K_PASSTHROUGH2;
+			arg->max_stack_depth = STACK_DEPTH;
+			state |= PT_ASKED;
+		}
+		if (state & PT_DIO_MMAP_OFFERED) {
+			arg->flags2 |= K_DIO_MMAP2;
+			state |= PT_DIO_MMAP;
+		}
 		struct iovec v[2] = {iov[0], {copy, len}};
 		return writev(fd, v, 2);
 	}

@@ -131,3 +131,11 @@ def test_turned_off_it_loads_nothing_and_says_why(monkeypatch: pytest.MonkeyPatc
     pt = Passthrough()
     assert "turned off: DUNIX_FUSE_PASSTHROUGH=0" in pt.describe()
     assert not pt.open(5, 10, "/proc/self/fd/0") and not pt.direct(5)
+
+
+def test_peers_files_go_direct_io_only_when_shared_mmaps_still_work() -> None:
+    """FUSE_DIRECT_IO_ALLOW_MMAP asked at INIT (state bit 16): else a MAP_SHARED mmap of a
+    direct_io file fails with ENODEV, so peers' files keep the page cache."""
+    assert not Passthrough(FakeLibrary()).shared_mmap_direct()  # type: ignore[arg-type]
+    assert Passthrough(FakeLibrary(state=7 | 16)).shared_mmap_direct()  # type: ignore[arg-type]
+    assert Passthrough(FakeLibrary(state=1 | 8 | 16)).shared_mmap_direct()  # type: ignore[arg-type]

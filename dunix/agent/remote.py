@@ -533,7 +533,13 @@ class RemoteService:
         path = f.path or ""
         if f.kind == "tty":
             return self._describe_tty(f, pidfd, hub, deputy, receivers)
-        if f.kind in ("pipe", "fifo", "tty"):
+        # a file it only writes (`> out`) shares one offset with the home's other writers
+        # (the script, a parallel child elsewhere): its bytes come home as a pipe's do, so
+        # they land at that offset; a copy reopened there would write over theirs
+        written_here = (
+            f.kind == "file" and f.writable and not f.readable and not f.flags & os.O_APPEND
+        )
+        if f.kind in ("pipe", "fifo", "tty") or written_here:
             # a tty or read-write pipe end is relayed one way: in for fd 0, out otherwise
             inbound = f.readable and (not f.writable or f.fd == 0)
             stream = hub.allocate()

@@ -140,9 +140,10 @@ class _LocalFd:
             self.sock = socket.socket(fileno=fd)
         elif shared and (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
             fd = self._reopen(fd, writing)
-        else:
+        elif not stat.S_ISREG(mode):  # a regular file's writes block: see write_file
             os.set_blocking(fd, False)
         self.fd = fd
+        self.regular = stat.S_ISREG(mode)
         self.key = (-1, -1)
         self.fifo = stat.S_ISFIFO(mode)
         if self.fifo and fd >= 0:
@@ -205,6 +206,12 @@ class _LocalFd:
             return os.write(self.fd, data)
         except BlockingIOError:
             return None
+
+    async def write_file(self, data: memoryview) -> int:
+        """Write into a regular file, in a thread: the file may be on /dunix/fs, which
+        this agent serves (a write from its own loop could wait for itself), and epoll
+        cannot wait for a regular file anyway."""
+        return await trio.to_thread.run_sync(os.write, self.fd, data)
 
     async def wait_readable(self) -> None:
         await trio.lowlevel.wait_readable(self.sock if self.sock is not None else self.fd)
@@ -557,8 +564,12 @@ class StreamEndpoint:
                 return Outcome.STOPPED if self._stopping else Outcome.BROKEN
             if self._chunks:
                 head = self._chunks[0]
+                written: int | None
                 try:
-                    written = self._io.write(head)
+                    if self._io.regular:  # a home's `> out` for a guest (agent/remote.py)
+                        written = await self._io.write_file(head)
+                    else:
+                        written = self._io.write(head)
                 except OSError as exc:
                     if exc.errno not in _BROKEN:
                         log.warning("stream %d: writing fd %d: %s", stream, self._io.fd, exc)

@@ -157,22 +157,23 @@ def test_a_job_outside_storagefs_runs_at_home_where_peers_cannot_follow(
     assert "its working directory /tmp/only-here is not on" in log
 
 
-def test_output_to_a_file_only_the_home_sees_keeps_its_writers_home(
-    hosts: list[str],
-) -> None:
-    """stdout redirected into the home's private /tmp (cwd on /dunix/fs): a peer cannot
-    reopen it, so each exec runs at home, writes the file whole, and the log says why."""
+def test_files_only_the_home_sees(hosts: list[str]) -> None:
+    """The home's private /tmp (cwd on /dunix/fs): output redirected into a file there
+    comes home from the peers, whole; input read from a file there cannot be reopened on
+    a peer, so that exec stays home, and the log says why."""
     from dunix import cluster
 
-    sh("n1", "rm -f /tmp/only-here.out", cwd="/")
+    sh("n1", "rm -f /tmp/only-here.out && echo input > /tmp/only-here.in", cwd="/")
     script = 'for i in 1 2 3; do sh -c "read h < /proc/sys/kernel/hostname; echo \\$h"; done'
+    run = f"{_dunix_cmd()} run --control /run/dunix/hosts/n1/control.sock --placement remote"
     done = cluster.run_in(
         "n1",
-        ["sh", "-c", f"{_dunix_cmd()} run --control /run/dunix/hosts/n1/control.sock"
-                     f" --placement remote -- sh -c '{script}' > /tmp/only-here.out"],
+        ["sh", "-c", f"{run} -- sh -c '{script}' > /tmp/only-here.out;"
+                     f" {run} -- cat < /tmp/only-here.in"],
         capture_output=True, text=True, timeout=120, cwd=FS,
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert sh("n1", "cat /tmp/only-here.out", cwd="/") == "n1\nn1\nn1\n"
+    assert (done.stdout, done.returncode) == ("input\n", 0), done.stderr
+    ran_on = sh("n1", "cat /tmp/only-here.out", cwd="/").split()
+    assert len(ran_on) == 3 and set(ran_on) - {"n1"}, ran_on  # ran on peers
     log = sh("n1", "cat /run/dunix/hosts/n1/agent.log", cwd="/")
-    assert "fd 1: /tmp/only-here.out is not on" in log
+    assert "fd 0: /tmp/only-here.in is not on" in log

@@ -11,4 +11,7 @@ echo a >&3
 echo c >&3
 exec 3>&-
 cat "$out"
+# parallel writers of one `> file` (make -j8 > log): none writes over another
+{ for i in 1 2 3 4 5 6; do /bin/echo "line $i" & done; wait; echo end; } > "$out"
+sort "$out"
 rm -f "$out"

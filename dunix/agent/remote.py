@@ -228,6 +228,8 @@ class Deputy:
     #: offset follows the guest's at its end (``RemoteExited.offsets``); closed with it
     files: dict[int, int] = field(default_factory=dict)
     offsets: tuple[tuple[int, int], ...] = ()
+    #: what it writes, by pipe or open file: one stream each (see ``_describe``)
+    outbound: dict[tuple[str, int, int, int], RemoteFd] = field(default_factory=dict)
 
 
 @dataclass
@@ -249,6 +251,9 @@ class Guest:
     orphaned: bool = False  # its home died: killed here, no exit status to send
     #: reopened regular files: (fd, a duplicate of the guest's description, start offset)
     files: list[tuple[int, int, int]] = field(default_factory=list)
+    #: while it is being created: the write end made for each outbound stream, for a
+    #: second fd of that stream (``2>&1``)
+    writers: dict[int, int] = field(default_factory=dict)
 
 
 STOP_SIGNALS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
@@ -542,13 +547,22 @@ class RemoteService:
         if f.kind in ("pipe", "fifo", "tty") or written_here:
             # a tty or read-write pipe end is relayed one way: in for fd 0, out otherwise
             inbound = f.readable and (not f.writable or f.fd == 0)
+            # fds it writes into one pipe, or one file's description (`2>&1`), share a
+            # stream and a pipe there: two streams would reorder what it wrote to each
+            key = (f.kind, f.inode, f.pos, f.flags) if written_here else (f.kind, f.inode, 0, 0)
+            same = None if inbound else deputy.outbound.get(key)
+            if same is not None:
+                return dataclasses.replace(same, fd=f.fd)
             stream = hub.allocate()
             dup = pidfd_getfd(pidfd, f.fd)
             if inbound:
                 deputy.senders.append(hub.open_sender(stream, dup, shared=True))
             else:
                 receivers.append((stream, dup))
-            return RemoteFd(f.fd, "pipe", stream, inbound, not inbound, path, 0, f.flags)
+            described = RemoteFd(f.fd, "pipe", stream, inbound, not inbound, path, 0, f.flags)
+            if not inbound:
+                deputy.outbound[key] = described
+            return described
         if f.kind == "null":
             return RemoteFd(f.fd, "null", 0, f.readable, f.writable, path, 0, f.flags)
         if f.kind in ("file", "dir"):
@@ -808,6 +822,7 @@ class RemoteService:
         finally:
             for fd in child_fds.values():
                 os.close(fd)
+            guest.writers.clear()
         guest.tracer = tracer
         for stream, term in self.guest_ttys.get(key, {}).items():
             term.spawned()
@@ -931,10 +946,13 @@ class RemoteService:
         if rf.kind == "tty":
             return self._guest_tty(rf, hub, guest)
         if rf.kind == "pipe":
+            if rf.writable and rf.stream in guest.writers:  # a second fd of one stream
+                return os.dup(guest.writers[rf.stream])
             r, w = os.pipe2(os.O_CLOEXEC)
             guest.pipes.append((rf.stream, os.fstat(r).st_ino, rf.writable))
             if rf.writable:  # the program writes; we read and send home
                 guest.senders.append(hub.open_sender(rf.stream, r))
+                guest.writers[rf.stream] = w
                 return w
             pull = self._blocked_readers(f"{req.job}/{req.home_pid}")
             guest.receivers.append(hub.open_receiver(rf.stream, w, pull=pull))

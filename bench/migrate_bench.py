@@ -80,6 +80,8 @@ CRIU = swrk.default_binary()  # the criu scripts/setup.sh built
 #: touch and free this many times the moved size before each move (0: --no-warm); 2x
 #: covers the raw pair's tmpfs images and restore, 1x the post-copy target's copy-in
 WARM_FACTOR = 2.25
+#: n1's next pid (the holders'): n2 allocates from 2 up
+HOLDER_PIDS = 20000
 #: Linux's MADV_POPULATE_WRITE (5.14): fault a range in, writable, in one call
 MADV_POPULATE_WRITE = 23
 #: seconds per GiB each warm-up took (the memory's state before it: cold or not)
@@ -360,6 +362,12 @@ def measure(
         hosts = cluster.up(2, cpu_quota, agent_argv=lambda h: ["sleep", "100000"])
         try:
             n1, n2 = hosts
+            # n1's processes (the holders) get pids far from n2's own (criu's), as dunix's
+            # per-node pid ranges do: else a restore can find its pid taken by a criu child
+            # on n2 ("Can't fork for 4: File exists", once the lazy-pages daemon started
+            # while the restore's criu did)
+            last_pid = f"echo {HOLDER_PIDS} >/proc/sys/kernel/ns_last_pid"
+            cluster.run_in(n1.name, ["sh", "-c", last_pid], check=True)
             for host in hosts:
                 for kv in sysctls:
                     cluster.run_in(host.name, ["sysctl", "-q", "-w", kv], check=True)

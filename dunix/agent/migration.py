@@ -777,15 +777,20 @@ class MigrationService:
             async def notify(note: swrk.Notification) -> bool:
                 return not (fail and note.script == "post-restore")
 
-            if prep.lazy is not None:
-                if (self.agent.config.control.parent / FAIL_LAZY_KNOB).exists():
-                    raise MigrationFailed(f"lazy pages refused ({FAIL_LAZY_KNOB} is set)")
+            knob = self.agent.config.control.parent / FAIL_LAZY_KNOB
+            if prep.lazy is not None and knob.exists():
+                raise MigrationFailed(f"lazy pages refused ({FAIL_LAZY_KNOB} is set)")
+
+            async def start_daemon() -> None:  # while the restore's criu starts up
+                nonlocal daemon
                 daemon = await lazymove.start_daemon(
                     prep, self._host_of(inc.source), inc.dir_fd, IMAGES_ROOT
                 )
+
             result = await swrk.restore(
                 inc.dir_fd, inherit_fd=theirs, rst_sibling=True, shell_job=True, notify=notify,
-                lazy_pages=daemon is not None,
+                lazy_pages=prep.lazy is not None,
+                ready=start_daemon if prep.lazy is not None else None,
                 command=restore_command(self.agent, prep.tmp), tcp_close=bool(tcp),
             )  # fmt: skip
         except (DunixError, OSError) as exc:

@@ -455,14 +455,17 @@ class HostTarget:
         async def notify(note: swrk.Notification) -> bool:
             return not (note.script == "post-restore" and self.fail_post_restore)
 
+        async def start_daemon() -> None:
+            assert self.lazy_from is not None
+            address, port, tls = self.lazy_from
+            self.daemon = await lazy.LazyDaemon.start(
+                images_dir_fd, address, port, tls, command=self.command
+            )
+            self.marks["daemon ready"] = time.monotonic()
+
         self._maybe_restored = True
         try:
-            if self.lazy_from is not None:
-                address, port, tls = self.lazy_from
-                self.daemon = await lazy.LazyDaemon.start(
-                    images_dir_fd, address, port, tls, command=self.command
-                )
-                self.marks["daemon ready"] = time.monotonic()
+            # the daemon starts while the restore's criu does (swrk.restore ``ready``)
             result = await swrk.restore(
                 images_dir_fd,
                 lazy_pages=self.lazy_from is not None,
@@ -472,6 +475,7 @@ class HostTarget:
                 ext_unix_sk=self.ext_unix_sk,
                 notify=notify,
                 command=self.command,
+                ready=start_daemon if self.lazy_from is not None else None,
             )
         except MigrationFailed:
             self._maybe_restored = False

@@ -26,6 +26,8 @@ FAKE = textwrap.dedent(
     from pycriu import rpc_pb2 as rpc
 
     assert sys.argv[1] == "swrk"
+    if "FAKE_CRIU_MARK" in os.environ:  # "criu runs" before it reads the request
+        open(os.environ["FAKE_CRIU_MARK"], "w").close()
     sk = socket.socket(fileno=int(sys.argv[2]))
     mode = os.environ["FAKE_CRIU"]
     req = rpc.criu_req()
@@ -160,6 +162,42 @@ def test_restore_passes_inherited_fds(
         os.close(r)
         os.close(w)
     assert result.pid == 77 and result.notifications == ("post-restore",)
+
+
+def test_restore_awaits_ready_with_criu_running_before_the_request(
+    fake_criu: swrk.CriuCommand, images: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_CRIU", "restore")
+    mark = tmp_path / "criu-runs"
+    monkeypatch.setenv("FAKE_CRIU_MARK", str(mark))
+    seen: list[bool] = []
+
+    async def ready() -> None:  # e.g. the lazy-pages daemon starting meanwhile
+        with trio.move_on_after(10):
+            while not mark.exists():
+                await trio.sleep(0.01)
+        seen.append(mark.exists())
+
+    result = trio.run(
+        lambda: swrk.restore(images, rst_sibling=True, command=fake_criu, ready=ready)
+    )
+    assert seen == [True] and result.pid == 77
+
+
+def test_a_failing_ready_fails_the_restore_and_ends_criu(
+    fake_criu: swrk.CriuCommand, images: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_CRIU", "restore")
+
+    async def ready() -> None:
+        raise MigrationFailed("criu lazy-pages failed: it did not get ready")
+
+    async def go() -> None:
+        with trio.fail_after(10):  # criu, given EOF instead of a request, ends
+            await swrk.restore(images, rst_sibling=True, command=fake_criu, ready=ready)
+
+    with pytest.raises(MigrationFailed, match="did not get ready"):
+        trio.run(go)
 
 
 def test_missing_binary_is_a_migration_failure(images: int) -> None:

@@ -45,10 +45,12 @@ from dunix.fdmove.inventory import (
     inventory,
     movable,
     proc_status,
+    read_proc_bytes,
     rlimits,
 )
 from dunix.fdmove.openas import open_as
 from dunix.fdmove.pidfd import pidfd_getfd, pidfd_open
+from dunix.fdmove.streams import StreamGone
 from dunix.fdmove.ttyrelay import GuestTerminal, HomeTerminal
 from dunix.wire import Channel, open_channel
 from dunix.wire.jobs import (
@@ -74,6 +76,8 @@ JOB_MESSAGES = (
 )  # fmt: skip
 HELLO_TIMEOUT = 10.0
 START_TIMEOUT = 15.0
+#: the longest a closed stream's final StreamGone waits for another write to its peer
+DEFER_MAX = 0.5
 WARM_TRACER_ENV = "DUNIX_WARM_TRACER"
 #: null-like devices a guest's fd is reopened on without the user's rights (0666 everywhere;
 #: a thread per open_as cost a remote /bin/true 0.6 ms of its 8)
@@ -98,6 +102,8 @@ class JobLinks:
         self._channels: dict[str, Channel] = {}
         self._locks: dict[str, trio.Lock] = {}
         self._batches: dict[str, _Batch] = {}  # per peer: the batch waiting to be written
+        #: per peer: messages that go with the next write (``_defer``), with their hub
+        self._deferred: dict[str, list[tuple[StreamHub, Any]]] = {}
         self.hubs: dict[str, StreamHub] = {}
         self._hub_locks: dict[str, trio.Lock] = {}
 
@@ -116,32 +122,49 @@ class JobLinks:
     async def send_many(self, peer: str, msgs: Sequence[Any]) -> None:
         """Send ``msgs`` to ``peer`` in order, in one write with whatever else is sent to
         it meanwhile. The first sender of a batch writes it once it holds the link's lock;
-        messages sent until then join it (the tasks a turn of trio's loop runs, or all
-        that wait behind a write): a remote exec's home otherwise made five writes (five
-        syscalls and TLS records), its guest four. Batches go out in the order they
-        opened, so the link's order is the order of the calls. A failed write fails every
-        message of its batch."""
+        messages sent until then join it (the tasks of the same turn of trio's loop, or
+        all that came while the previous write went out): a remote exec's home otherwise
+        made five writes (five syscalls and TLS records), its guest four. One batch is
+        open at a time and they are written in the order they opened, so the link keeps
+        the order of the calls. A failed write fails every message of its batch; a
+        message whose sender is cancelled once it is in a batch still goes out."""
         batch = self._batches.get(peer)
         if batch is not None:  # joins the batch whose writer waits for the lock
             batch.msgs.extend(msgs)
             await batch.done.wait()
         else:
             batch = self._batches[peer] = _Batch(list(msgs))
-            # shielded: the batch holds other tasks' messages; the connect has its
-            # timeout and the write Channel's SEND_GRACE
-            with trio.CancelScope(shield=True):
-                try:
-                    await self._write(peer, batch)
-                finally:
-                    batch.done.set()
+            lock = self._locks.setdefault(peer, trio.Lock())
+            try:
+                await lock.acquire()
+            except BaseException:  # cancelled while waiting: what joined goes out anyway
+                self.nursery.start_soon(self._write_later, peer, batch)
+                raise
+            try:
+                await self._write(peer, batch)
+            finally:
+                lock.release()
+                batch.done.set()
         if batch.error is not None:
             raise batch.error
 
+    async def _write_later(self, peer: str, batch: _Batch) -> None:
+        try:
+            async with self._locks.setdefault(peer, trio.Lock()):
+                await self._write(peer, batch)
+        finally:
+            batch.done.set()
+
     async def _write(self, peer: str, batch: _Batch) -> None:
-        lock = self._locks.setdefault(peer, trio.Lock())
-        async with lock:
-            if self._batches.get(peer) is batch:
-                del self._batches[peer]  # closed: later messages make the next batch
+        """Write ``batch`` (the caller holds the peer's lock); what is sent meanwhile
+        gathers in the next batch. Shielded: other tasks' messages are in it; the connect
+        has its timeout and the write Channel's ``SEND_GRACE``."""
+        if self._batches.get(peer) is batch:
+            del self._batches[peer]  # closed: later messages make the next batch
+        msgs = [*self._take_deferred(peer), *batch.msgs]
+        if not msgs:
+            return
+        with trio.CancelScope(shield=True):
             try:
                 channel = self._channels.get(peer)
                 if channel is None:
@@ -156,17 +179,43 @@ class JobLinks:
             except DunixError as exc:
                 batch.error = exc
                 return
-        try:
-            if len(batch.msgs) == 1:
-                await channel.send(batch.msgs[0])
-            else:
-                await channel.send_many(batch.msgs)
-        except DunixError as exc:
-            batch.error = exc
-            self._channels.pop(peer, None)
-            hub = self.hubs.pop(peer, None)
-            if hub is not None:
-                hub.link_lost()
+            try:
+                if len(msgs) == 1:
+                    await channel.send(msgs[0])
+                else:
+                    await channel.send_many(msgs)
+            except DunixError as exc:
+                batch.error = exc
+                if self._channels.get(peer) is channel:
+                    self._channels.pop(peer, None)
+                hub = self.hubs.pop(peer, None)
+                if hub is not None:
+                    hub.link_lost()
+
+    def _defer(self, peer: str, hub: StreamHub, msg: StreamGone) -> None:
+        """Send ``msg`` with the next write to ``peer``, or after ``DEFER_MAX``.
+
+        A receiver's ``StreamGone`` once its stream is closed here (it wrote everything
+        after the sender's end, or its reader left after that end) tells the sender
+        nothing it acts on: that sender has said its last word and only forgets the
+        stream when this comes. Sent at once, it was a write (syscall, TLS record, the
+        peer's wake-up) of its own per remote exec: its home's stdout and stderr."""
+        later = self._deferred.setdefault(peer, [])
+        later.append((hub, msg))
+        if len(later) == 1:
+            self.nursery.start_soon(self._send_deferred, peer)
+
+    async def _send_deferred(self, peer: str) -> None:
+        await trio.sleep(DEFER_MAX)
+        if self._deferred.get(peer):
+            with contextlib.suppress(DunixError):
+                await self.send_many(peer, ())
+
+    def _take_deferred(self, peer: str) -> list[Any]:
+        """The deferred messages for ``peer``'s current hub (a replaced hub's streams are
+        gone with its link)."""
+        hub = self.hubs.get(peer)
+        return [msg for owner, msg in self._deferred.pop(peer, ()) if owner is hub]
 
     def forget(self, peer: str) -> None:
         """``peer``'s host is gone: close its channel, and its relays end as lost."""
@@ -192,10 +241,13 @@ class JobLinks:
             if hub is None:
 
                 async def send(msg: Any) -> None:
+                    if isinstance(msg, StreamGone) and msg.stream not in new.mux:
+                        self._defer(peer, new, msg)  # a final word nobody waits for
+                        return
                     await self.send(peer, msg)
 
                 odd = odd_side(self.agent.config.name, peer)
-                hub = StreamHub(send, odd=odd, bulk=self._bulk(peer))
+                hub = new = StreamHub(send, odd=odd, bulk=self._bulk(peer))
                 await self.nursery.start(hub.run)
                 self.hubs[peer] = hub
         return hub
@@ -310,15 +362,22 @@ class RemoteService:
         sent = False
         try:
             request = await self._prepare(deputy)
+            # the receivers' opening credits go in the same write as RemoteExec (the
+            # guest keeps credit for a stream it has not opened yet): one TLS record
+            hub = await self.links.hub(peer)
+            opening: list[Any] = []
+            fds = self._receiver_fds.get(pid, [])
+            while fds:
+                stream, fd = fds.pop(0)
+                endpoint = hub.open_receiver(stream, fd, shared=True)
+                deputy.receivers.append(endpoint)
+                opening += endpoint.take_opening()
             try:
-                await self.links.send(peer, request)
+                await self.links.send_many(peer, [request, *opening])
             except DunixError as exc:
                 deputy.send_failed = f"{peer} unreachable: {exc}"
                 return
             sent = True
-            hub = await self.links.hub(peer)
-            for stream, fd in self._receiver_fds.pop(pid, []):
-                deputy.receivers.append(hub.open_receiver(stream, fd, shared=True))
         except (DunixError, OSError, RuntimeError) as exc:  # the process is gone, a lost link
             if sent:  # it may run there: never a second run here
                 deputy.lost = f"its output could not be relayed: {exc}"
@@ -455,6 +514,13 @@ class RemoteService:
                 sig = int(msg[1])
             else:
                 continue
+            if deputy.exited.is_set():
+                # its guest has ended: nobody there to signal (a deputy that ends at the
+                # `exit` it was told hangs up here, which made a SIGKILL for nothing)
+                if msg is None:
+                    cancel.cancel()
+                    return
+                continue
             with contextlib.suppress(DunixError):
                 await self.links.send(
                     deputy.peer, RemoteSignal(deputy.proc.job, deputy.proc.pid, sig, False)
@@ -492,10 +558,9 @@ class RemoteService:
         umask = int(status.get("Umask", "0022"), 8)
         signals = SignalState.from_status(status, pid)  # signal_state would read it again
         limits = tuple((r.resource, r.soft, r.hard) for r in rlimits(pid))
-        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            argv = _nul_list(cmdline.read())
-        with open(f"/proc/{pid}/environ", "rb") as environ:
-            env = tuple(tuple(e.split("=", 1)) for e in _nul_list(environ.read()) if "=" in e)
+        argv = _nul_list(read_proc_bytes(f"/proc/{pid}/cmdline"))
+        environ = _nul_list(read_proc_bytes(f"/proc/{pid}/environ"))
+        env = tuple(tuple(e.split("=", 1)) for e in environ if "=" in e)
         cwd = storagefs_cwd(os.readlink(f"/proc/{pid}/cwd"))
         hub = await self.links.hub(peer)
         pidfd = pidfd_open(pid)

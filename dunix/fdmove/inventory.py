@@ -118,10 +118,29 @@ def _process_error(err: OSError, pid: int) -> DunixError:
 
 def _read_proc(pid: int, name: str) -> str:
     try:
-        with open(f"/proc/{pid}/{name}", encoding="utf-8", errors="surrogateescape") as f:
-            return f.read()
+        return _read_text(f"/proc/{pid}/{name}")
     except OSError as err:
         raise _process_error(err, pid) from err
+
+
+def _read_text(path: str) -> str:
+    """A /proc file's text by plain open, read and close: ``open()`` adds an fstat, a
+    TCGETS, two lseeks and another fstat per file (9 syscalls instead of 3 or 4, and its
+    buffered wrapper), and a remote exec's home reads eight such files."""
+    return read_proc_bytes(path).decode("utf-8", "surrogateescape")
+
+
+def read_proc_bytes(path: str) -> bytes:
+    """A /proc file's bytes (see ``_read_text``): reads until EOF, as a short read says
+    nothing there."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        parts = []
+        while chunk := os.read(fd, 65536):
+            parts.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(parts)
 
 
 def _parse_fdinfo(text: str) -> dict[str, str]:
@@ -161,8 +180,7 @@ def _one_fd(pid: int, fd: int) -> FdInfo | None:
     try:
         st = os.stat(link)
         target = os.readlink(link)
-        with open(f"/proc/{pid}/fdinfo/{fd}", encoding="ascii") as f:
-            info = _parse_fdinfo(f.read())
+        info = _parse_fdinfo(_read_text(f"/proc/{pid}/fdinfo/{fd}"))
     except FileNotFoundError:
         return None
     # fdinfo has `ino` since Linux 5.14: a mismatch means the fd was reused in between.

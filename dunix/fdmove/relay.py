@@ -306,6 +306,14 @@ class StreamEndpoint:
         self._stopping = True
         self._poke(cancel_io=True)
 
+    def take_opening(self) -> list[StreamMessage]:
+        """A new receiver's opening (its window as credit, or its pull), for the caller
+        to send itself with the message that names the stream (a remote exec's
+        ``RemoteExec`` and its credits in one write); only right after opening it,
+        before its task ran."""
+        opening, self._opening = self._opening, []
+        return opening
+
     def end(self) -> None:
         """Stop a sender so that all it read from its fd still arrives (a native relay
         sends what it holds and ends its stream; ``stop`` kills it), so the receiver's

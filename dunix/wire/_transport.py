@@ -111,7 +111,15 @@ class Channel:
         shielded for at most ``SEND_GRACE`` seconds: a peer that reads nothing that long
         is unreachable.
         """
-        data = frame(msg)
+        await self._send_frames(frame(msg))
+
+    async def send_many(self, msgs: Sequence[Any]) -> None:
+        """Send several messages in order as one write (one TLS record when they fit):
+        each write costs a syscall and a record, most of a small message's price (a
+        remote exec's credits ride with its ``RemoteExec``). All go out, or none."""
+        await self._send_frames(b"".join(frame(msg) for msg in msgs))
+
+    async def _send_frames(self, data: bytes) -> None:
         who = self.peer_name or "peer"
         async with self._send_lock:
             with trio.CancelScope(shield=True, deadline=trio.current_time() + SEND_GRACE):

@@ -27,6 +27,9 @@ class FakeLinks:
     async def send(self, peer: str, msg: Any) -> None:
         self.sent.append((peer, msg))
 
+    async def send_many(self, peer: str, msgs: list[Any]) -> None:
+        self.sent.extend((peer, msg) for msg in msgs)
+
     async def hub(self, peer: str) -> Any:
         return SimpleNamespace()
 

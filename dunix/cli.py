@@ -527,6 +527,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `dunix nodes | head`: the reader left, which is fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:  # a path argument: `dunix fs where /dunix/fs/missing`
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"dunix: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

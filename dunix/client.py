@@ -361,4 +361,6 @@ def storagefs_set_replicas(path: str | os.PathLike[str], factor: int) -> None:
     storagefs_owner(path)  # a ConfigError outside storagefs
     if factor < 1:
         raise ConfigError(f"replication factor {factor} is below 1")
+    if not os.path.isdir(path):
+        raise ConfigError(f"{path} is not a folder: a factor is set on a folder")
     os.setxattr(path, FACTOR_XATTR, str(factor).encode())

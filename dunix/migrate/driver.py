@@ -227,6 +227,7 @@ async def move_lazy(
     shell_job: bool = False,
     external: Sequence[str] = (),
     phase_timeout: float = 30.0,
+    leave_running: bool = False,
 ) -> MoveReport:
     """Post-copy: move ``pid`` to ``target`` with its pages following on demand.
 
@@ -239,6 +240,9 @@ async def move_lazy(
     Returns once the target runs the process; the source's criu goes on in
     ``background`` until every page was served (``MoveReport.transfer``).
     ``target.restore`` must restore lazily from ``plan``'s port.
+    ``leave_running`` (a move from home, agent/homemove.py): once every page was
+    served CRIU lets the source go (stopped, as dumped) instead of killing it; it holds
+    it seized until then (criu/cr-dump.c, cr_dump_finish).
     """
     machine = Migration()
     clock = _Clock()
@@ -286,6 +290,7 @@ async def move_lazy(
                 outcome.append(await swrk.dump(
                     pid, images_dir_fd, shell_job=shell_job, external=external,
                     notify=on_notify, command=source, lazy_port=plan.port, tls=plan.tls,
+                    leave_running=leave_running,
                 ))  # fmt: skip
         except MigrationFailed as e:
             outcome.append(e)

@@ -50,7 +50,7 @@ from dunix.fdmove.inventory import (
 )
 from dunix.fdmove.openas import open_as
 from dunix.fdmove.pidfd import pidfd_getfd, pidfd_open
-from dunix.fdmove.streams import StreamGone
+from dunix.fdmove.streams import StreamEnd, StreamGone
 from dunix.fdmove.ttyrelay import GuestTerminal, HomeTerminal
 from dunix.wire import Channel, open_channel
 from dunix.wire.jobs import (
@@ -78,6 +78,9 @@ HELLO_TIMEOUT = 10.0
 START_TIMEOUT = 15.0
 #: the longest a closed stream's final StreamGone waits for another write to its peer
 DEFER_MAX = 0.5
+#: the longest a StreamEnd waits for another write (a guest's RemoteExited comes ~0.3 ms
+#: after its program's streams end): how much later a reader may see an EOF
+DEFER_END = 0.002
 WARM_TRACER_ENV = "DUNIX_WARM_TRACER"
 #: null-like devices a guest's fd is reopened on without the user's rights (0666 everywhere;
 #: a thread per open_as cost a remote /bin/true 0.6 ms of its 8)
@@ -104,6 +107,7 @@ class JobLinks:
         self._batches: dict[str, _Batch] = {}  # per peer: the batch waiting to be written
         #: per peer: messages that go with the next write (``_defer``), with their hub
         self._deferred: dict[str, list[tuple[StreamHub, Any]]] = {}
+        self._timers: dict[str, trio.CancelScope] = {}  # per peer: when the deferred go
         self.hubs: dict[str, StreamHub] = {}
         self._hub_locks: dict[str, trio.Lock] = {}
 
@@ -192,21 +196,33 @@ class JobLinks:
                 if hub is not None:
                     hub.link_lost()
 
-    def _defer(self, peer: str, hub: StreamHub, msg: StreamGone) -> None:
-        """Send ``msg`` with the next write to ``peer``, or after ``DEFER_MAX``.
+    def _defer(self, peer: str, hub: StreamHub, msg: Any, within: float) -> None:
+        """Send ``msg`` with the next write to ``peer``, at the latest ``within`` seconds
+        from now, keeping its place: before anything sent after it.
 
-        A receiver's ``StreamGone`` once its stream is closed here (it wrote everything
-        after the sender's end, or its reader left after that end) tells the sender
-        nothing it acts on: that sender has said its last word and only forgets the
-        stream when this comes. Sent at once, it was a write (syscall, TLS record, the
-        peer's wake-up) of its own per remote exec: its home's stdout and stderr."""
-        later = self._deferred.setdefault(peer, [])
-        later.append((hub, msg))
-        if len(later) == 1:
-            self.nursery.start_soon(self._send_deferred, peer)
+        For a stream's final words, which cost a write of their own when sent at once
+        (a syscall, a TLS record and a wake-up of the peer, per remote exec): a
+        receiver's ``StreamGone`` once its stream is closed here (nobody acts on it:
+        the sender has said its last word and only forgets the stream), and a sender's
+        ``StreamEnd``, which a guest's ``RemoteExited`` follows at once."""
+        batch = self._batches.get(peer)
+        if batch is not None:  # what waits to be written was sent before it
+            batch.msgs.append(msg)
+            return
+        self._deferred.setdefault(peer, []).append((hub, msg))
+        due = trio.current_time() + within
+        timer = self._timers.get(peer)
+        if timer is None:
+            timer = self._timers[peer] = trio.CancelScope(deadline=due)
+            self.nursery.start_soon(self._send_deferred, peer, timer)
+        elif due < timer.deadline:
+            timer.deadline = due
 
-    async def _send_deferred(self, peer: str) -> None:
-        await trio.sleep(DEFER_MAX)
+    async def _send_deferred(self, peer: str, timer: trio.CancelScope) -> None:
+        with timer:
+            await trio.sleep_forever()
+        if self._timers.get(peer) is timer:
+            del self._timers[peer]
         if self._deferred.get(peer):
             with contextlib.suppress(DunixError):
                 await self.send_many(peer, ())
@@ -242,9 +258,11 @@ class JobLinks:
 
                 async def send(msg: Any) -> None:
                     if isinstance(msg, StreamGone) and msg.stream not in new.mux:
-                        self._defer(peer, new, msg)  # a final word nobody waits for
-                        return
-                    await self.send(peer, msg)
+                        self._defer(peer, new, msg, DEFER_MAX)  # nobody acts on it
+                    elif isinstance(msg, StreamEnd):
+                        self._defer(peer, new, msg, DEFER_END)
+                    else:
+                        await self.send(peer, msg)
 
                 odd = odd_side(self.agent.config.name, peer)
                 hub = new = StreamHub(send, odd=odd, bulk=self._bulk(peer))

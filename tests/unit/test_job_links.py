@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from dunix.agent import remote as remote_mod
-from dunix.agent.remote import DEFER_MAX, JobLinks
+from dunix.agent.remote import DEFER_END, DEFER_MAX, JobLinks
 from dunix.errors import PeerUnreachable
 from dunix.fdmove.streams import StreamCredit, StreamEnd, StreamGone
 from dunix.wire.jobs import RemoteSignal
@@ -193,3 +193,39 @@ def test_a_gone_that_the_sender_must_act_on_goes_at_once(channel: FakeChannel) -
         os.close(r)
 
     run(body)
+
+
+def test_a_streams_end_keeps_its_place_and_waits_at_most_defer_end(
+    channel: FakeChannel,
+) -> None:
+    clock = trio.testing.MockClock()
+
+    async def body(links: JobLinks) -> None:
+        hub = await links.hub("n2")
+        send = hub.send  # what a sender endpoint calls
+        channel.gate = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(links.send, "n2", sig(0))  # a write under way
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(links.send, "n2", sig(1))  # opens the next batch
+            await trio.testing.wait_all_tasks_blocked()
+            await send(StreamEnd(7))  # joins that batch after sig(1); returns at once
+            channel.gate.set()
+        assert channel.writes == [[sig(0)], [sig(1), StreamEnd(7)]]
+
+        channel.gate = None
+        await send(StreamEnd(9))  # nothing open: it waits for the next write
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(channel.writes) == 2
+        await links.send("n2", sig(2))  # as a guest's RemoteExited after its ends
+        assert channel.writes[2] == [StreamEnd(9), sig(2)]
+
+        await send(StreamEnd(11))
+        clock.jump(DEFER_END / 2)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(channel.writes) == 3
+        clock.jump(DEFER_END / 2)
+        await trio.testing.wait_all_tasks_blocked()
+        assert channel.writes[3] == [StreamEnd(11)]
+
+    run(body, clock)

@@ -42,6 +42,7 @@ without exec opts in.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -55,6 +56,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from dunix.agent import lazymove
 from dunix.agent.jobs import Job, Proc, proc_cmd
 from dunix.agent.migration import (
     IMAGES_ROOT,
@@ -65,7 +67,7 @@ from dunix.agent.migration import (
     half_close,
 )
 from dunix.agent.remote import Deputy
-from dunix.agent.tracer import Forked, Tracer
+from dunix.agent.tracer import Exited, Forked, Tracer
 from dunix.errors import DunixError, MigrationFailed, NoSuchNode
 from dunix.fdmove.deputy import DeputyConnection
 from dunix.fdmove.inventory import FdInfo, inventory
@@ -110,6 +112,8 @@ class HomeMoveReport:
     deputized_ms: float
     image_bytes: int
     phases: tuple[MigratePhase, ...] = field(default=())
+    #: post-copy: from the dump's start until the home's criu served the last page
+    served_ms: float = 0.0
 
 
 class HomeMoves:
@@ -121,6 +125,8 @@ class HomeMoves:
         #: pid → the deputy its migrated hello will attach to (registered before restore)
         self.expected: dict[int, Deputy] = {}
         self._turns: dict[str, int] = {}  # fork-time placement: the next slot, per job
+        #: pids being moved away now (a post-copy move lasts until its last page)
+        self.moving: set[int] = set()
         self.agent.remote.on_migrated = self.serve_migrated
 
     @property
@@ -150,6 +156,8 @@ class HomeMoves:
         """`dunix migrate` of a process running here: the reply the CLI prints."""
         if proc.state != "running":
             raise MigrationFailed(f"pid {proc.pid} cannot move from state {proc.state!r}")
+        if proc.pid in self.moving:
+            raise MigrationFailed(f"pid {proc.pid} is moving already")
         self.check_target(target)
         job, tracer = self.tracer_of(proc)
         started = time.monotonic()
@@ -212,13 +220,31 @@ class HomeMoves:
             pipes=tuple(MigratePipe(p.inode, p.writes, i) for i, p in enumerate(pipes)),
             moves=proc.moves + 1, nulls=nulls, sockets=tuple(m for m, _ in socks),
         )  # fmt: skip
+        # post-copy for a large process (move_lazy has no tcp_close: a TCP one goes plain)
+        lazy = not any(m.tcp for m, _ in socks) and lazymove.wanted(pid)
         deputy = Deputy(job, proc, target, proc.cmd)
         deputy.started.set()
+        self.moving.add(pid)
         try:
-            report = await self._dump_and_restore(
-                proc, tracer, target, prepare, pipes, deputy, socks
-            )
+            try:
+                report = await self._dump_and_restore(
+                    proc, job, tracer, target, prepare, pipes, deputy, socks, lazy=lazy
+                )
+            except MigrationFailed as exc:
+                lost = proc.state.startswith("lost:")  # after the commit: no second try
+                if not lazy or lost or not lazymove.is_lazy_failure(exc):
+                    raise
+                # failed before the commit: it runs here again; once more, plain
+                log.warning("post-copy move of pid %d failed, trying a plain dump: %s", pid, exc)
+                retry = f"{self.name}-h{next(self.service._ids)}-{pid}"
+                prepare = dataclasses.replace(prepare, move=retry)
+                deputy = Deputy(job, proc, target, proc.cmd)
+                deputy.started.set()
+                report = await self._dump_and_restore(
+                    proc, job, tracer, target, prepare, pipes, deputy, socks, lazy=False
+                )
         finally:
+            self.moving.discard(pid)
             for p in pipes:
                 os.close(p.dup)
             for _, dup in socks:
@@ -308,17 +334,30 @@ class HomeMoves:
     async def _dump_and_restore(
         self,
         proc: Proc,
+        job: Job,
         tracer: Tracer,
         target_node: str,
         prepare: MigratePrepare,
         pipes: list[_HomePipe],
         deputy: Deputy,
         socks: list[tuple[MigrateSocket, int]],
+        *,
+        lazy: bool = False,
     ) -> HomeMoveReport:
         """Release, dump (leave_running: it stays here, stopped), send, restore there:
-        ``driver.move``'s table, whose "source killed" means here "let go by CRIU"."""
+        ``driver.move``'s table, whose "source killed" means here "let go by CRIU".
+
+        ``lazy``: post-copy (``driver.move_lazy``): frozen for the images without the
+        pages, which the home's criu serves after the target runs it. CRIU keeps the
+        home copy seized until the last page was served (criu/cr-dump.c,
+        cr_dump_finish: the page server runs before the tree is let go), so the tracer
+        cannot deputize it before: this returns once the transfer ended."""
         pid = proc.pid
         service = self.service
+        plan: lazymove.SourcePlan | None = None
+        if lazy:
+            plan = lazymove.source_plan(IMAGES_ROOT, prepare.move)
+            prepare = dataclasses.replace(prepare, lazy=plan.wire)
         send, receive = trio.open_memory_channel[object](4)
         out = _Outgoing(prepare.move, target_node, send, receive)  # type: ignore[arg-type]
         service._outgoing[out.move] = out
@@ -356,39 +395,83 @@ class HomeMoves:
             released = True
             t0 = time.monotonic()
             relayed = [m for m, _ in socks]
-            report = await driver.move(
-                pid, dir_fd, Target(), shell_job=True,
-                external=prepare.nulls + sockets.dump_externals(relayed),
-                tcp_close=any(m.tcp for m in relayed), phase_timeout=STEP_TIMEOUT,
-                leave_running=True,
-            )  # fmt: skip
-        except BaseException:
-            self._forget(deputy)
-            if released:
-                with trio.CancelScope(shield=True), contextlib.suppress(DunixError, OSError):
-                    await tracer.seize(pid)  # the release's stop is undone: it runs on here
-            with trio.CancelScope(shield=True), contextlib.suppress(DunixError):
-                await remote.abort(pid)
-            raise
+            externals = prepare.nulls + sockets.dump_externals(relayed)
+            try:
+                if plan is not None:
+                    report = await driver.move_lazy(
+                        pid, dir_fd, Target(), plan.plan, self.agent.nursery, shell_job=True,
+                        external=externals, phase_timeout=STEP_TIMEOUT, leave_running=True,
+                    )  # fmt: skip
+                else:
+                    report = await driver.move(
+                        pid, dir_fd, Target(), shell_job=True, external=externals,
+                        tcp_close=any(m.tcp for m in relayed), phase_timeout=STEP_TIMEOUT,
+                        leave_running=True,
+                    )  # fmt: skip
+            except BaseException:
+                self._forget(deputy)
+                if released:
+                    with trio.CancelScope(shield=True), contextlib.suppress(DunixError, OSError):
+                        await tracer.seize(pid)  # the release's stop is undone: it runs on here
+                with trio.CancelScope(shield=True), contextlib.suppress(DunixError):
+                    await remote.abort(pid)
+                raise
+            served = 0.0
+            if report.transfer is not None:  # criu still serves from the folder's log
+                served = await self._pages_served(proc, job, tracer, deputy, report.transfer)
         finally:
             service._outgoing.pop(out.move, None)
             if dir_fd >= 0:
                 os.close(dir_fd)
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
+            if plan is not None:
+                plan.close()
         ms = 1000.0
         frozen = round(report.freeze_seconds * ms, 1)
         restored = round((report.freeze_seconds + report.downtime_seconds) * ms, 1)
-        phases = (
+        phases: tuple[MigratePhase, ...] = (
             MigratePhase("frozen", frozen),
             MigratePhase("dumped", round(report.dump_seconds * ms, 1)),
             MigratePhase("sent", round((sent_at[0] if sent_at else 0.0) * ms, 1)),
             MigratePhase("restored", restored),
         )
+        if report.transfer is not None:
+            phases += (MigratePhase("post-copy: every page served", round(served * ms, 1)),)
         return HomeMoveReport(
             target_node, report.restored_pid, frozen, round(report.dump_seconds * ms, 1),
-            restored, 0.0, out.nbytes, phases,
+            restored, 0.0, out.nbytes, phases, round(served * ms, 1),
         )  # fmt: skip
+
+    async def _pages_served(
+        self, proc: Proc, job: Job, tracer: Tracer, deputy: Deputy, transfer: driver.PageTransfer
+    ) -> float:
+        """Wait until the home's criu served the last page (it then lets the home copy go,
+        stopped) and return when that was (seconds from the dump's start). A transfer that
+        broke off lost the process: the guest misses pages (the target's lazymove.watch
+        kills it), and ``driver.move_lazy`` killed the home copy, which CRIU had resumed,
+        so its parent sees SIGKILL; raises ``MigrationFailed``.
+
+        Deputizing the home copy earlier is not possible (CRIU is its ptracer until then)
+        and not needed: its exit status and signals wait in ``deputy`` and in the kernel."""
+        await transfer.done.wait()
+        if not transfer.error:
+            return transfer.seconds or 0.0
+        reason = (
+            "its home's page server broke off during post-copy: "
+            + (transfer.error.strip().splitlines() or ["criu failed"])[0]
+        )
+        log.warning("pid %d of job %s is lost: %s", proc.pid, proc.job, reason)
+        self._forget(deputy)
+        proc.state = f"lost: {reason}"
+        with contextlib.suppress(DunixError):
+            await self.agent.job_links.send(
+                deputy.peer, RemoteSignal(proc.job, proc.pid, signal.SIGKILL, False)
+            )
+        # the tracer let it go (release) and reports no exit of it: tell the job here,
+        # which keeps it in ps as lost until its parent reaped it
+        self.agent.jobs._on_event(job, tracer, Exited(proc.pid, signal.SIGKILL), "")
+        raise MigrationFailed(f"pid {proc.pid} was lost: {reason}")
 
     async def _open_relays(
         self,

@@ -22,6 +22,14 @@ an owner without it) falls back to messages, which report the owner's real state
 Wire (big-endian): request ``op:u8 handle:u64 offset:u64 size:u32`` then ``size`` bytes for
 a write; reply ``error:i32 size:u32`` then ``size`` bytes for a read. ``error`` is an errno,
 or ``BY_MESSAGE``: ask that one by message instead.
+
+Native frames: when ``native/build/libdunixlane.so`` is built (and ``DUNIX_LANE_FRAMES`` is
+not 0), a new connection's first request is ``NATIVE`` with fresh keys inside TLS; then both
+ends close TLS and each request and reply above is one AES-128-GCM frame
+(``lane_frames.py``). Same 0.5-CPU hosts, A/B in alternating clusters: a peer's file read
+548 / 548 MB/s on TLS records, 625 / 628 on frames (the reading host 0.65 -> 0.53 s of CPU
+per 512 MiB); writes within the noise. An owner without the library answers ENOSYS and the
+connection stays on TLS.
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ from typing import cast
 import trio
 
 from dunix.errors import DunixError
+from dunix.storagefs import lane_frames
+from dunix.storagefs.lane_frames import HEAD, TAG, Frames
 from dunix.storagefs.peerfiles import FileReply
 from dunix.wire import peer_identity
 
@@ -52,6 +62,9 @@ log = logging.getLogger(__name__)
 REQUEST = struct.Struct(">BQQI")
 REPLY = struct.Struct(">iI")
 READ, WRITE = 1, 2
+#: the caller's first request on a connection may be this, with lane_frames.KEYS bytes of
+#: keys: answered 0, both ends leave TLS for native frames (lane_frames.py); ENOSYS: not here
+NATIVE = 3
 #: the largest block one request moves (peerfiles serves reads of up to 4 blocks too)
 MAX_BLOCK = 4 << 20
 #: the alignment of direct reads (a page; the block size of any usual file system)
@@ -186,6 +199,21 @@ class BulkServer:
         view = memoryview(buf)
         while _recv_exact(tls, head):
             op, handle, offset, size = REQUEST.unpack(head)
+            if op == NATIVE and size == lane_frames.KEYS:
+                keys = bytearray(size)
+                if not _recv_exact(tls, memoryview(keys)):
+                    raise LaneError("the peer hung up mid-keys")
+                if not lane_frames.available():
+                    tls.sendall(REPLY.pack(errno.ENOSYS, 0))
+                    continue
+                tls.sendall(REPLY.pack(0, 0))
+                log.info("storagefs: bulk lane from node %d: native frames", origin)
+                frames = Frames.pair(bytes(keys), caller=False)
+                try:
+                    self._frame_requests(tls.unwrap(), frames, origin)
+                finally:
+                    frames.close()
+                return
             if size > MAX_BLOCK or op not in (READ, WRITE):
                 raise LaneError(f"bad request: op {op}, {size} bytes")
             block = view[ALIGN : ALIGN + size]
@@ -195,6 +223,37 @@ class BulkServer:
             REPLY.pack_into(buf, ALIGN - REPLY.size, error, done)
             sent = done if op == READ and not error else 0
             tls.sendall(view[ALIGN - REPLY.size : ALIGN + sent])
+
+    def _frame_requests(self, sock: socket.socket, frames: Frames, origin: int) -> None:
+        """``_requests`` over native frames: a request's block is decrypted in place where
+        an O_DIRECT write takes it (page-aligned), a read lands there and is encrypted in
+        place around it, so no byte is copied in user space."""
+        # [room | frame: length, REQUEST or REPLY header, block at ALIGN, tag | room]
+        buf = mmap.mmap(-1, 2 * ALIGN + MAX_BLOCK)
+        view = memoryview(buf)
+        at, keeper = lane_frames.address(buf)
+        request_at, reply_at = ALIGN - REQUEST.size - HEAD, ALIGN - REPLY.size - HEAD
+        fd = sock.fileno()
+        try:
+            while True:
+                try:
+                    got = frames.recv_at(fd, at + request_at,
+                                         HEAD + REQUEST.size + MAX_BLOCK + TAG, None)  # fmt: skip
+                except lane_frames.EndOfLane:
+                    return
+                op, handle, offset, size = REQUEST.unpack_from(buf, request_at + HEAD)
+                if size > MAX_BLOCK or op not in (READ, WRITE):
+                    raise LaneError(f"bad request: op {op}, {size} bytes")
+                if got != REQUEST.size + (size if op == WRITE else 0):
+                    raise LaneError(f"a request of {got} bytes for op {op}, {size} bytes")
+                block = view[ALIGN : ALIGN + size]
+                error, done = self._carry_out(origin, op, handle, offset, block)
+                del block
+                REPLY.pack_into(buf, reply_at + HEAD, error, done)
+                sent = done if op == READ and not error else 0
+                frames.seal_send(fd, at + reply_at, REPLY.size + sent, None)
+        finally:
+            del keeper, view
 
     def _carry_out(
         self, origin: int, op: int, handle: int, offset: int, block: memoryview
@@ -316,10 +375,15 @@ class _Conn:
     def __init__(self, tls: ssl.SSLSocket) -> None:
         self.tls = tls
         self.head = memoryview(bytearray(max(REQUEST.size, REPLY.size)))
+        #: native frames instead of TLS records, once both ends agreed (lane_frames.py)
+        self.frames: Frames | None = None
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.tls.close()
+        if self.frames is not None:
+            self.frames.close()
+            self.frames = None
 
 
 class BulkClient:
@@ -366,7 +430,9 @@ class BulkClient:
             return None if written is None else FileReply(0, peer, size=written)
         return None
 
-    async def read(self, peer: int, handle: int, offset: int, size: int) -> bytearray | None:
+    async def read(
+        self, peer: int, handle: int, offset: int, size: int
+    ) -> bytearray | memoryview | None:
         """Up to ``size`` bytes at ``offset`` of ``peer``'s open ``handle``; OSError is the
         owner's errno."""
         if not 0 < size <= MAX_BLOCK:
@@ -386,7 +452,7 @@ class BulkClient:
 
     async def _request(
         self, peer: int, op: int, handle: int, offset: int, block: tuple[memoryview, ...] | int
-    ) -> tuple[int, bytearray] | None:
+    ) -> tuple[int, bytearray | memoryview] | None:
         """(bytes read or written, the bytes read); ``block`` is a write's data or a
         read's size."""
         if time.monotonic() < self._not_before.get(peer, 0.0):
@@ -436,10 +502,54 @@ class BulkClient:
             tls = self._ctx.wrap_socket(raw)
             if peer_identity(tls.getpeercert()) != (name, "node"):
                 raise LaneError(f"{host}:{port} is not node {name}")
+            conn = _Conn(tls)
+            if lane_frames.available():
+                conn.frames = self._leave_tls(tls)
         except BaseException:
             raw.close()
             raise
-        return _Conn(tls)
+        return conn
+
+    def _leave_tls(self, tls: ssl.SSLSocket) -> Frames | None:
+        """Fresh keys to the owner inside TLS, then both ends close TLS and the connection
+        carries native frames (lane_frames.py); None: the owner cannot, TLS stays."""
+        keys = os.urandom(lane_frames.KEYS)
+        tls.sendall(REQUEST.pack(NATIVE, 0, 0, len(keys)) + keys)
+        reply = bytearray(REPLY.size)
+        if not _recv_exact(tls, memoryview(reply)):
+            raise LaneError("the owner hung up")
+        error, _ = REPLY.unpack(reply)
+        if error:
+            return None
+        frames = Frames.pair(keys, caller=True)
+        try:
+            tls.unwrap()  # close_notify both ways; the TCP connection stays
+        except BaseException:
+            frames.close()
+            raise
+        return frames
+
+    def _by_frames(
+        self, conn: _Conn, op: int, handle: int, offset: int, block: tuple[memoryview, ...] | int
+    ) -> tuple[int, int, bytearray | memoryview]:
+        """``_blocking``'s request and reply as native frames: a write's pieces are
+        encrypted straight into the frame sent, a read's block decrypted in place."""
+        assert conn.frames is not None
+        fd, frames = conn.tls.fileno(), conn.frames
+        size = block if isinstance(block, int) else sum(len(piece) for piece in block)
+        head = REQUEST.pack(op, handle, offset, size)
+        frames.send(fd, (head,) if isinstance(block, int) else (head, *block), self.timeout)
+        length = frames.recv_len(fd, self.timeout)
+        if not REPLY.size <= length <= REPLY.size + (size if op == READ else 0):
+            raise LaneError(f"a reply of {length} bytes to op {op} of {size} bytes")
+        frame = bytearray(HEAD + length + TAG)
+        frames.recv(fd, frame, self.timeout)
+        error, done = REPLY.unpack_from(frame, HEAD)
+        if op == READ and not error:
+            if length != REPLY.size + done:
+                raise LaneError(f"the owner sent {length - REPLY.size} bytes for {done}")
+            return error, done, memoryview(frame)[HEAD + REPLY.size : HEAD + length]
+        return error, done, bytearray()
 
     def _blocking(
         self,
@@ -449,7 +559,7 @@ class BulkClient:
         handle: int,
         offset: int,
         block: tuple[memoryview, ...] | int,
-    ) -> tuple[_Conn, int, int, bytearray]:
+    ) -> tuple[_Conn, int, int, bytearray | memoryview]:
         """One request and its reply, in a worker thread (connecting first if needed).
         A read's buffer is made once the reply says its size: a short read of a small
         file does not pay for zeroing a whole block."""
@@ -457,9 +567,11 @@ class BulkClient:
             conn = self._connect(where)
         tls = conn.tls
         tls.settimeout(self.timeout)
-        got = bytearray()
+        got: bytearray | memoryview = bytearray()
         size = block if isinstance(block, int) else sum(len(piece) for piece in block)
         try:
+            if conn.frames is not None:
+                return (conn, *self._by_frames(conn, op, handle, offset, block))
             tls.sendall(REQUEST.pack(op, handle, offset, size))
             for piece in () if isinstance(block, int) else block:
                 tls.sendall(piece)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 import pytest
 import trio
 
-from dunix.storagefs import bulk
+from dunix.storagefs import bulk, lane_frames
 from dunix.storagefs.bulk import BulkClient, BulkServer
 from dunix.storagefs.peerfiles import FileRequest, FileServer
 from dunix.storagefs.store import LocalStore
@@ -39,6 +41,7 @@ class Lane:
         )  # fmt: skip
         self.port = self.server.start("127.0.0.1")
         self.located = 0
+        self.carrier = "frames"
 
     def client(self, name: str = "n2", claims: str = "n1") -> BulkClient:
         async def locate(peer: int) -> tuple[str, str, int] | None:
@@ -61,9 +64,22 @@ class Lane:
         self.store.close()
 
 
-@pytest.fixture
-def lane(tmp_path: Path) -> Iterator[Lane]:
+#: how the lane's connections carry contents: native frames (lane_frames.py), TLS records
+#: (no library), or TLS because the owner has no library though the caller has
+CARRIERS = ["frames", "tls", "owner-tls"]
+
+
+@pytest.fixture(params=CARRIERS)
+def lane(tmp_path: Path, request: Any, monkeypatch: Any) -> Iterator[Lane]:
+    if request.param != "frames" and not lane_frames.available():
+        pytest.skip("native/build/libdunixlane.so not built")
+    if request.param == "tls":
+        monkeypatch.setattr(lane_frames, "available", lambda: False)
+    elif request.param == "owner-tls":  # the owner's lane threads are named storagefs-bulk
+        asker = lambda: threading.current_thread().name != "storagefs-bulk"  # noqa: E731
+        monkeypatch.setattr(lane_frames, "available", asker)
     one = Lane(tmp_path)
+    one.carrier = request.param
     yield one
     one.close()
 
@@ -94,6 +110,8 @@ def test_blocks_read_and_written_match_the_owners_file(lane: Lane) -> None:
         assert reply is not None and bytes(reply.data) == data[MIB - 1 : MIB] + b"xx"
         assert lane.wrote == ["f.bin"]
         assert client.used == 7 and lane.located == 1
+        framed = [conn.frames is not None for conn in client._idle[1]]
+        assert framed and all(framed) == (lane.carrier == "frames")
         client.close()
 
     trio.run(main)
@@ -217,3 +235,58 @@ def test_writes_direct_or_not_land_where_asked_and_appends_append(tmp_path: Path
     finally:
         view.release()
         buf.close()
+
+
+@pytest.mark.skipif(not lane_frames.available(), reason="libdunixlane.so not built")
+def test_a_frame_changed_replayed_or_cut_short_is_refused() -> None:
+    """Each frame is authenticated with its place in the stream: a flipped bit, a frame
+    sent again and a connection cut mid-frame all fail, never give bytes."""
+    keys = os.urandom(lane_frames.KEYS)
+    a, b = socket.socketpair()
+    caller = lane_frames.Frames.pair(keys, caller=True)
+    owner = lane_frames.Frames.pair(keys, caller=False)
+    frame = bytearray(lane_frames.HEAD + MIB + lane_frames.TAG)
+    head = lane_frames.HEAD
+    try:
+        caller.send(a.fileno(), (b"one", memoryview(b"two")), 1.0)
+        assert owner.recv(b.fileno(), frame, 1.0) == 6 and frame[head : head + 6] == b"onetwo"
+        owner.send(b.fileno(), (b"back",), 1.0)  # the other direction has its own key
+        assert caller.recv(a.fileno(), frame, 1.0) == 4 and frame[head : head + 4] == b"back"
+        # pieces across the sealing chunks (128 KiB), from a thread: the socket holds less
+        pieces = (os.urandom(100), bytearray(os.urandom(300_000)), memoryview(b"end"))
+        sender = threading.Thread(target=caller.send, args=(a.fileno(), pieces, 5.0))
+        sender.start()
+        assert owner.recv(b.fileno(), frame, 5.0) == 300_103
+        sender.join()
+        assert frame[head : head + 300_103] == b"".join(pieces)
+        # a copy of the next frame: sent twice, flipped in the middle
+        caller.send(a.fileno(), (b"x" * 1000,), 1.0)
+        wire = b.recv(65536)
+        a2, b2 = socket.socketpair()
+        b2.sendall(wire)
+        assert owner.recv(a2.fileno(), frame, 1.0) == 1000
+        b2.sendall(wire)  # replayed: its nonce is the next frame's no more
+        with pytest.raises(lane_frames.FrameError):
+            owner.recv(a2.fileno(), frame, 1.0)
+        first = lane_frames.Frames.pair(keys, caller=True)  # a new lane, same keys
+        first.send(a.fileno(), (b"y" * 1000,), 1.0)
+        first.close()
+        flipped = bytearray(b.recv(65536))
+        flipped[head + 500] ^= 1  # the same frame but one bit: refused, though in its place
+        fresh = lane_frames.Frames.pair(keys, caller=False)
+        b2.sendall(flipped)
+        with pytest.raises(lane_frames.FrameError):
+            fresh.recv(a2.fileno(), frame, 1.0)
+        fresh.close()
+        b2.sendall(wire[:100])
+        b2.close()
+        with pytest.raises(lane_frames.FrameError):
+            lane_frames.Frames.pair(keys, caller=False).recv(a2.fileno(), frame, 1.0)
+        a2.close()
+        b.close()
+        with pytest.raises(lane_frames.EndOfLane):  # a clean end between frames
+            caller.recv(a.fileno(), frame, 1.0)
+    finally:
+        caller.close()
+        owner.close()
+        a.close()

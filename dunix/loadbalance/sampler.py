@@ -84,11 +84,17 @@ def find_cgroup(proc_cgroup: Path = Path("/proc/self/cgroup")) -> CgroupView:
     return CgroupView(None, system_cpus)
 
 
+#: the agent's own helper programs (``comm``): not the node's work when they are its children
+HELPERS = frozenset({"dunix-tracer", "dunix-relay", "criu"})
+
+
 def count_runnable(threads_file: Path, exclude: set[int], parent: int | None = None) -> int:
     """Threads of the cgroup in state R, not counting ``exclude`` (the sampler itself) nor
-    the threads of ``parent``'s children (the agent's helpers: a job's tracer is R while it
-    starts, which made a home that planned a new job count it as work and send the job's
-    first process away)."""
+    ``parent``'s helpers: its children running one of :data:`HELPERS` (a job's tracer is R
+    while it starts, which made a home that planned a new job count it as work and send
+    the job's first process away). Its other children are work: a process CRIU restored
+    here is the agent's child too (a CPU loop moved here counted as no load, so the
+    balancer kept sending loops to a host that had them)."""
     try:
         tids = threads_file.read_text().split()
     except OSError:
@@ -103,8 +109,12 @@ def count_runnable(threads_file: Path, exclude: set[int], parent: int | None = N
             continue  # exited between the two reads
         # the state follows the parenthesised command, which may itself hold ") ";
         # then comes the parent's pid (of the thread's process)
-        fields = stat[stat.rindex(")") + 2 :].split(" ", 2)
-        if fields[0] == "R" and (parent is None or int(fields[1]) != parent):
+        close = stat.rindex(")")
+        fields = stat[close + 2 :].split(" ", 2)
+        if fields[0] != "R":
+            continue
+        helper = parent is not None and int(fields[1]) == parent
+        if not (helper and stat[stat.index("(") + 1 : close] in HELPERS):
             running += 1
     return running
 

@@ -87,15 +87,25 @@ def test_fresh_runnable_counts_again_only_when_older_than_asked(tmp_path: Path) 
         busy.wait()
 
 
-def test_the_callers_children_are_not_its_nodes_work(tmp_path: Path) -> None:
-    """The agent's helpers (a job's tracer starting) are its children: not counted."""
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+def test_the_callers_helpers_are_not_its_nodes_work(tmp_path: Path) -> None:
+    """The agent's helpers (a job's tracer starting) are its children: not counted; a
+    child running anything else (a process CRIU restored here) is work."""
+    named = "import ctypes, sys; ctypes.CDLL(None).prctl(15, sys.argv[1].encode())\nwhile 1: pass"
+    tracer = subprocess.Popen([sys.executable, "-c", named, "dunix-tracer"])
+    restored = subprocess.Popen([sys.executable, "-c", named, "python3"])
     try:
+        for proc, name in ((tracer, "dunix-tracer"), (restored, "python3")):
+            comm = Path(f"/proc/{proc.pid}/comm")
+            while comm.read_text().strip() != name:  # its prctl(PR_SET_NAME) ran
+                time.sleep(0.01)
         tasks = tmp_path / "tasks"
-        tasks.write_text(f"{busy.pid}\n")
-        assert max(count_runnable(tasks, set()) for _ in range(20)) == 1
+        tasks.write_text(f"{tracer.pid}\n{restored.pid}\n")
+        assert max(count_runnable(tasks, set()) for _ in range(20)) == 2
+        assert max(count_runnable(tasks, set(), parent=os.getpid()) for _ in range(20)) == 1
+        assert max(LoadSampler(CgroupView(tasks, 0.5)).runnable() for _ in range(20)) == 1
+        tasks.write_text(f"{tracer.pid}\n")
         assert count_runnable(tasks, set(), parent=os.getpid()) == 0
-        assert LoadSampler(CgroupView(tasks, 0.5)).runnable() == 0
     finally:
-        busy.kill()
-        busy.wait()
+        for proc in (tracer, restored):
+            proc.kill()
+            proc.wait()

@@ -252,7 +252,7 @@ def test_a_frame_changed_replayed_or_cut_short_is_refused() -> None:
         assert owner.recv(b.fileno(), frame, 1.0) == 6 and frame[head : head + 6] == b"onetwo"
         owner.send(b.fileno(), (b"back",), 1.0)  # the other direction has its own key
         assert caller.recv(a.fileno(), frame, 1.0) == 4 and frame[head : head + 4] == b"back"
-        # pieces across the sealing chunks (128 KiB), from a thread: the socket holds less
+        # pieces across the sealing chunks (32 KiB), from a thread: the socket holds less
         pieces = (os.urandom(100), bytearray(os.urandom(300_000)), memoryview(b"end"))
         sender = threading.Thread(target=caller.send, args=(a.fileno(), pieces, 5.0))
         sender.start()

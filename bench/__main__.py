@@ -44,6 +44,10 @@ def main() -> int:
 
     print("\n== CRIU migration between 2 simulated hosts vs a raw local criu dump + restore")
     migrate_bench.main(["--quick"] if args.quick else [])
+    from bench import balance_bench
+
+    print("\n== live balancer: 12 CPU-bound workers started on 1 of 4 hosts, on vs off")
+    balance_bench.main(["--work", "1.0"] if args.quick else [])
     from bench import fs_bench
 
     print("\n== storagefs: fio vs the disk and iperf3, metadata, missing-name lookups (3, 8 hosts)")

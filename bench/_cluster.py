@@ -70,7 +70,9 @@ def ensure_packages(*packages: str) -> None:
         )  # fmt: skip
 
 
-def up_when_free(hosts: int, cpu_quota: float | None) -> None:
+def up_when_free(
+    hosts: int, cpu_quota: float | None, agent_argv: cluster.AgentArgv | None = None
+) -> None:
     """``cluster.up``, after removing leftovers of an earlier crashed run of ours.
 
     tests/e2e/test_cluster.py builds clusters in state folders of its own without the lock
@@ -83,7 +85,7 @@ def up_when_free(hosts: int, cpu_quota: float | None) -> None:
     deadline = time.monotonic() + FREE_TIMEOUT
     while True:
         try:
-            cluster.up(hosts, cpu_quota)
+            cluster.up(hosts, cpu_quota, agent_argv=agent_argv)
             return
         except ClusterError as exc:
             if time.monotonic() > deadline or not any(

@@ -78,6 +78,9 @@ HELLO_TIMEOUT = 10.0
 START_TIMEOUT = 15.0
 #: the longest a closed stream's final StreamGone waits for another write to its peer
 DEFER_MAX = 0.5
+#: how long a guest's start waits to be told home with its end (a remote /bin/true runs
+#: ~1-1.5 ms under its tracer on a 0.5-CPU host); the home's deputy gets `ready` then
+START_LINGER = 0.003
 #: the longest a StreamEnd waits for another write (a guest's RemoteExited comes ~0.3 ms
 #: after its program's streams end): how much later a reader may see an EOF
 DEFER_END = 0.002
@@ -922,6 +925,7 @@ class RemoteService:
         job.tracers.append(tracer)
         self.agent.jobs.jobs[job.id] = job
         status = 0x7F00 | signal.SIGKILL
+        started: RemoteStarted | None = None  # not told yet (START_LINGER)
         try:
             async with trio.open_nursery() as nursery:
                 first = trio.Event()
@@ -933,7 +937,15 @@ class RemoteService:
                 self.agent.jobs.on_started[job.id] = on_started
                 nursery.start_soon(self.agent.jobs.follow, job, tracer, req.argv[0])
                 await first.wait()
-                await self.links.send(home, RemoteStarted(req.job, req.home_pid, guest.pid))
+                started = RemoteStarted(req.job, req.home_pid, guest.pid)
+                # a program that ends at once (most of a script's commands) has its start
+                # told with its end, in the write of its RemoteExited: one wake-up of its
+                # home's agent less; a longer one is told after START_LINGER
+                with trio.move_on_after(START_LINGER):
+                    await job.finished.wait()
+                if not job.finished.is_set():
+                    told, started = started, None
+                    await self.links.send(home, told)
                 await job.finished.wait()
                 status = job.status if job.status is not None else status
                 if not guest.orphaned:
@@ -954,13 +966,18 @@ class RemoteService:
             await term.last_modes(self._modes_sender(home, req, stream))  # before the exit
             term.close()
         offsets = moved_offsets(guest.files)
-        if guest.moved or guest.orphaned:
-            return  # its exit status will come from where it runs now, or goes nowhere
+        if guest.orphaned:
+            return  # its exit status goes nowhere
+        if guest.moved:  # its exit status will come from where it runs now
+            if started is not None:
+                await self._send_quietly(home, started)
+            return
         # its deputy waits for this message: a link that broke under an earlier send (which
         # drops it) is opened anew, and a loss is logged, never silent
+        exited = RemoteExited(req.job, req.home_pid, status, offsets)
         for attempt in (1, 2):
             try:
-                await self.links.send(home, RemoteExited(req.job, req.home_pid, status, offsets))
+                await self.links.send_many(home, [exited] if started is None else [started, exited])
                 break
             except DunixError as exc:
                 log.warning("exit of %s/%d to %s, try %d: %s", req.job, req.home_pid, home,

@@ -20,6 +20,23 @@ is the source here:
    ``dunix-deputy --migrated``, whose hello ``serve_migrated`` answers: from then on the
    deputy carries the guest's exit status, signals and stops as for a remote exec.
 
+Post-copy (a process of ``lazy.LAZY_MIN_RSS`` or more, ``lazymove.wanted``): step 2's
+dump leaves the pages out (``driver.move_lazy``, still ``leave_running``), the target
+runs it after a freeze for the rest of its state, and the home's criu serves its pages
+until the target's lazy-pages daemon has them all. Step 4 waits for that: CRIU stays the
+home copy's ptracer until the last page was served (criu/cr-dump.c, cr_dump_finish runs
+``cr_lazy_mem_dump`` before ``pstree_switch_state``), so the tracer could not inject the
+exec earlier. (Earlier would not have spoilt the pages either, by reasoning, untested:
+criu's page pipes hold them by reference (vmsplice), which the exec does not free; the
+injection's writes go below the red zone, which the guest does not read.) Meanwhile the guest's
+exit status waits in its ``Deputy``. A signal sent to the home pid meanwhile (up to
+~1 s at 1 GiB; a plain dump has the same window while it dumps) reaches the home copy,
+not the guest: one that ends it fails the deputize, so the copy there is killed and the
+parent sees that signal (checked by hand with SIGTERM); a caught one is not handled yet
+(not checked: its handler may run in the home copy). A failure before the commit is
+tried again with a plain dump; a transfer that breaks off loses the process
+(``_pages_served``: killed there, SIGKILL here). bench/home_move_bench.py compares both.
+
 Any failure before the target confirmed: the tracer seizes the home copy again and it
 runs on. Pipe contents: CRIU copies a pipe's buffered bytes with tee (criu/pipes.c) and
 does not write them into an inherited pipe on restore, so bytes the process had written

@@ -229,26 +229,32 @@ def with_cpu(hosts: tuple[str, ...], fn: Callable[[], dict[str, Any]]) -> dict[s
     return out
 
 
-def iperf3(client: str, server: str, seconds: int) -> dict[str, Any]:
-    proc = cluster.exec_in(server, ["iperf3", "-s", "-1", "-B", address(server)],
+def _iperf3_server(server: str) -> subprocess.Popen[bytes]:
+    return cluster.exec_in(server, ["iperf3", "-s", "-1", "-B", address(server)],
                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def iperf3(client: str, server: str, seconds: int) -> dict[str, Any]:
+    proc = _iperf3_server(server)
     try:
         for _ in range(50):  # until the server listens
             try:
                 done = run_in(client, ["iperf3", "-c", address(server), "-t", str(seconds),
                                        "-J"], timeout=seconds + 30)  # fmt: skip
+                report = json.loads(done.stdout)
+                received = report.get("end", {}).get("sum_received")
+                if received is None:  # -J reports a refused connection in its JSON
+                    raise Failed(f"iperf3: {report.get('error', 'no sum_received')}")
                 break
             except Failed as exc:
                 if "connect" not in str(exc):
                     raise
                 time.sleep(0.1)
+                if proc.poll() is not None:  # a one-off server that took a failed try ends
+                    proc = _iperf3_server(server)
         else:
             raise Failed("iperf3 server never listened")
-        report = json.loads(done.stdout)
-        received = report.get("end", {}).get("sum_received")
-        if received is None:
-            raise Failed(f"iperf3: {report.get('error', 'no sum_received')}")
         return {"mb_per_s": float(received["bits_per_second"]) / 8e6, "seconds": seconds}
     finally:
         proc.kill()

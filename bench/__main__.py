@@ -44,6 +44,10 @@ def main() -> int:
 
     print("\n== CRIU migration between 2 simulated hosts vs a raw local criu dump + restore")
     migrate_bench.main(["--quick"] if args.quick else [])
+    from bench import home_move_bench
+
+    print("\n== dunix migrate of a process at home: plain dump vs post-copy (3 hosts, real agents)")
+    home_move_bench.main(["--rounds", "1", "--sizes", "256"] if args.quick else [])
     from bench import balance_bench
 
     print("\n== live balancer: 12 CPU-bound workers started on 1 of 4 hosts, on vs off")

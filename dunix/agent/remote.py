@@ -486,7 +486,16 @@ class RemoteService:
             return
         deputy.proc.state, deputy.proc.node = "deputy", peer
         deputy.conn = conn
-        for stream, term in self.home_ttys.get((deputy.proc.job, pid), {}).items():
+        key = (deputy.proc.job, pid)
+        if deputy.exited.is_set() and not deputy.guest_stop and not self.home_ttys.get(key):
+            # its guest ended before it was told to be ready (a short program's start
+            # comes with its exit, START_LINGER): no `ready`, which had it close its fds
+            # and set a handler per signal for nothing; it obeys `exit` before `ready`
+            log.info("pid %d of job %s runs on %s as pid %d (ended)", pid, deputy.proc.job,
+                     peer, deputy.proc.remote_pid)  # fmt: skip
+            await self._end_deputy(deputy, conn)
+            return
+        for stream, term in self.home_ttys.get(key, {}).items():
             self.agent.nursery.start_soon(term.watch_size, self._winsize_sender(deputy, stream))
             if term.reads:
                 self.agent.nursery.start_soon(term.pump_keys)
@@ -507,20 +516,25 @@ class RemoteService:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._forward_signals, deputy, conn, nursery.cancel_scope)
             await deputy.exited.wait()
-            if deputy.lost:  # nothing more comes from a dead host
-                for endpoint in deputy.receivers:
-                    endpoint.stop()
-            elif not await flush(deputy.receivers):
-                log.info("pid %d: its output stopped moving; it ends without the rest",
-                         deputy.proc.pid)  # fmt: skip
-            self._end_home_ttys((deputy.proc.job, deputy.proc.pid))  # before its parent goes on
-            follow_offsets(deputy.files, deputy.offsets)  # before its parent goes on, too
-            status = deputy.status
-            if os.WIFSIGNALED(status):
-                await conn.send("killed", os.WTERMSIG(status))
-            else:
-                await conn.send("exit", os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
+            await self._end_deputy(deputy, conn)
             nursery.cancel_scope.cancel()
+
+    async def _end_deputy(self, deputy: Deputy, conn: DeputyConnection) -> None:
+        """Its guest has ended: its output drained, the deputy told to end with the
+        guest's exact status."""
+        if deputy.lost:  # nothing more comes from a dead host
+            for endpoint in deputy.receivers:
+                endpoint.stop()
+        elif not await flush(deputy.receivers):
+            log.info("pid %d: its output stopped moving; it ends without the rest",
+                     deputy.proc.pid)  # fmt: skip
+        self._end_home_ttys((deputy.proc.job, deputy.proc.pid))  # before its parent goes on
+        follow_offsets(deputy.files, deputy.offsets)  # before its parent goes on, too
+        status = deputy.status
+        if os.WIFSIGNALED(status):
+            await conn.send("killed", os.WTERMSIG(status))
+        else:
+            await conn.send("exit", os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
 
     async def _forward_signals(
         self, deputy: Deputy, conn: DeputyConnection, cancel: trio.CancelScope

@@ -17,7 +17,7 @@ from dunix.agent.jobs import Job
 from dunix.agent.remote import HELLO_TIMEOUT, Deputy, RemoteService
 from dunix.agent.tracer import WentRemote
 from dunix.errors import DunixError
-from dunix.wire.jobs import RemoteSignal, RemoteStarted
+from dunix.wire.jobs import RemoteExited, RemoteSignal, RemoteStarted
 
 
 class FakeLinks:
@@ -182,5 +182,25 @@ def test_a_deputy_that_ends_before_it_connects_takes_its_guest_with_it_at_once(
             assert trio.current_time() < HELLO_TIMEOUT  # no waiting for a hello
             assert links.sent[1] == ("n2", RemoteSignal(JOB.id, 10, signal.SIGKILL, True))
             assert remote.deputies == {} and remote.pending == {}
+
+    run_mocked(body)
+
+
+def test_a_guest_that_ended_before_its_deputy_was_ready_ends_it_without_ready(
+    exec_sent: None,
+) -> None:
+    async def body() -> None:
+        async with trio.open_nursery() as nursery:
+            remote, _links = service(nursery)
+            remote.went_remote(JOB, EVENT)
+            await trio.testing.wait_all_tasks_blocked()
+            remote.on_peer_message("n2", RemoteStarted(JOB.id, 10, 77))  # one write:
+            remote.on_peer_message("n2", RemoteExited(JOB.id, 10, 3 << 8))  # start, exit
+            conn = FakeConn()
+            nursery.start_soon(remote.serve_deputy, 10, conn)
+            await trio.testing.wait_all_tasks_blocked()
+            assert conn.told == [("exit", 3)]  # no `ready`: it obeys exit before it
+            assert remote.deputies == {}
+            nursery.cancel_scope.cancel()
 
     run_mocked(body)

@@ -117,6 +117,7 @@ class _HomePipe:
     inode: int
     writes: bool  # the process writes it: the home relay receives and writes the copy
     dup: int
+    key: str = ""  # CRIU's key for a written file relayed as a pipe (see written_files)
 
 
 @dataclass
@@ -213,7 +214,10 @@ class HomeMoves:
         if bad:
             what = ", ".join(f"fd {f.fd} ({f.kind} {f.target})" for f in bad)
             raise MigrationFailed(f"cannot move: holds {what}")
-        nulls = await trio.to_thread.run_sync(_foreign_nulls, pid, fds)
+        written = await trio.to_thread.run_sync(written_files, pid, fds)
+        nulls = await trio.to_thread.run_sync(
+            _foreign_nulls, pid, [f for f in fds if f.fd not in written]
+        )
         shared: set[int] = set()
         if parent:  # a child at its fork stop: the pipes it reads that its parent reads too
             with contextlib.suppress(DunixError, OSError):
@@ -224,7 +228,7 @@ class HomeMoves:
         shared_sockets = await trio.to_thread.run_sync(sockets.socket_holders, held, pid)
         socks = self._duplicate_sockets(pid, fds, shared_sockets)
         try:
-            pipes = self._duplicate_pipes(pid, fds, shared)
+            pipes = self._duplicate_pipes(pid, fds, shared, written)
         except BaseException:
             for _, dup in socks:
                 os.close(dup)
@@ -234,7 +238,7 @@ class HomeMoves:
             move=move, job=proc.job, home=self.name, home_pid=pid, gpid=proc.gpid, pid=pid,
             uid=job.uid, gid=job.gid, groups=job.groups, mode=job.mode, cmd=proc.cmd,
             origin_flags=self.agent.features.flags, origin_level=self.agent.features.level,
-            pipes=tuple(MigratePipe(p.inode, p.writes, i) for i, p in enumerate(pipes)),
+            pipes=tuple(MigratePipe(p.inode, p.writes, i, p.key) for i, p in enumerate(pipes)),
             moves=proc.moves + 1, nulls=nulls, sockets=tuple(m for m, _ in socks),
         )  # fmt: skip
         # post-copy for a large process (move_lazy has no tcp_close: a TCP one goes plain)
@@ -290,13 +294,16 @@ class HomeMoves:
         return report
 
     def _duplicate_pipes(
-        self, pid: int, fds: list[FdInfo], parent_reads: set[int]
+        self, pid: int, fds: list[FdInfo], parent_reads: set[int], written: dict[int, str]
     ) -> list[_HomePipe]:
         pipes: list[_HomePipe] = []
         pidfd = pidfd_open(pid)
         try:
             for inode, writes, fd in pipe_plan(fds, parent_reads):
                 pipes.append(_HomePipe(inode, writes, pidfd_getfd(pidfd, fd)))
+            for key in dict.fromkeys(written.values()):  # one per file (`> f 2>&1`: fds 1, 2)
+                fd = next(n for n, k in written.items() if k == key)
+                pipes.append(_HomePipe(0, True, pidfd_getfd(pidfd, fd), key))
         except BaseException:
             for p in pipes:
                 os.close(p.dup)
@@ -412,7 +419,8 @@ class HomeMoves:
             released = True
             t0 = time.monotonic()
             relayed = [m for m, _ in socks]
-            externals = prepare.nulls + sockets.dump_externals(relayed)
+            files = tuple(p.key for p in pipes if p.key)
+            externals = prepare.nulls + files + sockets.dump_externals(relayed)
             try:
                 if plan is not None:
                     report = await driver.move_lazy(
@@ -625,6 +633,20 @@ def _mnt_id(pid: int, fd: int) -> int:
             if line.startswith("mnt_id:"):
                 return int(line.split()[1])
     return -1
+
+
+def written_files(pid: int, fds: list[FdInfo]) -> dict[int, str]:
+    """fd → CRIU external key (``file[MNT:INODE]``) of each regular file the process only
+    writes, without O_APPEND (`> log`): such a file goes as a pipe relayed into the home's
+    description, as for a remote exec (agent/remote.py), so the process and the writers
+    that stay (its parent's `echo done`) share one offset; reopened by path on the target
+    it would write over theirs, and one the `dunix run` client opened in its own mount
+    namespace cannot be reopened there at all."""
+    return {
+        f.fd: f"file[{_mnt_id(pid, f.fd):x}:{f.inode:x}]"
+        for f in fds
+        if f.kind == "file" and f.writable and not f.readable and not f.flags & os.O_APPEND
+    }
 
 
 def _foreign_nulls(pid: int, fds: list[FdInfo]) -> tuple[str, ...]:

@@ -64,7 +64,7 @@ from dunix.fdmove import Outcome, StreamEndpoint, StreamHub
 from dunix.fdmove.inventory import inventory
 from dunix.fdmove.pidfd import pidfd_getfd
 from dunix.loadbalance import MemberState
-from dunix.migrate import driver, sockets, swrk
+from dunix.migrate import driver, relayed_files, sockets, swrk
 from dunix.migrate.cpufeatures import CpuFeatures
 from dunix.migrate.eligibility import cpu_reason, require_movable
 from dunix.pid import split_gpid
@@ -759,8 +759,10 @@ class MigrationService:
             tcp = {sk.inode for sk in prep.sockets if sk.tcp}
             if tcp:  # dumped with tcp_close: its image entry becomes a unix socket's
                 sockets.rewrite_images(inc.dir_fd, tcp)
+            # a file it only writes comes as a pipe: CRIU must not seek it nor check it
+            relayed_files.rewrite_images(inc.dir_fd, [p.key for p in prep.pipes if p.key])
             for pipe in prep.pipes:
-                key = f"pipe:[{pipe.inode}]"
+                key = pipe.key or f"pipe:[{pipe.inode}]"
                 if home is not None:
                     entry = home.get(pipe.stream)
                     if entry is not None:

@@ -105,6 +105,10 @@ class MigratePipe:
     inode: int  # pipe:[INODE] on the source: CRIU's inherit_fd key
     writable: bool  # the process writes it (output, relayed towards the home)
     stream: int  # its stream id on the source↔home link
+    #: CRIU's inherit_fd key when it is not ``pipe:[INODE]``: a regular file the process
+    #: only writes (``file[MNT:INODE]``, dumped as external), relayed home like a pipe so
+    #: that every writer keeps sharing its one offset (agent/homemove.py)
+    key: str = ""
 
 
 @message

@@ -186,6 +186,41 @@ def test_signals_reach_a_process_moved_from_home(hosts: list[Any]) -> None:
     assert numbers == list(range(1, len(numbers) + 1)), err.decode()
 
 
+def test_a_process_writing_the_jobs_output_file_moves(hosts: list[Any]) -> None:
+    """Its stdout is a file this test opened (a mount n1's jobs do not see), shared with
+    the shell that runs it: the file comes home as a relayed pipe, so the shell's last
+    line lands after every number the counter wrote in n2, none over them."""
+    stop, out = WORK / f"stop-file-{os.getpid()}", WORK / f"out-file-{os.getpid()}"
+    with out.open("wb") as sink:
+        run = subprocess.Popen(
+            [*DUNIX, "run", "--node", "n1", "--control", N1, "--placement", "local", "--",
+             "sh", "-c", f"echo start; {JOB}", "sh", COUNTER, str(stop)],
+            stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.PIPE, cwd=WORK,
+        )  # fmt: skip
+    try:
+
+        def counter() -> dict[str, Any] | None:
+            found = [p for p in ps() if p["cmd"].startswith("/usr/bin/python3 -c")]
+            return found[0] if found else None
+
+        gpid = wait_for(counter, 20, "the counter running in n1")["gpid"]
+        time.sleep(0.3)
+        dunix("migrate", str(gpid), "n2", "--control", N1, timeout=90)
+        assert {p["node"] for p in ps() if p["gpid"] == gpid} == {"n2"}
+        time.sleep(0.5)
+        stop.touch()
+        _, err = run.communicate(timeout=60)
+    finally:
+        reap(run)
+        stop.unlink(missing_ok=True)
+    lines = out.read_text().split()
+    out.unlink()
+    assert lines[0] == "start" and lines[-2:] == ["end", "status=7"], err.decode()
+    numbers = [int(x) for x in lines[1:-2]]
+    assert numbers == list(range(1, len(numbers) + 1)), err.decode()
+    assert run.returncode == 0, err.decode()
+
+
 ECHO = """
 import sys, time
 time.sleep(1.5)  # moved while its first lines wait unread in the pipe at home

@@ -53,6 +53,12 @@ def ps() -> list[dict[str, Any]]:
     return ps_json(N1)
 
 
+def counter() -> dict[str, Any] | None:
+    """The counter's row in `dunix ps`, once it runs."""
+    found = [p for p in ps() if p["cmd"].startswith("/usr/bin/python3 -c")]
+    return found[0] if found else None
+
+
 def test_a_counter_moves_from_home_and_on(hosts: list[Any]) -> None:
     stop = WORK / f"stop-{os.getpid()}"
     stop.unlink(missing_ok=True)
@@ -62,11 +68,6 @@ def test_a_counter_moves_from_home_and_on(hosts: list[Any]) -> None:
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=WORK,
     )  # fmt: skip
     try:
-
-        def counter() -> dict[str, Any] | None:
-            found = [p for p in ps() if p["cmd"].startswith("/usr/bin/python3 -c")]
-            return found[0] if found else None
-
         proc = wait_for(counter, 20, "the counter running in n1")
         gpid = proc["gpid"]
         assert proc["node"] == "n1" and proc["state"] == "running", proc
@@ -168,11 +169,6 @@ def test_signals_reach_a_process_moved_from_home(hosts: list[Any]) -> None:
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=WORK,
     )  # fmt: skip
     try:
-
-        def counter() -> dict[str, Any] | None:
-            found = [p for p in ps() if p["cmd"].startswith("/usr/bin/python3 -c")]
-            return found[0] if found else None
-
         gpid = wait_for(counter, 20, "the counter running in n1")["gpid"]
         dunix("migrate", str(gpid), "n3", "--control", N1, timeout=90)
         time.sleep(0.3)
@@ -198,11 +194,6 @@ def test_a_process_writing_the_jobs_output_file_moves(hosts: list[Any]) -> None:
             stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.PIPE, cwd=WORK,
         )  # fmt: skip
     try:
-
-        def counter() -> dict[str, Any] | None:
-            found = [p for p in ps() if p["cmd"].startswith("/usr/bin/python3 -c")]
-            return found[0] if found else None
-
         gpid = wait_for(counter, 20, "the counter running in n1")["gpid"]
         time.sleep(0.3)
         dunix("migrate", str(gpid), "n2", "--control", N1, timeout=90)

@@ -297,6 +297,8 @@ def keep_blocks() -> None:
     """
     _libc.mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCKS)
     _libc.mallopt(_M_TRIM_THRESHOLD, 2 * HEAP_BLOCKS)
+
+
 _NR_CACHESTAT = 451  # x86_64 and the generic table alike (Linux 6.5)
 
 

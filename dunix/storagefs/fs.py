@@ -171,8 +171,8 @@ def _change(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> tup
     )
 
 
-#: which opens of a peer's file skip this host's page cache: ``writes`` (those that may
-#: write, the default), ``all``, or ``none``
+#: which opens of a peer's file skip this host's page cache: ``all`` (the default),
+#: ``writes`` (those that may write), or ``none``
 PEER_DIRECT_IO_ENV = "DUNIX_PEER_DIRECT_IO"
 
 
@@ -183,11 +183,11 @@ def peer_direct_io(flags: int, mode: str | None = None) -> bool:
     no readahead. Measured on 0.5-CPU hosts (256 MiB, n2 reading n1's file): reads of
     1 MiB 765 MB/s direct vs 515 cached, of 4 KiB 67 vs 480, Python's line reads 57 vs
     317; writes gain at every size (1 MiB 324 -> 434 MB/s in bench fs --peer, Python's
-    line writes 26 -> 46). So by default an open that may write goes direct, and a
-    read-only one keeps the page cache, which ``open`` then empties first: the kernel kept
-    pages across opens beside direct writes (test_storagefs_locks lost one or two of 200
-    increments under flock in 2 of 18 runs without that, none in 30 with it)."""
-    mode = os.environ.get(PEER_DIRECT_IO_ENV, "writes") if mode is None else mode
+    line writes 26 -> 46). Cached reads beside direct writes (``writes``) lost updates
+    under flock across two hosts (test_storagefs_locks: 2 of 18 runs lost one or two of
+    200 increments; 0 of 10 with ``all``): a page this host cached can outlive a direct
+    write made here, so every open goes direct until that is understood."""
+    mode = os.environ.get(PEER_DIRECT_IO_ENV, "all") if mode is None else mode
     if mode == "all":
         return True
     if mode == "none":
@@ -815,10 +815,6 @@ class StorageFS(pyfuse3.Operations):
                 # other hosts may write it meanwhile: no page cache across opens; and
                 # direct_io for some opens (when shared mmaps still work): see peer_direct_io
                 direct = self.passthrough.shared_mmap_direct() and peer_direct_io(flags)
-                if not direct:
-                    # what this host cached may be older than the owner's file: another
-                    # host's write, or this host's own direct one (its cached pages stay)
-                    pyfuse3.invalidate_inode(inode, attr_only=False)
                 return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=direct)
             fd = self._fd(inode)
             # O_APPEND stays: pwrite on an O_APPEND descriptor appends (pwrite(2), BUGS),

@@ -23,7 +23,7 @@ def test_by_access_mode_and_setting(flags: int, mode: str, direct: bool) -> None
     assert peer_direct_io(flags, mode) is direct
 
 
-def test_the_default_is_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_default_is_all(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DUNIX_PEER_DIRECT_IO", raising=False)
-    assert peer_direct_io(os.O_RDONLY) is False
+    assert peer_direct_io(os.O_RDONLY) is True
     assert peer_direct_io(os.O_WRONLY) is True

@@ -163,6 +163,20 @@ def exclusive_cluster() -> Iterator[None]:
 
 #: a migration test's process: prints 1, 2, 3 ... until the file argv[1] exists, then
 #: "end" and exit status 7 (a move that lost or repeated work shows in its output)
+#: the start of a program holding memory for a move: MIB MiB touched (random bytes when
+#: FILL is 1, else one byte a page) from argv 1 and 2, then their checksum printed
+MEMORY_HOLDER = """\
+import hashlib, os, random, sys, time
+mib, fill = int(sys.argv[1]), sys.argv[2] == "1"
+if fill:
+    data = bytearray(random.Random(7).randbytes(mib << 20))
+else:
+    data = bytearray(mib << 20)
+    for i in range(0, len(data), 4096):
+        data[i] = 1
+print("sum", hashlib.sha256(data).hexdigest(), flush=True)
+"""
+
 COUNTER = """
 import os, sys, time
 stop, i = sys.argv[1], 0

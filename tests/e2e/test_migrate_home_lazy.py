@@ -22,7 +22,16 @@ from typing import Any
 import pytest
 
 from dunix.pid import split_gpid
-from tests.e2e.conftest import DUNIX, dunix, ps_json, reap, running_cluster, shared_folder, wait_for
+from tests.e2e.conftest import (
+    DUNIX,
+    MEMORY_HOLDER,
+    dunix,
+    ps_json,
+    reap,
+    running_cluster,
+    shared_folder,
+    wait_for,
+)
 from tests.e2e.test_migrate_lazy import line, page_servers
 
 pytestmark = pytest.mark.e2e
@@ -31,20 +40,11 @@ WORK = Path("/var/tmp/dunix-e2e-migrate-home-lazy")  # seen by every host
 N1 = "/run/dunix/hosts/n1/control.sock"
 LAZY_KNOB = "migrate-fail-lazy"  # dunix/agent/migration.py FAIL_LAZY_KNOB
 
-# MIB MiB touched (random bytes when FILL is 1, else one byte a page); prints their
-# checksum, waits for the file STOP, prints it again (every page read) and exits with 7
-HOLDER = textwrap.dedent(
+# MEMORY_HOLDER, then it waits for the file STOP (argv 3), prints the checksum again
+# (every page read) and exits with 7
+HOLDER = MEMORY_HOLDER + textwrap.dedent(
     """\
-    import hashlib, os, random, sys, time
-    mib, fill, stop = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3]
-    if fill:
-        data = bytearray(random.Random(7).randbytes(mib << 20))
-    else:
-        data = bytearray(mib << 20)
-        for i in range(0, len(data), 4096):
-            data[i] = 1
-    print("sum", hashlib.sha256(data).hexdigest(), flush=True)
-    while not os.path.exists(stop):
+    while not os.path.exists(sys.argv[3]):
         time.sleep(0.05)
     print("sum", hashlib.sha256(data).hexdigest(), flush=True)
     sys.exit(7)

@@ -19,7 +19,15 @@ from typing import IO, Any
 
 import pytest
 
-from tests.e2e.conftest import DUNIX, dunix, reap, running_cluster, shared_folder, wait_for
+from tests.e2e.conftest import (
+    DUNIX,
+    MEMORY_HOLDER,
+    dunix,
+    reap,
+    running_cluster,
+    shared_folder,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -27,20 +35,10 @@ WORK = Path("/var/tmp/dunix-e2e-migrate-lazy")
 N1 = "/run/dunix/hosts/n1/control.sock"
 LAZY_KNOB = "migrate-fail-lazy"  # dunix/agent/migration.py FAIL_LAZY_KNOB
 
-# MIB MiB touched (random bytes when FILL is 1, else one byte a page); answers lines on
-# stdin: "check" prints the checksum again (every page read), anything else is echoed;
-# EOF ends it with 5.
-HOLDER = textwrap.dedent(
+# MEMORY_HOLDER, then it answers lines on stdin: "check" prints the checksum again (every
+# page read), anything else is echoed; EOF ends it with 5.
+HOLDER = MEMORY_HOLDER + textwrap.dedent(
     """\
-    import hashlib, random, sys
-    mib, fill = int(sys.argv[1]), sys.argv[2] == "1"
-    if fill:
-        data = bytearray(random.Random(7).randbytes(mib << 20))
-    else:
-        data = bytearray(mib << 20)
-        for i in range(0, len(data), 4096):
-            data[i] = 1
-    print("sum", hashlib.sha256(data).hexdigest(), flush=True)
     for line in sys.stdin:
         if line.strip() == "check":
             print("sum", hashlib.sha256(data).hexdigest(), flush=True)

@@ -642,11 +642,12 @@ def written_files(pid: int, fds: list[FdInfo]) -> dict[int, str]:
     that stay (its parent's `echo done`) share one offset; reopened by path on the target
     it would write over theirs, and one the `dunix run` client opened in its own mount
     namespace cannot be reopened there at all."""
-    return {
-        f.fd: f"file[{_mnt_id(pid, f.fd):x}:{f.inode:x}]"
-        for f in fds
-        if f.kind == "file" and f.writable and not f.readable and not f.flags & os.O_APPEND
-    }
+    return {f.fd: _external_key(_mnt_id(pid, f.fd), f.inode) for f in fds if f.written_only}
+
+
+def _external_key(mnt: int, inode: int) -> str:
+    """CRIU's key for an external file (criu/files-reg.c prints both in hex)."""
+    return f"file[{mnt:x}:{inode:x}]"
 
 
 def _foreign_nulls(pid: int, fds: list[FdInfo]) -> tuple[str, ...]:
@@ -668,7 +669,7 @@ def _foreign_nulls(pid: int, fds: list[FdInfo]) -> tuple[str, ...]:
             raise MigrationFailed(
                 f"cannot move: fd {info.fd} ({info.target}) is a file its host cannot see"
             )
-        key = f"file[{mnt:x}:{info.inode:x}]"
+        key = _external_key(mnt, info.inode)
         if key not in keys:
             keys.append(key)
     return tuple(keys)

@@ -641,9 +641,7 @@ class RemoteService:
         # a file it only writes (`> out`) shares one offset with the home's other writers
         # (the script, a parallel child elsewhere): its bytes come home as a pipe's do, so
         # they land at that offset; a copy reopened there would write over theirs
-        written_here = (
-            f.kind == "file" and f.writable and not f.readable and not f.flags & os.O_APPEND
-        )
+        written_here = f.written_only
         if f.kind in ("pipe", "fifo", "tty") or written_here:
             # a tty or read-write pipe end is relayed one way: in for fd 0, out otherwise
             inbound = f.readable and (not f.writable or f.fd == 0)

@@ -57,6 +57,16 @@ class FdInfo:
     def writable(self) -> bool:
         return not self.flags & _O_PATH and self.flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
 
+    @property
+    def written_only(self) -> bool:
+        """A regular file it only writes, without O_APPEND (`> log`): its offset is shared
+        with every other writer of the description, so a process elsewhere gets it as a
+        pipe relayed into this one (agent/remote.py, agent/homemove.py), not reopened."""
+        return (
+            self.kind == "file" and self.writable and not self.readable
+            and not self.flags & os.O_APPEND
+        )  # fmt: skip
+
 
 @dataclass(frozen=True)
 class SignalState:

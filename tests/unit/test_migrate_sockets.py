@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from dunix.migrate import sockets
+from dunix.migrate import images, sockets
 from dunix.migrate.sockets import RelayedSocket, classify, dump_externals, rewrite_tcp_as_unix
 
 pb = pytest.importorskip("pycriu.images").pb
@@ -17,7 +17,7 @@ FILES_MAGIC = 0x56303138  # criu/include/magic.h
 
 
 def _image(*entries: object) -> bytes:
-    out = struct.pack("<II", sockets.IMG_COMMON, FILES_MAGIC)
+    out = struct.pack("<II", images.IMG_COMMON, FILES_MAGIC)
     for e in entries:
         body = e.SerializeToString()  # type: ignore[attr-defined]
         out += struct.pack("<I", len(body)) + body

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dunix.errors import MigrationFailed
-from dunix.migrate import relayed_files
+from dunix.migrate import images, relayed_files
 
 pb = pytest.importorskip("pycriu.images").pb
 KEY = "file[2a:1f]"
@@ -18,7 +18,7 @@ KEY = "file[2a:1f]"
 
 def image(*entries: object) -> bytes:
     bodies = [e.SerializeToString() for e in entries]  # type: ignore[attr-defined]
-    head = struct.pack("<II", 0x54564319, 0x56213732)  # IMG_COMMON, then the image's own
+    head = struct.pack("<II", images.IMG_COMMON, 0x56213732)  # then the image's own magic
     return head + b"".join(struct.pack("<I", len(b)) + b for b in bodies)
 
 
@@ -34,7 +34,7 @@ def reg(file_id: int, name: str, ext: bool) -> object:
 
 
 def entries(data: bytes) -> list[object]:
-    _, bodies = relayed_files._split(data)
+    _, bodies = images.split(data)
     out = []
     for body in bodies:
         entry = pb.file_entry()

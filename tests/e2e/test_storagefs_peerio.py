@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from dunix.storagefs import lane_frames
 from tests.e2e.test_storagefs_cluster import FS, hosts, sh  # noqa: F401 (hosts: a fixture)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("hosts")]
@@ -36,7 +35,6 @@ def test_a_peer_maps_an_owners_file_shared_and_writes_through_it() -> None:
     sh("n1", "rm -rf pio")
 
 
-@pytest.mark.skipif(not lane_frames.available(), reason="native/build/libdunixlane.so not built")
 def test_a_peers_file_crosses_in_native_frames_both_ways() -> None:
     """n3 writes 9 MiB of n1's file (gathered batches) and reads them back (4 MiB fetches):
     byte-identical on the owner, and n1's lane served n3 in native frames."""

@@ -21,14 +21,9 @@ from dunix.fdmove import (
     StreamHub,
     StreamMessage,
 )
-from dunix.fdmove.bulk import RELAY
 from dunix.fdmove.inventory import blocked_readers
 
 from .test_relay import MiB, linked_hubs, read_all, run, write_all, yes_into_head
-
-pytestmark = pytest.mark.skipif(
-    not os.access(RELAY, os.X_OK), reason="native/build/dunix-relay not built (make -C native)"
-)
 
 AFTER = 1 * MiB
 

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import pycriu  # noqa: F401  (make setup builds it: a missing one fails)
 import pytest
 import trio
 
@@ -14,8 +15,6 @@ from dunix.errors import MigrationFailed
 from dunix.migrate import driver, swrk
 from dunix.migrate.lifecycle import State
 from tests.unit.test_migrate_swrk import FAKE
-
-pytest.importorskip("pycriu")
 
 
 class FakeTarget:

@@ -10,6 +10,7 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
+import pycriu  # noqa: F401  (make setup builds it: a missing one fails)
 import pytest
 import trio
 from cryptography import x509
@@ -18,8 +19,6 @@ from dunix.errors import MigrationFailed
 from dunix.migrate import driver, lazy, swrk
 from dunix.migrate.lifecycle import State
 from tests.unit.test_migrate_driver import FakeTarget
-
-pytest.importorskip("pycriu")
 
 # A lazy dump: notifies like criu (cr-dump.c), then after a yes to post-dump "serves"
 # (status-ready) until the file ``release`` appears in the images folder; its content

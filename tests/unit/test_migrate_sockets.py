@@ -6,12 +6,10 @@ import os
 import socket
 import struct
 
-import pytest
+from pycriu.images import pb
 
 from dunix.migrate import images, sockets
 from dunix.migrate.sockets import RelayedSocket, classify, dump_externals, rewrite_tcp_as_unix
-
-pb = pytest.importorskip("pycriu.images").pb
 
 FILES_MAGIC = 0x56303138  # criu/include/magic.h
 

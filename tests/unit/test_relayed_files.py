@@ -8,11 +8,11 @@ import struct
 from pathlib import Path
 
 import pytest
+from pycriu.images import pb
 
 from dunix.errors import MigrationFailed
 from dunix.migrate import images, relayed_files
 
-pb = pytest.importorskip("pycriu.images").pb
 KEY = "file[2a:1f]"
 
 

@@ -237,7 +237,6 @@ def test_writes_direct_or_not_land_where_asked_and_appends_append(tmp_path: Path
         buf.close()
 
 
-@pytest.mark.skipif(not lane_frames.available(), reason="libdunixlane.so not built")
 def test_a_frame_changed_replayed_or_cut_short_is_refused() -> None:
     """Each frame is authenticated with its place in the stream: a flipped bit, a frame
     sent again and a connection cut mid-frame all fail, never give bytes."""
